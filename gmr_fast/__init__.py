@@ -1,0 +1,7 @@
+"""gmr_fast: fast inference, export and training for GMR multimodal rerankers."""
+
+from .errors import GmrError, ImageError
+from .preprocess import ImageBatch, preprocess_images, smart_resize, vision_indices
+
+__all__ = ["GmrError", "ImageError", "ImageBatch", "preprocess_images", "smart_resize", "vision_indices"]
+__version__ = "0.1.0"
