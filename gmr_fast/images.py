@@ -91,7 +91,7 @@ def _open(source: Any, index: int) -> tuple[Image.Image, str | None]:
     except Image.DecompressionBombError as e:
         raise ImageError(index, f"decompression bomb refused: {e}", path) from None
     except OSError as e:
-        raise ImageError(index, f"cannot decode image header: {e}", path) from None
+        raise ImageError(index, f"truncated or corrupt image data (header: {e})", path) from None
 
 
 def decode_image(source: ImageInput, index: int, max_image_pixels: int) -> DecodedImage:

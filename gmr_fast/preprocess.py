@@ -78,7 +78,9 @@ def vision_indices(
     ``vision_utils`` helpers: ``rot_pos_ids`` int64[N, 2] and ``cu_seqlens`` int64[frames + 1];
     with ``window_size`` (Qwen2.5-VL, pixels) also ``window_index`` int64[N / merge^2] and
     ``cu_window_seqlens`` int64[windows + 1]."""
-    grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    grid = np.asarray(image_grid_thw, dtype=np.int64)
+    if grid.shape == (3,):  # a single image's (t, h, w)
+        grid = grid[None]
     return _core.vision_indices(grid, int(spatial_merge_size), int(window_size or 0), int(patch_size))
 
 
