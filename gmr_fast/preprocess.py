@@ -100,9 +100,14 @@ def pillow_vertical_first() -> bool:
     )
 
 
+def hardware_threads() -> int:
+    """Threads used when num_threads is None: the machine's hardware threads."""
+    return _core.hardware_threads()
+
+
 def _resolve_threads(num_threads: int | None) -> int:
     if num_threads is None:
-        return _core.hardware_threads()
+        return hardware_threads()
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     return int(num_threads)
