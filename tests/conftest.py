@@ -38,3 +38,17 @@ def assert_bit_exact(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
 def rng(request):
     # A fresh but reproducible stream per test.
     return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """Tiny checkpoints and the converted tokenizer are generated once per test session."""
+    return tmp_path_factory.mktemp("gmr_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(model_cache):
+    pytest.importorskip("torch")
+    from export.factory import cached_checkpoint
+
+    return {family: cached_checkpoint(family, cache_dir=model_cache) for family in ("qwen2_vl", "qwen2_5_vl")}

@@ -1,0 +1,128 @@
+"""Runtime prompts (tokenizers only) equal HF's tokenizer on processor-style text; truncation
+only ever shortens the document text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gmr_fast
+from gmr_fast.gmr_config import GmrConfig
+from gmr_fast.prompt import Item, PromptBuilder, PromptError, as_item
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoints):
+    from transformers import AutoTokenizer
+
+    from export.reference import ReferenceScorer
+
+    ckpt = tiny_checkpoints["qwen2_5_vl"]
+    ref = ReferenceScorer.__new__(ReferenceScorer)  # only its prompt expansion, no model needed
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ref.gmr = GmrConfig.load(ckpt)
+    ref.image_processor = Qwen2VLImageProcessorPil(min_pixels=ref.gmr.min_pixels, max_pixels=ref.gmr.max_pixels)
+    hf_tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    return PromptBuilder(ckpt / "tokenizer.json", ref.gmr), ref, hf_tok
+
+
+def _image_tokens(image, gmr):
+    if image is None:
+        return 0
+    grid = gmr_fast.preprocess_images([image], min_pixels=gmr.min_pixels, max_pixels=gmr.max_pixels).image_grid_thw[0]
+    return int(np.prod(grid)) // 4
+
+
+def _ours(builder, instruction, q, d, **kw):
+    qi, di = as_item(q, "q"), as_item(d, "d")
+    return builder.encode(instruction, qi, di, _image_tokens(qi.image, builder.config), _image_tokens(di.image, builder.config), **kw)
+
+
+def test_token_ids_equal_hf_for_every_modality(setup, rng):
+    builder, ref, hf_tok = setup
+    img = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    texts = ["what is a cat?", "Ünïcödé — 中文 日本語 😀 ok.", "", " leading space", "ends with colon:", "line\nbreaks.\n\n",
+             "hello.\nworld", "<Document>: nested tag", "a" * 300, "1234567890 3.14", "don't stop", "\t tabs \t"]
+    pairs = []
+    for i, t in enumerate(texts):
+        pairs.append((t, texts[-1 - i]))
+        pairs.append(({"text": t, "image": img(60 + i, 90)}, texts[i - 1]))
+        pairs.append((t, {"image": img(200, 30 + i)}))
+        pairs.append(({"image": img(80, 80)}, {"text": t, "image": img(50, 120)}))
+    pairs.append(({"text": "", "image": img(30, 30)}, "empty query text with an image"))
+    pairs.append(("long document", "word " * 2000 + "end."))
+    for instruction in ["Given a web search query, retrieve relevant passages that answer the query", "Find: the image."]:
+        for q, d in pairs:
+            text, _ = ref.prompt_text(instruction, q, d)
+            expected = hf_tok(text, add_special_tokens=False)["input_ids"]
+            got = _ours(builder, instruction, q, d, max_length=100000)
+            assert got.ids.tolist() == expected, (q if isinstance(q, str) else q.get("text"), d if isinstance(d, str) else d.get("text"))
+            assert not got.truncated
+            for start, end in got.image_spans:
+                assert (got.ids[start:end] == builder.image_pad_id).all()
+                assert got.ids[start - 1] == builder.vision_start_id and got.ids[end] == builder.vision_end_id
+
+
+def _kept_document_text(builder, ids) -> str:
+    text = builder.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+    start = text.index("<Document>:") + len("<Document>:")
+    if text.startswith("<|vision_start|>", start):
+        start = text.index("<|vision_end|>", start) + len("<|vision_end|>")
+    return text[start:text.index("<|im_end|>", start)]
+
+
+def test_truncation_cuts_only_document_text(setup, rng):
+    builder, ref, hf_tok = setup
+    image = rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    doc = "The quick brown fox, jumping. " * 400 + "Ünïcödé tail."
+    cases = [("query text", doc), ({"text": "q", "image": image}, {"text": doc, "image": image}),
+             ("q", doc.replace(" ", ":")), ("q", "alpha beta, gamma.\n" * 300)]
+    for max_length in (150, 151, 333, 1000):
+        for q, d in cases:
+            got = _ours(builder, "instr", q, d, max_length=max_length)
+            assert got.truncated and max_length - 3 <= len(got.ids) <= max_length
+            d_text = d if isinstance(d, str) else d["text"]
+            kept = _kept_document_text(builder, got.ids)
+            assert d_text.startswith(kept) and 0 < len(kept) < len(d_text)
+            # exactly HF's tokenisation of the same prompt with the shortened document text:
+            # instruction, query, images and the prompt suffix are untouched
+            d_kept = kept if isinstance(d, str) else {"text": kept, "image": d["image"]}
+            expected = hf_tok(ref.prompt_text("instr", q, d_kept)[0], add_special_tokens=False)["input_ids"]
+            assert got.ids.tolist() == expected
+
+
+def test_pair_that_cannot_fit_is_an_error(setup, rng):
+    builder, _, _ = setup
+    image = rng.integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    with pytest.raises(PromptError, match=r"pair 7: \d+ tokens without any document text, over max_length 100"):
+        _ours(builder, "i", {"text": "q", "image": image}, "doc", max_length=100, where="pair 7")
+
+
+@pytest.mark.parametrize("bad,msg", [(None, "is None"), ({}, "needs 'text' and/or 'image'"),
+                                     ({"txt": "x"}, r"unknown key\(s\) \['txt'\]"), (3, "expected a string or a dict.*got int"),
+                                     ({"text": 5}, "'text' must be a string")])
+def test_bad_sides_name_the_pair(bad, msg):
+    with pytest.raises(PromptError, match="pair 2 document: " + msg):
+        as_item(bad, "pair 2 document")
+
+
+def test_yes_no_must_be_single_tokens(tiny_checkpoints):
+    ckpt = tiny_checkpoints["qwen2_5_vl"]
+    with pytest.raises(PromptError, match="yes_token.*must be exactly one"):
+        PromptBuilder(ckpt / "tokenizer.json", GmrConfig(yes_token="absolutely yes"))
+
+
+def test_gmr_json_defaults_and_errors(tmp_path, caplog):
+    cfg = GmrConfig.load(tmp_path)
+    assert "has no gmr.json" in caplog.text and cfg == GmrConfig()
+    (tmp_path / "gmr.json").write_text('{"max_length": 512, "colour": 1}')
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\]"):
+        GmrConfig.load(tmp_path)
+    (tmp_path / "gmr.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GmrConfig.load(tmp_path)
+    with pytest.raises(ValueError, match=r"\{query\} exactly once"):
+        GmrConfig(prompt_template="{system}{instruction}{document}")
+    GmrConfig(max_length=512, training={"objective": "sft"}).save(tmp_path)
+    assert GmrConfig.load(tmp_path).max_length == 512
