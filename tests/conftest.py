@@ -52,3 +52,13 @@ def tiny_checkpoints(model_cache):
     from export.factory import cached_checkpoint
 
     return {family: cached_checkpoint(family, cache_dir=model_cache) for family in ("qwen2_vl", "qwen2_5_vl")}
+
+
+@pytest.fixture(scope="session")
+def exported_engines(tiny_checkpoints, tmp_path_factory):
+    """fp32 engines of both tiny checkpoints, exported (and validated) once per session."""
+    from export.engine_export import ExportOptions, export_engine
+
+    root = tmp_path_factory.mktemp("engines")
+    return {family: (export_engine(ckpt, root / family, ExportOptions()), root / family)
+            for family, ckpt in tiny_checkpoints.items()}
