@@ -39,7 +39,8 @@ def tokenizer_json(cache_dir: os.PathLike | None = None) -> str:
 
 
 def tiny_config(family: str, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                vision_hidden: int = 32, vision_depth: int = 2, tie_word_embeddings: bool = False):
+                vision_hidden: int = 32, vision_depth: int = 2, vision_heads: int = 2,
+                fullatt_block_indexes: list[int] | None = None, tie_word_embeddings: bool = False):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     head_dim = hidden_size // heads
@@ -54,12 +55,12 @@ def tiny_config(family: str, hidden_size: int = 64, layers: int = 2, heads: int 
     )
     if family == "qwen2_5_vl":
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                      num_heads=2, out_hidden_size=hidden_size, window_size=112,
-                      fullatt_block_indexes=[vision_depth - 1], patch_size=14, spatial_merge_size=2,
+                      num_heads=vision_heads, out_hidden_size=hidden_size, window_size=112,
+                      fullatt_block_indexes=fullatt_block_indexes or [vision_depth - 1], patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2)
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings)
     if family == "qwen2_vl":
-        vision = dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=2,
+        vision = dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=vision_heads,
                       mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")

@@ -151,3 +151,30 @@ def test_cli_refuses_tensorrt_and_existing_output(tiny_checkpoints, tmp_path, ca
     assert "not implemented yet" in capsys.readouterr().err
     assert main(["--checkpoint", str(tiny_checkpoints["qwen2_vl"]), "--out", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_engine_runs_without_torch_or_transformers(exported_engines):
+    """Scoring with an engine directory never imports torch or transformers."""
+    import subprocess
+    import sys
+    import textwrap
+
+    _, engine_dir = exported_engines["qwen2_5_vl"]
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from gmr_fast.engine import EngineScorer
+        engine = EngineScorer({str(engine_dir)!r})
+        image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+        scores = engine.score([("q", "d"), ({{"text": "q", "image": image}}, {{"image": image}})])
+        assert scores.shape == (2,) and np.isfinite(scores).all()
+        assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
