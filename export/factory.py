@@ -116,3 +116,19 @@ def cached_checkpoint(family: str = "qwen2_5_vl", seed: int = 0, cache_dir: os.P
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m export.factory",
+                                     description="Write a tiny random-weight GMR checkpoint (real Qwen2 tokenizer).")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_checkpoint(args.out, args.family, args.seed))
+
+
+if __name__ == "__main__":
+    main()
