@@ -12,6 +12,7 @@
 #include "errors.hpp"
 #include "image_preprocess.hpp"
 #include "parallel.hpp"
+#include "schedule.hpp"
 #include "vision_indices.hpp"
 
 namespace py = pybind11;
@@ -103,6 +104,7 @@ std::vector<gmr::GridThw> grids_from_numpy(const py::array_t<int64_t, py::array:
 }
 
 py::array_t<int64_t> to_numpy(std::vector<int64_t>&& v, std::vector<py::ssize_t> shape) {
+    if (shape.size() == 1 && shape[0] == 0) shape[0] = static_cast<py::ssize_t>(v.size());
     auto* heap = new std::vector<int64_t>(std::move(v));
     py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<int64_t>*>(p); });
     return py::array_t<int64_t>(shape, heap->data(), owner);
@@ -174,6 +176,50 @@ PYBIND11_MODULE(_core, m) {
         }
         return out;
     }, py::arg("image"), py::arg("height"), py::arg("width"), py::arg("vertical_first_rule"));
+
+    m.def("schedule_batches", [](const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& lengths,
+                                 int64_t max_batch_tokens, int64_t max_batch_size) {
+        std::vector<int64_t> v(lengths.data(), lengths.data() + lengths.size());
+        std::vector<std::vector<int64_t>> batches;
+        {
+            py::gil_scoped_release release;
+            batches = gmr::schedule_batches(v, max_batch_tokens, max_batch_size);
+        }
+        py::list out;
+        for (auto& b : batches) out.append(to_numpy(std::move(b), {static_cast<py::ssize_t>(0)}));
+        return out;
+    }, py::arg("lengths"), py::arg("max_batch_tokens"), py::arg("max_batch_size"));
+
+    m.def("build_batch", [](const py::list& ids, const py::list& spans, int64_t width, int64_t pad_id,
+                            py::array_t<int64_t, py::array::c_style>& input_ids,
+                            py::array_t<int64_t, py::array::c_style>& attention_mask,
+                            py::array_t<int64_t, py::array::c_style>& position_ids) {
+        const auto rows = static_cast<py::ssize_t>(ids.size());
+        if (static_cast<py::ssize_t>(spans.size()) != rows) throw gmr::Error("ids and spans differ in length");
+        if (input_ids.ndim() != 2 || input_ids.shape(0) != rows || input_ids.shape(1) != width ||
+            attention_mask.ndim() != 2 || attention_mask.shape(0) != rows || attention_mask.shape(1) != width ||
+            position_ids.ndim() != 3 || position_ids.shape(0) != 3 || position_ids.shape(1) != rows ||
+            position_ids.shape(2) != width)
+            throw gmr::Error("output buffers must be [rows, width], [rows, width] and [3, rows, width]");
+        std::vector<py::array_t<int64_t, py::array::c_style | py::array::forcecast>> keep;
+        std::vector<gmr::PromptView> views(rows);
+        for (py::ssize_t r = 0; r < rows; ++r) {
+            keep.emplace_back(ids[r]);
+            views[r].ids = keep.back().data();
+            views[r].length = keep.back().size();
+            keep.emplace_back(spans[r]);
+            const auto& sp = keep.back();
+            if (sp.size() % 4 != 0) throw gmr::Error("spans must be [n_images, 4]");
+            views[r].spans = sp.data();
+            views[r].n_images = sp.size() / 4;
+        }
+        int64_t* a = input_ids.mutable_data();
+        int64_t* b = attention_mask.mutable_data();
+        int64_t* c = position_ids.mutable_data();
+        py::gil_scoped_release release;
+        gmr::build_batch(views, width, pad_id, a, b, c);
+    }, py::arg("ids"), py::arg("spans"), py::arg("width"), py::arg("pad_id"), py::arg("input_ids"),
+       py::arg("attention_mask"), py::arg("position_ids"));
 
     m.def("vision_indices", [](const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& grid_thw,
                                int64_t merge_size, int64_t window_size, int64_t patch_size) {

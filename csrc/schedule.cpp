@@ -1,0 +1,83 @@
+#include "schedule.hpp"
+
+#include <algorithm>
+#include <numeric>
+#include <sstream>
+
+#include "errors.hpp"
+
+namespace gmr {
+
+std::vector<std::vector<int64_t>> schedule_batches(const std::vector<int64_t>& lengths,
+                                                   int64_t max_batch_tokens, int64_t max_batch_size) {
+    if (max_batch_tokens <= 0 || max_batch_size <= 0) throw Error("max_batch_tokens and max_batch_size must be positive");
+    std::vector<int64_t> order(lengths.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+    std::vector<std::vector<int64_t>> batches;
+    size_t i = 0;
+    while (i < order.size()) {
+        const int64_t longest = lengths[order[i]];  // sorted: the first row is the widest
+        std::vector<int64_t> batch{order[i++]};
+        while (i < order.size() && static_cast<int64_t>(batch.size()) < max_batch_size &&
+               static_cast<int64_t>(batch.size() + 1) * longest <= max_batch_tokens)
+            batch.push_back(order[i++]);
+        batches.push_back(std::move(batch));
+    }
+    return batches;
+}
+
+void build_batch(const std::vector<PromptView>& prompts, int64_t width, int64_t pad_id,
+                 int64_t* input_ids, int64_t* attention_mask, int64_t* position_ids) {
+    const int64_t rows = static_cast<int64_t>(prompts.size());
+    const int64_t plane = rows * width;
+    for (int64_t r = 0; r < rows; ++r) {
+        const PromptView& p = prompts[r];
+        if (p.length > width) {
+            std::ostringstream msg;
+            msg << "row " << r << ": prompt of " << p.length << " tokens does not fit width " << width;
+            throw Error(msg.str());
+        }
+        const int64_t pad = width - p.length;
+        int64_t* ids = input_ids + r * width;
+        int64_t* mask = attention_mask + r * width;
+        int64_t* pos[3] = {position_ids + r * width, position_ids + plane + r * width, position_ids + 2 * plane + r * width};
+        for (int64_t j = 0; j < pad; ++j) {
+            ids[j] = pad_id;
+            mask[j] = 0;
+            pos[0][j] = pos[1][j] = pos[2][j] = 1;
+        }
+        for (int64_t j = 0; j < p.length; ++j) {
+            ids[pad + j] = p.ids[j];
+            mask[pad + j] = 1;
+        }
+        // Text advances one position on every axis; an image's merged patches sit at
+        // (start, start + row, start + column) and the next token starts at start + max(h, w).
+        int64_t next = 0, cursor = 0;
+        auto text_until = [&](int64_t end) {
+            for (; cursor < end; ++cursor, ++next)
+                pos[0][pad + cursor] = pos[1][pad + cursor] = pos[2][pad + cursor] = next;
+        };
+        for (int64_t k = 0; k < p.n_images; ++k) {
+            const int64_t* s = p.spans + 4 * k;
+            const int64_t start = s[0], end = s[1], gh = s[2], gw = s[3];
+            if (start < cursor || end > p.length || end - start != gh * gw) {
+                std::ostringstream msg;
+                msg << "row " << r << ": image " << k << " span [" << start << ", " << end
+                    << ") does not match its " << gh << "x" << gw << " merged grid";
+                throw Error(msg.str());
+            }
+            text_until(start);
+            for (int64_t t = 0; t < gh * gw; ++t) {
+                pos[0][pad + start + t] = next;
+                pos[1][pad + start + t] = next + t / gw;
+                pos[2][pad + start + t] = next + t % gw;
+            }
+            cursor = end;
+            next += std::max(gh, gw);
+        }
+        text_until(p.length);
+    }
+}
+
+}  // namespace gmr
