@@ -178,17 +178,17 @@ PYBIND11_MODULE(_core, m) {
     }, py::arg("image"), py::arg("height"), py::arg("width"), py::arg("vertical_first_rule"));
 
     m.def("schedule_batches", [](const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& lengths,
-                                 int64_t max_batch_tokens, int64_t max_batch_size) {
+                                 int64_t max_batch_tokens, int64_t max_batch_size, double min_fill) {
         std::vector<int64_t> v(lengths.data(), lengths.data() + lengths.size());
         std::vector<std::vector<int64_t>> batches;
         {
             py::gil_scoped_release release;
-            batches = gmr::schedule_batches(v, max_batch_tokens, max_batch_size);
+            batches = gmr::schedule_batches(v, max_batch_tokens, max_batch_size, min_fill);
         }
         py::list out;
         for (auto& b : batches) out.append(to_numpy(std::move(b), {static_cast<py::ssize_t>(0)}));
         return out;
-    }, py::arg("lengths"), py::arg("max_batch_tokens"), py::arg("max_batch_size"));
+    }, py::arg("lengths"), py::arg("max_batch_tokens"), py::arg("max_batch_size"), py::arg("min_fill"));
 
     m.def("build_batch", [](const py::list& ids, const py::list& spans, int64_t width, int64_t pad_id,
                             py::array_t<int64_t, py::array::c_style>& input_ids,

@@ -9,8 +9,10 @@
 namespace gmr {
 
 std::vector<std::vector<int64_t>> schedule_batches(const std::vector<int64_t>& lengths,
-                                                   int64_t max_batch_tokens, int64_t max_batch_size) {
+                                                   int64_t max_batch_tokens, int64_t max_batch_size,
+                                                   double min_fill) {
     if (max_batch_tokens <= 0 || max_batch_size <= 0) throw Error("max_batch_tokens and max_batch_size must be positive");
+    if (!(min_fill >= 0.0 && min_fill <= 1.0)) throw Error("min_fill must be in [0, 1]");
     std::vector<int64_t> order(lengths.size());
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
@@ -20,7 +22,8 @@ std::vector<std::vector<int64_t>> schedule_batches(const std::vector<int64_t>& l
         const int64_t longest = lengths[order[i]];  // sorted: the first row is the widest
         std::vector<int64_t> batch{order[i++]};
         while (i < order.size() && static_cast<int64_t>(batch.size()) < max_batch_size &&
-               static_cast<int64_t>(batch.size() + 1) * longest <= max_batch_tokens)
+               static_cast<int64_t>(batch.size() + 1) * longest <= max_batch_tokens &&
+               static_cast<double>(lengths[order[i]]) >= min_fill * static_cast<double>(longest))
             batch.push_back(order[i++]);
         batches.push_back(std::move(batch));
     }

@@ -8,10 +8,12 @@
 namespace gmr {
 
 // Batches of pair indices: pairs sorted by length (longest first, ties by index), packed
-// greedily so that rows * longest <= max_batch_tokens and rows <= max_batch_size. A pair
-// longer than the budget alone gets a batch of its own.
+// greedily so that rows * longest <= max_batch_tokens and rows <= max_batch_size; a pair joins
+// a batch only while its length is at least min_fill * the batch's longest (length buckets,
+// so padding stays below 1 - min_fill per row). A pair longer than the budget gets a batch alone.
 std::vector<std::vector<int64_t>> schedule_batches(const std::vector<int64_t>& lengths,
-                                                   int64_t max_batch_tokens, int64_t max_batch_size);
+                                                   int64_t max_batch_tokens, int64_t max_batch_size,
+                                                   double min_fill);
 
 // One prompt of a batch: its token ids and its images' pad runs with merged grids.
 struct PromptView {

@@ -86,7 +86,8 @@ class _Image:
 
 class Reranker:
     def __init__(self, engine_dir: str | os.PathLike, *, backend: str = "onnxruntime", providers: Sequence[str] | None = None,
-                 max_batch_tokens: int = 8192, max_batch_size: int = 32, num_threads: int | None = None,
+                 max_batch_tokens: int = 8192, max_batch_size: int = 32, min_fill: float = 0.8,
+                 num_threads: int | None = None,
                  instruction: str | None = None, max_length: int | None = None, image_cache_size: int = 0,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         if backend != "onnxruntime":
@@ -102,6 +103,7 @@ class Reranker:
         self.instruction = instruction or self.gmr.default_instruction
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_size = int(max_batch_size)
+        self.min_fill = float(min_fill)  # a pair joins a batch only if >= min_fill x its longest
         self.num_threads = int(num_threads or hardware_threads())
         self.max_image_pixels = max_image_pixels
         pre = self.manifest["preprocessing"]
@@ -241,8 +243,8 @@ class Reranker:
         result = np.full(len(pairs), np.nan, np.float32)
         good = np.array([i for i, p in enumerate(prompts) if p is not None], np.int64)
         lengths = np.array([len(prompts[i].ids) for i in good], np.int64)
-        batches = [good[b] for b in _core.schedule_batches(lengths, self.max_batch_tokens,
-                                                            int(batch_size or self.max_batch_size))] if len(good) else []
+        batches = [good[b] for b in _core.schedule_batches(lengths, self.max_batch_tokens, int(batch_size or self.max_batch_size),
+                                                            self.min_fill)] if len(good) else []
         progress = sys.stderr.isatty() if show_progress_bar is None else show_progress_bar
         done, padded = 0, 0
         with ThreadPoolExecutor(max_workers=1) as worker:

@@ -163,3 +163,47 @@ def test_unknown_backend_and_provider(exported_engines):
         Reranker(engine, backend="tensorrt")
     with pytest.raises(gmr_fast.GmrError, match="not available in this onnxruntime"):
         Reranker(engine, providers=["NoSuchExecutionProvider"])
+
+
+def test_scheduler_packs_sorted_buckets_under_the_budget(rng):
+    from gmr_fast import _core
+
+    for _ in range(50):
+        lengths = rng.integers(1, 2000, int(rng.integers(1, 200)))
+        budget, cap, fill = int(rng.integers(500, 20000)), int(rng.integers(1, 64)), float(rng.choice([0.0, 0.5, 0.8, 1.0]))
+        batches = _core.schedule_batches(lengths, budget, cap, fill)
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == list(range(len(lengths)))  # every pair exactly once
+        assert (np.diff(lengths[flat]) <= 0).all()  # longest first
+        for b in batches:
+            longest = lengths[b].max()
+            assert len(b) <= cap and (len(b) * longest <= budget or len(b) == 1)
+            assert (lengths[b] >= fill * longest).all()
+
+
+def test_batch_builder_matches_the_readable_positions(rng):
+    from gmr_fast import _core
+    from gmr_fast.positions import rope_positions
+
+    ids, spans, refs = [], [], []
+    for _ in range(6):
+        grids = [(int(rng.integers(1, 6)), int(rng.integers(1, 6))) for _ in range(int(rng.integers(0, 3)))]
+        pieces, cursor, sp = [], 0, []
+        for gh, gw in grids:
+            text = int(rng.integers(0, 7))
+            pieces += [7] * text + [151655] * (gh * gw)
+            sp.append((cursor + text, cursor + text + gh * gw, gh, gw))
+            cursor += text + gh * gw
+        tail = int(rng.integers(1, 9))
+        pieces += [9] * tail
+        ids.append(np.array(pieces, np.int64))
+        spans.append(np.array(sp, np.int64).reshape(-1, 4))
+        refs.append(rope_positions(len(pieces), [(a, b) for a, b, _, _ in sp], [(h, w) for _, _, h, w in sp]))
+    width = max(len(x) for x in ids) + 2
+    a, m, p = (np.empty(s, np.int64) for s in [(6, width), (6, width), (3, 6, width)])
+    _core.build_batch(ids, spans, width, 151643, a, m, p)
+    for r in range(6):
+        n = len(ids[r])
+        assert a[r, width - n:].tolist() == ids[r].tolist() and (a[r, :width - n] == 151643).all()
+        assert m[r].tolist() == [0] * (width - n) + [1] * n
+        assert (p[:, r, width - n:] == refs[r]).all() and (p[:, r, :width - n] == 1).all()
