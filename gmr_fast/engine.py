@@ -40,7 +40,7 @@ def load_manifest(engine_dir: os.PathLike) -> dict:
 
 class EngineScorer:
     def __init__(self, engine_dir: os.PathLike, providers: Sequence[str] | None = None, num_threads: int | None = None):
-        import onnxruntime as ort
+        from .backends.onnxruntime import OnnxRuntimeBackend
 
         self.dir = pathlib.Path(engine_dir)
         self.manifest = load_manifest(engine_dir)
@@ -49,12 +49,8 @@ class EngineScorer:
         pre = self.manifest["preprocessing"]
         self.window_size = pre.get("window_size")
         self.merge = pre["merge_size"]
-        opts = ort.SessionOptions()
-        if num_threads:
-            opts.intra_op_num_threads = num_threads
-        providers = list(providers or ["CPUExecutionProvider"])
-        self.vision = ort.InferenceSession(str(self.dir / self.manifest["graphs"]["vision"]["file"]), opts, providers=providers)
-        self.decoder = ort.InferenceSession(str(self.dir / self.manifest["graphs"]["decoder"]["file"]), opts, providers=providers)
+        self.backend = OnnxRuntimeBackend(self.dir, self.manifest, providers, num_threads or 0)
+        self.vision, self.decoder = self.backend.vision, self.backend.decoder  # the raw sessions, for inspection
         self.hidden_size = int(self.manifest["model"]["hidden_size"])
 
     def _encode(self, pairs, instruction):
@@ -92,8 +88,8 @@ class EngineScorer:
         if pixel_values:
             grid = np.concatenate([im.image_grid_thw for im in images if len(im.image_grid_thw)])
             feeds = {"pixel_values": np.concatenate(pixel_values), **vision_graph_inputs(grid, self.window_size, self.merge)}
-            image_embeds = self.vision.run(None, {i.name: feeds[i.name] for i in self.vision.get_inputs()})[0]
+            image_embeds = self.backend.encode_images(feeds)
         else:
             image_embeds = np.zeros((0, self.hidden_size), np.float32)
-        return self.decoder.run(None, {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
-                                       "image_embeds": image_embeds.astype(np.float32)})[0]
+        return self.backend.score({"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
+                                   "image_embeds": image_embeds.astype(np.float32)})

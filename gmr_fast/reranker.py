@@ -26,8 +26,9 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from . import _core
+from .backends import create_backend
 from .engine import load_manifest
-from .errors import GmrError, ImageError
+from .errors import ImageError
 from .gmr_config import GmrConfig
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from .preprocess import (CLIP_MEAN, CLIP_STD, MERGE_SIZE, PATCH_SIZE, RESCALE_FACTOR, TEMPORAL_PATCH_SIZE,
@@ -90,10 +91,6 @@ class Reranker:
                  num_threads: int | None = None,
                  instruction: str | None = None, max_length: int | None = None, image_cache_size: int = 0,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
-        if backend != "onnxruntime":
-            raise ValueError(f"backend {backend!r} is not available; supported: 'onnxruntime'")
-        import onnxruntime as ort
-
         self.engine_dir = os.fspath(engine_dir)
         self.manifest = load_manifest(engine_dir)
         self.gmr = GmrConfig.from_dict(self.manifest["gmr"], f"{engine_dir}/manifest.json")
@@ -110,18 +107,7 @@ class Reranker:
         self.window_size = pre.get("window_size")
         self.hidden_size = int(self.manifest["model"]["hidden_size"])
         self.pad_id = int(self.manifest["token_ids"]["pad"])
-        available = ort.get_available_providers()
-        providers = list(providers or ["CPUExecutionProvider"])
-        missing = [p for p in providers if p not in available]
-        if missing:
-            raise GmrError(f"execution provider(s) {missing} not available in this onnxruntime (available: {available})")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.num_threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        graphs = self.manifest["graphs"]
-        self.vision = ort.InferenceSession(os.path.join(self.engine_dir, graphs["vision"]["file"]), opts, providers=providers)
-        self.decoder = ort.InferenceSession(os.path.join(self.engine_dir, graphs["decoder"]["file"]), opts, providers=providers)
-        self._vision_inputs = [i.name for i in self.vision.get_inputs()]
+        self.backend = create_backend(backend, self.engine_dir, self.manifest, providers, self.num_threads)
         self._cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
         self.image_cache_size = int(image_cache_size)
         self.last_stats: dict[str, Any] = {}
@@ -163,7 +149,7 @@ class Reranker:
                                   CLIP_STD, PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE, pillow_vertical_first(),
                                   self.num_threads)
             feeds = {"pixel_values": pixels, **vision_graph_inputs(grid, self.window_size, MERGE_SIZE, PATCH_SIZE)}
-            embeds = self.vision.run(None, {name: feeds[name] for name in self._vision_inputs})[0]
+            embeds = self.backend.encode_images(feeds)
             bounds = np.concatenate([[0], np.cumsum(counts // (MERGE_SIZE * MERGE_SIZE))])
             for i, key in enumerate(todo):
                 out[key] = embeds[bounds[i]:bounds[i + 1]]
@@ -253,7 +239,7 @@ class Reranker:
                 feeds = pending.result()
                 if b + 1 < len(batches):  # prepare the next batch while this one runs
                     pending = worker.submit(self._prepare, batches[b + 1], prompts, keys_per_pair, images)
-                result[rows] = self.decoder.run(None, feeds)[0]
+                result[rows] = self.backend.score(feeds)
                 done += len(rows)
                 padded += feeds["input_ids"].size
                 if progress:

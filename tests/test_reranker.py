@@ -56,8 +56,8 @@ def test_token_budget_and_padding_efficiency(exported_engines, rng):
     pairs = [("q", "word " * int(n)) for n in rng.integers(30, 1500, 40)]
     reranker = Reranker(engine, max_batch_tokens=6000, max_batch_size=8)
     calls = []
-    real_run = reranker.decoder.run
-    reranker.decoder.run = lambda out, feeds: calls.append(feeds["input_ids"].shape) or real_run(out, feeds)
+    real_score = reranker.backend.score
+    reranker.backend.score = lambda feeds: calls.append(feeds["input_ids"].shape) or real_score(feeds)
     reranker.score(pairs)
     assert all(b * l <= 6000 or b == 1 for b, l in calls) and all(b <= 8 for b, _ in calls)
     assert sum(b for b, _ in calls) == 40
@@ -78,8 +78,8 @@ def test_each_distinct_image_is_decoded_and_encoded_once(exported_engines, rng, 
     monkeypatch.setattr(reranker_module, "decode_image", lambda *a: decoded.append(a[1]) or real_decode(*a))
     reranker = Reranker(engine, image_cache_size=8)
     vision_images = []
-    real_run = reranker.vision.run
-    reranker.vision.run = lambda out, feeds: vision_images.append(len(feeds["full_gather"])) or real_run(out, feeds)
+    real_encode = reranker.backend.encode_images
+    reranker.backend.encode_images = lambda feeds: vision_images.append(len(feeds["full_gather"])) or real_encode(feeds)
     pairs = [({"image": path}, "x"), ("y", {"image": str(path)}), ({"image": path.read_bytes()}, {"image": path})]
     first = reranker.score(pairs)
     assert len(decoded) == 1 and sum(vision_images) == 1
@@ -159,7 +159,7 @@ def test_reranker_needs_no_torch(exported_engines):
 
 def test_unknown_backend_and_provider(exported_engines):
     _, engine = exported_engines["qwen2_vl"]
-    with pytest.raises(ValueError, match="backend 'tensorrt' is not available"):
+    with pytest.raises(ValueError, match="backend 'tensorrt' is not available; supported: 'onnxruntime'"):
         Reranker(engine, backend="tensorrt")
     with pytest.raises(gmr_fast.GmrError, match="not available in this onnxruntime"):
         Reranker(engine, providers=["NoSuchExecutionProvider"])
