@@ -162,8 +162,6 @@ def _to_fp16_weights(path: pathlib.Path) -> None:
 
 def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOptions | None = None) -> dict:
     """Writes the engine directory `out` and returns its manifest."""
-    import torch
-
     options = options or ExportOptions()
     if options.dtype not in ("fp32", "fp16"):
         raise ExportError(f"--dtype must be fp32 or fp16, got {options.dtype!r}")
@@ -240,4 +238,3 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        del torch

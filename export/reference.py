@@ -59,6 +59,42 @@ def _side(value: Any) -> tuple[str, Any]:
     return value.get("text") or "", value.get("image")
 
 
+def load_pil(image):
+    """A PIL image from a path, bytes, uint8 array or PIL image (as HF's processor takes it)."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            im.load()
+            return im.copy()
+    if isinstance(image, bytes):
+        im = Image.open(io.BytesIO(image))
+        im.load()
+        return im
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image)
+    return image
+
+
+def processor_prompt(gmr: GmrConfig, image_processor, instruction: str, query: Any, document: Any) -> tuple[str, list]:
+    """The prompt text the HF processor would tokenise (each image's pad repeated once per
+    merged patch) and the pair's images in order."""
+    images, sides = [], []
+    for value in (query, document):
+        text, image = _side(value)
+        if image is not None:
+            pil = load_pil(image)
+            grid = image_processor(images=[pil], return_tensors="np")["image_grid_thw"][0]
+            images.append(pil)
+            text = "<|vision_start|>" + "<|image_pad|>" * (int(np.prod(grid)) // 4) + "<|vision_end|>" + text
+        sides.append(text)
+    prompt = (gmr.prompt_template.replace("{system}", gmr.system_prompt).replace("{instruction}", instruction)
+              .replace("{query}", sides[0]).replace("{document}", sides[1]))
+    return prompt, images
+
+
 class ReferenceScorer:
     """Scores (query, document) pairs with the HF model in fp32 on CPU (or `device`)."""
 
@@ -78,38 +114,8 @@ class ReferenceScorer:
         self.no_id = self.tokenizer.convert_tokens_to_ids(self.gmr.no_token)
         self.image_token_id = self.model.config.image_token_id
 
-    def _load_image(self, image):
-        from PIL import Image
-
-        if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as im:
-                im.load()
-                return im.copy()
-        if isinstance(image, bytes):
-            import io
-
-            im = Image.open(io.BytesIO(image))
-            im.load()
-            return im
-        if isinstance(image, np.ndarray):
-            return Image.fromarray(image)
-        return image
-
     def prompt_text(self, instruction: str, query: Any, document: Any) -> tuple[str, list]:
-        """Processor-style prompt text (image pads expanded) and the pair's images in order."""
-        images, sides = [], []
-        for value in (query, document):
-            text, image = _side(value)
-            if image is not None:
-                pil = self._load_image(image)
-                grid = self.image_processor(images=[pil], return_tensors="np")["image_grid_thw"][0]
-                n = int(np.prod(grid)) // 4
-                images.append(pil)
-                text = "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + text
-            sides.append(text)
-        prompt = (self.gmr.prompt_template.replace("{system}", self.gmr.system_prompt)
-                  .replace("{instruction}", instruction).replace("{query}", sides[0]).replace("{document}", sides[1]))
-        return prompt, images
+        return processor_prompt(self.gmr, self.image_processor, instruction, query, document)
 
     def encode(self, pairs: Sequence[tuple[Any, Any]], instruction: str | None = None) -> dict:
         """Model inputs for a batch, as HF's processor would build them (left padding)."""

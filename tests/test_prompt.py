@@ -11,20 +11,29 @@ from gmr_fast.gmr_config import GmrConfig
 from gmr_fast.prompt import Item, PromptBuilder, PromptError, as_item
 
 
+class _HFPrompts:
+    """HF's side of the comparison: processor-style prompt expansion, no model needed."""
+
+    def __init__(self, gmr):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.gmr = gmr
+        self.image_processor = Qwen2VLImageProcessorPil(min_pixels=gmr.min_pixels, max_pixels=gmr.max_pixels)
+
+    def prompt_text(self, instruction, query, document):
+        from export.reference import processor_prompt
+
+        return processor_prompt(self.gmr, self.image_processor, instruction, query, document)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_checkpoints):
     from transformers import AutoTokenizer
 
-    from export.reference import ReferenceScorer
-
     ckpt = tiny_checkpoints["qwen2_5_vl"]
-    ref = ReferenceScorer.__new__(ReferenceScorer)  # only its prompt expansion, no model needed
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    ref.gmr = GmrConfig.load(ckpt)
-    ref.image_processor = Qwen2VLImageProcessorPil(min_pixels=ref.gmr.min_pixels, max_pixels=ref.gmr.max_pixels)
+    gmr = GmrConfig.load(ckpt)
     hf_tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
-    return PromptBuilder(ckpt / "tokenizer.json", ref.gmr), ref, hf_tok
+    return PromptBuilder(ckpt / "tokenizer.json", gmr), _HFPrompts(gmr), hf_tok
 
 
 def _image_tokens(image, gmr):
