@@ -52,7 +52,7 @@ def main() -> None:
 
     from export.factory import build_checkpoint
     from export.reference import load_model
-    from export.vision import VisionEncoder
+    from gmr_fast.graphs.vision import VisionEncoder
 
     torch.set_num_threads(args.threads)
     work = pathlib.Path(tempfile.mkdtemp(prefix="gmr-vision-bench-"))

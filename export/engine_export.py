@@ -95,8 +95,8 @@ def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
 def _export_graphs(model, out: pathlib.Path, yes_id: int, no_id: int) -> None:
     import torch
 
-    from . import decoder as dec_mod
-    from . import vision as vis_mod
+    from gmr_fast.graphs import decoder as dec_mod
+    from gmr_fast.graphs import vision as vis_mod
     from gmr_fast.preprocess import preprocess_images
     from gmr_fast.vision_layout import vision_graph_inputs
 

@@ -90,7 +90,7 @@ class Reranker:
                  max_batch_tokens: int = 8192, max_batch_size: int = 32, min_fill: float = 0.8,
                  num_threads: int | None = None,
                  instruction: str | None = None, max_length: int | None = None, image_cache_size: int = 0,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, backend_options: dict | None = None):
         self.engine_dir = os.fspath(engine_dir)
         self.manifest = load_manifest(engine_dir)
         self.gmr = GmrConfig.from_dict(self.manifest["gmr"], f"{engine_dir}/manifest.json")
@@ -107,7 +107,8 @@ class Reranker:
         self.window_size = pre.get("window_size")
         self.hidden_size = int(self.manifest["model"]["hidden_size"])
         self.pad_id = int(self.manifest["token_ids"]["pad"])
-        self.backend = create_backend(backend, self.engine_dir, self.manifest, providers, self.num_threads)
+        self.backend = create_backend(backend, self.engine_dir, self.manifest, providers, self.num_threads,
+                                      **(backend_options or {}))
         self._cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
         self.image_cache_size = int(image_cache_size)
         self.last_stats: dict[str, Any] = {}

@@ -159,7 +159,7 @@ def test_reranker_needs_no_torch(exported_engines):
 
 def test_unknown_backend_and_provider(exported_engines):
     _, engine = exported_engines["qwen2_vl"]
-    with pytest.raises(ValueError, match="backend 'tensorrt' is not available; supported: 'onnxruntime'"):
+    with pytest.raises(ValueError, match="backend 'tensorrt' is not available; supported: 'onnxruntime', 'torch'"):
         Reranker(engine, backend="tensorrt")
     with pytest.raises(gmr_fast.GmrError, match="not available in this onnxruntime"):
         Reranker(engine, providers=["NoSuchExecutionProvider"])
@@ -207,3 +207,17 @@ def test_batch_builder_matches_the_readable_positions(rng):
         assert a[r, width - n:].tolist() == ids[r].tolist() and (a[r, :width - n] == 151643).all()
         assert m[r].tolist() == [0] * (width - n) + [1] * n
         assert (p[:, r, width - n:] == refs[r]).all() and (p[:, r, :width - n] == 1).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_backend_matches_onnxruntime_and_reference(family, exported_engines, tiny_checkpoints, rng):
+    from export.reference import ReferenceScorer
+
+    _, engine = exported_engines[family]
+    pairs = _pairs(rng, 12)
+    torch_scores = Reranker(engine, backend="torch").score(pairs)
+    ort_scores = Reranker(engine).score(pairs)
+    expected = ReferenceScorer(tiny_checkpoints[family]).score(pairs)
+    assert np.abs(torch_scores - ort_scores).max() <= 1e-4 and np.abs(torch_scores - expected).max() <= 1e-4
+    with pytest.raises(gmr_fast.GmrError, match="is not one; pass checkpoint="):
+        Reranker(engine, backend="torch", backend_options={"checkpoint": engine})

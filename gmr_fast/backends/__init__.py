@@ -22,13 +22,19 @@ class Backend(Protocol):
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "torch")
 
 
 def create_backend(name: str, engine_dir: os.PathLike, manifest: dict, providers: Sequence[str] | None,
-                   num_threads: int) -> Backend:
+                   num_threads: int, **options) -> Backend:
+    """`options` go to the backend: torch takes `checkpoint` (default: the manifest's source)
+    and `device`."""
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(engine_dir, manifest, providers, num_threads)
+    if name == "torch":
+        from .torch import TorchBackend
+
+        return TorchBackend(engine_dir, manifest, num_threads=num_threads, **options)
     raise ValueError(f"backend {name!r} is not available; supported: {', '.join(repr(b) for b in BACKENDS)}")
