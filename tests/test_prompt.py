@@ -8,7 +8,7 @@ import pytest
 
 import gmr_fast
 from gmr_fast.gmr_config import GmrConfig
-from gmr_fast.prompt import Item, PromptBuilder, PromptError, as_item
+from gmr_fast.prompt import PromptBuilder, PromptError, as_item
 
 
 class _HFPrompts:
