@@ -59,10 +59,9 @@ def _pixels_of(rgb: Image.Image) -> tuple[Any, Any]:
         return packed, packed
 
 
-def _open(source: Any, index: int) -> tuple[Image.Image, str | None]:
+def _open(source: Any, index: int, path: str | None = None) -> tuple[Image.Image, str | None]:
     if isinstance(source, Image.Image):
         return source, None
-    path = None
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         try:
@@ -94,8 +93,9 @@ def _open(source: Any, index: int) -> tuple[Image.Image, str | None]:
         raise ImageError(index, f"truncated or corrupt image data (header: {e})", path) from None
 
 
-def decode_image(source: ImageInput, index: int, max_image_pixels: int) -> DecodedImage:
-    """Decodes one image source to RGB. Raises ImageError naming ``index`` (and the path)."""
+def decode_image(source: ImageInput, index: int, max_image_pixels: int, path: str | None = None) -> DecodedImage:
+    """Decodes one image source to RGB. Raises ImageError naming ``index`` (and the path).
+    ``path`` names encoded bytes that were read from that file (for messages only)."""
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
             raise ImageError(index, f"array images must be HxWx3 uint8 RGB, got {source.dtype} {source.shape}")
@@ -106,7 +106,7 @@ def decode_image(source: ImageInput, index: int, max_image_pixels: int) -> Decod
         arr = np.ascontiguousarray(source)
         return DecodedImage(h, w, arr, arr)
 
-    image, path = _open(source, index)
+    image, path = _open(source, index, path)
     w, h = image.size
     _check_pixels(h, w, max_image_pixels, index, path)
     try:

@@ -52,27 +52,28 @@ class Scores(np.ndarray):
     truncated: np.ndarray
 
 
-def _content_key(image: Any) -> tuple:
-    """Identity of an image's content, for decoding and encoding each distinct image once."""
+def _content_key(image: Any) -> tuple[tuple, Any]:
+    """Identity of an image's content (for decoding and encoding each distinct image once) and
+    what to decode: a file is read here once and decoded from those bytes."""
     h = hashlib.blake2b(digest_size=16)
     if isinstance(image, (str, os.PathLike)):
         try:
             with open(image, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            return ("bytes", h.hexdigest())
+                data = f.read()
         except OSError:
-            return ("path", os.fspath(image))  # decoding reports the error
+            return ("path", os.fspath(image)), image  # decoding reports the error
+        h.update(data)
+        return ("bytes", h.hexdigest()), data
     if isinstance(image, (bytes, bytearray, memoryview)):
         h.update(image)
-        return ("bytes", h.hexdigest())
+        return ("bytes", h.hexdigest()), image
     if isinstance(image, np.ndarray):
         h.update(np.ascontiguousarray(image).data)
-        return ("array", image.shape, str(image.dtype), h.hexdigest())
+        return ("array", image.shape, str(image.dtype), h.hexdigest()), image
     if hasattr(image, "tobytes") and hasattr(image, "mode"):
         h.update(image.tobytes())
-        return ("pil", image.mode, image.size, h.hexdigest())
-    return ("object", id(image))
+        return ("pil", image.mode, image.size, h.hexdigest()), image
+    return ("object", id(image)), image
 
 
 @dataclass
@@ -114,15 +115,18 @@ class Reranker:
         self.last_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ preparation
-    def _decode_images(self, keys: list[tuple], sources: list[Any]) -> dict[tuple, _Image | ImageError]:
+    def _decode_images(self, keys: list[tuple], sources: list[tuple[Any, Any]]) -> dict[tuple, _Image | ImageError]:
+        """sources[i] = (what the user gave, what to decode)."""
         def one(i: int):
+            given, data = sources[i]
+            path = os.fspath(given) if isinstance(given, (str, os.PathLike)) else None
             try:
-                decoded = decode_image(sources[i], i, self.max_image_pixels)
+                decoded = decode_image(data, i, self.max_image_pixels, path)
                 return _Image(decoded, smart_resize(decoded.height, decoded.width, self.gmr.min_pixels, self.gmr.max_pixels))
             except ImageError as e:
                 return e
             except ValueError as e:  # aspect ratio
-                return ImageError(i, str(e), os.fspath(sources[i]) if isinstance(sources[i], (str, os.PathLike)) else None)
+                return ImageError(i, str(e), path)
 
         if len(keys) > 1 and self.num_threads > 1:
             with ThreadPoolExecutor(min(self.num_threads, len(keys))) as pool:
@@ -203,8 +207,8 @@ class Reranker:
             keys = []
             for side in (q, d):
                 if side.has_image:
-                    key = _content_key(side.image)
-                    sources.setdefault(key, side.image)
+                    key, data = _content_key(side.image)
+                    sources.setdefault(key, (side.image, data))
                     keys.append(key)
             keys_per_pair.append(keys)
         images = self._decode_images(list(sources), list(sources.values()))
