@@ -154,7 +154,10 @@ def preprocess_images(
                 raise
             return e
 
-    if threads > 1 and len(images) > 1:
+    # Decoding files and bytes is real work and releases the GIL: spread it over threads. Images
+    # already in memory only need a cheap hand-off, where a pool would cost more than it saves.
+    needs_decoding = any(isinstance(im, (str, os.PathLike, bytes, bytearray, memoryview)) for im in images)
+    if threads > 1 and len(images) > 1 and needs_decoding:
         with ThreadPoolExecutor(max_workers=min(threads, len(images))) as pool:
             prepared = list(pool.map(prepare_or_error, range(len(images))))
     else:
