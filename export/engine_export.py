@@ -152,11 +152,8 @@ def _to_fp16_weights(path: pathlib.Path) -> None:
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(casts + nodes)
-    for extra in path.parent.glob(path.name + "*.data"):
-        extra.unlink()
     data_name = path.name + ".data"
-    if (path.parent / data_name).exists():
-        (path.parent / data_name).unlink()
+    (path.parent / data_name).unlink(missing_ok=True)  # the weights are in memory now; rewrite them
     onnx.save(model, str(path), save_as_external_data=True, location=data_name)
 
 

@@ -54,7 +54,7 @@ class EngineScorer:
         self.hidden_size = int(self.manifest["model"]["hidden_size"])
 
     def _encode(self, pairs, instruction):
-        prompts, images, grids_per_pair = [], [], []
+        prompts, images = [], []
         for i, (q, d) in enumerate(pairs):
             qi, di = as_item(q, f"pair {i} query"), as_item(d, f"pair {i} document")
             pair_images = [x.image for x in (qi, di) if x.has_image]
@@ -64,25 +64,24 @@ class EngineScorer:
             dn = tokens.pop(0) if di.has_image else 0
             prompts.append(self.prompts.encode(instruction, qi, di, qn, dn, where=f"pair {i}"))
             images.append(batch)
-            grids_per_pair.append(batch.image_grid_thw)
-        return prompts, images, grids_per_pair
+        return prompts, images
 
     def score(self, pairs: Sequence[tuple[Any, Any]], instruction: str | None = None) -> np.ndarray:
         """Scores one batch of pairs (left padded, in input order)."""
         if not pairs:
             return np.zeros(0, np.float32)
         instruction = instruction or self.gmr.default_instruction
-        prompts, images, grids = self._encode(pairs, instruction)
+        prompts, images = self._encode(pairs, instruction)
         length = max(len(p.ids) for p in prompts)
         b = len(prompts)
         input_ids = np.full((b, length), self.prompts.tokenizer.token_to_id("<|endoftext|>"), np.int64)
         mask = np.zeros((b, length), np.int64)
         positions = np.ones((3, b, length), np.int64)
-        for r, (p, g) in enumerate(zip(prompts, grids)):
+        for r, (p, im) in enumerate(zip(prompts, images)):
             n = len(p.ids)
             input_ids[r, length - n:] = p.ids
             mask[r, length - n:] = 1
-            merged = [(int(h) // self.merge, int(w) // self.merge) for _, h, w in g]
+            merged = [(int(h) // self.merge, int(w) // self.merge) for _, h, w in im.image_grid_thw]
             positions[:, r, length - n:] = rope_positions(n, p.image_spans, merged)
         pixel_values = [im.pixel_values for im in images if len(im.pixel_values)]
         if pixel_values:
