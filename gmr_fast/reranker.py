@@ -21,7 +21,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -74,6 +74,27 @@ def _content_key(image: Any) -> tuple[tuple, Any]:
         h.update(image.tobytes())
         return ("pil", image.mode, image.size, h.hexdigest()), image
     return ("object", id(image)), image
+
+
+@dataclass
+class ScorePlan:
+    """Reranker.plan's result: per pair (input order) its prompt or None, its images' content
+    keys, and for failed pairs the error; the batches as arrays of pair indices, in run order."""
+
+    size: int
+    prompts: list  # [EncodedPrompt | None] per pair
+    keys_per_pair: list  # [[content key, ...]] per pair, query image first
+    images: dict  # content key -> _Image | ImageError
+    errors: dict  # pair index -> ImageError | PromptError
+    batches: list  # [int64[rows]]
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return np.array([bool(p is not None and p.truncated) for p in self.prompts], bool)
+
+    @property
+    def real_tokens(self) -> int:
+        return int(sum(len(p.ids) for p in self.prompts if p is not None))
 
 
 @dataclass
@@ -185,17 +206,20 @@ class Reranker:
                 "image_embeds": image_embeds.astype(np.float32, copy=False)}
 
     # ------------------------------------------------------------------ public API
-    def score(self, pairs: Sequence[tuple[Any, Any]], *, instruction: str | None = None, normalize: bool = False,
-              batch_size: int | None = None, show_progress_bar: bool | None = None,
-              on_error: Literal["raise", "nan"] = "raise") -> Scores:
-        """Relevance of each (query, document) pair, in input order: logit(yes) - logit(no), or
-        with ``normalize=True`` its sigmoid, P(yes). ``on_error="nan"`` scores a pair whose image
-        or length fails as NaN and records the error in ``result.errors``."""
-        if on_error not in ("raise", "nan"):
-            raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
-        start_time = time.perf_counter()
-        instruction = instruction or self.instruction
+    def plan(self, pairs: Sequence[tuple[Any, Any]], *, instruction: str | Sequence[str] | None = None,
+             batch_size: int | None = None) -> ScorePlan:
+        """Everything about scoring ``pairs`` that is known before any pixel work: prompts (each
+        distinct image decoded once to learn its grid), per-pair failures, and the batches the
+        scheduler packs. Deterministic: the same pairs and settings give the same batches, which is
+        what lets a batch job recompute exactly the batch it lost (``run(plan, skip=...)``).
+        ``instruction`` is one string for all pairs or one per pair."""
         pairs = list(pairs)
+        if instruction is None or isinstance(instruction, str):
+            instructions = [instruction or self.instruction] * len(pairs)
+        else:
+            instructions = [x or self.instruction for x in instruction]
+            if len(instructions) != len(pairs):
+                raise ValueError(f"got {len(instructions)} instructions for {len(pairs)} pairs")
         items: list[tuple[Item, Item]] = []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -224,36 +248,58 @@ class Reranker:
                 tokens = iter(images[k].tokens for k in keys)
                 qn = next(tokens) if q.has_image else 0
                 dn = next(tokens) if d.has_image else 0
-                prompts.append(self.prompts.encode(instruction, q, d, qn, dn, where=f"pair {i}"))
+                prompts.append(self.prompts.encode(instructions[i], q, d, qn, dn, where=f"pair {i}"))
             except (ImageError, PromptError) as e:
-                if on_error == "raise":
-                    raise
                 errors[i] = e
                 prompts.append(None)
 
-        result = np.full(len(pairs), np.nan, np.float32)
         good = np.array([i for i, p in enumerate(prompts) if p is not None], np.int64)
         lengths = np.array([len(prompts[i].ids) for i in good], np.int64)
         batches = [good[b] for b in _core.schedule_batches(lengths, self.max_batch_tokens, int(batch_size or self.max_batch_size),
                                                             self.min_fill)] if len(good) else []
+        return ScorePlan(len(pairs), prompts, keys_per_pair, images, errors, batches)
+
+    def run(self, plan: ScorePlan, *, skip: Callable[[np.ndarray], bool] | None = None
+            ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """Scores ``plan``'s batches in order, yielding ``(rows, scores, padded_tokens)`` per batch
+        (rows index the planned pairs). A batch for which ``skip(rows)`` is true is not computed.
+        While the backend runs one batch, a worker thread prepares the next."""
+        todo = [rows for rows in plan.batches if skip is None or not skip(rows)]
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            pending = worker.submit(self._prepare, todo[0], plan.prompts, plan.keys_per_pair, plan.images) if todo else None
+            for b, rows in enumerate(todo):
+                feeds = pending.result()
+                if b + 1 < len(todo):  # prepare the next batch while this one runs
+                    pending = worker.submit(self._prepare, todo[b + 1], plan.prompts, plan.keys_per_pair, plan.images)
+                yield rows, np.asarray(self.backend.score(feeds), np.float32), int(feeds["input_ids"].size)
+
+    def score(self, pairs: Sequence[tuple[Any, Any]], *, instruction: str | Sequence[str] | None = None,
+              normalize: bool = False, batch_size: int | None = None, show_progress_bar: bool | None = None,
+              on_error: Literal["raise", "nan"] = "raise") -> Scores:
+        """Relevance of each (query, document) pair, in input order: logit(yes) - logit(no), or
+        with ``normalize=True`` its sigmoid, P(yes). ``on_error="nan"`` scores a pair whose image
+        or length fails as NaN and records the error in ``result.errors``."""
+        if on_error not in ("raise", "nan"):
+            raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
+        start_time = time.perf_counter()
+        plan = self.plan(pairs, instruction=instruction, batch_size=batch_size)
+        if plan.errors and on_error == "raise":
+            raise plan.errors[min(plan.errors)]
+        result = np.full(plan.size, np.nan, np.float32)
+        scored = sum(len(rows) for rows in plan.batches)
         progress = sys.stderr.isatty() if show_progress_bar is None else show_progress_bar
         done, padded = 0, 0
-        with ThreadPoolExecutor(max_workers=1) as worker:
-            pending = worker.submit(self._prepare, batches[0], prompts, keys_per_pair, images) if batches else None
-            for b, rows in enumerate(batches):
-                feeds = pending.result()
-                if b + 1 < len(batches):  # prepare the next batch while this one runs
-                    pending = worker.submit(self._prepare, batches[b + 1], prompts, keys_per_pair, images)
-                result[rows] = self.backend.score(feeds)
-                done += len(rows)
-                padded += feeds["input_ids"].size
-                if progress:
-                    rate = done / max(time.perf_counter() - start_time, 1e-9)
-                    print(f"\rgmr_fast: {done}/{len(good)} pairs, {rate:.1f} pairs/s", end="", file=sys.stderr)
-        if progress and batches:
+        for rows, scores, padded_tokens in self.run(plan):
+            result[rows] = scores
+            done += len(rows)
+            padded += padded_tokens
+            if progress:
+                rate = done / max(time.perf_counter() - start_time, 1e-9)
+                print(f"\rgmr_fast: {done}/{scored} pairs, {rate:.1f} pairs/s", end="", file=sys.stderr)
+        if progress and plan.batches:
             print(file=sys.stderr)
-        real = int(lengths.sum()) if len(good) else 0
-        self.last_stats = {"pairs": len(pairs), "scored": int(len(good)), "failed": len(errors), "batches": len(batches),
+        real = plan.real_tokens
+        self.last_stats = {"pairs": plan.size, "scored": scored, "failed": len(plan.errors), "batches": len(plan.batches),
                            "real_tokens": real, "padded_tokens": int(padded),
                            "padding_efficiency": real / padded if padded else 1.0,
                            "seconds": time.perf_counter() - start_time}
@@ -261,8 +307,8 @@ class Reranker:
             with np.errstate(over="ignore"):
                 result = (1.0 / (1.0 + np.exp(-result.astype(np.float64)))).astype(np.float32)
         out = result.view(Scores)
-        out.errors = errors
-        out.truncated = np.array([bool(p is not None and p.truncated) for p in prompts], bool)
+        out.errors = plan.errors
+        out.truncated = plan.truncated
         return out
 
     def rank(self, query: Any, documents: Sequence[Any], *, instruction: str | None = None, top_k: int | None = None,
