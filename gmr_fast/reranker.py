@@ -207,12 +207,13 @@ class Reranker:
 
     # ------------------------------------------------------------------ public API
     def plan(self, pairs: Sequence[tuple[Any, Any]], *, instruction: str | Sequence[str] | None = None,
-             batch_size: int | None = None) -> ScorePlan:
+             batch_size: int | None = None, labels: Sequence[str] | None = None) -> ScorePlan:
         """Everything about scoring ``pairs`` that is known before any pixel work: prompts (each
         distinct image decoded once to learn its grid), per-pair failures, and the batches the
         scheduler packs. Deterministic: the same pairs and settings give the same batches, which is
         what lets a batch job recompute exactly the batch it lost (``run(plan, skip=...)``).
-        ``instruction`` is one string for all pairs or one per pair."""
+        ``instruction`` is one string for all pairs or one per pair; ``labels`` name the pairs in
+        error messages (default ``"pair <index>"``)."""
         pairs = list(pairs)
         if instruction is None or isinstance(instruction, str):
             instructions = [instruction or self.instruction] * len(pairs)
@@ -220,6 +221,8 @@ class Reranker:
             instructions = [x or self.instruction for x in instruction]
             if len(instructions) != len(pairs):
                 raise ValueError(f"got {len(instructions)} instructions for {len(pairs)} pairs")
+        if labels is None:
+            labels = [f"pair {i}" for i in range(len(pairs))]
         items: list[tuple[Item, Item]] = []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -244,11 +247,11 @@ class Reranker:
             bad = next(((side, images[k]) for side, k in zip(sides, keys) if isinstance(images[k], ImageError)), None)
             try:
                 if bad is not None:
-                    raise ImageError(i, bad[1].cause, bad[1].source, label=f"pair {i} {bad[0]} image")
+                    raise ImageError(i, bad[1].cause, bad[1].source, label=f"{labels[i]} {bad[0]} image")
                 tokens = iter(images[k].tokens for k in keys)
                 qn = next(tokens) if q.has_image else 0
                 dn = next(tokens) if d.has_image else 0
-                prompts.append(self.prompts.encode(instructions[i], q, d, qn, dn, where=f"pair {i}"))
+                prompts.append(self.prompts.encode(instructions[i], q, d, qn, dn, where=labels[i]))
             except (ImageError, PromptError) as e:
                 errors[i] = e
                 prompts.append(None)

@@ -1,0 +1,193 @@
+"""Resumable batch scoring: the engine of ``python -m gmr_fast.score``.
+
+Work is a list of ``Task``s (one pair each, with a key: ``(qid, docid)`` or a pairs-file id)
+cut into fixed chunks. A chunk is planned by ``Reranker.plan`` (deterministic batches) and its
+batches are run in order; every batch's scores are appended to ``scores.jsonl`` as one write,
+flushed and fsynced, and per-pair failures go to ``errors.jsonl`` the same way. On resume a
+chunk whose pairs are all written is skipped without reading its images; in the chunk that was
+in flight, the same plan is rebuilt and only batches with unwritten rows run again, so the
+recomputed scores are bit-identical to the lost ones and the final files equal those of an
+uninterrupted run. A line torn by a kill mid-write is cut off when the journal is reopened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import GmrError
+from .prompt import Item
+from .suite import InputError
+
+
+def dumps(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False, separators=(", ", ": "))
+
+
+class Journal:
+    """An append-only JSONL file of finished rows, keyed by ``key(row)``."""
+
+    def __init__(self, path: str, key: Callable[[dict], Hashable]):
+        self.path, self.key = path, key
+        self.rows: list[dict] = []
+        self.done: set[Hashable] = set()
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):  # a line torn by a kill mid-write: it was never finished
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+            for n, raw in enumerate(data[:end].splitlines(), 1):
+                try:
+                    row = json.loads(raw)
+                    k = key(row)
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise InputError(path, f"not a line this job wrote ({e}); move the file away to start over", n) from None
+                self.rows.append(row)
+                self.done.add(k)
+        self._file = open(path, "ab")
+
+    def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self._file.write("".join(dumps(r) + "\n" for r in rows).encode("utf-8"))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.rows.extend(rows)
+        self.done.update(self.key(r) for r in rows)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class Task:
+    key: Hashable
+    query: Item | None  # None when the task failed before scoring (``error``)
+    document: Item | None
+    instruction: str | None
+    fields: dict  # what identifies the pair in output rows
+    label: str  # names the pair in error messages
+    error: str | None = None
+
+
+@dataclass
+class Stats:
+    pairs: int = 0  # tasks in the job
+    scored: int = 0  # scored in this session
+    failed: int = 0  # failures recorded in this session
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"pairs": self.pairs, "scored_this_session": self.scored, "failed_this_session": self.failed,
+                "seconds": round(self.seconds, 3),
+                "pairs_per_s": self.scored / self.seconds if self.seconds else 0.0,
+                "tokens_per_s": self.real_tokens / self.seconds if self.seconds else 0.0,
+                "padding_efficiency": self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0}
+
+
+class Progress:
+    """pairs done, pairs/s and ETA on one stderr line; silent unless enabled."""
+
+    def __init__(self, total: int, enabled: bool, label: str = ""):
+        self.total, self.enabled, self.label = total, enabled, label
+        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self.last > 0.2 or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            print(f"\r{self.label}{self.done}/{self.total} pairs  {rate:.1f} pairs/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            print(file=sys.stderr, flush=True)
+
+
+def chunk_bounds(group_sizes: Iterable[int], chunk_pairs: int) -> list[tuple[int, int]]:
+    """Cuts consecutive groups (a query's candidates stay together) into chunks of at least
+    ``chunk_pairs`` tasks (the last may be smaller)."""
+    bounds, start, end = [], 0, 0
+    for size in group_sizes:
+        end += size
+        if end - start >= chunk_pairs:
+            bounds.append((start, end))
+            start = end
+    if end > start:
+        bounds.append((start, end))
+    return bounds
+
+
+def run_tasks(reranker: Any, tasks: list[Task], bounds: list[tuple[int, int]], scores: Journal, errors: Journal,
+              progress: Progress, stats: Stats) -> None:
+    """Scores every task not yet in ``scores`` or ``errors``; see the module docstring."""
+    start_time = time.perf_counter()
+    done = lambda t: t.key in scores.done or t.key in errors.done  # noqa: E731
+    for a, b in bounds:
+        chunk = tasks[a:b]
+        if all(done(t) for t in chunk):
+            continue
+        live = [t for t in chunk if t.error is None]
+        plan = reranker.plan([(t.query, t.document) for t in live], instruction=[t.instruction for t in live],
+                             labels=[t.label for t in live])
+        failed, li = [], 0
+        for t in chunk:
+            if t.error is None:
+                e = plan.errors.get(li)
+                li += 1
+                if e is None:
+                    continue
+                message = str(e)
+            else:
+                message = t.error
+            if not done(t):
+                failed.append({**t.fields, "error": message})
+        errors.append(failed)
+        stats.failed += len(failed)
+        progress.update(len(failed))
+        truncated = plan.truncated
+        for rows, values, padded in reranker.run(plan, skip=lambda rows: all(live[r].key in scores.done for r in rows)):
+            out = [{**live[r].fields, "score": float(values[j]), "truncated": bool(truncated[r])}
+                   for j, r in enumerate(rows) if live[r].key not in scores.done]
+            scores.append(out)
+            stats.scored += len(out)
+            stats.real_tokens += sum(len(plan.prompts[r].ids) for r in rows)
+            stats.padded_tokens += padded
+            progress.update(len(out))
+    stats.seconds += time.perf_counter() - start_time
+
+
+class JobError(GmrError):
+    """The job cannot go on (nothing could be scored, or its output directory does not match)."""
+
+
+@dataclass
+class JobFiles:
+    scores: Journal
+    errors: Journal
+    extra: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.scores.close()
+        self.errors.close()
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,336 @@
+"""``python -m gmr_fast.score``: rerank an MRB-style suite (or any pairs file) with an engine.
+
+    python -m gmr_fast.score --engine ENGINE --data SUITE_OR_DATASET --out OUT [--top-k 100]
+        [--datasets a,b] [--resume] [--max-batch-tokens N] [--metrics ndcg_cut_10,recip_rank,...]
+    python -m gmr_fast.score --engine ENGINE --input pairs.jsonl --output scores.jsonl [--resume]
+
+Suite mode writes, per dataset, ``OUT/<dataset>/scores.jsonl`` (qid, docid, score,
+first_stage_rank), ``errors.jsonl`` and ``run.trec``; then ``OUT/report.json``/``report.md``
+(first stage beside reranked, per dataset, task, category, MRB average) and ``OUT/run.json``.
+Exit code 0 when the job ran (per-pair failures are recorded, not fatal); 2 when the input is
+malformed, the output directory belongs to another job, or nothing could be scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+
+from .errors import GmrError
+from .evaluation import DEFAULT_METRICS, build_report, evaluate, parse_metrics, report_markdown
+from .jobs import JobError, Journal, Progress, Stats, Task, chunk_bounds, run_tasks, write_atomic
+from .prompt import Item
+from .suite import (Dataset, InputError, PathRefused, Record, find_datasets, load_dataset, read_jsonl,
+                    resolve_image, trec_order)
+
+RUN_TAG = "gmr_fast"
+# settings that change which pairs are scored or how they are batched (hence the exact bits of
+# every score): a resumed job must use the same ones
+DETERMINISM_KEYS = ("engine_sha256", "top_k", "max_batch_tokens", "max_batch_size", "min_fill", "chunk_pairs",
+                    "instruction", "max_length", "backend", "threads")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gmr_fast.score", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", required=True, help="engine directory written by python -m export")
+    p.add_argument("--data", help="a suite (directory of datasets) or one dataset directory")
+    p.add_argument("--out", help="output directory (suite mode)")
+    p.add_argument("--input", help="pairs mode: JSONL rows {id, query, document, instruction?}")
+    p.add_argument("--output", help="pairs mode: scores JSONL to write")
+    p.add_argument("--image-root", help="pairs mode: directory image paths are relative to (default: the input's)")
+    p.add_argument("--top-k", type=int, default=100, help="rerank each query's top K candidates (default 100)")
+    p.add_argument("--datasets", help="comma-separated dataset names to run (default: all in the suite)")
+    p.add_argument("--resume", action="store_true", help="continue a job in --out/--output, skipping finished pairs")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="trec_eval measure names, comma-separated")
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens per batch (default 8192)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="pairs per batch (default 32)")
+    p.add_argument("--min-fill", type=float, default=0.8, help="length bucketing: shortest/longest in a batch")
+    p.add_argument("--chunk-pairs", type=int, default=512, help="pairs planned together (images decoded per chunk)")
+    p.add_argument("--instruction", help="override every dataset's instruction")
+    p.add_argument("--max-length", type=int, help="override the engine's max prompt length (documents truncated)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--threads", type=int, help="threads for preprocessing and the backend (default: all cores)")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return p
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("gmr_fast", "numpy", "onnxruntime", "tokenizers", "pillow", "pytrec-eval-terrier"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _item(record_or_value, root: str, where: str) -> tuple[Item | None, str | None]:
+    """An Item with its image path resolved inside ``root``, or (None, reason)."""
+    text, image = record_or_value
+    if image is None:
+        return Item(text=text or ""), None
+    try:
+        return Item(text=text or "", image=resolve_image(root, image)), None
+    except PathRefused as e:
+        return None, f"{where}: {e}"
+
+
+class _Job:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.progress_enabled = not args.quiet and (args.progress or sys.stderr.isatty())
+        self.engine_sha = _sha256(os.path.join(args.engine, "manifest.json"))
+        self.settings = {"engine_sha256": self.engine_sha, "top_k": args.top_k, "max_batch_tokens": args.max_batch_tokens,
+                         "max_batch_size": args.max_batch_size, "min_fill": args.min_fill, "chunk_pairs": args.chunk_pairs,
+                         "instruction": args.instruction, "max_length": args.max_length, "backend": args.backend,
+                         "threads": args.threads}
+        self._reranker = None
+
+    @property
+    def reranker(self):
+        if self._reranker is None:  # loaded only when something is left to score
+            from .reranker import Reranker
+            a = self.args
+            self._reranker = Reranker(a.engine, backend=a.backend, max_batch_tokens=a.max_batch_tokens,
+                                      max_batch_size=a.max_batch_size, min_fill=a.min_fill, num_threads=a.threads,
+                                      instruction=a.instruction, max_length=a.max_length)
+        return self._reranker
+
+    def check_job_file(self, path: str, resume: bool, what: str) -> None:
+        """A new job writes ``path`` (its settings); a resumed one must match them."""
+        if os.path.exists(path):
+            if not resume:
+                raise JobError(f"{what} already holds a job ({path}); pass --resume to continue it, or choose a new one")
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            diff = [k for k in DETERMINISM_KEYS if old.get(k) != self.settings.get(k)]
+            if diff:
+                raise JobError(f"cannot resume {what}: it was started with different " + ", ".join(
+                    f"{k} ({old.get(k)!r} then, {self.settings.get(k)!r} now)" for k in diff))
+        else:
+            write_atomic(path, json.dumps(self.settings, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- suite
+def _dataset_tasks(ds: Dataset, top_k: int, instruction: str | None) -> tuple[list[Task], list[int]]:
+    tasks, sizes = [], []
+    resolved: dict[str, tuple[Item | None, str | None]] = {}
+
+    def side(rec: Record, kind: str):
+        key = f"{kind}:{rec.id}"
+        if key not in resolved:
+            resolved[key] = _item((rec.text, rec.image), ds.root, f"{kind} {rec.id!r}")
+        return resolved[key]
+
+    for qid in ds.query_order():
+        cands = ds.candidates[qid][:top_k]
+        q, q_err = side(ds.queries[qid], "query")
+        for rank, (docid, _) in enumerate(cands, 1):
+            d, d_err = side(ds.corpus[docid], "document")
+            tasks.append(Task((qid, docid), q, d, instruction or ds.instruction,
+                              {"qid": qid, "docid": docid, "first_stage_rank": rank},
+                              f"query {qid!r} / document {docid!r}", q_err or d_err))
+        sizes.append(len(cands))
+    return tasks, sizes
+
+
+def _reranked_run(ds: Dataset, top_k: int, scores: list[dict]) -> dict[str, dict[str, float]]:
+    """Scored candidates by score; failed ones keep their first-stage order below every scored one
+    (their run scores are synthetic: lowest real score - 1, - 2, ...)."""
+    by_query: dict[str, dict[str, float]] = {}
+    for row in scores:
+        by_query.setdefault(row["qid"], {})[row["docid"]] = row["score"]
+    run = {}
+    for qid in ds.query_order():
+        got = by_query.get(qid, {})
+        floor = math.floor(min(got.values())) if got else 0.0
+        missing = [d for d, _ in ds.candidates[qid][:top_k] if d not in got]
+        run[qid] = {**got, **{d: floor - 1.0 - i for i, d in enumerate(missing)}}
+    return run
+
+
+def _trec_lines(run: dict[str, dict[str, float]], order: list[str]) -> str:
+    lines = []
+    for qid in order:
+        for rank, (docid, score) in enumerate(trec_order(run[qid]), 1):
+            lines.append(f"{qid} Q0 {docid} {rank} {score!r} {RUN_TAG}\n")
+    return "".join(lines)
+
+
+def run_suite(job: _Job) -> int:
+    a = job.args
+    metrics = parse_metrics(a.metrics)
+    names = [n.strip() for n in a.datasets.split(",") if n.strip()] if a.datasets else None
+    datasets = [load_dataset(root) for root in find_datasets(a.data, names)]  # all checked before any work
+    seen = {}
+    for ds in datasets:
+        if ds.name in seen:
+            raise InputError(os.path.join(ds.root, "dataset.json"), f"dataset name {ds.name!r} is also used by {seen[ds.name]}")
+        seen[ds.name] = ds.root
+    os.makedirs(a.out, exist_ok=True)
+    job.check_job_file(os.path.join(a.out, "job.json"), a.resume, f"--out {a.out}")
+
+    started = time.time()
+    per_dataset, run_stats, total_scored = {}, {}, 0
+    for ds in datasets:
+        out_dir = os.path.join(a.out, ds.name)
+        os.makedirs(out_dir, exist_ok=True)
+        tasks, sizes = _dataset_tasks(ds, a.top_k, a.instruction)
+        key = lambda row: (row["qid"], row["docid"])  # noqa: E731
+        scores = Journal(os.path.join(out_dir, "scores.jsonl"), key)
+        errors = Journal(os.path.join(out_dir, "errors.jsonl"), key)
+        stats = Stats(pairs=len(tasks))
+        left = sum(1 for t in tasks if t.key not in scores.done and t.key not in errors.done)
+        progress = Progress(left, job.progress_enabled, f"{ds.name}: ")
+        try:
+            if left:
+                run_tasks(job.reranker, tasks, chunk_bounds(sizes, a.chunk_pairs), scores, errors, progress, stats)
+        finally:
+            progress.close()
+            scores.close()
+            errors.close()
+        run_stats[ds.name] = stats.as_dict()
+
+        run = _reranked_run(ds, a.top_k, scores.rows)
+        run_path = os.path.join(out_dir, "run.trec")
+        if not os.path.exists(run_path):  # finished output is never rewritten
+            write_atomic(run_path, _trec_lines(run, ds.query_order()))
+        first_stage = {q: dict(ds.candidates[q][:a.top_k]) for q in ds.query_order()}
+        judged = {q: r for q, r in ds.qrels.items() if q in first_stage}
+        fs_means, _ = evaluate(judged, first_stage, metrics)
+        rr_means, per_query = evaluate(judged, run, metrics)
+        total_scored += len(scores.rows)
+        per_dataset[ds.name] = {"task": ds.task, "category": ds.category, "queries": len(per_query),
+                                "pairs": len(tasks), "scored": len(scores.rows), "failed": len(errors.rows),
+                                "truncated": sum(1 for r in scores.rows if r.get("truncated")),
+                                "first_stage": fs_means, "reranked": rr_means}
+
+    report = build_report(per_dataset, metrics)
+    write_atomic(os.path.join(a.out, "report.json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(os.path.join(a.out, "report.md"), report_markdown(report))
+    _write_run_json(job, os.path.join(a.out, "run.json"), started, run_stats)
+    if not a.quiet:
+        print(report_markdown(report))
+    if total_scored == 0:
+        raise JobError("nothing could be scored: every pair failed (see errors.jsonl in each dataset's output)")
+    return 0
+
+
+def _write_run_json(job: _Job, path: str, started: float, run_stats: dict) -> None:
+    total = Stats()
+    for s in run_stats.values():
+        total.scored += s["scored_this_session"]
+    seconds = sum(s["seconds"] for s in run_stats.values())
+    tokens = sum(s["tokens_per_s"] * s["seconds"] for s in run_stats.values())
+    history = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            history = json.load(f).get("sessions", [])
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "wall_seconds": time.time() - started,
+               "resumed": bool(job.args.resume), "pairs_scored": total.scored,
+               "pairs_per_s": total.scored / seconds if seconds else 0.0,
+               "tokens_per_s": tokens / seconds if seconds else 0.0, "datasets": run_stats}
+    doc = {"engine": {"path": os.path.abspath(job.args.engine), "manifest_sha256": job.engine_sha},
+           "arguments": {k: v for k, v in vars(job.args).items()}, "settings": job.settings,
+           "versions": _versions(), "sessions": history + [session]}
+    write_atomic(path, json.dumps(doc, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- pairs
+def _side(value, path: str, n: int, name: str) -> tuple[str | None, str | None]:
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, dict) and set(value) <= {"text", "image"} and value:
+        text, image = value.get("text"), value.get("image")
+        if (text is None or isinstance(text, str)) and (image is None or (isinstance(image, str) and image)):
+            return text, image
+    raise InputError(path, f"'{name}' must be a string or {{\"text\", \"image\"}}, got {json.dumps(value)[:80]}", n)
+
+
+def _pairs_tasks(path: str, image_root: str) -> list[Task]:
+    tasks, seen = [], {}
+    for n, row in read_jsonl(path):
+        rid = row.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise InputError(path, f"'id' must be a non-empty string, got {rid!r}", n)
+        if rid in seen:
+            raise InputError(path, f"duplicate id {rid!r} (first on line {seen[rid]})", n)
+        seen[rid] = n
+        for name in ("query", "document"):
+            if name not in row:
+                raise InputError(path, f"row {rid!r} has no '{name}'", n)
+        instruction = row.get("instruction")
+        if instruction is not None and not isinstance(instruction, str):
+            raise InputError(path, "'instruction' must be a string", n)
+        q, q_err = _item(_side(row["query"], path, n, "query"), image_root, f"row {rid!r} query")
+        d, d_err = _item(_side(row["document"], path, n, "document"), image_root, f"row {rid!r} document")
+        tasks.append(Task(rid, q, d, instruction, {"id": rid}, f"row {rid!r}", q_err or d_err))
+    return tasks
+
+
+def run_pairs(job: _Job) -> int:
+    a = job.args
+    image_root = a.image_root or os.path.dirname(os.path.abspath(a.input))
+    tasks = _pairs_tasks(a.input, image_root)
+    stem = a.output[:-len(".jsonl")] if a.output.endswith(".jsonl") else a.output
+    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+    job.check_job_file(f"{stem}.job.json", a.resume, f"--output {a.output}")
+    started = time.time()
+    key = lambda row: row["id"]  # noqa: E731
+    scores, errors = Journal(a.output, key), Journal(f"{stem}.errors.jsonl", key)
+    stats = Stats(pairs=len(tasks))
+    left = sum(1 for t in tasks if t.key not in scores.done and t.key not in errors.done)
+    progress = Progress(left, job.progress_enabled)
+    try:
+        if left:
+            run_tasks(job.reranker, tasks, chunk_bounds([1] * len(tasks), a.chunk_pairs), scores, errors, progress, stats)
+    finally:
+        progress.close()
+        scores.close()
+        errors.close()
+    _write_run_json(job, f"{stem}.run.json", started, {"pairs": stats.as_dict()})
+    if not a.quiet:
+        print(f"{len(scores.rows)} scored, {len(errors.rows)} failed of {len(tasks)} pairs -> {a.output}", file=sys.stderr)
+    if tasks and not scores.rows:
+        raise JobError(f"nothing could be scored: every pair failed (see {stem}.errors.jsonl)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    suite_mode = args.data is not None or args.out is not None
+    pairs_mode = args.input is not None or args.output is not None
+    if suite_mode == pairs_mode or (suite_mode and not (args.data and args.out)) or (pairs_mode and not (args.input and args.output)):
+        parser.error("give either --data and --out (suite mode) or --input and --output (pairs mode)")
+    for flag in ("top_k", "max_batch_tokens", "max_batch_size", "chunk_pairs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        if not os.path.isfile(os.path.join(args.engine, "manifest.json")):
+            raise JobError(f"--engine {args.engine}: no manifest.json (write an engine with python -m export)")
+        job = _Job(args)
+        return run_suite(job) if suite_mode else run_pairs(job)
+    except (GmrError, OSError) as e:
+        print(f"gmr_fast.score: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,252 @@
+"""The MRB-style data format the score CLI reads (README, "Data format").
+
+A suite is a directory of datasets; a dataset is a directory with ``dataset.json``,
+``queries.jsonl``, ``corpus.jsonl``, ``qrels.tsv`` and ``candidates.trec``. Everything is read
+and checked before any scoring starts, so a malformed input stops the job with one message naming
+the file and line (``InputError``) instead of failing halfway through. Image paths are kept as
+written; ``resolve_image`` turns one into a file inside the dataset directory or refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from .errors import GmrError
+
+TASK_CATEGORIES = {
+    "t2t": "single-modal", "i2i": "single-modal",
+    "t2i": "cross-modal", "i2t": "cross-modal", "t2vd": "cross-modal",
+    "t2it": "fused-modal", "it2t": "fused-modal", "it2i": "fused-modal", "it2it": "fused-modal",
+}
+DATASET_FILES = ("dataset.json", "queries.jsonl", "corpus.jsonl", "qrels.tsv", "candidates.trec")
+
+
+class InputError(GmrError, ValueError):
+    """The input itself is malformed: ``path`` (and ``line``, 1-based, when it is about one line)."""
+
+    def __init__(self, path: str, message: str, line: int | None = None):
+        self.path, self.line = path, line
+        super().__init__(f"{path}{f':{line}' if line else ''}: {message}")
+
+
+@dataclass
+class Record:
+    """One query or document: text and/or an image path relative to the dataset directory."""
+
+    id: str
+    text: str | None
+    image: str | None
+    line: int
+
+
+@dataclass
+class Dataset:
+    root: str
+    name: str
+    task: str
+    instruction: str | None
+    queries: dict[str, Record]
+    corpus: dict[str, Record]
+    qrels: dict[str, dict[str, int]]
+    # per query, (docid, first-stage score) in trec_eval's order: score descending, ties by docid
+    # descending (trec_eval ignores the rank column; so do we)
+    candidates: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+
+    @property
+    def category(self) -> str:
+        return TASK_CATEGORIES[self.task]
+
+    def query_order(self) -> list[str]:
+        """Queries with candidates, in queries.jsonl order."""
+        return [q for q in self.queries if q in self.candidates]
+
+
+def read_jsonl(path: str):
+    """Yields (line number, object) for each non-blank line; a bad line is an InputError."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise InputError(path, f"not valid JSON ({e.msg} at column {e.colno})", n) from None
+            if not isinstance(obj, dict):
+                raise InputError(path, f"expected a JSON object, got {type(obj).__name__}", n)
+            yield n, obj
+
+
+def _records(path: str) -> dict[str, Record]:
+    out: dict[str, Record] = {}
+    for n, obj in read_jsonl(path):
+        rid = obj.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise InputError(path, f"'id' must be a non-empty string, got {rid!r}", n)
+        if any(c.isspace() for c in rid):
+            raise InputError(path, f"id {rid!r} contains whitespace (it must fit a TREC run line)", n)
+        text, image = obj.get("text"), obj.get("image")
+        if text is not None and not isinstance(text, str):
+            raise InputError(path, f"'text' must be a string, got {type(text).__name__}", n)
+        if image is not None and (not isinstance(image, str) or not image):
+            raise InputError(path, f"'image' must be a relative path string, got {image!r}", n)
+        if text is None and image is None:
+            raise InputError(path, f"{rid!r} has neither 'text' nor 'image'", n)
+        if rid in out:
+            raise InputError(path, f"duplicate id {rid!r} (first on line {out[rid].line})", n)
+        out[rid] = Record(rid, text, image, n)
+    return out
+
+
+def _read_qrels(path: str, queries: dict, corpus: dict) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            parts = raw.rstrip("\r\n").split("\t") if "\t" in raw else raw.split()
+            if len(parts) == 4:  # TREC qrels: qid iter docid rel
+                parts = [parts[0], parts[2], parts[3]]
+            if len(parts) != 3:
+                raise InputError(path, f"expected query_id<TAB>doc_id<TAB>relevance, got {len(parts)} fields", n)
+            qid, docid, rel = (p.strip() for p in parts)
+            try:
+                value = int(rel)
+            except ValueError:
+                if n == 1 and not qrels:  # a header line
+                    continue
+                raise InputError(path, f"relevance must be an integer, got {rel!r}", n) from None
+            if value < 0:
+                raise InputError(path, f"relevance must be >= 0, got {value}", n)
+            if qid not in queries:
+                raise InputError(path, f"unknown query id {qid!r} (not in queries.jsonl)", n)
+            if docid not in corpus:
+                raise InputError(path, f"unknown document id {docid!r} (not in corpus.jsonl)", n)
+            if docid in qrels.setdefault(qid, {}):
+                raise InputError(path, f"duplicate judgement for ({qid!r}, {docid!r})", n)
+            qrels[qid][docid] = value
+    return qrels
+
+
+def read_trec_run(path: str, queries: dict | None = None, corpus: dict | None = None) -> dict[str, dict[str, float]]:
+    """A TREC run (``qid Q0 docid rank score tag``) as {qid: {docid: score}}."""
+    run: dict[str, dict[str, float]] = {}
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            parts = raw.split()
+            if len(parts) != 6:
+                raise InputError(path, f"expected 'qid Q0 docid rank score tag', got {len(parts)} fields", n)
+            qid, _, docid, rank, score, _ = parts
+            try:
+                int(rank)
+                value = float(score)
+            except ValueError:
+                raise InputError(path, f"rank must be an integer and score a number, got {rank!r} {score!r}", n) from None
+            if value != value:
+                raise InputError(path, "score is NaN", n)
+            if queries is not None and qid not in queries:
+                raise InputError(path, f"unknown query id {qid!r} (not in queries.jsonl)", n)
+            if corpus is not None and docid not in corpus:
+                raise InputError(path, f"unknown document id {docid!r} (not in corpus.jsonl)", n)
+            if docid in run.setdefault(qid, {}):
+                raise InputError(path, f"duplicate candidate ({qid!r}, {docid!r})", n)
+            run[qid][docid] = value
+    return run
+
+
+def trec_order(docs: dict[str, float]) -> list[tuple[str, float]]:
+    """trec_eval's ranking of one query's run: score descending, ties by docid descending."""
+    return sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+
+
+def load_dataset(root: str) -> Dataset:
+    """Reads and checks one dataset directory (every file named in DATASET_FILES)."""
+    meta_path = os.path.join(root, "dataset.json")
+    if not os.path.isfile(meta_path):
+        raise InputError(meta_path, "missing: every dataset directory needs a dataset.json "
+                                    "({\"name\", \"task\", \"instruction\"})")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(meta_path, f"not valid JSON ({e.msg})", e.lineno) from None
+    if not isinstance(meta, dict):
+        raise InputError(meta_path, "expected a JSON object")
+    name = meta.get("name", os.path.basename(os.path.normpath(root)))
+    task = meta.get("task")
+    if task not in TASK_CATEGORIES:
+        raise InputError(meta_path, f"'task' must be one of {', '.join(TASK_CATEGORIES)}, got {task!r}")
+    instruction = meta.get("instruction")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise InputError(meta_path, f"'name' must be a plain directory-safe string, got {name!r}")
+    if instruction is not None and not isinstance(instruction, str):
+        raise InputError(meta_path, f"'instruction' must be a string, got {type(instruction).__name__}")
+    queries = _records(os.path.join(root, "queries.jsonl"))
+    corpus = _records(os.path.join(root, "corpus.jsonl"))
+    qrels = _read_qrels(os.path.join(root, "qrels.tsv"), queries, corpus)
+    run = read_trec_run(os.path.join(root, "candidates.trec"), queries, corpus)
+    return Dataset(root, name, task, instruction, queries, corpus, qrels, {q: trec_order(d) for q, d in run.items()})
+
+
+def find_datasets(path: str, names: list[str] | None = None) -> list[str]:
+    """Dataset directories under ``path``: itself if it holds a dataset.json, else its
+    subdirectories in name order. A subdirectory that holds dataset files but no dataset.json is an
+    error, as is a name in ``names`` that is not there."""
+    if not os.path.isdir(path):
+        raise InputError(path, "not a directory")
+    if os.path.isfile(os.path.join(path, "dataset.json")):
+        found = {os.path.basename(os.path.normpath(path)): path}
+    else:
+        found = {}
+        for entry in sorted(os.listdir(path)):
+            sub = os.path.join(path, entry)
+            if not os.path.isdir(sub):
+                continue
+            if os.path.isfile(os.path.join(sub, "dataset.json")):
+                found[entry] = sub
+            elif any(os.path.exists(os.path.join(sub, f)) for f in DATASET_FILES[1:]):
+                raise InputError(os.path.join(sub, "dataset.json"), "missing: this directory holds dataset files "
+                                                                    "but no dataset.json")
+        if not found:
+            raise InputError(path, "no dataset.json here or in any subdirectory: not a dataset or a suite")
+    if names:
+        unknown = [n for n in names if n not in found]
+        if unknown:
+            raise InputError(path, f"no dataset named {', '.join(unknown)} (have: {', '.join(found)})")
+        return [found[n] for n in names]
+    return list(found.values())
+
+
+class PathRefused(GmrError, ValueError):
+    """An image path that would leave its dataset directory."""
+
+
+def resolve_image(root: str, relative: str) -> str:
+    """The file an image path names, which must lie inside ``root``: absolute paths, ``..`` and
+    symlinks that lead out of the directory are refused (PathRefused). A missing file is not
+    checked here; reading it reports that."""
+    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or (len(relative) > 1 and relative[1] == ":"):
+        raise PathRefused(f"image path {relative!r} is absolute; paths must be relative to the dataset directory")
+    parts = relative.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise PathRefused(f"image path {relative!r} contains '..'; paths must stay inside the dataset directory")
+    base = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(base, relative))
+    if os.path.commonpath([base, target]) != base:
+        raise PathRefused(f"image path {relative!r} leads outside the dataset directory (symlink to {target!r})")
+    return target
