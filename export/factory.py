@@ -67,9 +67,12 @@ def tiny_config(family: str, hidden_size: int = 64, layers: int = 2, heads: int 
 
 
 def build_checkpoint(out_dir: os.PathLike, family: str = "qwen2_5_vl", seed: int = 0,
-                     gmr: GmrConfig | None = None, cache_dir: os.PathLike | None = None, **config_kwargs) -> pathlib.Path:
+                     gmr: GmrConfig | None = None, cache_dir: os.PathLike | None = None, init_std: float | None = 0.08,
+                     **config_kwargs) -> pathlib.Path:
     """Writes a random-weight GMR checkpoint (safetensors, tokenizer, preprocessor_config.json,
-    gmr.json) to out_dir and returns it."""
+    gmr.json) to out_dir and returns it. ``init_std`` widens the matrices' random init so that
+    untrained scores spread like a real model's (what parity tests want); ``None`` keeps
+    transformers' own initialisation (what training from scratch wants)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
@@ -78,10 +81,11 @@ def build_checkpoint(out_dir: os.PathLike, family: str = "qwen2_5_vl", seed: int
     torch.manual_seed(seed)
     model_cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
     model = model_cls(config).eval()
-    with torch.no_grad():  # random init is tiny-std; widen it so scores spread like a real model's
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, init_std)
     gmr = gmr or GmrConfig()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

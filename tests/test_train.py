@@ -1,0 +1,264 @@
+"""Training: objectives (the paper's gradient identities), LoRA/full setup, the checkpoint it
+writes (accepted by the exporter), resume, torchrun DDP equivalence, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from gmr_fast.gmr_config import GmrConfig  # noqa: E402
+from gmr_fast.prompt import Item  # noqa: E402
+from train.features import FeatureBuilder  # noqa: E402
+from train.loop import main as train_main  # noqa: E402
+from train.model import RerankHead, load_model, make_trainable  # noqa: E402
+from train.objectives import cl_loss, objective_loss, sft_loss, url_loss, url_weights  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_z(rng, groups=3, k=5):
+    zy = torch.tensor(rng.normal(0, 2, (groups, k)), dtype=torch.float64, requires_grad=True)
+    zn = torch.tensor(rng.normal(0, 2, (groups, k)), dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(groups, k, dtype=torch.bool)
+    mask[1, 3:] = False  # a group with fewer negatives
+    return zy, zn, mask
+
+
+def grads(loss, *xs):
+    return torch.autograd.grad(loss, xs, allow_unused=True, materialize_grads=True)
+
+
+def test_url_reproduces_sft_and_cl_gradients_on_logits(rng):
+    zy, zn, mask = random_z(rng)
+    for native, weight_dir in ((sft_loss(zy, zn, mask), "sft"), (cl_loss(zy, mask), "cl")):
+        url = url_loss(zy, zn, mask, weight_dir, weight_dir)
+        for a, b in zip(grads(native, zy, zn), grads(url, zy, zn)):
+            torch.testing.assert_close(a * mask, b, rtol=0, atol=1e-12)
+
+
+def test_url_gradient_is_weight_times_direction(rng):
+    """Any weight with any direction: d loss / d z = -(weight x direction), positive ascending,
+    negatives descending (direction sft moves z_yes - z_no, direction cl moves z_yes)."""
+    zy, zn, mask = random_z(rng)
+    sign = torch.ones_like(zy)
+    sign[:, 1:] = -1
+    groups = zy.shape[0]
+    for weight in ("sft", "cl", "base", "base_tau"):
+        w = url_weights(zy, zn, mask, weight, 0.2)
+        for direction in ("sft", "cl"):
+            gy, gn = grads(url_loss(zy, zn, mask, weight, direction, 0.2), zy, zn)
+            torch.testing.assert_close(gy, -w * sign / groups, rtol=0, atol=1e-12)
+            expected_n = w * sign / groups if direction == "sft" else torch.zeros_like(w)
+            torch.testing.assert_close(gn, expected_n, rtol=0, atol=1e-12)
+    # the weights themselves
+    p = torch.sigmoid(zy - zn).detach()
+    soft = torch.softmax(zy.detach().masked_fill(~mask, float("-inf")), 1)
+    torch.testing.assert_close(url_weights(zy, zn, mask, "sft", 0)[:, 0], 1 - p[:, 0])
+    torch.testing.assert_close(url_weights(zy, zn, mask, "cl", 0)[:, 1:], soft[:, 1:] * mask[:, 1:])
+    tau = url_weights(zy, zn, mask, "base_tau", 0.2)
+    assert torch.equal(tau[:, 0] == 1, p[:, 0] <= 0.8)
+    assert torch.equal(tau[:, 1:] == 1, (p[:, 1:] >= 0.2) & mask[:, 1:])
+
+
+@pytest.fixture(scope="module")
+def groups_and_images(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("train_data")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (56 + 14 * i, 70, 3), dtype=np.uint8)).save(root / f"im{i}.png")
+    groups = []
+    for g in range(16):
+        neg = [{"text": f"negative {g} {j} " + "word " * int(rng.integers(1, 12))} for j in range(int(rng.integers(1, 6)))]
+        if g % 3 == 0:
+            neg.append({"image": f"im{g % 6}.png"})
+        query = {"text": f"query number {g}", "image": f"im{(g + 1) % 6}.png"} if g % 4 == 1 else f"query number {g}"
+        groups.append({"instruction": "Find it.", "query": query, "positive": f"positive document {g}", "negatives": neg})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in groups))
+    return path
+
+
+def model_gradients(ckpt, data_path, objective, weight=None, direction=None, full=True):
+    from train.data import load_groups
+
+    torch.manual_seed(0)
+    model = load_model(str(ckpt), attn_implementation="eager")
+    trainable, hf = make_trainable(model, full=full, lora_r=4, lora_alpha=8, train_vision=False)
+    if not full:  # LoRA B starts at zero: give the adapters values so every gradient path is live
+        with torch.no_grad():
+            for n, p in trainable.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    features = FeatureBuilder(str(ckpt), GmrConfig.load(ckpt), 151643)
+    head = RerankHead(trainable, hf, features.prompts.yes_id, features.prompts.no_id)
+    groups = load_groups(str(data_path))[:4]
+    rows, sizes = [], []
+    for g in groups:
+        docs = [g.positive, *g.negatives]
+        rows += [(g.instruction, g.query, d) for d in docs]
+        sizes.append(len(docs))
+    z_yes, z_no = head(**features.build(rows, ["g"] * len(rows)))
+    width = max(sizes)
+    zy, zn = torch.zeros(len(sizes), width), torch.zeros(len(sizes), width)
+    mask = torch.zeros(len(sizes), width, dtype=torch.bool)
+    start = 0
+    for i, n in enumerate(sizes):
+        zy[i, :n], zn[i, :n], mask[i, :n] = z_yes[start:start + n], z_no[start:start + n], True
+        start += n
+    loss = objective_loss(objective, zy, zn, mask, weight, direction)
+    params = {n: p for n, p in head.named_parameters() if p.requires_grad}
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "lora"])
+def test_url_matches_native_gradients_on_a_tiny_model(tiny_checkpoints, groups_and_images, full):
+    """The paper's sanity check: grad URL(W_sft, D_sft) == grad SFT and grad URL(W_cl, D_cl) ==
+    grad CL, over every trainable parameter of a tiny Qwen2.5-VL (text and image documents)."""
+    ckpt = tiny_checkpoints["qwen2_5_vl"]
+    for native, same in (("sft", "sft"), ("cl", "cl")):
+        a = model_gradients(ckpt, groups_and_images, native, full=full)
+        b = model_gradients(ckpt, groups_and_images, "url", same, same, full=full)
+        assert a.keys() == b.keys() and len(a) > 4
+        nonzero = 0
+        for name in a:
+            if a[name] is None:
+                assert b[name] is None
+                continue
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{native} {name}: {m}")
+            nonzero += int(a[name].abs().sum() > 0)
+        assert nonzero > 4
+    # and the two objectives really differ
+    a = model_gradients(ckpt, groups_and_images, "sft", full=full)
+    b = model_gradients(ckpt, groups_and_images, "cl", full=full)
+    assert any(a[n] is not None and not torch.allclose(a[n], b[n]) for n in a)
+
+
+def test_lora_targets_only_the_language_model(tiny_checkpoints):
+    model = load_model(str(tiny_checkpoints["qwen2_5_vl"]))
+    trainable, _ = make_trainable(model, full=False, lora_r=4, lora_alpha=8, train_vision=False)
+    names = [n for n, p in trainable.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n and "language_model" in n for n in names)
+    assert {n.split(".lora_")[0].split(".")[-1] for n in names} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def run_train(*args):
+    return train_main([str(a) for a in args] + ["--quiet", "--threads", "1"])
+
+
+def load_weights(path):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_train_writes_an_exportable_checkpoint_and_resumes(tiny_checkpoints, groups_and_images, tmp_path):
+    ckpt = tiny_checkpoints["qwen2_5_vl"]
+    common = ["--base-model", ckpt, "--data", groups_and_images, "--objective", "url", "--url-weight", "base_tau",
+              "--url-direction", "cl", "--negatives", 3, "--batch-size", 2, "--grad-accum", 2, "--lr", 1e-3,
+              "--epochs", 1, "--log-every", 1]
+    assert run_train(*common, "--out", tmp_path / "a") == 0
+    out = tmp_path / "a"
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "examples_per_s"} <= set(m) for m in metrics)
+    gmr = json.load(open(out / "gmr.json"))
+    assert gmr["training"]["objective"] == "url" and gmr["training"]["url_weight"] == "base_tau"
+    assert gmr["training"]["mode"] == "lora" and gmr["training"]["lora_r"] == 16 and gmr["training"]["steps"] == 4
+    assert not (out / "train_state").exists()
+    weights, base = load_weights(out), load_weights(ckpt)
+    assert weights.keys() == base.keys()  # LoRA merged: a plain checkpoint
+    changed = [k for k in weights if not np.array_equal(weights[k], base[k])]
+    assert changed and not any("visual" in k for k in changed)
+
+    # the exporter takes it unchanged, and the engine scores as the trained torch model
+    from export.engine_export import ExportOptions, export_engine
+
+    manifest = export_engine(out, tmp_path / "engine", ExportOptions(validation_pairs=8))
+    assert manifest["parity"]["max_abs_diff"] <= 1e-4
+    from gmr_fast import Reranker
+
+    model = load_model(str(out), attn_implementation="eager")
+    features = FeatureBuilder(str(out), GmrConfig.load(out), 151643)
+    head = RerankHead(model, model, features.prompts.yes_id, features.prompts.no_id)
+    image = str(groups_and_images.parent / "im2.png")
+    rows = [("Find it.", Item("query number 3"), Item("positive document 3")),
+            ("Find it.", Item("query", image), Item("negative 1 0 word word"))]
+    with torch.no_grad():
+        zy, zn = head(**features.build(rows, ["a", "b"]))
+    served = Reranker(tmp_path / "engine").score([("query number 3", "positive document 3"),
+                                                  ({"text": "query", "image": image}, "negative 1 0 word word")],
+                                                 instruction="Find it.")
+    np.testing.assert_allclose(served, (zy - zn).numpy(), atol=1e-4)
+
+    # stopped after 2 steps then resumed == uninterrupted, bit for bit
+    assert run_train(*common, "--out", tmp_path / "b", "--max-steps", 2) == 0
+    assert (tmp_path / "b" / "train_state").exists() and not (tmp_path / "b" / "gmr.json").exists()
+    assert run_train(*common, "--out", tmp_path / "b") == 2  # needs --resume
+    assert run_train(*common, "--out", tmp_path / "b", "--resume", "--lr", 2e-3) == 2  # not the same run
+    assert run_train(*common, "--out", tmp_path / "b", "--resume") == 0
+    resumed = load_weights(tmp_path / "b")
+    for k in weights:
+        np.testing.assert_array_equal(resumed[k], weights[k], err_msg=k)
+    assert run_train(*common, "--out", tmp_path / "b") == 2  # finished: refuses to overwrite
+
+
+def test_torchrun_ddp_equals_gradient_accumulation(tiny_checkpoints, groups_and_images, tmp_path):
+    ckpt = tiny_checkpoints["qwen2_vl"]
+    common = ["--base-model", str(ckpt), "--data", str(groups_and_images), "--objective", "sft", "--full",
+              "--negatives", "3", "--batch-size", "2", "--lr", "1e-3", "--epochs", "1", "--quiet", "--threads", "1"]
+    assert train_main(common + ["--grad-accum", "2", "--out", str(tmp_path / "single")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                           "-m", "train", *common, "--grad-accum", "1", "--out", str(tmp_path / "ddp")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = load_weights(tmp_path / "single"), load_weights(tmp_path / "ddp")
+    assert json.load(open(tmp_path / "ddp" / "gmr.json"))["training"]["world_size"] == 2
+    base = load_weights(ckpt)
+    moved = 0
+    for k in single:
+        np.testing.assert_allclose(ddp[k], single[k], rtol=0, atol=2e-5, err_msg=k)
+        moved += int(not np.array_equal(single[k], base[k]))
+    assert moved > 10
+
+
+def test_bad_training_data(tiny_checkpoints, tmp_path, capsys, caplog):
+    ckpt = tiny_checkpoints["qwen2_vl"]
+    good = {"query": "q", "positive": "p", "negatives": ["n1", "n2"]}
+    lines = [json.dumps(good)] * 30 + ["{not json", json.dumps({"query": "q", "negatives": []})]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    args = ["--base-model", ckpt, "--data", data, "--batch-size", 4, "--negatives", 2, "--max-steps", 1,
+            "--lora-r", 2]
+    assert run_train(*args, "--out", tmp_path / "o1", "--max-bad-fraction", 0.1) == 0
+    assert "d.jsonl:31: malformed group skipped" in caplog.text and "d.jsonl:32" in caplog.text
+    assert "skipped 2 malformed group(s) of 32" in caplog.text
+    assert run_train(*args, "--out", tmp_path / "o2", "--max-bad-fraction", 0.01) == 2
+    assert "2 of 32 groups are malformed" in capsys.readouterr().err
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "positive": {"image": "nope.png"}}) + "\n")
+    assert run_train(*args, "--out", tmp_path / "o3") == 2
+    assert "d.jsonl:2: group's image" in capsys.readouterr().err
+
+
+def test_features_match_the_runtime_prompt(tiny_checkpoints):
+    """Training inputs are built by the runtime's renderer: same ids as the engine would see."""
+    from gmr_fast.prompt import PromptBuilder
+
+    ckpt = tiny_checkpoints["qwen2_vl"]
+    gmr = GmrConfig.load(ckpt)
+    fb = FeatureBuilder(str(ckpt), gmr, 151643)
+    pb = PromptBuilder(os.path.join(ckpt, "tokenizer.json"), gmr)
+    rows = [("Find.", Item("short"), Item("a much longer document " * 5)), ("Find.", Item("q"), Item("d"))]
+    batch = fb.build(rows, ["a", "b"])
+    for r, (ins, q, d) in enumerate(rows):
+        ids = pb.encode(ins, q, d).ids
+        assert batch["input_ids"][r, -len(ids):].tolist() == ids.tolist()
+        assert int(batch["attention_mask"][r].sum()) == len(ids)

@@ -1,0 +1,77 @@
+"""Model inputs for training, built by the runtime's own code: prompts by gmr_fast's
+PromptBuilder (the engine's renderer and tokenizer) and pixels by gmr_fast's C++ preprocessing,
+so what the model trains on is what the engine will be fed (train/serve parity by construction).
+Rows are left-padded, as the runtime pads."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+import torch
+
+from gmr_fast.gmr_config import GmrConfig
+from gmr_fast.preprocess import preprocess_images
+from gmr_fast.prompt import Item, PromptBuilder
+
+
+class FeatureBuilder:
+    def __init__(self, checkpoint: str, gmr: GmrConfig, pad_id: int, image_cache_size: int = 4096):
+        self.gmr = gmr
+        self.prompts = PromptBuilder(os.path.join(checkpoint, "tokenizer.json"), gmr)
+        self.pad_id = int(pad_id)
+        self._cache: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self.cache_size = image_cache_size
+
+    def _images(self, paths: list[str], where: dict[str, str]) -> None:
+        todo = [p for p in dict.fromkeys(paths) if p not in self._cache]
+        if todo:
+            batch = preprocess_images(todo, min_pixels=self.gmr.min_pixels, max_pixels=self.gmr.max_pixels,
+                                      on_error="collect")
+            if batch.errors:
+                i, e = next(iter(batch.errors.items()))
+                raise type(e)(e.index, e.cause, e.source, label=f"{where[todo[i]]} image") from None
+            counts = np.prod(batch.image_grid_thw, axis=1)
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            for k, p in enumerate(todo):
+                self._cache[p] = (batch.pixel_values[bounds[k]:bounds[k + 1]], batch.image_grid_thw[k])
+        for p in paths:
+            self._cache.move_to_end(p)
+        while len(self._cache) > max(self.cache_size, len(paths)):
+            self._cache.popitem(last=False)
+
+    def build(self, rows: list[tuple[str, Item, Item]], labels: list[str]) -> dict[str, torch.Tensor]:
+        """rows: (instruction, query, document); labels name each row's group in errors."""
+        paths, where = [], {}
+        for (_, q, d), label in zip(rows, labels):
+            for side in (q, d):
+                if side.has_image:
+                    paths.append(side.image)
+                    where.setdefault(side.image, label)
+        self._images(paths, where)
+        encoded, pixels, grids = [], [], []
+        for (instruction, q, d), label in zip(rows, labels):
+            tokens = []
+            for side in (q, d):
+                if side.has_image:
+                    px, grid = self._cache[side.image]
+                    pixels.append(px)
+                    grids.append(grid)
+                    tokens.append(int(grid[1] * grid[2]) // 4)
+            it = iter(tokens)
+            qn = next(it) if q.has_image else 0
+            dn = next(it) if d.has_image else 0
+            encoded.append(self.prompts.encode(instruction, q, d, qn, dn, where=label).ids)
+        width = max(len(e) for e in encoded)
+        ids = np.full((len(rows), width), self.pad_id, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for r, e in enumerate(encoded):
+            ids[r, width - len(e):] = e
+            mask[r, width - len(e):] = 1
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+               "mm_token_type_ids": torch.from_numpy((ids == self.prompts.image_pad_id).astype(np.int32))}
+        if pixels:
+            out["pixel_values"] = torch.from_numpy(np.concatenate(pixels))
+            out["image_grid_thw"] = torch.from_numpy(np.stack(grids).astype(np.int64))
+        return out

@@ -1,0 +1,321 @@
+"""``python -m train``: fine-tune a GMR checkpoint on groups (1 query, 1 positive, N negatives).
+
+    python -m train --base-model DIR --data train.jsonl --out CKPT [--objective sft|cl|url]
+        [--url-weight sft|cl|base|base_tau] [--url-direction sft|cl] [--tau 0.1] [--negatives 16]
+        [--lora-r 16 | --full] [--lr 1e-4] [--epochs 1] [--batch-size 4] [--grad-accum 1]
+        [--max-length 3200] [--bf16] [--gradient-checkpointing] [--seed 0] [--resume]
+
+Runs as one process or under ``torchrun`` (DDP; gloo on CPU, nccl on GPU). An optimizer step
+consumes ``batch_size x grad_accum x world_size`` groups of the epoch's seeded permutation;
+each micro-batch's loss is the mean over its groups, so N processes with accumulation A take
+the same steps as one process with accumulation N x A. Progress goes to stderr,
+``metrics.jsonl`` (step, loss, lr, examples/s) into --out, the training state into
+``--out/train_state`` every ``--save-every`` steps (``--resume`` continues from it), and the
+final GMR checkpoint (LoRA merged, gmr.json with provenance) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from gmr_fast.errors import GmrError
+from gmr_fast.gmr_config import GmrConfig
+
+from .data import TrainDataError, load_groups, sample_negatives
+from .features import FeatureBuilder
+from .model import RerankHead, load_model, make_trainable, save_checkpoint
+from .objectives import DIRECTIONS, WEIGHTS, objective_loss
+
+log = logging.getLogger("train")
+STATE_DIR = "train_state"
+# arguments that define the run: a resumed run must have the same ones
+RUN_KEYS = ("base_model", "data", "objective", "url_weight", "url_direction", "tau", "negatives", "lora_r", "lora_alpha",
+            "full", "train_vision", "lr", "weight_decay", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_length",
+            "bf16", "seed", "max_grad_norm")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-model", required=True, help="GMR / Qwen2(.5)-VL checkpoint directory")
+    p.add_argument("--data", required=True, help="training groups, JSONL")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--objective", default="sft", choices=["sft", "cl", "url"])
+    p.add_argument("--url-weight", default="sft", choices=WEIGHTS)
+    p.add_argument("--url-direction", default="sft", choices=DIRECTIONS)
+    p.add_argument("--tau", type=float, default=0.1, help="tau-mask threshold of --url-weight base_tau")
+    p.add_argument("--negatives", type=int, default=16, help="negatives per group (sampled when a group has more)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, help="default 2 x r")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--train-vision", action="store_true", help="also train the vision tower (frozen by default)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still spans --epochs)")
+    p.add_argument("--batch-size", type=int, default=4, help="groups per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, help="prompt length cap (default: the checkpoint's gmr.json)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=200, help="save the training state every N steps")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop if more of the groups are malformed")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--resume", action="store_true", help="continue from --out/train_state")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+
+        self.gmr = GmrConfig.load(args.base_model)
+        if args.max_length:
+            self.gmr.max_length = args.max_length
+        self.groups = load_groups(args.data, args.max_bad_fraction)
+        per_step = args.batch_size * args.grad_accum * self.world
+        self.steps_per_epoch = len(self.groups) // per_step
+        if self.steps_per_epoch == 0:
+            raise TrainDataError(f"{args.data}: {len(self.groups)} groups are fewer than one optimizer step "
+                                 f"({args.batch_size} x {args.grad_accum} x {self.world} processes)")
+        self.total_steps = max(1, math.ceil(args.epochs * self.steps_per_epoch))
+
+        model = load_model(args.base_model)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trainable, self.hf_model = make_trainable(model, full=args.full, lora_r=args.lora_r,
+                                                       lora_alpha=args.lora_alpha, train_vision=args.train_vision)
+        tok = self.hf_model.config
+        pad_id = getattr(tok, "pad_token_id", None) or getattr(getattr(tok, "text_config", None), "pad_token_id", None) \
+            or 151643
+        self.features = FeatureBuilder(args.base_model, self.gmr, pad_id)
+        head = RerankHead(self.trainable, self.hf_model, self.features.prompts.yes_id, self.features.prompts.no_id)
+        head.to(self.device)
+        self.head = head
+        if self.world > 1:
+            self.module = torch.nn.parallel.DistributedDataParallel(
+                head, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=args.train_vision)
+        else:
+            self.module = head
+        self.params = [p for p in head.parameters() if p.requires_grad]
+        self.named = {n: p for n, p in head.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        warmup = int(args.warmup_ratio * self.total_steps)
+
+        def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step = 0
+        self.fingerprint = {k: getattr(args, k) for k in RUN_KEYS}
+        self.fingerprint["world_size"] = self.world
+        self.fingerprint["data_sha256"] = _sha256(args.data)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.args.out, STATE_DIR)
+
+    def save_state(self) -> None:
+        if self.rank != 0:
+            return
+        os.makedirs(self.state_dir, exist_ok=True)
+        state = {"step": self.step, "fingerprint": self.fingerprint,
+                 "params": {n: p.detach().cpu() for n, p in self.named.items()},
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        tmp = os.path.join(self.state_dir, f"state.pt.tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(self.state_dir, "state.pt"))
+
+    def load_state(self) -> None:
+        path = os.path.join(self.state_dir, "state.pt")
+        if not os.path.exists(path):
+            raise GmrError(f"--resume: no training state in {self.state_dir}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        diff = [k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k]]
+        if diff:
+            raise GmrError(f"--resume: {self.state_dir} belongs to a run with different "
+                           + ", ".join(f"{k} ({state['fingerprint'].get(k)!r} then, {self.fingerprint[k]!r} now)" for k in diff))
+        with torch.no_grad():
+            for n, p in self.named.items():
+                p.copy_(state["params"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+    # ------------------------------------------------------------------ steps
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches (group indices) for optimizer step ``step``."""
+        a = self.args
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch)).tolist()
+        per_step = a.batch_size * a.grad_accum * self.world
+        chunk = perm[k * per_step:(k + 1) * per_step]
+        return [chunk[(m * self.world + self.rank) * a.batch_size:(m * self.world + self.rank + 1) * a.batch_size]
+                for m in range(a.grad_accum)]
+
+    def micro_loss(self, step: int, indices: list[int]) -> torch.Tensor:
+        a = self.args
+        epoch = step // self.steps_per_epoch
+        rows, labels, sizes = [], [], []
+        for g in indices:
+            group = self.groups[g]
+            docs = [group.positive, *sample_negatives(group, a.negatives, a.seed, epoch, g)]
+            instruction = group.instruction or self.gmr.default_instruction
+            rows += [(instruction, group.query, d) for d in docs]
+            labels += [f"{a.data}:{group.line}"] * len(docs)
+            sizes.append(len(docs))
+        inputs = {k: v.to(self.device) for k, v in self.features.build(rows, labels).items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            z_yes, z_no = self.module(**inputs)
+        width = max(sizes)
+        zy = torch.zeros(len(sizes), width, device=self.device)
+        zn = torch.zeros(len(sizes), width, device=self.device)
+        mask = torch.zeros(len(sizes), width, dtype=torch.bool, device=self.device)
+        start = 0
+        for i, n in enumerate(sizes):
+            zy[i, :n] = z_yes[start:start + n]
+            zn[i, :n] = z_no[start:start + n]
+            mask[i, :n] = True
+            start += n
+        return objective_loss(a.objective, zy, zn, mask, a.url_weight, a.url_direction, a.tau)
+
+    def train_step(self) -> float:
+        self.module.train()
+        micro = self.micro_batches(self.step)
+        total = 0.0
+        for m, indices in enumerate(micro):
+            last = m == len(micro) - 1
+            sync = self.module.no_sync() if (self.world > 1 and not last) else _nullcontext()
+            with sync:
+                loss = self.micro_loss(self.step, indices) / len(micro)
+                loss.backward()
+            total += float(loss.detach())
+        if self.args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.world > 1:
+            t = torch.tensor([total], device=self.device)
+            torch.distributed.all_reduce(t)
+            total = float(t) / self.world
+        return total
+
+    def run(self) -> None:
+        a = self.args
+        end = min(self.total_steps, a.max_steps) if a.max_steps else self.total_steps
+        metrics_path = os.path.join(a.out, "metrics.jsonl")
+        show = not a.quiet and self.rank == 0
+        start, start_step = time.perf_counter(), self.step
+        groups_per_step = a.batch_size * a.grad_accum * self.world
+        while self.step < end:
+            lr = self.scheduler.get_last_lr()[0]
+            loss = self.train_step()
+            rate = (self.step - start_step) * groups_per_step / max(time.perf_counter() - start, 1e-9)
+            if self.rank == 0 and (self.step % a.log_every == 0 or self.step == end):
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss,
+                                        "lr": lr, "examples_per_s": rate}) + "\n")
+            if show:
+                eta = (end - self.step) * groups_per_step / rate if rate else 0
+                print(f"\rtrain: step {self.step}/{end}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} groups/s  "
+                      f"ETA {int(eta) // 60}:{int(eta) % 60:02d}", end="", file=sys.stderr, flush=True)
+            if self.step % a.save_every == 0 and self.step < end:
+                self.save_state()
+        if show:
+            print(file=sys.stderr)
+        self.save_state()
+
+    def finish(self) -> None:
+        """Writes the GMR checkpoint (process 0) once every planned step has run."""
+        if self.rank != 0:
+            return
+        a = self.args
+        base_training = self.gmr.training
+        self.gmr.training = {
+            "objective": a.objective, "url_weight": a.url_weight if a.objective == "url" else None,
+            "url_direction": a.url_direction if a.objective == "url" else None,
+            "tau": a.tau if a.objective == "url" and a.url_weight == "base_tau" else None,
+            "negatives": a.negatives, "mode": "full" if a.full else "lora",
+            "lora_r": None if a.full else a.lora_r, "lora_alpha": None if a.full else (a.lora_alpha or 2 * a.lora_r),
+            "train_vision": a.train_vision, "lr": a.lr, "epochs": a.epochs, "steps": self.step,
+            "batch_size": a.batch_size, "grad_accum": a.grad_accum, "world_size": self.world, "bf16": a.bf16,
+            "seed": a.seed, "data": os.path.abspath(a.data), "data_sha256": self.fingerprint["data_sha256"],
+            "groups": len(self.groups), "base_model": os.path.abspath(a.base_model), "base_training": base_training,
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.trainable.eval()
+        save_checkpoint(self.trainable, self.hf_model, a.base_model, a.out, self.gmr)
+        shutil.rmtree(self.state_dir, ignore_errors=True)  # the run is complete; gmr.json marks it
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if os.path.exists(os.path.join(args.out, "gmr.json")):
+        print(f"train: error: {args.out} already holds a finished checkpoint; choose a new --out", file=sys.stderr)
+        return 2
+    if os.path.exists(os.path.join(args.out, STATE_DIR)) and not args.resume:
+        print(f"train: error: {args.out} holds an unfinished run; pass --resume to continue it", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        trainer = Trainer(args)
+        if args.resume:
+            trainer.load_state()
+        trainer.run()
+        if trainer.step >= trainer.total_steps:
+            trainer.finish()
+    except GmrError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0

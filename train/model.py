@@ -1,0 +1,80 @@
+"""The model side of training: load a GMR checkpoint, make it trainable (LoRA through peft, or
+full fine-tuning; vision tower frozen unless asked), score documents as (z_yes, z_no) at the
+last position, and write the result back as a GMR checkpoint that ``python -m export`` takes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from torch import nn
+
+from gmr_fast.gmr_config import GmrConfig
+
+# the language model's attention and MLP projections (not the vision tower's, which also has
+# gate/up/down projections in Qwen2.5-VL)
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+WEIGHT_FILES = (".safetensors", ".bin")
+WRITTEN_BY_SAVE = ("config.json", "generation_config.json", "model.safetensors.index.json", "gmr.json")
+
+
+def load_model(checkpoint: str, attn_implementation: str = "sdpa"):
+    from export.reference import load_model as load_reference_model
+
+    return load_reference_model(checkpoint, torch.float32, attn_implementation)
+
+
+def make_trainable(model, *, full: bool, lora_r: int, lora_alpha: int | None, train_vision: bool):
+    """Returns (model to train, the underlying HF model). Full: every language-model parameter
+    trains. LoRA: adapters on LORA_TARGETS, the rest frozen."""
+    visual = model.model.visual
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if not train_vision:
+            for p in visual.parameters():
+                p.requires_grad_(False)
+        return model, model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise SystemExit("LoRA training needs peft: pip install 'gmr_fast[train]'") from None
+    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                        bias="none")
+    peft_model = get_peft_model(model, config)
+    if train_vision:
+        for p in visual.parameters():
+            p.requires_grad_(True)
+    return peft_model, model
+
+
+class RerankHead(nn.Module):
+    """(z_yes, z_no) in fp32 for a batch of prompts: the final-norm hidden state of the last
+    position (rows are left-padded) dotted with the yes and no rows of the LM head, which is the
+    score the exported engine computes (z_yes - z_no)."""
+
+    def __init__(self, trainable: nn.Module, hf_model, yes_id: int, no_id: int):
+        super().__init__()
+        self.trainable = trainable  # registered so DDP/FSDP see every trainable parameter
+        self.hf_model = hf_model
+        self.register_buffer("ids", torch.tensor([yes_id, no_id]), persistent=False)
+
+    def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.hf_model.model(**inputs, use_cache=False)
+        h = out.last_hidden_state[:, -1].float()
+        w = self.hf_model.lm_head.weight[self.ids].float()
+        z = h @ w.T
+        return z[:, 0], z[:, 1]
+
+
+def save_checkpoint(trainable, hf_model, base: str, out: str, gmr: GmrConfig) -> None:
+    """Writes a GMR checkpoint: LoRA merged into the weights, the base's tokenizer and processor
+    files, and gmr.json (written last: its presence marks a complete checkpoint)."""
+    model = trainable.merge_and_unload() if hasattr(trainable, "merge_and_unload") else hf_model
+    model.save_pretrained(out, safe_serialization=True)
+    for name in os.listdir(base):
+        src = os.path.join(base, name)
+        if os.path.isfile(src) and not name.endswith(WEIGHT_FILES) and name not in WRITTEN_BY_SAVE:
+            shutil.copyfile(src, os.path.join(out, name))
+    gmr.save(out)
