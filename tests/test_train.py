@@ -3,6 +3,8 @@ writes (accepted by the exporter), resume, torchrun DDP equivalence, bad input."
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -215,11 +217,20 @@ def test_torchrun_ddp_equals_gradient_accumulation(tiny_checkpoints, groups_and_
     common = ["--base-model", str(ckpt), "--data", str(groups_and_images), "--objective", "sft", "--full",
               "--negatives", "3", "--batch-size", "2", "--lr", "1e-3", "--epochs", "1", "--quiet", "--threads", "1"]
     assert train_main(common + ["--grad-accum", "2", "--out", str(tmp_path / "single")]) == 0
+    with socket.socket() as s:  # a free port (torchrun's static rendezvous cannot take port 0)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-                           "-m", "train", *common, "--grad-accum", "1", "--out", str(tmp_path / "ddp")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                             "-m", "train", *common, "--grad-accum", "1", "--out", str(tmp_path / "ddp")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # never leave the workers behind
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
     single, ddp = load_weights(tmp_path / "single"), load_weights(tmp_path / "ddp")
     assert json.load(open(tmp_path / "ddp" / "gmr.json"))["training"]["world_size"] == 2
     base = load_weights(ckpt)

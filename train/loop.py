@@ -41,7 +41,7 @@ log = logging.getLogger("train")
 STATE_DIR = "train_state"
 # arguments that define the run: a resumed run must have the same ones
 RUN_KEYS = ("base_model", "data", "objective", "url_weight", "url_direction", "tau", "negatives", "lora_r", "lora_alpha",
-            "full", "train_vision", "lr", "weight_decay", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_length",
+            "full", "train_vision", "freeze_embeddings", "lr", "weight_decay", "warmup_ratio", "lr_schedule", "epochs", "batch_size", "grad_accum", "max_length",
             "bf16", "seed", "max_grad_norm")
 
 
@@ -60,9 +60,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=int, help="default 2 x r")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--train-vision", action="store_true", help="also train the vision tower (frozen by default)")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="with --full: keep the token embedding and LM head frozen (vocabulary-sized)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
+                   help="after warm-up: linear decay to 0, or constant")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still spans --epochs)")
@@ -117,7 +121,8 @@ class Trainer:
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable, self.hf_model = make_trainable(model, full=args.full, lora_r=args.lora_r,
-                                                       lora_alpha=args.lora_alpha, train_vision=args.train_vision)
+                                                       lora_alpha=args.lora_alpha, train_vision=args.train_vision,
+                                                       freeze_embeddings=args.freeze_embeddings)
         tok = self.hf_model.config
         pad_id = getattr(tok, "pad_token_id", None) or getattr(getattr(tok, "text_config", None), "pad_token_id", None) \
             or 151643
@@ -136,9 +141,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
         warmup = int(args.warmup_ratio * self.total_steps)
 
-        def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
+        def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0 (or constant)
             if step < warmup:
                 return (step + 1) / (warmup + 1)
+            if args.lr_schedule == "constant":
+                return 1.0
             return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -246,14 +253,18 @@ class Trainer:
         show = not a.quiet and self.rank == 0
         start, start_step = time.perf_counter(), self.step
         groups_per_step = a.batch_size * a.grad_accum * self.world
+        window: list[float] = []
         while self.step < end:
             lr = self.scheduler.get_last_lr()[0]
             loss = self.train_step()
+            window.append(loss)
             rate = (self.step - start_step) * groups_per_step / max(time.perf_counter() - start, 1e-9)
             if self.rank == 0 and (self.step % a.log_every == 0 or self.step == end):
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss,
-                                        "lr": lr, "examples_per_s": rate}) + "\n")
+                                        "loss_mean": sum(window) / len(window), "lr": lr,
+                                        "examples_per_s": rate}) + "\n")
+                window = []
             if show:
                 eta = (end - self.step) * groups_per_step / rate if rate else 0
                 print(f"\rtrain: step {self.step}/{end}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} groups/s  "
@@ -276,7 +287,7 @@ class Trainer:
             "tau": a.tau if a.objective == "url" and a.url_weight == "base_tau" else None,
             "negatives": a.negatives, "mode": "full" if a.full else "lora",
             "lora_r": None if a.full else a.lora_r, "lora_alpha": None if a.full else (a.lora_alpha or 2 * a.lora_r),
-            "train_vision": a.train_vision, "lr": a.lr, "epochs": a.epochs, "steps": self.step,
+            "train_vision": a.train_vision, "freeze_embeddings": a.freeze_embeddings, "lr": a.lr, "epochs": a.epochs, "steps": self.step,
             "batch_size": a.batch_size, "grad_accum": a.grad_accum, "world_size": self.world, "bf16": a.bf16,
             "seed": a.seed, "data": os.path.abspath(a.data), "data_sha256": self.fingerprint["data_sha256"],
             "groups": len(self.groups), "base_model": os.path.abspath(a.base_model), "base_training": base_training,

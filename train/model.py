@@ -25,9 +25,12 @@ def load_model(checkpoint: str, attn_implementation: str = "sdpa"):
     return load_reference_model(checkpoint, torch.float32, attn_implementation)
 
 
-def make_trainable(model, *, full: bool, lora_r: int, lora_alpha: int | None, train_vision: bool):
+def make_trainable(model, *, full: bool, lora_r: int, lora_alpha: int | None, train_vision: bool,
+                   freeze_embeddings: bool = False):
     """Returns (model to train, the underlying HF model). Full: every language-model parameter
-    trains. LoRA: adapters on LORA_TARGETS, the rest frozen."""
+    trains (``freeze_embeddings``: except the vocabulary-sized token embedding and LM head, of
+    which the score uses two rows; with a 152k vocabulary they dominate a small model's optimizer
+    step). LoRA: adapters on LORA_TARGETS, the rest frozen."""
     visual = model.model.visual
     if full:
         for p in model.parameters():
@@ -35,6 +38,9 @@ def make_trainable(model, *, full: bool, lora_r: int, lora_alpha: int | None, tr
         if not train_vision:
             for p in visual.parameters():
                 p.requires_grad_(False)
+        if freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+            model.lm_head.weight.requires_grad_(False)
         return model, model
     try:
         from peft import LoraConfig, get_peft_model

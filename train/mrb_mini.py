@@ -3,10 +3,10 @@
     python -m train.mrb_mini --out DIR [--seed 0] [--test-queries 40] [--train-groups 300]
 
 Images are drawn with Pillow: ``count`` shapes of one colour on a light background (colours x
-shapes x counts), captions say what is drawn ("two red circles"). Relevance is an exact match of
-colour, shape and count. Datasets: t2t (caption -> description), t2i (caption -> image), i2t
+shapes x counts), captions say what is drawn ("two red circles"). Relevance is graded: 2 when
+colour, shape and count match, 1 when colour and shape match. Datasets: t2t (caption -> description), t2i (caption -> image), i2t
 (image -> caption), it2it (image + caption -> image + caption). Each test query gets 20
-candidates (its relevant documents, hard negatives sharing two of the three attributes, random
+candidates (its 6 relevant documents, 6 hard negatives sharing the colour or the shape, random
 ones) with a deliberately noisy first-stage score, so the first stage's nDCG@10 is mediocre and
 a reranker that reads the content can beat it. ``DIR/train.jsonl`` holds training groups
 (query, positive, hard-first negatives) drawn from separate images and phrasings.
@@ -27,14 +27,12 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220), 
 SHAPES = ("circle", "square", "triangle")
 COUNTS = {1: "one", 2: "two", 3: "three"}
 ATTRS = list(itertools.product(COLOURS, SHAPES, COUNTS))
-TASKS = {"t2t": "Given a short caption, find the sentence that describes the same picture.",
-         "t2i": "Given a caption, find the image it describes.",
-         "i2t": "Given an image, find the caption that describes it.",
-         "it2it": "Given an image and its caption, find the captioned image showing the same thing."}
+TASKS = {"t2t": "Match the caption to the sentence.", "t2i": "Match the caption to the image.",
+         "i2t": "Match the image to the caption.", "it2it": "Match the captioned images."}
 CAPTION_FORMS = ("{n} {c} {s}", "{n} {c} {s} on a plain background", "a picture of {n} {c} {s}", "{n} {s}, all {c}")
 SENTENCE_FORMS = ("There are {n} {c} {s} in this picture.", "The image shows {n} {s}; each one is {c}.",
                   "You can see {n} {c} {s} here.", "A drawing of {n} {c} {s}.")
-SIZE = 112
+SIZE = 84
 CANDIDATES = 20
 
 
@@ -56,7 +54,7 @@ def draw(attr, rng: np.random.Generator) -> Image.Image:
     boxes = []
     for _ in range(count):
         for _attempt in range(50):  # non-overlapping placement
-            r = int(rng.integers(11, 17))
+            r = int(rng.integers(8, 13))
             x, y = (int(v) for v in rng.integers(r + 2, SIZE - r - 2, 2))
             if all(abs(x - bx) > r + br + 2 or abs(y - by) > r + br + 2 for bx, by, br in boxes):
                 break
@@ -96,6 +94,14 @@ def _sides(task: str) -> tuple[str, str]:
     return q, d
 
 
+def _related(attr) -> tuple[list, list]:
+    """(same colour and shape, other count) and (one of colour / shape differs) attribute triples."""
+    colour, shape, count = attr
+    partial = [(colour, shape, n) for n in COUNTS if n != count]
+    hard = [a for a in ATTRS if (a[0] == colour) != (a[1] == shape)]
+    return partial, hard
+
+
 def make_dataset(root: str, task: str, n_queries: int, rng: np.random.Generator) -> None:
     path = os.path.join(root, task)
     os.makedirs(os.path.join(path, "images"), exist_ok=True)
@@ -120,14 +126,19 @@ def make_dataset(root: str, task: str, n_queries: int, rng: np.random.Generator)
             image = f"images/{qid}.png"
             draw(attr, rng).save(os.path.join(path, image))
         queries.append({"id": qid, **_side(qside, attr, image, caption(attr, CAPTION_FORMS[int(rng.integers(len(CAPTION_FORMS)))]))})
-        relevant = by_attr[attr]
-        qrels += [(qid, d, 1) for d in relevant]
-        hard = list(dict.fromkeys(d for _ in range(12) for d in by_attr[_hard(attr, rng)]))[:8]
-        pool = [d["id"] for d in corpus if d["id"] not in relevant and d["id"] not in hard]
-        rand = [str(x) for x in rng.choice(pool, CANDIDATES - len(relevant) - len(hard), replace=False)]
-        # the first stage: relevance gives a small edge, hard negatives nearly as much, plus noise
-        scored = [(d, 0.6 + rng.normal(0, 1.0)) for d in relevant] + [(d, 0.4 + rng.normal(0, 1.0)) for d in hard] + \
-                 [(d, rng.normal(0, 1.0)) for d in rand]
+        # graded relevance: 2 = colour, shape and count match; 1 = colour and shape match
+        exact = by_attr[attr]
+        partial_attrs, hard_attrs = _related(attr)
+        partial = [d for a in partial_attrs for d in by_attr[a]]
+        qrels += [(qid, d, 2) for d in exact] + [(qid, d, 1) for d in partial]
+        hard_pool = [d for a in hard_attrs for d in by_attr[a]]
+        hard = [str(x) for x in rng.choice(hard_pool, 6, replace=False)]
+        taken = set(exact) | set(partial) | set(hard)
+        pool = [d["id"] for d in corpus if d["id"] not in taken]
+        rand = [str(x) for x in rng.choice(pool, CANDIDATES - len(taken), replace=False)]
+        # the first stage: a weak edge for relevance (and a smaller one for hard negatives), lots of noise
+        edge = {**{d: 0.6 for d in exact}, **{d: 0.4 for d in partial}, **{d: 0.25 for d in hard}}
+        scored = [(d, edge.get(d, 0.0) + rng.normal(0, 1.0)) for d in [*exact, *partial, *hard, *rand]]
         scored.sort(key=lambda x: -x[1])
         lines += [f"{qid} Q0 {d} {r} {s:.4f} first-stage\n" for r, (d, s) in enumerate(scored, 1)]
     with open(os.path.join(path, "dataset.json"), "w") as f:
