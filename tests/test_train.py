@@ -273,3 +273,13 @@ def test_features_match_the_runtime_prompt(tiny_checkpoints):
         ids = pb.encode(ins, q, d).ids
         assert batch["input_ids"][r, -len(ids):].tolist() == ids.tolist()
         assert int(batch["attention_mask"][r].sum()) == len(ids)
+
+
+def test_bf16_and_gradient_checkpointing_run(tiny_checkpoints, groups_and_images, tmp_path):
+    args = ["--base-model", tiny_checkpoints["qwen2_5_vl"], "--data", groups_and_images, "--negatives", 2,
+            "--batch-size", 2, "--max-steps", 1, "--bf16", "--gradient-checkpointing", "--lora-r", 2]
+    assert run_train(*args, "--out", tmp_path / "lora") == 0
+    assert run_train(*args, "--full", "--out", tmp_path / "full") == 0
+    for name in ("lora", "full"):
+        metrics = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        assert metrics[-1]["step"] == 1 and np.isfinite(metrics[-1]["loss"])

@@ -41,7 +41,7 @@ log = logging.getLogger("train")
 STATE_DIR = "train_state"
 # arguments that define the run: a resumed run must have the same ones
 RUN_KEYS = ("base_model", "data", "objective", "url_weight", "url_direction", "tau", "negatives", "lora_r", "lora_alpha",
-            "full", "train_vision", "freeze_embeddings", "lr", "weight_decay", "warmup_ratio", "lr_schedule", "epochs", "batch_size", "grad_accum", "max_length",
+            "full", "train_vision", "freeze_embeddings", "freeze_lm_head", "lr", "weight_decay", "warmup_ratio", "lr_schedule", "epochs", "batch_size", "grad_accum", "max_length",
             "bf16", "seed", "max_grad_norm")
 
 
@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-vision", action="store_true", help="also train the vision tower (frozen by default)")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="with --full: keep the token embedding and LM head frozen (vocabulary-sized)")
+    p.add_argument("--freeze-lm-head", action="store_true", help="with --full: keep the LM head frozen")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -122,7 +123,10 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable, self.hf_model = make_trainable(model, full=args.full, lora_r=args.lora_r,
                                                        lora_alpha=args.lora_alpha, train_vision=args.train_vision,
-                                                       freeze_embeddings=args.freeze_embeddings)
+                                                       freeze_embeddings=args.freeze_embeddings,
+                                                       freeze_lm_head=args.freeze_lm_head)
+        if args.gradient_checkpointing and not args.full:  # frozen embeddings: checkpointed blocks need grad inputs
+            self.hf_model.enable_input_require_grads()
         tok = self.hf_model.config
         pad_id = getattr(tok, "pad_token_id", None) or getattr(getattr(tok, "text_config", None), "pad_token_id", None) \
             or 151643
@@ -138,7 +142,7 @@ class Trainer:
             self.module = head
         self.params = [p for p in head.parameters() if p.requires_grad]
         self.named = {n: p for n, p in head.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay, foreach=True)
         warmup = int(args.warmup_ratio * self.total_steps)
 
         def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0 (or constant)
@@ -287,7 +291,8 @@ class Trainer:
             "tau": a.tau if a.objective == "url" and a.url_weight == "base_tau" else None,
             "negatives": a.negatives, "mode": "full" if a.full else "lora",
             "lora_r": None if a.full else a.lora_r, "lora_alpha": None if a.full else (a.lora_alpha or 2 * a.lora_r),
-            "train_vision": a.train_vision, "freeze_embeddings": a.freeze_embeddings, "lr": a.lr, "epochs": a.epochs, "steps": self.step,
+            "train_vision": a.train_vision, "freeze_embeddings": a.freeze_embeddings,
+            "freeze_lm_head": a.freeze_lm_head, "lr": a.lr, "epochs": a.epochs, "steps": self.step,
             "batch_size": a.batch_size, "grad_accum": a.grad_accum, "world_size": self.world, "bf16": a.bf16,
             "seed": a.seed, "data": os.path.abspath(a.data), "data_sha256": self.fingerprint["data_sha256"],
             "groups": len(self.groups), "base_model": os.path.abspath(a.base_model), "base_training": base_training,

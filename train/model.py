@@ -26,11 +26,12 @@ def load_model(checkpoint: str, attn_implementation: str = "sdpa"):
 
 
 def make_trainable(model, *, full: bool, lora_r: int, lora_alpha: int | None, train_vision: bool,
-                   freeze_embeddings: bool = False):
+                   freeze_embeddings: bool = False, freeze_lm_head: bool = False):
     """Returns (model to train, the underlying HF model). Full: every language-model parameter
-    trains (``freeze_embeddings``: except the vocabulary-sized token embedding and LM head, of
-    which the score uses two rows; with a 152k vocabulary they dominate a small model's optimizer
-    step). LoRA: adapters on LORA_TARGETS, the rest frozen."""
+    trains, except (``freeze_embeddings``) the vocabulary-sized token embedding and LM head or
+    (``freeze_lm_head``) the LM head alone, of which the score uses two rows: with a 152k
+    vocabulary they dominate a small model's optimizer step. LoRA: adapters on LORA_TARGETS,
+    the rest frozen."""
     visual = model.model.visual
     if full:
         for p in model.parameters():
@@ -40,6 +41,7 @@ def make_trainable(model, *, full: bool, lora_r: int, lora_alpha: int | None, tr
                 p.requires_grad_(False)
         if freeze_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
+        if freeze_embeddings or freeze_lm_head:
             model.lm_head.weight.requires_grad_(False)
         return model, model
     try:
