@@ -120,7 +120,10 @@ class Trainer:
 
         model = load_model(args.base_model)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable, self.hf_model = make_trainable(model, full=args.full, lora_r=args.lora_r,
                                                        lora_alpha=args.lora_alpha, train_vision=args.train_vision,
                                                        freeze_embeddings=args.freeze_embeddings,
