@@ -212,33 +212,47 @@ def test_train_writes_an_exportable_checkpoint_and_resumes(tiny_checkpoints, gro
     assert run_train(*common, "--out", tmp_path / "b") == 2  # finished: refuses to overwrite
 
 
-def test_torchrun_ddp_equals_gradient_accumulation(tiny_checkpoints, groups_and_images, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_equals_gradient_accumulation(parallel, tiny_checkpoints, groups_and_images, tmp_path):
+    """2 processes x accumulation 1 == 1 process x accumulation 2, replicated (DDP) or sharded (FSDP)."""
     ckpt = tiny_checkpoints["qwen2_vl"]
     common = ["--base-model", str(ckpt), "--data", str(groups_and_images), "--objective", "sft", "--full",
               "--negatives", "3", "--batch-size", "2", "--lr", "1e-3", "--epochs", "1", "--quiet", "--threads", "1"]
     assert train_main(common + ["--grad-accum", "2", "--out", str(tmp_path / "single")]) == 0
-    with socket.socket() as s:  # a free port (torchrun's static rendezvous cannot take port 0)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                             "-m", "train", *common, "--grad-accum", "1", "--out", str(tmp_path / "ddp")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:  # never leave the workers behind
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
+    extra = ["--fsdp"] if parallel == "fsdp" else []
+    torchrun(*common, "--grad-accum", "1", "--out", str(tmp_path / "ddp"), *extra)
     single, ddp = load_weights(tmp_path / "single"), load_weights(tmp_path / "ddp")
-    assert json.load(open(tmp_path / "ddp" / "gmr.json"))["training"]["world_size"] == 2
+    training = json.load(open(tmp_path / "ddp" / "gmr.json"))["training"]
+    assert training["world_size"] == 2 and training["parallel"] == parallel
     base = load_weights(ckpt)
     moved = 0
     for k in single:
         np.testing.assert_allclose(ddp[k], single[k], rtol=0, atol=2e-5, err_msg=k)
         moved += int(not np.array_equal(single[k], base[k]))
     assert moved > 10
+    if parallel == "fsdp":  # the sharded state saves and resumes too
+        torchrun(*common, "--grad-accum", "1", "--out", str(tmp_path / "part"), "--max-steps", "2", *extra)
+        assert (tmp_path / "part" / "train_state").exists() and not (tmp_path / "part" / "gmr.json").exists()
+        torchrun(*common, "--grad-accum", "1", "--out", str(tmp_path / "part"), "--resume", *extra)
+        resumed = load_weights(tmp_path / "part")
+        for k in ddp:
+            np.testing.assert_allclose(resumed[k], ddp[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def torchrun(*args):
+    with socket.socket() as s:  # a free port (torchrun's static rendezvous cannot take port 0)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                             "-m", "train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # never leave the workers behind
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
 
 
 def test_bad_training_data(tiny_checkpoints, tmp_path, capsys, caplog):

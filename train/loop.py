@@ -42,7 +42,7 @@ STATE_DIR = "train_state"
 # arguments that define the run: a resumed run must have the same ones
 RUN_KEYS = ("base_model", "data", "objective", "url_weight", "url_direction", "tau", "negatives", "lora_r", "lora_alpha",
             "full", "train_vision", "freeze_embeddings", "freeze_lm_head", "lr", "weight_decay", "warmup_ratio", "lr_schedule", "epochs", "batch_size", "grad_accum", "max_length",
-            "bf16", "seed", "max_grad_norm")
+            "bf16", "seed", "max_grad_norm", "fsdp")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="prompt length cap (default: the checkpoint's gmr.json)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2, one unit per "
+                        "decoder layer) instead of replicating them (DDP)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200, help="save the training state every N steps")
     p.add_argument("--log-every", type=int, default=10)
@@ -137,7 +140,18 @@ class Trainer:
         head = RerankHead(self.trainable, self.hf_model, self.features.prompts.yes_id, self.features.prompts.no_id)
         head.to(self.device)
         self.head = head
-        if self.world > 1:
+        if args.fsdp:
+            if self.world < 2:
+                raise GmrError("--fsdp shards over processes: run it under torchrun --nproc_per_node=N (N >= 2)")
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            for layer in self.hf_model.model.language_model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(head, mesh=mesh)
+            self.module = head
+        elif self.world > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(
                 head, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=args.train_vision)
@@ -166,13 +180,30 @@ class Trainer:
     def state_dir(self) -> str:
         return os.path.join(self.args.out, STATE_DIR)
 
+    def _full_params(self) -> dict:
+        """Every parameter of the head, whole, on process 0 (a collective under FSDP)."""
+        if not self.args.fsdp:
+            return {n: p.detach().cpu() for n, p in self.head.named_parameters()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.head, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def save_state(self) -> None:
+        if self.args.fsdp:  # every process takes part in gathering the shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            full = self._full_params()
+            optimizer = get_optimizer_state_dict(self.head, self.optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            params = {n: full[n] for n in self.named} if self.rank == 0 else {}
+        else:
+            params = {n: p.detach().cpu() for n, p in self.named.items()}
+            optimizer = self.optimizer.state_dict()
         if self.rank != 0:
             return
         os.makedirs(self.state_dir, exist_ok=True)
-        state = {"step": self.step, "fingerprint": self.fingerprint,
-                 "params": {n: p.detach().cpu() for n, p in self.named.items()},
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"step": self.step, "fingerprint": self.fingerprint, "params": params,
+                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
         tmp = os.path.join(self.state_dir, f"state.pt.tmp{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(self.state_dir, "state.pt"))
@@ -186,10 +217,18 @@ class Trainer:
         if diff:
             raise GmrError(f"--resume: {self.state_dir} belongs to a run with different "
                            + ", ".join(f"{k} ({state['fingerprint'].get(k)!r} then, {self.fingerprint[k]!r} now)" for k in diff))
-        with torch.no_grad():
-            for n, p in self.named.items():
-                p.copy_(state["params"][n])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.args.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.head, state["params"], options=options)
+            set_optimizer_state_dict(self.head, self.optimizer, state["optimizer"], options=options)
+        else:
+            with torch.no_grad():
+                for n, p in self.named.items():
+                    p.copy_(state["params"][n])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
 
@@ -236,7 +275,9 @@ class Trainer:
         total = 0.0
         for m, indices in enumerate(micro):
             last = m == len(micro) - 1
-            sync = self.module.no_sync() if (self.world > 1 and not last) else _nullcontext()
+            if self.args.fsdp:  # reduce-scatter gradients only after the last micro-batch
+                self.head.set_requires_gradient_sync(last)
+            sync = self.module.no_sync() if (self.world > 1 and not last and not self.args.fsdp) else _nullcontext()
             with sync:
                 loss = self.micro_loss(self.step, indices) / len(micro)
                 loss.backward()
@@ -284,6 +325,17 @@ class Trainer:
 
     def finish(self) -> None:
         """Writes the GMR checkpoint (process 0) once every planned step has run."""
+        trainable, hf_model = self.trainable, self.hf_model
+        if self.args.fsdp:  # gather the shards into an unsharded copy of the model on process 0
+            full = self._full_params()
+            if self.rank != 0:
+                return
+            a = self.args
+            trainable, hf_model = make_trainable(load_model(a.base_model), full=a.full, lora_r=a.lora_r,
+                                                 lora_alpha=a.lora_alpha, train_vision=a.train_vision,
+                                                 freeze_embeddings=a.freeze_embeddings, freeze_lm_head=a.freeze_lm_head)
+            copy = RerankHead(trainable, hf_model, self.features.prompts.yes_id, self.features.prompts.no_id)
+            copy.load_state_dict(full, strict=True)
         if self.rank != 0:
             return
         a = self.args
@@ -296,13 +348,14 @@ class Trainer:
             "lora_r": None if a.full else a.lora_r, "lora_alpha": None if a.full else (a.lora_alpha or 2 * a.lora_r),
             "train_vision": a.train_vision, "freeze_embeddings": a.freeze_embeddings,
             "freeze_lm_head": a.freeze_lm_head, "lr": a.lr, "epochs": a.epochs, "steps": self.step,
-            "batch_size": a.batch_size, "grad_accum": a.grad_accum, "world_size": self.world, "bf16": a.bf16,
+            "batch_size": a.batch_size, "grad_accum": a.grad_accum, "world_size": self.world,
+            "parallel": "fsdp" if a.fsdp else ("ddp" if self.world > 1 else "single"), "bf16": a.bf16,
             "seed": a.seed, "data": os.path.abspath(a.data), "data_sha256": self.fingerprint["data_sha256"],
             "groups": len(self.groups), "base_model": os.path.abspath(a.base_model), "base_training": base_training,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        self.trainable.eval()
-        save_checkpoint(self.trainable, self.hf_model, a.base_model, a.out, self.gmr)
+        trainable.eval()
+        save_checkpoint(trainable, hf_model, a.base_model, a.out, self.gmr)
         shutil.rmtree(self.state_dir, ignore_errors=True)  # the run is complete; gmr.json marks it
 
 
