@@ -63,23 +63,28 @@ class Dataset:
         return [q for q in self.queries if q in self.candidates]
 
 
-def read_jsonl(path: str):
-    """Yields (line number, object) for each non-blank line; a bad line is an InputError."""
+def _lines(path: str):
+    """Yields (line number, text) for each non-blank line of a UTF-8 text file."""
     try:
         f = open(path, encoding="utf-8")
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
     with f:
         for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise InputError(path, f"not valid JSON ({e.msg} at column {e.colno})", n) from None
-            if not isinstance(obj, dict):
-                raise InputError(path, f"expected a JSON object, got {type(obj).__name__}", n)
-            yield n, obj
+            if raw.strip():
+                yield n, raw
+
+
+def read_jsonl(path: str):
+    """Yields (line number, object) for each non-blank line; a bad line is an InputError."""
+    for n, raw in _lines(path):
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InputError(path, f"not valid JSON ({e.msg} at column {e.colno})", n) from None
+        if not isinstance(obj, dict):
+            raise InputError(path, f"expected a JSON object, got {type(obj).__name__}", n)
+        yield n, obj
 
 
 def _records(path: str) -> dict[str, Record]:
@@ -105,67 +110,53 @@ def _records(path: str) -> dict[str, Record]:
 
 def _read_qrels(path: str, queries: dict, corpus: dict) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
+    for n, raw in _lines(path):
+        parts = raw.rstrip("\r\n").split("\t") if "\t" in raw else raw.split()
+        if len(parts) == 4:  # TREC qrels: qid iter docid rel
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            raise InputError(path, f"expected query_id<TAB>doc_id<TAB>relevance, got {len(parts)} fields", n)
+        qid, docid, rel = (p.strip() for p in parts)
+        try:
+            value = int(rel)
+        except ValueError:
+            if n == 1 and not qrels:  # a header line
                 continue
-            parts = raw.rstrip("\r\n").split("\t") if "\t" in raw else raw.split()
-            if len(parts) == 4:  # TREC qrels: qid iter docid rel
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3:
-                raise InputError(path, f"expected query_id<TAB>doc_id<TAB>relevance, got {len(parts)} fields", n)
-            qid, docid, rel = (p.strip() for p in parts)
-            try:
-                value = int(rel)
-            except ValueError:
-                if n == 1 and not qrels:  # a header line
-                    continue
-                raise InputError(path, f"relevance must be an integer, got {rel!r}", n) from None
-            if value < 0:
-                raise InputError(path, f"relevance must be >= 0, got {value}", n)
-            if qid not in queries:
-                raise InputError(path, f"unknown query id {qid!r} (not in queries.jsonl)", n)
-            if docid not in corpus:
-                raise InputError(path, f"unknown document id {docid!r} (not in corpus.jsonl)", n)
-            if docid in qrels.setdefault(qid, {}):
-                raise InputError(path, f"duplicate judgement for ({qid!r}, {docid!r})", n)
-            qrels[qid][docid] = value
+            raise InputError(path, f"relevance must be an integer, got {rel!r}", n) from None
+        if value < 0:
+            raise InputError(path, f"relevance must be >= 0, got {value}", n)
+        if qid not in queries:
+            raise InputError(path, f"unknown query id {qid!r} (not in queries.jsonl)", n)
+        if docid not in corpus:
+            raise InputError(path, f"unknown document id {docid!r} (not in corpus.jsonl)", n)
+        if docid in qrels.setdefault(qid, {}):
+            raise InputError(path, f"duplicate judgement for ({qid!r}, {docid!r})", n)
+        qrels[qid][docid] = value
     return qrels
 
 
 def read_trec_run(path: str, queries: dict | None = None, corpus: dict | None = None) -> dict[str, dict[str, float]]:
     """A TREC run (``qid Q0 docid rank score tag``) as {qid: {docid: score}}."""
     run: dict[str, dict[str, float]] = {}
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            parts = raw.split()
-            if len(parts) != 6:
-                raise InputError(path, f"expected 'qid Q0 docid rank score tag', got {len(parts)} fields", n)
-            qid, _, docid, rank, score, _ = parts
-            try:
-                int(rank)
-                value = float(score)
-            except ValueError:
-                raise InputError(path, f"rank must be an integer and score a number, got {rank!r} {score!r}", n) from None
-            if value != value:
-                raise InputError(path, "score is NaN", n)
-            if queries is not None and qid not in queries:
-                raise InputError(path, f"unknown query id {qid!r} (not in queries.jsonl)", n)
-            if corpus is not None and docid not in corpus:
-                raise InputError(path, f"unknown document id {docid!r} (not in corpus.jsonl)", n)
-            if docid in run.setdefault(qid, {}):
-                raise InputError(path, f"duplicate candidate ({qid!r}, {docid!r})", n)
-            run[qid][docid] = value
+    for n, raw in _lines(path):
+        parts = raw.split()
+        if len(parts) != 6:
+            raise InputError(path, f"expected 'qid Q0 docid rank score tag', got {len(parts)} fields", n)
+        qid, _, docid, rank, score, _ = parts
+        try:
+            int(rank)
+            value = float(score)
+        except ValueError:
+            raise InputError(path, f"rank must be an integer and score a number, got {rank!r} {score!r}", n) from None
+        if value != value:
+            raise InputError(path, "score is NaN", n)
+        if queries is not None and qid not in queries:
+            raise InputError(path, f"unknown query id {qid!r} (not in queries.jsonl)", n)
+        if corpus is not None and docid not in corpus:
+            raise InputError(path, f"unknown document id {docid!r} (not in corpus.jsonl)", n)
+        if docid in run.setdefault(qid, {}):
+            raise InputError(path, f"duplicate candidate ({qid!r}, {docid!r})", n)
+        run[qid][docid] = value
     return run
 
 
