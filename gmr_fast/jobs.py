@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import GmrError
@@ -171,17 +171,6 @@ def run_tasks(reranker: Any, tasks: list[Task], bounds: list[tuple[int, int]], s
 
 class JobError(GmrError):
     """The job cannot go on (nothing could be scored, or its output directory does not match)."""
-
-
-@dataclass
-class JobFiles:
-    scores: Journal
-    errors: Journal
-    extra: dict = field(default_factory=dict)
-
-    def close(self) -> None:
-        self.scores.close()
-        self.errors.close()
 
 
 def write_atomic(path: str, text: str) -> None:

@@ -231,9 +231,7 @@ def run_suite(job: _Job) -> int:
 
 
 def _write_run_json(job: _Job, path: str, started: float, run_stats: dict) -> None:
-    total = Stats()
-    for s in run_stats.values():
-        total.scored += s["scored_this_session"]
+    scored = sum(s["scored_this_session"] for s in run_stats.values())
     seconds = sum(s["seconds"] for s in run_stats.values())
     tokens = sum(s["tokens_per_s"] * s["seconds"] for s in run_stats.values())
     history = []
@@ -241,8 +239,8 @@ def _write_run_json(job: _Job, path: str, started: float, run_stats: dict) -> No
         with open(path, encoding="utf-8") as f:
             history = json.load(f).get("sessions", [])
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "wall_seconds": time.time() - started,
-               "resumed": bool(job.args.resume), "pairs_scored": total.scored,
-               "pairs_per_s": total.scored / seconds if seconds else 0.0,
+               "resumed": bool(job.args.resume), "pairs_scored": scored,
+               "pairs_per_s": scored / seconds if seconds else 0.0,
                "tokens_per_s": tokens / seconds if seconds else 0.0, "datasets": run_stats}
     doc = {"engine": {"path": os.path.abspath(job.args.engine), "manifest_sha256": job.engine_sha},
            "arguments": {k: v for k, v in vars(job.args).items()}, "settings": job.settings,

@@ -17,6 +17,7 @@ final GMR checkpoint (LoRA merged, gmr.json with provenance) into --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -277,7 +278,7 @@ class Trainer:
             last = m == len(micro) - 1
             if self.args.fsdp:  # reduce-scatter gradients only after the last micro-batch
                 self.head.set_requires_gradient_sync(last)
-            sync = self.module.no_sync() if (self.world > 1 and not last and not self.args.fsdp) else _nullcontext()
+            sync = self.module.no_sync() if (self.world > 1 and not last and not self.args.fsdp) else contextlib.nullcontext()
             with sync:
                 loss = self.micro_loss(self.step, indices) / len(micro)
                 loss.backward()
@@ -357,14 +358,6 @@ class Trainer:
         trainable.eval()
         save_checkpoint(trainable, hf_model, a.base_model, a.out, self.gmr)
         shutil.rmtree(self.state_dir, ignore_errors=True)  # the run is complete; gmr.json marks it
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
