@@ -1,6 +1,6 @@
 // The only file that knows about Python: converts numpy buffers (and Pillow's zero-copy Arrow
 // export) to plain views, releases the GIL around every native call, and turns gmr::Error into
-// gmr_fast._core.CoreError.
+// gmr_fast.errors.CoreError (a GmrError, re-exported as gmr_fast._core.CoreError).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -114,12 +114,15 @@ py::array_t<int64_t> to_numpy(std::vector<int64_t>&& v, std::vector<py::ssize_t>
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "gmr_fast native core (private; use the gmr_fast package API)";
-    static py::exception<gmr::Error> core_error(m, "CoreError", PyExc_ValueError);
+    // The Python class lives in gmr_fast.errors so that it is a GmrError like every other error
+    // of the library; it is kept alive for the life of the process (never destroyed at exit).
+    static py::object* core_error = new py::object(py::module_::import("gmr_fast.errors").attr("CoreError"));
+    m.attr("CoreError") = *core_error;
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
         } catch (const gmr::Error& e) {
-            py::set_error(core_error, e.what());
+            PyErr_SetString(core_error->ptr(), e.what());
         }
     });
 
@@ -178,31 +181,55 @@ PYBIND11_MODULE(_core, m) {
     }, py::arg("image"), py::arg("height"), py::arg("width"), py::arg("vertical_first_rule"));
 
     m.def("schedule_batches", [](const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& lengths,
-                                 int64_t max_batch_tokens, int64_t max_batch_size, double min_fill) {
+                                 const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& context,
+                                 int64_t max_batch_tokens, int64_t max_batch_size, double min_fill,
+                                 double bytes_per_token, double bytes_per_score, double max_batch_bytes) {
         std::vector<int64_t> v(lengths.data(), lengths.data() + lengths.size());
+        std::vector<int64_t> c(context.data(), context.data() + context.size());
+        gmr::BatchLimits limits;
+        limits.max_batch_tokens = max_batch_tokens;
+        limits.max_batch_size = max_batch_size;
+        limits.min_fill = min_fill;
+        limits.bytes_per_token = bytes_per_token;
+        limits.bytes_per_score = bytes_per_score;
+        limits.max_batch_bytes = max_batch_bytes;
         std::vector<std::vector<int64_t>> batches;
         {
             py::gil_scoped_release release;
-            batches = gmr::schedule_batches(v, max_batch_tokens, max_batch_size, min_fill);
+            batches = gmr::schedule_batches(v, c, limits);
         }
         py::list out;
         for (auto& b : batches) out.append(to_numpy(std::move(b), {static_cast<py::ssize_t>(0)}));
         return out;
-    }, py::arg("lengths"), py::arg("max_batch_tokens"), py::arg("max_batch_size"), py::arg("min_fill"));
+    }, py::arg("lengths"), py::arg("context"), py::arg("max_batch_tokens"), py::arg("max_batch_size"),
+       py::arg("min_fill"), py::arg("bytes_per_token"), py::arg("bytes_per_score"), py::arg("max_batch_bytes"));
 
-    m.def("build_batch", [](const py::list& ids, const py::list& spans, int64_t width, int64_t pad_id,
+    m.def("batch_bytes", [](int64_t rows, int64_t width, int64_t context, double bytes_per_token, double bytes_per_score) {
+        gmr::BatchLimits limits;
+        limits.bytes_per_token = bytes_per_token;
+        limits.bytes_per_score = bytes_per_score;
+        return gmr::batch_bytes(rows, width, context, limits);
+    }, py::arg("rows"), py::arg("width"), py::arg("context"), py::arg("bytes_per_token"), py::arg("bytes_per_score"));
+
+    m.def("build_batch", [](const py::list& ids, const py::list& spans,
+                            const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& start_positions,
+                            int64_t width, int64_t pad_id, bool left_padding,
                             py::array_t<int64_t, py::array::c_style>& input_ids,
                             py::array_t<int64_t, py::array::c_style>& attention_mask,
-                            py::array_t<int64_t, py::array::c_style>& position_ids) {
+                            py::array_t<int64_t, py::array::c_style>& position_ids,
+                            py::array_t<int64_t, py::array::c_style>& next_position) {
         const auto rows = static_cast<py::ssize_t>(ids.size());
-        if (static_cast<py::ssize_t>(spans.size()) != rows) throw gmr::Error("ids and spans differ in length");
+        if (static_cast<py::ssize_t>(spans.size()) != rows || start_positions.size() != rows)
+            throw gmr::Error("ids, spans and start_positions differ in length");
         if (input_ids.ndim() != 2 || input_ids.shape(0) != rows || input_ids.shape(1) != width ||
             attention_mask.ndim() != 2 || attention_mask.shape(0) != rows || attention_mask.shape(1) != width ||
             position_ids.ndim() != 3 || position_ids.shape(0) != 3 || position_ids.shape(1) != rows ||
-            position_ids.shape(2) != width)
-            throw gmr::Error("output buffers must be [rows, width], [rows, width] and [3, rows, width]");
+            position_ids.shape(2) != width || next_position.ndim() != 1 || next_position.shape(0) != rows)
+            throw gmr::Error("output buffers must be [rows, width], [rows, width], [3, rows, width] and [rows]");
         std::vector<py::array_t<int64_t, py::array::c_style | py::array::forcecast>> keep;
+        keep.reserve(2 * static_cast<size_t>(rows));
         std::vector<gmr::PromptView> views(rows);
+        const int64_t* starts = start_positions.data();
         for (py::ssize_t r = 0; r < rows; ++r) {
             keep.emplace_back(ids[r]);
             views[r].ids = keep.back().data();
@@ -212,14 +239,17 @@ PYBIND11_MODULE(_core, m) {
             if (sp.size() % 4 != 0) throw gmr::Error("spans must be [n_images, 4]");
             views[r].spans = sp.data();
             views[r].n_images = sp.size() / 4;
+            views[r].start_position = starts[r];
         }
         int64_t* a = input_ids.mutable_data();
         int64_t* b = attention_mask.mutable_data();
         int64_t* c = position_ids.mutable_data();
+        int64_t* d = next_position.mutable_data();
         py::gil_scoped_release release;
-        gmr::build_batch(views, width, pad_id, a, b, c);
-    }, py::arg("ids"), py::arg("spans"), py::arg("width"), py::arg("pad_id"), py::arg("input_ids"),
-       py::arg("attention_mask"), py::arg("position_ids"));
+        gmr::build_batch(views, width, pad_id, left_padding, a, b, c, d);
+    }, py::arg("ids"), py::arg("spans"), py::arg("start_positions"), py::arg("width"), py::arg("pad_id"),
+       py::arg("left_padding"), py::arg("input_ids"), py::arg("attention_mask"), py::arg("position_ids"),
+       py::arg("next_position"));
 
     m.def("vision_indices", [](const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& grid_thw,
                                int64_t merge_size, int64_t window_size, int64_t patch_size) {

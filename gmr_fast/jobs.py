@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import GmrError
+from .progress import Progress  # noqa: F401  (re-exported for the score CLI)
 from .prompt import Item
 from .suite import InputError
 
@@ -92,28 +93,6 @@ class Stats:
                 "pairs_per_s": self.scored / self.seconds if self.seconds else 0.0,
                 "tokens_per_s": self.real_tokens / self.seconds if self.seconds else 0.0,
                 "padding_efficiency": self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0}
-
-
-class Progress:
-    """pairs done, pairs/s and ETA on one stderr line; silent unless enabled."""
-
-    def __init__(self, total: int, enabled: bool, label: str = ""):
-        self.total, self.enabled, self.label = total, enabled, label
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.2 or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            print(f"\r{self.label}{self.done}/{self.total} pairs  {rate:.1f} pairs/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}",
-                  end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            print(file=sys.stderr, flush=True)
 
 
 def chunk_bounds(group_sizes: Iterable[int], chunk_pairs: int) -> list[tuple[int, int]]:

@@ -21,6 +21,7 @@ from PIL import Image
 from . import _core
 from .errors import ImageError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, DecodedImage, ImageInput, decode_image
+from .manifest import PreprocessSpec
 
 # HuggingFace Qwen2VLImageProcessor class defaults (released GMR checkpoints override them).
 DEFAULT_MIN_PIXELS = 56 * 56
@@ -31,6 +32,12 @@ TEMPORAL_PATCH_SIZE = 2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESCALE_FACTOR = 1 / 255
+
+
+def default_spec(min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreprocessSpec:
+    """Qwen2-VL's processor defaults (what HF's Qwen2VLImageProcessor does unless configured)."""
+    return PreprocessSpec(PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE, CLIP_MEAN, CLIP_STD, RESCALE_FACTOR,
+                          int(min_pixels), int(max_pixels), None)
 
 
 @dataclass
@@ -100,6 +107,24 @@ def pillow_vertical_first() -> bool:
     )
 
 
+def patchify(decoded: Sequence[DecodedImage], sizes: np.ndarray, spec: PreprocessSpec,
+             num_threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize, rescale, normalise and patchify decoded images in the native core, straight into
+    one buffer: ``(pixel_values float32 [N, patch_dim], image_grid_thw int64 [n, 3])``. The one
+    place every caller (``preprocess_images``, the Reranker, training) turns pixels into patches."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    grid = np.empty((len(sizes), 3), dtype=np.int64)
+    grid[:, 0] = 1
+    grid[:, 1:] = sizes // spec.patch_size
+    rows = int(np.prod(grid, axis=1).sum()) if len(sizes) else 0
+    pixel_values = np.empty((rows, spec.patch_dim), dtype=np.float32)
+    if len(sizes):
+        _core.preprocess_into([d.pixels for d in decoded], sizes, pixel_values, spec.rescale_factor, spec.image_mean,
+                              spec.image_std, spec.patch_size, spec.merge_size, spec.temporal_patch_size,
+                              pillow_vertical_first(), num_threads)
+    return pixel_values, grid
+
+
 def hardware_threads() -> int:
     """Threads used when num_threads is None: the machine's hardware threads."""
     return _core.hardware_threads()
@@ -166,15 +191,5 @@ def preprocess_images(
     errors = {i: p for i, p in enumerate(prepared) if isinstance(p, ImageError)}
     good = [i for i, p in enumerate(prepared) if not isinstance(p, ImageError)]
     sizes = np.array([prepared[i][1] for i in good], dtype=np.int64).reshape(-1, 2)
-    grid = np.empty((len(good), 3), dtype=np.int64)
-    grid[:, 0] = 1
-    grid[:, 1:] = sizes // PATCH_SIZE
-    rows = int(np.prod(grid, axis=1).sum()) if len(good) else 0
-    dim = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE
-    pixel_values = np.empty((rows, dim), dtype=np.float32)
-    if good:
-        _core.preprocess_into(
-            [prepared[i][0].pixels for i in good], sizes, pixel_values, RESCALE_FACTOR, CLIP_MEAN, CLIP_STD,
-            PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE, pillow_vertical_first(), threads,
-        )
+    pixel_values, grid = patchify([prepared[i][0] for i in good], sizes, default_spec(min_pixels, max_pixels), threads)
     return ImageBatch(pixel_values, grid, np.array(good, dtype=np.int64), errors)

@@ -16,16 +16,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import GmrError
+from .errors import PromptError
 from .gmr_config import GmrConfig
 
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
-
-
-class PromptError(GmrError, ValueError):
-    """A pair cannot be turned into a prompt (bad shape, or too long even without document text)."""
 
 
 @dataclass
@@ -64,7 +60,7 @@ def as_item(value: Any, where: str) -> Item:
 
 @dataclass
 class EncodedPrompt:
-    ids: np.ndarray  # int64 [L]: the full prompt, image pads expanded
+    ids: np.ndarray  # int64 [L]: the full prompt (or the part before the document), image pads expanded
     truncated: bool  # the document text was shortened to fit max_length
     image_spans: list[tuple[int, int]]  # [start, end) of each image's pad run, query image first
 
@@ -72,7 +68,9 @@ class EncodedPrompt:
 class PromptBuilder:
     """Renders and tokenises GMR prompts for one tokenizer and gmr.json."""
 
-    def __init__(self, tokenizer_json: str | os.PathLike, config: GmrConfig):
+    def __init__(self, tokenizer_json: str | os.PathLike, config: GmrConfig, tokens=None):
+        """``tokens`` (an engine manifest's ``TokenIds``) are checked against the tokenizer: the
+        graphs were built for those ids."""
         from tokenizers import Tokenizer
 
         text = str(tokenizer_json)
@@ -86,6 +84,14 @@ class PromptBuilder:
         self.vision_end_id = self._single_id(VISION_END)
         self.yes_id = self._single_id(config.yes_token, "yes_token")
         self.no_id = self._single_id(config.no_token, "no_token")
+        if tokens is not None:
+            mine = {"yes": self.yes_id, "no": self.no_id, "image_pad": self.image_pad_id}
+            theirs = {k: getattr(tokens, k) for k in mine}
+            if mine != theirs:
+                raise PromptError(f"the tokenizer gives token ids {mine} but the engine was built for {theirs}; "
+                                  "re-export the engine")
+        head, _, _ = config.prompt_template.partition("{document}")
+        self._prefix_template = head
 
     def _single_id(self, token: str, what: str | None = None) -> int:
         ids = self.tokenizer.encode(token, add_special_tokens=False).ids
@@ -104,6 +110,26 @@ class PromptBuilder:
                 .replace("{instruction}", instruction)
                 .replace("{query}", self._side(query))
                 .replace("{document}", self._side(document)))
+
+    def render_prefix(self, instruction: str, query: Item) -> str:
+        """The part of the prompt before the document slot: what every document of one
+        (instruction, query) shares."""
+        return (self._prefix_template
+                .replace("{system}", self.config.system_prompt)
+                .replace("{instruction}", instruction)
+                .replace("{query}", self._side(query)))
+
+    @property
+    def prefix_has_query(self) -> bool:
+        return "{query}" in self._prefix_template
+
+    def encode_prefix(self, instruction: str, query: Item, query_image_tokens: int = 0) -> EncodedPrompt:
+        """Token ids of the prompt before the document slot. A whole prompt starts with these ids
+        unless its document's first characters merge with the prefix's last ones into one token
+        (byte-level BPE): callers compare before reusing a prefix."""
+        image_tokens = [query_image_tokens] if query.has_image and "{query}" in self._prefix_template else []
+        ids, spans = self._encode_expanded(self.render_prefix(instruction, query), image_tokens)
+        return EncodedPrompt(np.asarray(ids, np.int64), False, spans)
 
     def _encode_expanded(self, text: str, image_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -4,20 +4,28 @@
     reranker.score([("a query", "a document"), ({"text": "q", "image": "cat.jpg"}, "doc")])
     reranker.rank("a query", ["doc one", {"image": "chart.png"}], top_k=5)
 
-A call: sides are normalised (errors name the pair); each distinct image is decoded once
-(content hash) and its grid fixes its token count, so every prompt's length is known before
-any pixel work; the C++ scheduler sorts pairs by length and packs token-budget batches; while
-onnxruntime runs one batch, a worker thread prepares the next (pixels, vision indices, padded
-ids and M-RoPE positions built in C++). Scores come back in input order.
+A call, stage by stage: sides are normalised (errors name the pair); each distinct image is
+decoded once (content hash) and its grid fixes its token count, so every prompt's length is known
+before any pixel work; prompts are tokenised whole, and a pair whose query is shared with other
+pairs is split into the shared *prefix* (system prompt, instruction, query with its image) and its
+own *suffix* (document and closing turn) when the two tokenisations agree at the boundary;
+``schedule.plan`` orders prefix, suffix and whole-prompt batches under token and memory budgets;
+while the backend runs one batch, a worker thread builds the next (ids, M-RoPE positions and
+image embeddings). Prefixes run once and their keys/values serve all their suffixes. Scores come
+back in input order. The engine's manifest says everything about the model; the precision and
+backend are chosen for the processor at hand unless given.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
+import logging
 import math
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,16 +33,63 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from . import _core
+from . import hardware
 from .backends import create_backend
-from .engine import load_manifest
-from .errors import ImageError
-from .gmr_config import GmrConfig
+from .errors import BackendError, ConfigError, ImageError, PromptError
+from .families import get_family
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
-from .preprocess import (CLIP_MEAN, CLIP_STD, MERGE_SIZE, PATCH_SIZE, RESCALE_FACTOR, TEMPORAL_PATCH_SIZE,
-                         hardware_threads, pillow_vertical_first, smart_resize)
-from .prompt import EncodedPrompt, Item, PromptBuilder, PromptError, as_item
-from .vision_layout import vision_graph_inputs
+from .manifest import PRECISIONS, load_manifest
+from .options import check_choice, check_positive, option, parse_key_values
+from .preprocess import hardware_threads, patchify, smart_resize
+from .progress import Progress
+from .prompt import EncodedPrompt, Item, PromptBuilder, as_item
+from .schedule import Limits, Schedule, Sequence as TokenSequence, VisionBatch, build_decoder_batch, plan as plan_steps
+
+log = logging.getLogger("gmr_fast")
+MiB = 1 << 20
+
+
+@dataclass
+class RerankerOptions:
+    """Every setting of a Reranker; the CLIs derive their flags from these fields."""
+
+    precision: str = option("auto", "auto (the fastest validated precision for this processor), fp32, int8 or bf16",
+                            determinism=True, choices=("auto",) + PRECISIONS)
+    backend: str | None = option(None, "onnxruntime or torch (default: what the precision runs on)", determinism=True,
+                                 choices=("onnxruntime", "torch"))
+    device: str = option("cpu", "cpu, or cuda[:N] for the torch backend", determinism=True)
+    max_batch_tokens: int = option(8192, "padded tokens per decoder batch", determinism=True)
+    max_batch_size: int = option(32, "pairs per decoder batch", determinism=True)
+    min_fill: float = option(0.8, "length buckets: a pair joins a batch only if >= min_fill x its longest",
+                             determinism=True)
+    activation_budget_mb: int = option(2048, "activation memory one batch may take (MiB), attention and vision "
+                                             "included; batches are planned against it", determinism=True)
+    kv_budget_mb: int = option(512, "memory for the keys/values of shared prefixes kept at once (MiB)", determinism=True)
+    share_prefix: bool = option(True, "compute each query's prompt prefix once for all its documents", determinism=True)
+    padding_side: str = option("left", "where batches are padded", determinism=True, choices=("left", "right"))
+    num_threads: int | None = option(None, "threads for preprocessing and the backend (default: all cores)",
+                                     determinism=True, aliases=("--threads",))
+    instruction: str | None = option(None, "default instruction (default: the engine's)", determinism=True)
+    max_length: int | None = option(None, "longest prompt in tokens; longer documents are truncated (default: "
+                                          "the engine's)", determinism=True)
+    image_cache_size: int = option(0, "image embeddings kept across calls (LRU, 0 = off)")
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "larger images are refused before decoding")
+    providers: list | None = option(None, "onnxruntime execution providers", flag=False)
+    backend_options: dict = option({}, "backend-specific KEY=VALUE (repeatable), e.g. arena=true", determinism=True)
+
+    def validate(self) -> None:
+        check_choice("precision", self.precision, ("auto",) + PRECISIONS)
+        if self.backend is not None:
+            check_choice("backend", self.backend, ("onnxruntime", "torch"))
+        check_choice("padding_side", self.padding_side, ("left", "right"))
+        for name in ("max_batch_tokens", "max_batch_size", "activation_budget_mb", "kv_budget_mb", "max_image_pixels"):
+            check_positive(name, getattr(self, name))
+        check_positive("num_threads", self.num_threads)
+        check_positive("max_length", self.max_length)
+        check_positive("image_cache_size", self.image_cache_size, allow_zero=True)
+        if not 0.0 <= self.min_fill <= 1.0:
+            raise ConfigError(f"min_fill must be in [0, 1]; got {self.min_fill}")
+        self.backend_options = parse_key_values(self.backend_options)
 
 
 @dataclass
@@ -77,16 +132,26 @@ def _content_key(image: Any) -> tuple[tuple, Any]:
 
 
 @dataclass
+class _Image:
+    decoded: Any  # DecodedImage
+    size: tuple[int, int]  # resized (h, w)
+
+
+@dataclass
 class ScorePlan:
-    """Reranker.plan's result: per pair (input order) its prompt or None, its images' content
-    keys, and for failed pairs the error; the batches as arrays of pair indices, in run order."""
+    """Reranker.plan's result: everything known before any pixel work. Deterministic: the same
+    pairs and settings give the same steps, which is what lets a batch job recompute exactly the
+    batch it lost (``run(plan, skip=...)``)."""
 
     size: int
-    prompts: list  # [EncodedPrompt | None] per pair
-    keys_per_pair: list  # [[content key, ...]] per pair, query image first
-    images: dict  # content key -> _Image | ImageError
+    prompts: list  # [EncodedPrompt | None] per pair: the whole prompt (truncation applied)
     errors: dict  # pair index -> ImageError | PromptError
-    batches: list  # [int64[rows]]
+    images: dict  # content key -> _Image | ImageError
+    whole: dict  # pair -> TokenSequence (pairs scored on their whole prompt)
+    suffixes: dict  # pair -> (prefix index, TokenSequence)
+    prefixes: list  # [(TokenSequence, next position)]
+    schedule: Schedule
+    boundary_fallbacks: int  # pairs whose document merged with the prefix's last token
 
     @property
     def truncated(self) -> np.ndarray:
@@ -94,56 +159,124 @@ class ScorePlan:
 
     @property
     def real_tokens(self) -> int:
+        """Tokens of the whole prompts (what scoring pair by pair would run)."""
         return int(sum(len(p.ids) for p in self.prompts if p is not None))
 
-
-@dataclass
-class _Image:
-    decoded: Any  # DecodedImage
-    size: tuple[int, int]  # resized (h, w)
+    @property
+    def decoder_tokens(self) -> int:
+        """Tokens the decoder actually runs: each used prefix once, suffixes, whole prompts."""
+        used = {k for k, _ in self.suffixes.values()}
+        return (sum(len(s) for s in self.whole.values()) + sum(len(s) for _, s in self.suffixes.values())
+                + sum(len(self.prefixes[k][0]) for k in used))
 
     @property
-    def tokens(self) -> int:
-        return (self.size[0] // PATCH_SIZE) * (self.size[1] // PATCH_SIZE) // (MERGE_SIZE * MERGE_SIZE)
+    def batches(self) -> list[np.ndarray]:
+        """Pair indices of each scoring step, in run order."""
+        return [s.rows for s in self.schedule.steps if s.kind != "prefix"]
+
+
+def choose_precision(manifest, precision: str, backend: str | None, device: str) -> tuple[str, str, str]:
+    """(precision, backend, reason). ``auto`` picks, among the engine's validated variants, the
+    fastest for this processor (measured rules, see README "Precision"): on CUDA bf16 (torch);
+    on CPUs int8 whenever onnxruntime has an int8 GEMM for them (AMX, AVX512-VNNI, AVX-VNNI or
+    AVX2: 2.9x torch's bf16 GEMM on an AMX Xeon, well above fp32 everywhere), else bf16 where
+    oneDNN has bf16 kernels, else fp32."""
+    have = manifest.precisions
+    if precision != "auto":
+        manifest.variant(precision)  # raises if absent
+        chosen, why = precision, "requested"
+    elif device.startswith("cuda"):
+        if "bf16" not in have:
+            raise BackendError("device cuda runs the bf16 variant, which this engine lacks; re-export with --dtype bf16")
+        chosen, why = "bf16", "CUDA device"
+    elif "int8" in have and hardware.int8_kernel():
+        chosen, why = "int8", f"onnxruntime int8 GEMMs use {hardware.int8_kernel()} on this CPU"
+    elif "bf16" in have and hardware.bf16_kernel() and _torch_available():
+        chosen, why = "bf16", f"torch bf16 GEMMs use {hardware.bf16_kernel()} on this CPU"
+    elif "fp32" in have:
+        chosen, why = "fp32", "no faster validated variant for this CPU"
+    else:
+        chosen, why = have[0], "the engine's only variant"
+    variant = manifest.variant(chosen)
+    run_on = backend or variant.backend
+    if chosen == "int8" and run_on != "onnxruntime":
+        raise BackendError("int8 engines run on the onnxruntime backend")
+    if chosen == "bf16" and run_on != "torch":
+        raise BackendError("bf16 runs on the torch backend (onnxruntime has no bf16 GEMM on CPU)")
+    return chosen, run_on, why
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 class Reranker:
-    def __init__(self, engine_dir: str | os.PathLike, *, backend: str = "onnxruntime", providers: Sequence[str] | None = None,
-                 max_batch_tokens: int = 8192, max_batch_size: int = 32, min_fill: float = 0.8,
-                 num_threads: int | None = None,
-                 instruction: str | None = None, max_length: int | None = None, image_cache_size: int = 0,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, backend_options: dict | None = None):
+    def __init__(self, engine_dir: str | os.PathLike, options: RerankerOptions | None = None, **overrides):
+        """``options`` and/or keyword overrides of its fields (``Reranker(engine, precision="fp32")``)."""
+        options = dataclasses.replace(options or RerankerOptions(), **overrides) if overrides else (options or RerankerOptions())
+        options.validate()
+        self.options = options
         self.engine_dir = os.fspath(engine_dir)
         self.manifest = load_manifest(engine_dir)
-        self.gmr = GmrConfig.from_dict(self.manifest["gmr"], f"{engine_dir}/manifest.json")
-        if max_length is not None:  # prompts longer than this have their document text truncated
-            self.gmr.max_length = int(max_length)
-        self.prompts = PromptBuilder(os.path.join(self.engine_dir, "tokenizer.json"), self.gmr)
-        self.instruction = instruction or self.gmr.default_instruction
-        self.max_batch_tokens = int(max_batch_tokens)
-        self.max_batch_size = int(max_batch_size)
-        self.min_fill = float(min_fill)  # a pair joins a batch only if >= min_fill x its longest
-        self.num_threads = int(num_threads or hardware_threads())
-        self.max_image_pixels = max_image_pixels
-        pre = self.manifest["preprocessing"]
-        self.window_size = pre.get("window_size")
-        self.hidden_size = int(self.manifest["model"]["hidden_size"])
-        self.pad_id = int(self.manifest["token_ids"]["pad"])
-        self.backend = create_backend(backend, self.engine_dir, self.manifest, providers, self.num_threads,
-                                      **(backend_options or {}))
-        self._cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
-        self.image_cache_size = int(image_cache_size)
+        m = self.manifest
+        self.family = get_family(m.family)
+        self.spec = m.preprocessing
+        self.gmr = dataclasses.replace(m.gmr, max_length=int(options.max_length)) if options.max_length else m.gmr
+        self.prompts = PromptBuilder(os.path.join(self.engine_dir, "tokenizer.json"), self.gmr, m.tokens)
+        self.instruction = options.instruction or self.gmr.default_instruction
+        self.num_threads = int(options.num_threads or hardware_threads())
+        self.precision, backend, why = choose_precision(m, options.precision, options.backend, options.device)
+        log.info("gmr_fast: %s on %s (%s)", self.precision, backend, why)
+        self.backend = create_backend(backend, self.engine_dir, m, self.precision, self.num_threads, options.providers,
+                                      options.device, **options.backend_options)
+        self.choice = {"precision": self.precision, "backend": backend, "device": options.device, "reason": why,
+                       "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
+        self._limits = self._memory_limits()
+        self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._decoder_lock = threading.Lock()  # one decoder run at a time: the memory budget is per run
+        self._vision_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
         self.last_stats: dict[str, Any] = {}
+        self.totals = collections.Counter()
 
-    # ------------------------------------------------------------------ preparation
-    def _decode_images(self, keys: list[tuple], sources: list[tuple[Any, Any]]) -> dict[tuple, _Image | ImageError]:
-        """sources[i] = (what the user gave, what to decode)."""
+    # ------------------------------------------------------------------ memory model
+    def _memory_limits(self) -> dict[str, Limits]:
+        """Batch limits from the model's shape and the budgets. Activation bytes per token cover
+        the residual stream, norms and the MLP's intermediate tensors (fp32); per attention score
+        (query x key) the scores, their masked form and the softmax, for every query head;
+        prefix batches also return their keys/values. Vision: per patch, plus per (patch x patch)
+        of a full-attention block for one group of heads. The factors were fitted to measured peak
+        memory (README, "Memory")."""
+        o, d = self.options, self.manifest.decoder
+        v = self.manifest.vision
+        budget = o.activation_budget_mb * MiB
+        per_token = 4.0 * (4 * d.hidden_size + 4 * d.intermediate_size)
+        per_score = 4.0 * 3 * d.num_heads
+        decode = Limits(o.max_batch_tokens, o.max_batch_size, o.min_fill, per_token, per_score, budget)
+        prefix = Limits(o.max_batch_tokens, o.max_batch_size, o.min_fill, per_token + 2.0 * d.kv_bytes_per_token,
+                        per_score, budget)
+        groups = max(g for g in range(1, min(4, v["num_heads"]) + 1) if v["num_heads"] % g == 0)
+        vision = Limits(max(o.max_batch_tokens * 4, 16384), 64, 0.5,
+                        4.0 * (10 * v["hidden_size"] + 4 * v["intermediate_size"]),
+                        4.0 * 3 * v["num_heads"] / groups, budget)
+        return {"decode": decode, "prefix": prefix, "vision": vision}
+
+    # ------------------------------------------------------------------ images
+    def _decode_images(self, sources: dict[tuple, tuple[Any, Any]]) -> dict[tuple, _Image | ImageError]:
+        """sources: content key -> (what the user gave, what to decode)."""
+        keys = list(sources)
+
         def one(i: int):
-            given, data = sources[i]
+            given, data = sources[keys[i]]
             path = os.fspath(given) if isinstance(given, (str, os.PathLike)) else None
             try:
-                decoded = decode_image(data, i, self.max_image_pixels, path)
-                return _Image(decoded, smart_resize(decoded.height, decoded.width, self.gmr.min_pixels, self.gmr.max_pixels))
+                decoded = decode_image(data, i, self.options.max_image_pixels, path)
+                size = smart_resize(decoded.height, decoded.width, self.spec.min_pixels, self.spec.max_pixels,
+                                    factor=self.spec.factor)
+                return _Image(decoded, size)
             except ImageError as e:
                 return e
             except ValueError as e:  # aspect ratio
@@ -156,71 +289,57 @@ class Reranker:
             results = [one(i) for i in range(len(keys))]
         return dict(zip(keys, results))
 
-    def _vision_embeddings(self, keys: list[tuple], images: dict[tuple, _Image]) -> dict[tuple, np.ndarray]:
-        """Merged-patch embeddings of the distinct images `keys` (cache first, then one vision run)."""
-        out, todo = {}, []
-        for key in keys:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                out[key] = self._cache[key]
-            else:
-                todo.append(key)
-        if todo:
-            sizes = np.array([images[k].size for k in todo], np.int64)
-            grid = np.ones((len(todo), 3), np.int64)
-            grid[:, 1:] = sizes // PATCH_SIZE
-            counts = np.prod(grid, axis=1)
-            pixels = np.empty((int(counts.sum()), 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE), np.float32)
-            _core.preprocess_into([images[k].decoded.pixels for k in todo], sizes, pixels, RESCALE_FACTOR, CLIP_MEAN,
-                                  CLIP_STD, PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE, pillow_vertical_first(),
-                                  self.num_threads)
-            feeds = {"pixel_values": pixels, **vision_graph_inputs(grid, self.window_size, MERGE_SIZE, PATCH_SIZE)}
-            embeds = self.backend.encode_images(feeds)
-            bounds = np.concatenate([[0], np.cumsum(counts // (MERGE_SIZE * MERGE_SIZE))])
-            for i, key in enumerate(todo):
-                out[key] = embeds[bounds[i]:bounds[i + 1]]
-                if self.image_cache_size > 0:
-                    self._cache[key] = out[key]
-                    while len(self._cache) > self.image_cache_size:
-                        self._cache.popitem(last=False)
-        return out
+    def _encode(self, keys: list[tuple], images: dict[tuple, _Image], store: dict) -> None:
+        """Embeddings of the distinct images ``keys`` into ``store``: the LRU cache first, then
+        vision runs packed under the vision limits (largest images first)."""
+        todo = []
+        with self._cache_lock:
+            for key in keys:
+                if key in store:
+                    continue
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    store[key] = self._cache[key]
+                else:
+                    todo.append(key)
+        if not todo:
+            return
+        spec = self.spec
+        patches = np.array([spec.patches(*images[k].size) for k in todo], np.int64)
+        for run in self._limits["vision"].pack(patches):
+            run_keys = [todo[int(i)] for i in run]
+            sizes = np.array([images[k].size for k in run_keys], np.int64)
+            pixels, grid = patchify([images[k].decoded for k in run_keys], sizes, spec, self.num_threads)
+            batch = VisionBatch(pixels, grid, self.family.vision_feeds(grid, spec), run_keys,
+                                np.array([spec.visual_tokens(*images[k].size) for k in run_keys], np.int64))
+            with self._vision_lock:
+                embeds = self.backend.encode_images(batch)
+            for key, e in zip(run_keys, embeds):
+                store[key] = e
+                if self.options.image_cache_size > 0:
+                    with self._cache_lock:
+                        self._cache[key] = e
+                        while len(self._cache) > self.options.image_cache_size:
+                            self._cache.popitem(last=False)
 
-    def _prepare(self, rows: np.ndarray, prompts: list[EncodedPrompt], pair_images: list[list[tuple]],
-                 images: dict[tuple, _Image]) -> dict[str, np.ndarray]:
-        width = max(len(prompts[r].ids) for r in rows)
-        batch = len(rows)
-        input_ids = np.empty((batch, width), np.int64)
-        mask = np.empty((batch, width), np.int64)
-        positions = np.empty((3, batch, width), np.int64)
-        spans = []
-        for r in rows:
-            s = [(a, b, images[k].size[0] // PATCH_SIZE // MERGE_SIZE, images[k].size[1] // PATCH_SIZE // MERGE_SIZE)
-                 for (a, b), k in zip(prompts[r].image_spans, pair_images[r])]
-            spans.append(np.array(s, np.int64).reshape(-1, 4))
-        _core.build_batch([prompts[r].ids for r in rows], spans, width, self.pad_id, input_ids, mask, positions)
-        keys = list(dict.fromkeys(k for r in rows for k in pair_images[r]))  # distinct, first-use order
-        embeds = self._vision_embeddings(keys, images) if keys else {}
-        ordered = [embeds[k] for r in rows for k in pair_images[r]]
-        image_embeds = np.concatenate(ordered) if ordered else np.zeros((0, self.hidden_size), np.float32)
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
-                "image_embeds": image_embeds.astype(np.float32, copy=False)}
+    def _span(self, start: int, end: int, key: tuple, images: dict) -> list[int]:
+        gh, gw = self.spec.merged_grid(*images[key].size)
+        return [start, end, gh, gw]
 
     # ------------------------------------------------------------------ public API
     def plan(self, pairs: Sequence[tuple[Any, Any]], *, instruction: str | Sequence[str] | None = None,
              batch_size: int | None = None, labels: Sequence[str] | None = None) -> ScorePlan:
         """Everything about scoring ``pairs`` that is known before any pixel work: prompts (each
-        distinct image decoded once to learn its grid), per-pair failures, and the batches the
-        scheduler packs. Deterministic: the same pairs and settings give the same batches, which is
-        what lets a batch job recompute exactly the batch it lost (``run(plan, skip=...)``).
-        ``instruction`` is one string for all pairs or one per pair; ``labels`` name the pairs in
-        error messages (default ``"pair <index>"``)."""
+        distinct image decoded once to learn its grid), per-pair failures, the prefix split and
+        the steps the scheduler orders. ``instruction`` is one string for all pairs or one per
+        pair; ``labels`` name the pairs in error messages (default ``"pair <index>"``)."""
         pairs = list(pairs)
         if instruction is None or isinstance(instruction, str):
             instructions = [instruction or self.instruction] * len(pairs)
         else:
             instructions = [x or self.instruction for x in instruction]
             if len(instructions) != len(pairs):
-                raise ValueError(f"got {len(instructions)} instructions for {len(pairs)} pairs")
+                raise ConfigError(f"got {len(instructions)} instructions for {len(pairs)} pairs")
         if labels is None:
             labels = [f"pair {i}" for i in range(len(pairs))]
         items: list[tuple[Item, Item]] = []
@@ -238,43 +357,138 @@ class Reranker:
                     sources.setdefault(key, (side.image, data))
                     keys.append(key)
             keys_per_pair.append(keys)
-        images = self._decode_images(list(sources), list(sources.values()))
+        images = self._decode_images(sources)
 
         errors: dict[int, Exception] = {}
         prompts: list[EncodedPrompt | None] = []
+        whole: dict[int, TokenSequence] = {}
+        split: dict[int, tuple[int, TokenSequence]] = {}
+        prefix_ids: dict[tuple, int] = {}
+        prefixes: list[tuple[TokenSequence, int] | None] = []
+        fallbacks = 0
+        share = self.options.share_prefix and self.prompts.prefix_has_query
         for i, ((q, d), keys) in enumerate(zip(items, keys_per_pair)):
             sides = (["query"] if q.has_image else []) + (["document"] if d.has_image else [])
             bad = next(((side, images[k]) for side, k in zip(sides, keys) if isinstance(images[k], ImageError)), None)
             try:
                 if bad is not None:
                     raise ImageError(i, bad[1].cause, bad[1].source, label=f"{labels[i]} {bad[0]} image")
-                tokens = iter(images[k].tokens for k in keys)
+                tokens = iter(self.spec.visual_tokens(*images[k].size) for k in keys)
                 qn = next(tokens) if q.has_image else 0
                 dn = next(tokens) if d.has_image else 0
-                prompts.append(self.prompts.encode(instructions[i], q, d, qn, dn, where=labels[i]))
+                prompt = self.prompts.encode(instructions[i], q, d, qn, dn, where=labels[i])
             except (ImageError, PromptError) as e:
                 errors[i] = e
                 prompts.append(None)
+                continue
+            prompts.append(prompt)
+            spans = [self._span(a, b, k, images) for (a, b), k in zip(prompt.image_spans, keys)]
+            qkey = keys[0] if q.has_image else None
+            if share:
+                pkey = (instructions[i], q.text, qkey)
+                if pkey not in prefix_ids:
+                    prefix_ids[pkey] = len(prefixes)
+                    enc = self.prompts.encode_prefix(instructions[i], q, qn)
+                    pspans = [self._span(a, b, qkey, images) for a, b in enc.image_spans]
+                    seq = TokenSequence(enc.ids, np.array(pspans, np.int64).reshape(-1, 4), [qkey] if pspans else [])
+                    nxt = len(enc.ids) - sum(s[1] - s[0] for s in pspans) + sum(max(s[2], s[3]) for s in pspans)
+                    prefixes.append((seq, int(nxt)))
+                k = prefix_ids[pkey]
+                pre = prefixes[k][0]
+                n = len(pre)
+                if len(prompt.ids) > n and np.array_equal(prompt.ids[:n], pre.ids):
+                    rest = [(a - n, b - n, gh, gw) for a, b, gh, gw in spans if a >= n]
+                    dkeys = [kk for (a, _, _, _), kk in zip(spans, keys) if a >= n]
+                    split[i] = (k, TokenSequence(prompt.ids[n:], np.array(rest, np.int64).reshape(-1, 4), dkeys))
+                    continue
+                fallbacks += 1
+            whole[i] = TokenSequence(prompt.ids, np.array(spans, np.int64).reshape(-1, 4), keys)
 
-        good = np.array([i for i, p in enumerate(prompts) if p is not None], np.int64)
-        lengths = np.array([len(prompts[i].ids) for i in good], np.int64)
-        batches = [good[b] for b in _core.schedule_batches(lengths, self.max_batch_tokens, int(batch_size or self.max_batch_size),
-                                                            self.min_fill)] if len(good) else []
-        return ScorePlan(len(pairs), prompts, keys_per_pair, images, errors, batches)
+        # a prefix shared by a single pair gains nothing: score that pair whole
+        counts = collections.Counter(k for k, _ in split.values())
+        for i in [i for i, (k, _) in split.items() if counts[k] < 2]:
+            k, _ = split.pop(i)
+            p = prompts[i]
+            keys = keys_per_pair[i]
+            whole[i] = TokenSequence(p.ids, np.array([self._span(a, b, kk, images) for (a, b), kk in
+                                                      zip(p.image_spans, keys)], np.int64).reshape(-1, 4), keys)
+        limits = self._limits
+        decode = limits["decode"] if batch_size is None else dataclasses.replace(limits["decode"], max_batch_size=int(batch_size))
+        schedule = plan_steps({i: len(s) for i, s in whole.items()}, {i: (k, len(s)) for i, (k, s) in split.items()},
+                              [len(p[0]) if p else 0 for p in prefixes], decode, limits["prefix"],
+                              self.manifest.decoder.kv_bytes_per_token, self.options.kv_budget_mb * MiB)
+        return ScorePlan(len(pairs), prompts, errors, images, whole, split, prefixes, schedule, fallbacks)
+
+    def _prepare(self, plan: ScorePlan, index: int, store: dict):
+        """The decoder batch of step ``index`` and the embeddings of its images (worker thread)."""
+        step = plan.schedule.steps[index]
+        left = self.options.padding_side == "left"
+        pad = self.manifest.tokens.pad
+        if step.kind == "prefix":
+            seqs = [plan.prefixes[int(k)][0] for k in step.rows]
+            batch = build_decoder_batch(step.rows, seqs, pad, left, kind="prefix")
+        elif step.kind == "suffix":
+            seqs = [plan.suffixes[int(p)][1] for p in step.rows]
+            owners = [plan.suffixes[int(p)][0] for p in step.rows]
+            starts = np.array([plan.prefixes[k][1] for k in owners], np.int64)
+            batch = build_decoder_batch(step.rows, seqs, pad, left, starts, kind="suffix")
+            distinct = list(dict.fromkeys(owners))
+            batch.past_index = np.array([distinct.index(k) for k in owners], np.int64)
+            batch.past_lengths = np.array([len(plan.prefixes[k][0]) for k in distinct], np.int64)
+            batch.past = distinct  # prefix indices; replaced by their keys/values when the step runs
+        else:
+            seqs = [plan.whole[int(p)] for p in step.rows]
+            batch = build_decoder_batch(step.rows, seqs, pad, left, kind="whole")
+        keys = list(dict.fromkeys(batch.image_keys))
+        if keys:
+            self._encode(keys, plan.images, store)
+        return batch, [store[k] for k in batch.image_keys]
 
     def run(self, plan: ScorePlan, *, skip: Callable[[np.ndarray], bool] | None = None
             ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """Scores ``plan``'s batches in order, yielding ``(rows, scores, padded_tokens)`` per batch
-        (rows index the planned pairs). A batch for which ``skip(rows)`` is true is not computed.
-        While the backend runs one batch, a worker thread prepares the next."""
-        todo = [rows for rows in plan.batches if skip is None or not skip(rows)]
+        """Runs ``plan``'s steps in order, yielding ``(rows, scores, padded_tokens)`` per scoring
+        batch (rows index the planned pairs). A scoring batch for which ``skip(rows)`` is true is
+        not computed, nor are the prefixes only it needed. While the backend runs one step, a
+        worker thread prepares the next."""
+        steps = plan.schedule.steps
+        needed_waves = {s.wave for s in steps if s.kind == "suffix" and (skip is None or not skip(s.rows))}
+        active = [i for i, s in enumerate(steps)
+                  if (s.kind == "prefix" and s.wave in needed_waves) or (s.kind != "prefix" and (skip is None or not skip(s.rows)))]
+        uses = collections.Counter(k for i in active for k in self._step_image_keys(plan, steps[i]))
+        store: dict[tuple, Any] = {}
+        kv: dict[int, Any] = {}
+        releases = sorted(plan.schedule.releases.items())
         with ThreadPoolExecutor(max_workers=1) as worker:
-            pending = worker.submit(self._prepare, todo[0], plan.prompts, plan.keys_per_pair, plan.images) if todo else None
-            for b, rows in enumerate(todo):
-                feeds = pending.result()
-                if b + 1 < len(todo):  # prepare the next batch while this one runs
-                    pending = worker.submit(self._prepare, todo[b + 1], plan.prompts, plan.keys_per_pair, plan.images)
-                yield rows, np.asarray(self.backend.score(feeds), np.float32), int(feeds["input_ids"].size)
+            pending = worker.submit(self._prepare, plan, active[0], store) if active else None
+            for n, index in enumerate(active):
+                batch, embeds = pending.result()
+                if n + 1 < len(active):  # prepare the next step while this one runs
+                    pending = worker.submit(self._prepare, plan, active[n + 1], store)
+                while releases and releases[0][0] < index:  # waves whose last step has passed
+                    for k in releases.pop(0)[1]:
+                        kv.pop(k, None)
+                step = steps[index]
+                if step.kind == "prefix":
+                    with self._decoder_lock:
+                        values = self.backend.prefill(batch, embeds)
+                    kv.update(zip((int(k) for k in step.rows), values))
+                else:
+                    if step.kind == "suffix":
+                        batch.past = [kv[k] for k in batch.past]
+                    with self._decoder_lock:
+                        scores = np.asarray(self.backend.score(batch, embeds), np.float32)
+                    yield batch.rows, scores, batch.padded_tokens
+                for k in self._step_image_keys(plan, step):
+                    uses[k] -= 1
+                    if uses[k] == 0:
+                        store.pop(k, None)
+
+    @staticmethod
+    def _step_image_keys(plan: ScorePlan, step) -> list:
+        if step.kind == "prefix":
+            return [k for p in step.rows for k in plan.prefixes[int(p)][0].image_keys]
+        source = plan.suffixes if step.kind == "suffix" else plan.whole
+        return [k for p in step.rows for k in (source[int(p)][1] if step.kind == "suffix" else source[int(p)]).image_keys]
 
     def score(self, pairs: Sequence[tuple[Any, Any]], *, instruction: str | Sequence[str] | None = None,
               normalize: bool = False, batch_size: int | None = None, show_progress_bar: bool | None = None,
@@ -283,29 +497,31 @@ class Reranker:
         with ``normalize=True`` its sigmoid, P(yes). ``on_error="nan"`` scores a pair whose image
         or length fails as NaN and records the error in ``result.errors``."""
         if on_error not in ("raise", "nan"):
-            raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
+            raise ConfigError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
         start_time = time.perf_counter()
         plan = self.plan(pairs, instruction=instruction, batch_size=batch_size)
         if plan.errors and on_error == "raise":
             raise plan.errors[min(plan.errors)]
         result = np.full(plan.size, np.nan, np.float32)
         scored = sum(len(rows) for rows in plan.batches)
-        progress = sys.stderr.isatty() if show_progress_bar is None else show_progress_bar
-        done, padded = 0, 0
+        progress = Progress(scored, sys.stderr.isatty() if show_progress_bar is None else show_progress_bar, "gmr_fast: ")
+        padded, batches = 0, 0
         for rows, scores, padded_tokens in self.run(plan):
             result[rows] = scores
-            done += len(rows)
             padded += padded_tokens
-            if progress:
-                rate = done / max(time.perf_counter() - start_time, 1e-9)
-                print(f"\rgmr_fast: {done}/{scored} pairs, {rate:.1f} pairs/s", end="", file=sys.stderr)
-        if progress and plan.batches:
-            print(file=sys.stderr)
-        real = plan.real_tokens
-        self.last_stats = {"pairs": plan.size, "scored": scored, "failed": len(plan.errors), "batches": len(plan.batches),
-                           "real_tokens": real, "padded_tokens": int(padded),
-                           "padding_efficiency": real / padded if padded else 1.0,
-                           "seconds": time.perf_counter() - start_time}
+            batches += 1
+            progress.update(len(rows))
+        progress.close()
+        seconds = time.perf_counter() - start_time
+        stats = {"pairs": plan.size, "scored": scored, "failed": len(plan.errors), "batches": batches,
+                 "steps": len(plan.schedule.steps), "prompt_tokens": plan.real_tokens,
+                 "decoder_tokens": plan.decoder_tokens, "padded_tokens": int(padded),
+                 "padding_efficiency": self._padding_efficiency(plan, padded),
+                 "prefixes": len({k for k, _ in plan.suffixes.values()}), "shared_pairs": len(plan.suffixes),
+                 "boundary_fallbacks": plan.boundary_fallbacks, "seconds": seconds, **self.choice}
+        with self._stats_lock:
+            self.last_stats = stats
+            self.totals.update({"calls": 1, "pairs": plan.size, "scored": scored, "decoder_tokens": plan.decoder_tokens})
         if normalize:
             with np.errstate(over="ignore"):
                 result = (1.0 / (1.0 + np.exp(-result.astype(np.float64)))).astype(np.float32)
@@ -314,13 +530,18 @@ class Reranker:
         out.truncated = plan.truncated
         return out
 
+    @staticmethod
+    def _padding_efficiency(plan: ScorePlan, padded: int) -> float:
+        scored_tokens = sum(len(s) for s in plan.whole.values()) + sum(len(s) for _, s in plan.suffixes.values())
+        return scored_tokens / padded if padded else 1.0
+
     def rank(self, query: Any, documents: Sequence[Any], *, instruction: str | None = None, top_k: int | None = None,
-             return_documents: bool = False) -> list[RankResult]:
+             return_documents: bool = False, normalize: bool = False) -> list[RankResult]:
         """Documents sorted by score, best first (ties keep input order)."""
         documents = list(documents)
         if not documents:
             return []
-        scores = self.score([(query, d) for d in documents], instruction=instruction)
+        scores = self.score([(query, d) for d in documents], instruction=instruction, normalize=normalize)
         order = sorted(range(len(documents)), key=lambda i: (-scores[i] if not math.isnan(scores[i]) else math.inf, i))
         if top_k is not None:
             order = order[:max(0, int(top_k))]

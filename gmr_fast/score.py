@@ -23,43 +23,49 @@ import sys
 import time
 from importlib import metadata
 
-from .errors import GmrError
+from dataclasses import dataclass
+
+from .errors import BackendError, ConfigError, EngineError, GmrError
 from .evaluation import DEFAULT_METRICS, build_report, evaluate, parse_metrics, report_markdown
 from .jobs import JobError, Journal, Progress, Stats, Task, chunk_bounds, run_tasks, write_atomic
+from .manifest import load_manifest
+from .options import add_arguments, fingerprint, from_args, option
 from .prompt import Item
+from .reranker import RerankerOptions, choose_precision
 from .suite import (Dataset, InputError, PathRefused, Record, find_datasets, load_dataset, read_jsonl,
                     resolve_image, trec_order)
 
 RUN_TAG = "gmr_fast"
-# settings that change which pairs are scored or how they are batched (hence the exact bits of
-# every score): a resumed job must use the same ones
-DETERMINISM_KEYS = ("engine_sha256", "top_k", "max_batch_tokens", "max_batch_size", "min_fill", "chunk_pairs",
-                    "instruction", "max_length", "backend", "threads")
+EXIT_INPUT = 2  # malformed input, bad arguments, an output directory holding another job, nothing scorable
+EXIT_RUNTIME = 3  # the engine, the backend or the file system failed (disk full, unreadable engine, ...)
+
+
+@dataclass
+class ScoreJobOptions:
+    """A batch job: what to read, where to write, how to chunk. The Reranker's own settings live
+    in ``RerankerOptions``; both give the CLI its flags and the resume fingerprint."""
+
+    engine: str = option(None, "engine directory written by python -m export", metavar="DIR")
+    data: str | None = option(None, "a suite (directory of datasets) or one dataset directory", metavar="DIR")
+    out: str | None = option(None, "output directory (suite mode)", metavar="DIR")
+    input: str | None = option(None, "pairs mode: JSONL rows {id, query, document, instruction?}", metavar="FILE")
+    output: str | None = option(None, "pairs mode: scores JSONL to write", metavar="FILE")
+    image_root: str | None = option(None, "pairs mode: directory image paths are relative to (default: the input's)",
+                                    metavar="DIR")
+    top_k: int = option(100, "rerank each query's top K candidates", determinism=True)
+    datasets: str | None = option(None, "comma-separated dataset names to run (default: all in the suite)")
+    resume: bool = option(False, "continue a job in --out/--output, skipping finished pairs")
+    metrics: str = option(",".join(DEFAULT_METRICS), "trec_eval measure names, comma-separated")
+    chunk_pairs: int = option(512, "pairs planned together (images decoded per chunk)", determinism=True)
+    progress: bool = option(False, "report progress even when stderr is not a terminal")
+    quiet: bool = option(False, "no progress and no summary")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gmr_fast.score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", required=True, help="engine directory written by python -m export")
-    p.add_argument("--data", help="a suite (directory of datasets) or one dataset directory")
-    p.add_argument("--out", help="output directory (suite mode)")
-    p.add_argument("--input", help="pairs mode: JSONL rows {id, query, document, instruction?}")
-    p.add_argument("--output", help="pairs mode: scores JSONL to write")
-    p.add_argument("--image-root", help="pairs mode: directory image paths are relative to (default: the input's)")
-    p.add_argument("--top-k", type=int, default=100, help="rerank each query's top K candidates (default 100)")
-    p.add_argument("--datasets", help="comma-separated dataset names to run (default: all in the suite)")
-    p.add_argument("--resume", action="store_true", help="continue a job in --out/--output, skipping finished pairs")
-    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="trec_eval measure names, comma-separated")
-    p.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens per batch (default 8192)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="pairs per batch (default 32)")
-    p.add_argument("--min-fill", type=float, default=0.8, help="length bucketing: shortest/longest in a batch")
-    p.add_argument("--chunk-pairs", type=int, default=512, help="pairs planned together (images decoded per chunk)")
-    p.add_argument("--instruction", help="override every dataset's instruction")
-    p.add_argument("--max-length", type=int, help="override the engine's max prompt length (documents truncated)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    p.add_argument("--threads", type=int, help="threads for preprocessing and the backend (default: all cores)")
-    p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    add_arguments(p, ScoreJobOptions)
+    add_arguments(p, RerankerOptions)
     return p
 
 
@@ -92,22 +98,26 @@ def _item(record_or_value, root: str, where: str) -> tuple[Item | None, str | No
 class _Job:
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.options = from_args(ScoreJobOptions, args)
+        self.reranker_options = from_args(RerankerOptions, args)
+        self.reranker_options.validate()
         self.progress_enabled = not args.quiet and (args.progress or sys.stderr.isatty())
         self.engine_sha = _sha256(os.path.join(args.engine, "manifest.json"))
-        self.settings = {"engine_sha256": self.engine_sha, "top_k": args.top_k, "max_batch_tokens": args.max_batch_tokens,
-                         "max_batch_size": args.max_batch_size, "min_fill": args.min_fill, "chunk_pairs": args.chunk_pairs,
-                         "instruction": args.instruction, "max_length": args.max_length, "backend": args.backend,
-                         "threads": args.threads}
+        manifest = load_manifest(args.engine)
+        ro = self.reranker_options
+        precision, backend, why = choose_precision(manifest, ro.precision, ro.backend, ro.device)
+        # everything that changes which pairs are scored or the exact bits of a score: a resumed
+        # job must match (the precision as resolved on this machine, not "auto")
+        self.settings = {"engine_sha256": self.engine_sha, **fingerprint(self.options), **fingerprint(ro),
+                         "precision": precision, "backend": backend}
+        self.choice = {"precision": precision, "backend": backend, "reason": why}
         self._reranker = None
 
     @property
     def reranker(self):
         if self._reranker is None:  # loaded only when something is left to score
             from .reranker import Reranker
-            a = self.args
-            self._reranker = Reranker(a.engine, backend=a.backend, max_batch_tokens=a.max_batch_tokens,
-                                      max_batch_size=a.max_batch_size, min_fill=a.min_fill, num_threads=a.threads,
-                                      instruction=a.instruction, max_length=a.max_length)
+            self._reranker = Reranker(self.args.engine, self.reranker_options)
         return self._reranker
 
     def check_job_file(self, path: str, resume: bool, what: str) -> None:
@@ -117,7 +127,7 @@ class _Job:
                 raise JobError(f"{what} already holds a job ({path}); pass --resume to continue it, or choose a new one")
             with open(path, encoding="utf-8") as f:
                 old = json.load(f)
-            diff = [k for k in DETERMINISM_KEYS if old.get(k) != self.settings.get(k)]
+            diff = [k for k in self.settings if old.get(k) != self.settings.get(k)]
             if diff:
                 raise JobError(f"cannot resume {what}: it was started with different " + ", ".join(
                     f"{k} ({old.get(k)!r} then, {self.settings.get(k)!r} now)" for k in diff))
@@ -239,7 +249,7 @@ def _write_run_json(job: _Job, path: str, started: float, run_stats: dict) -> No
         with open(path, encoding="utf-8") as f:
             history = json.load(f).get("sessions", [])
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "wall_seconds": time.time() - started,
-               "resumed": bool(job.args.resume), "pairs_scored": scored,
+               "resumed": bool(job.args.resume), "pairs_scored": scored, **job.choice,
                "pairs_per_s": scored / seconds if seconds else 0.0,
                "tokens_per_s": tokens / seconds if seconds else 0.0, "datasets": run_stats}
     doc = {"engine": {"path": os.path.abspath(job.args.engine), "manifest_sha256": job.engine_sha},
@@ -311,6 +321,8 @@ def run_pairs(job: _Job) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if not args.engine:
+        parser.error("--engine is required")
     suite_mode = args.data is not None or args.out is not None
     pairs_mode = args.input is not None or args.output is not None
     if suite_mode == pairs_mode or (suite_mode and not (args.data and args.out)) or (pairs_mode and not (args.input and args.output)):
@@ -319,13 +331,19 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     try:
-        if not os.path.isfile(os.path.join(args.engine, "manifest.json")):
-            raise JobError(f"--engine {args.engine}: no manifest.json (write an engine with python -m export)")
         job = _Job(args)
         return run_suite(job) if suite_mode else run_pairs(job)
-    except (GmrError, OSError) as e:
+    except (EngineError, BackendError) as e:
         print(f"gmr_fast.score: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_RUNTIME
+    except (ConfigError, JobError, GmrError) as e:
+        print(f"gmr_fast.score: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as e:  # the file system, not the input: say which file and why
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"gmr_fast.score: I/O error{where}: {e.strerror or e}; finished work is kept, rerun with --resume",
+              file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

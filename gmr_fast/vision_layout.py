@@ -16,6 +16,10 @@ import numpy as np
 
 from .preprocess import vision_indices
 
+# the vision graph's index inputs (a versioned contract with the engine manifest)
+COMMON_INPUTS = ["pixel_values", "rot_pos_ids", "full_gather", "full_valid", "full_inverse"]
+WINDOW_INPUTS = ["window_index", "window_reverse", "window_gather", "window_valid", "window_inverse"]
+
 
 @dataclass
 class SegmentLayout:

@@ -1,15 +1,28 @@
-"""Shared fixtures. HuggingFace's PIL image processor is the oracle for pixels; it is built from
-its class (no hub access) with the min/max pixels under test."""
+"""Shared fixtures and the test pyramid's markers (tests/README.md).
+
+HuggingFace's PIL image processor is the oracle for pixels and HuggingFace transformers the
+oracle for scores; both are built from classes (no hub access). With GMR_FAST_BLOCK_TORCH=1 the
+import of torch and transformers fails, which is how the `unit` tests prove they need neither.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+if os.environ.get("GMR_FAST_BLOCK_TORCH") == "1":
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers", "torchvision"):
+                raise ImportError(f"{name} is blocked (GMR_FAST_BLOCK_TORCH=1)")
+
+    sys.meta_path.insert(0, _Block())
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,6 +60,17 @@ def model_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tokenizer_json(model_cache):
+    """The real Qwen2 tokenizer.json (rebuilt from qwen.tiktoken; needs no torch)."""
+    from export.factory import tokenizer_json as build
+
+    path = model_cache / "tokenizer.json"
+    if not path.exists():
+        path.write_text(build(model_cache), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoints(model_cache):
     pytest.importorskip("torch")
     from export.factory import cached_checkpoint
@@ -60,5 +84,22 @@ def exported_engines(tiny_checkpoints, tmp_path_factory):
     from export.engine_export import ExportOptions, export_engine
 
     root = tmp_path_factory.mktemp("engines")
-    return {family: (export_engine(ckpt, root / family, ExportOptions()), root / family)
+    return {family: (export_engine(ckpt, root / family, ExportOptions(dtypes=("fp32",))), root / family)
             for family, ckpt in tiny_checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def all_precisions_engine(tiny_checkpoints, tmp_path_factory):
+    """The tiny Qwen2.5-VL checkpoint exported with every variant (fp32, int8, bf16)."""
+    from export.engine_export import ExportOptions, export_engine
+
+    root = tmp_path_factory.mktemp("engines_all")
+    return export_engine(tiny_checkpoints["qwen2_5_vl"], root / "e", ExportOptions(dtypes=("fp32", "int8", "bf16"))), root / "e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test is `unit` unless marked `model`, `e2e` or `real_width` (see tests/README.md)."""
+    heavy = {"model", "e2e", "real_width"}
+    for item in items:
+        if not heavy & {m.name for m in item.iter_markers()}:
+            item.add_marker(pytest.mark.unit)

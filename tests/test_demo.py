@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 pytest.importorskip("torch")
 pytest.importorskip("pytrec_eval")
 
@@ -40,4 +42,4 @@ def test_quick_demo_chain(tmp_path, monkeypatch):
     gmr = json.load(open(tmp_path / "demo" / "gmr-mini" / "gmr.json"))
     assert gmr["training"]["objective"] == "sft" and gmr["training"]["mode"] == "full"
     manifest = json.load(open(tmp_path / "demo" / "engine" / "manifest.json"))
-    assert manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert manifest["variants"]["fp32"]["validation"]["max_rel_error"] <= 1e-3

@@ -53,6 +53,7 @@ def test_skimage_ships_colour_grey_and_alpha_photos():
     assert "RGB" in modes and "L" in modes and ("RGBA" in modes or "LA" in modes or "P" in modes), modes
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("path", PHOTOS, ids=[p.name for p in PHOTOS])
 @pytest.mark.parametrize("pixels", PIXEL_SETTINGS[:2], ids=["gmr", "class-default"])
 def test_real_photos_bit_exact(path, pixels):
@@ -73,6 +74,7 @@ def _sizes(rng, n):
     return edge + halves + tall_thin + random
 
 
+@pytest.mark.model
 def test_random_sizes_bit_exact(rng):
     sizes = _sizes(rng, 300)
     assert len(sizes) >= 300
@@ -90,6 +92,7 @@ def test_random_sizes_bit_exact(rng):
     assert checked >= 300
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("size", [(512, 512), (1536, 2048), (3000, 4000), (1080, 1920)])
 def test_large_images_bit_exact(size, rng):
     pixels = rng.integers(0, 256, size + (3,), dtype=np.uint8)
@@ -121,6 +124,7 @@ def _mode_images(rng):
             "CMYK": cmyk, "I;16": i16, "1": bilevel, "YCbCr": ycbcr}
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "P+transparency", "CMYK", "I;16", "1", "YCbCr"])
 def test_every_mode_converts_like_hf(mode, rng):
     image = _mode_images(rng)[mode]
@@ -130,6 +134,7 @@ def test_every_mode_converts_like_hf(mode, rng):
     assert_bit_exact(ours.pixel_values, ref_pixels, mode)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP"])
 def test_encoded_bytes_and_paths_equal_pil(fmt, rng, tmp_path):
     image = Image.fromarray(rng.integers(0, 256, (77, 101, 3), dtype=np.uint8))
@@ -171,6 +176,7 @@ def test_numpy_reference_matches_native(rng):
             )
 
 
+@pytest.mark.model
 def test_smart_resize_matches_hf(rng):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.model
+
 import gmr_fast
 from gmr_fast.gmr_config import GmrConfig
 from gmr_fast.prompt import PromptBuilder, PromptError, as_item

@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.model
+
 torch = pytest.importorskip("torch")
 
 from export.reference import CheckpointError, ReferenceScorer, read_model_type

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from suite_helpers import mixed_dataset, save_image, write_dataset
 
+pytestmark = pytest.mark.e2e
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
 from gmr_fast import Reranker  # noqa: E402

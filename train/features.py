@@ -6,13 +6,17 @@ Rows are left-padded, as the runtime pads."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 
 import numpy as np
 import torch
 
+from gmr_fast.errors import ImageError
+from gmr_fast.families import get_family
 from gmr_fast.gmr_config import GmrConfig
-from gmr_fast.preprocess import preprocess_images
+from gmr_fast.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from gmr_fast.preprocess import hardware_threads, patchify, smart_resize
 from gmr_fast.prompt import Item, PromptBuilder
 
 
@@ -21,21 +25,34 @@ class FeatureBuilder:
         self.gmr = gmr
         self.prompts = PromptBuilder(os.path.join(checkpoint, "tokenizer.json"), gmr)
         self.pad_id = int(pad_id)
+        with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        with open(os.path.join(checkpoint, "preprocessor_config.json"), encoding="utf-8") as f:
+            preprocessor = json.load(f)
+        # the same spec the exported engine's manifest will carry
+        self.spec = get_family(config["model_type"]).preprocess_spec(preprocessor, config.get("vision_config", {}), gmr)
         self._cache: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self.cache_size = image_cache_size
 
     def _images(self, paths: list[str], where: dict[str, str]) -> None:
         todo = [p for p in dict.fromkeys(paths) if p not in self._cache]
         if todo:
-            batch = preprocess_images(todo, min_pixels=self.gmr.min_pixels, max_pixels=self.gmr.max_pixels,
-                                      on_error="collect")
-            if batch.errors:
-                i, e = next(iter(batch.errors.items()))
-                raise type(e)(e.index, e.cause, e.source, label=f"{where[todo[i]]} image") from None
-            counts = np.prod(batch.image_grid_thw, axis=1)
-            bounds = np.concatenate([[0], np.cumsum(counts)])
+            spec = self.spec
+            decoded, sizes = [], []
+            for i, path in enumerate(todo):
+                try:
+                    image = decode_image(path, i, DEFAULT_MAX_IMAGE_PIXELS)
+                    size = smart_resize(image.height, image.width, spec.min_pixels, spec.max_pixels, factor=spec.factor)
+                except ImageError as e:
+                    raise ImageError(e.index, e.cause, e.source, label=f"{where[path]} image") from None
+                except ValueError as e:  # aspect ratio
+                    raise ImageError(i, str(e), path, label=f"{where[path]} image") from None
+                decoded.append(image)
+                sizes.append(size)
+            pixels, grid = patchify(decoded, np.array(sizes, np.int64), spec, hardware_threads())
+            bounds = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
             for k, p in enumerate(todo):
-                self._cache[p] = (batch.pixel_values[bounds[k]:bounds[k + 1]], batch.image_grid_thw[k])
+                self._cache[p] = (pixels[bounds[k]:bounds[k + 1]], grid[k])
         for p in paths:
             self._cache.move_to_end(p)
         while len(self._cache) > max(self.cache_size, len(paths)):
@@ -58,7 +75,7 @@ class FeatureBuilder:
                     px, grid = self._cache[side.image]
                     pixels.append(px)
                     grids.append(grid)
-                    tokens.append(int(grid[1] * grid[2]) // 4)
+                    tokens.append(int(grid[1] * grid[2]) // self.spec.merge_size ** 2)
             it = iter(tokens)
             qn = next(it) if q.has_image else 0
             dn = next(it) if d.has_image else 0

@@ -30,8 +30,12 @@ import time
 
 import torch
 
+from dataclasses import dataclass
+
 from gmr_fast.errors import GmrError
 from gmr_fast.gmr_config import GmrConfig
+from gmr_fast.options import add_arguments, fingerprint, from_args, option
+from gmr_fast.progress import Progress
 
 from .data import TrainDataError, load_groups, sample_negatives
 from .features import FeatureBuilder
@@ -40,53 +44,56 @@ from .objectives import DIRECTIONS, WEIGHTS, objective_loss
 
 log = logging.getLogger("train")
 STATE_DIR = "train_state"
-# arguments that define the run: a resumed run must have the same ones
-RUN_KEYS = ("base_model", "data", "objective", "url_weight", "url_direction", "tau", "negatives", "lora_r", "lora_alpha",
-            "full", "train_vision", "freeze_embeddings", "freeze_lm_head", "lr", "weight_decay", "warmup_ratio", "lr_schedule", "epochs", "batch_size", "grad_accum", "max_length",
-            "bf16", "seed", "max_grad_norm", "fsdp")
+
+
+@dataclass
+class TrainOptions:
+    """Every setting of a training run. The CLI's flags come from these fields; the ones marked
+    ``determinism`` define the run (a resumed run must have the same ones)."""
+
+    base_model: str = option(None, "GMR / Qwen2(.5)-VL checkpoint directory", determinism=True, metavar="DIR")
+    data: str = option(None, "training groups, JSONL", determinism=True, metavar="FILE")
+    out: str = option(None, "checkpoint directory to write", metavar="DIR")
+    objective: str = option("sft", "sft, cl or url", determinism=True, choices=("sft", "cl", "url"))
+    url_weight: str = option("sft", "URL weight source", determinism=True, choices=WEIGHTS)
+    url_direction: str = option("sft", "URL direction source", determinism=True, choices=DIRECTIONS)
+    tau: float = option(0.1, "tau-mask threshold of --url-weight base_tau", determinism=True)
+    negatives: int = option(16, "negatives per group (sampled when a group has more)", determinism=True)
+    lora_r: int = option(16, "LoRA rank", determinism=True)
+    lora_alpha: int | None = option(None, "LoRA alpha (default 2 x r)", determinism=True)
+    full: bool = option(False, "full fine-tuning instead of LoRA", determinism=True)
+    train_vision: bool = option(False, "also train the vision tower (frozen by default)", determinism=True)
+    freeze_embeddings: bool = option(False, "with --full: keep the token embedding and LM head frozen "
+                                            "(vocabulary-sized)", determinism=True)
+    freeze_lm_head: bool = option(False, "with --full: keep the LM head frozen", determinism=True)
+    lr: float = option(1e-4, "peak learning rate", determinism=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", determinism=True)
+    warmup_ratio: float = option(0.03, "fraction of the steps spent warming up", determinism=True)
+    lr_schedule: str = option("linear", "after warm-up: linear decay to 0, or constant", determinism=True,
+                              choices=("linear", "constant"))
+    max_grad_norm: float = option(1.0, "gradient clipping (0: off)", determinism=True)
+    epochs: float = option(1.0, "passes over the groups", determinism=True)
+    max_steps: int | None = option(None, "stop after this many optimizer steps (the schedule still spans --epochs)")
+    batch_size: int = option(4, "groups per micro-batch per process", determinism=True)
+    grad_accum: int = option(1, "micro-batches per optimizer step", determinism=True)
+    max_length: int | None = option(None, "prompt length cap (default: the checkpoint's gmr.json)", determinism=True)
+    bf16: bool = option(False, "bf16 autocast (fp32 master weights)", determinism=True)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    fsdp: bool = option(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2, one unit per "
+                               "decoder layer) instead of replicating them (DDP)", determinism=True)
+    seed: int = option(0, "seed of the sampling, the data order and any random init", determinism=True)
+    save_every: int = option(200, "save the training state every N steps")
+    log_every: int = option(10, "metrics.jsonl every N steps")
+    max_bad_fraction: float = option(0.05, "stop if more of the groups are malformed")
+    threads: int | None = option(None, "torch intra-op threads")
+    resume: bool = option(False, "continue from --out/train_state")
+    quiet: bool = option(False, "no progress lines")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-model", required=True, help="GMR / Qwen2(.5)-VL checkpoint directory")
-    p.add_argument("--data", required=True, help="training groups, JSONL")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--objective", default="sft", choices=["sft", "cl", "url"])
-    p.add_argument("--url-weight", default="sft", choices=WEIGHTS)
-    p.add_argument("--url-direction", default="sft", choices=DIRECTIONS)
-    p.add_argument("--tau", type=float, default=0.1, help="tau-mask threshold of --url-weight base_tau")
-    p.add_argument("--negatives", type=int, default=16, help="negatives per group (sampled when a group has more)")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, help="default 2 x r")
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--train-vision", action="store_true", help="also train the vision tower (frozen by default)")
-    p.add_argument("--freeze-embeddings", action="store_true",
-                   help="with --full: keep the token embedding and LM head frozen (vocabulary-sized)")
-    p.add_argument("--freeze-lm-head", action="store_true", help="with --full: keep the LM head frozen")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
-                   help="after warm-up: linear decay to 0, or constant")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still spans --epochs)")
-    p.add_argument("--batch-size", type=int, default=4, help="groups per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-length", type=int, help="prompt length cap (default: the checkpoint's gmr.json)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2, one unit per "
-                        "decoder layer) instead of replicating them (DDP)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=200, help="save the training state every N steps")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop if more of the groups are malformed")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--resume", action="store_true", help="continue from --out/train_state")
-    p.add_argument("--quiet", action="store_true")
+    add_arguments(p, TrainOptions)
     return p
 
 
@@ -172,7 +179,7 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
-        self.fingerprint = {k: getattr(args, k) for k in RUN_KEYS}
+        self.fingerprint = fingerprint(from_args(TrainOptions, args))
         self.fingerprint["world_size"] = self.world
         self.fingerprint["data_sha256"] = _sha256(args.data)
 
@@ -303,6 +310,8 @@ class Trainer:
         start, start_step = time.perf_counter(), self.step
         groups_per_step = a.batch_size * a.grad_accum * self.world
         window: list[float] = []
+        progress = Progress(end - start_step, show, "train: ")
+        progress.unit = "steps"
         while self.step < end:
             lr = self.scheduler.get_last_lr()[0]
             loss = self.train_step()
@@ -314,14 +323,11 @@ class Trainer:
                                         "loss_mean": sum(window) / len(window), "lr": lr,
                                         "examples_per_s": rate}) + "\n")
                 window = []
-            if show:
-                eta = (end - self.step) * groups_per_step / rate if rate else 0
-                print(f"\rtrain: step {self.step}/{end}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} groups/s  "
-                      f"ETA {int(eta) // 60}:{int(eta) % 60:02d}", end="", file=sys.stderr, flush=True)
+            progress.suffix = f"  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} groups/s"
+            progress.update(1)
             if self.step % a.save_every == 0 and self.step < end:
                 self.save_state()
-        if show:
-            print(file=sys.stderr)
+        progress.close()
         self.save_state()
 
     def finish(self) -> None:
@@ -361,7 +367,11 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    missing = [f"--{k.replace('_', '-')}" for k in ("base_model", "data", "out") if not getattr(args, k)]
+    if missing:
+        p.error(f"{', '.join(missing)} required")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if os.path.exists(os.path.join(args.out, "gmr.json")):
         print(f"train: error: {args.out} already holds a finished checkpoint; choose a new --out", file=sys.stderr)

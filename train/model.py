@@ -10,19 +10,26 @@ import shutil
 import torch
 from torch import nn
 
+from gmr_fast.errors import GmrError
 from gmr_fast.gmr_config import GmrConfig
 
-# the language model's attention and MLP projections (not the vision tower's, which also has
-# gate/up/down projections in Qwen2.5-VL)
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 WEIGHT_FILES = (".safetensors", ".bin")
 WRITTEN_BY_SAVE = ("config.json", "generation_config.json", "model.safetensors.index.json", "gmr.json")
 
 
 def load_model(checkpoint: str, attn_implementation: str = "sdpa"):
+    """The HF model of the checkpoint's family, in fp32 (master weights)."""
     from export.reference import load_model as load_reference_model
 
     return load_reference_model(checkpoint, torch.float32, attn_implementation)
+
+
+def lora_targets(model) -> str:
+    """The family's LoRA target modules: the language model's attention and MLP projections (not
+    the vision tower's, which also has gate/up/down projections in Qwen2.5-VL)."""
+    from gmr_fast.families import get_family
+
+    return get_family(model.config.model_type).lora_targets
 
 
 def make_trainable(model, *, full: bool, lora_r: int, lora_alpha: int | None, train_vision: bool,
@@ -30,7 +37,7 @@ def make_trainable(model, *, full: bool, lora_r: int, lora_alpha: int | None, tr
     """Returns (model to train, the underlying HF model). Full: every language-model parameter
     trains, except (``freeze_embeddings``) the vocabulary-sized token embedding and LM head or
     (``freeze_lm_head``) the LM head alone, of which the score uses two rows: with a 152k
-    vocabulary they dominate a small model's optimizer step. LoRA: adapters on LORA_TARGETS,
+    vocabulary they dominate a small model's optimizer step. LoRA: adapters on the family's targets,
     the rest frozen."""
     visual = model.model.visual
     if full:
@@ -47,9 +54,9 @@ def make_trainable(model, *, full: bool, lora_r: int, lora_alpha: int | None, tr
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise SystemExit("LoRA training needs peft: pip install 'gmr_fast[train]'") from None
-    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                        bias="none")
+        raise GmrError("LoRA training needs peft: pip install 'gmr_fast[train]' (or pass --full)") from None
+    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0,
+                        target_modules=lora_targets(model), bias="none")
     peft_model = get_peft_model(model, config)
     if train_vision:
         for p in visual.parameters():
@@ -70,8 +77,10 @@ class RerankHead(nn.Module):
 
     def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.hf_model.model(**inputs, use_cache=False)
-        h = out.last_hidden_state[:, -1].float()
-        w = self.hf_model.lm_head.weight[self.ids].float()
+        h = out.last_hidden_state[:, -1]
+        dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # at least fp32 for the head
+        h = h.to(dtype)
+        w = self.hf_model.lm_head.weight[self.ids].to(dtype)
         z = h @ w.T
         return z[:, 0], z[:, 1]
 

@@ -1,51 +1,113 @@
-"""torch backend: the engine's two graphs run eagerly in PyTorch from the source checkpoint
-(fp32 by default), for checks against onnxruntime and for machines where torch is the better
-engine. Needs torch and transformers (`pip install gmr_fast[export]`)."""
+"""torch backend: the engine's graph modules run eagerly in PyTorch (sdpa attention), in fp32
+or bf16, on the CPU (bf16 is fast where oneDNN has AMX or AVX512-BF16 kernels) or on CUDA.
+
+Weights come from the engine itself: the fp32 variant's weight files, read tensor by tensor
+and converted to the run dtype, so the engine directory is all it needs. Needs torch
+(``pip install gmr_fast[export]`` or a CUDA build of torch).
+"""
 
 from __future__ import annotations
 
-import os
-import pathlib
-
 import numpy as np
 
-from ..errors import GmrError
+from ..errors import BackendError
+from ..manifest import Manifest
+from ..schedule import DecoderBatch, VisionBatch
+from . import past_tensors
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def read_tensor(directory: str, file: str, entry: dict) -> np.ndarray:
+    buf = np.empty(entry["length"], np.uint8)
+    with open(f"{directory}/{file}", "rb") as f:
+        f.seek(entry["offset"])
+        f.readinto(memoryview(buf))
+    return buf.view(entry["dtype"]).reshape(entry["shape"])
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, engine_dir: os.PathLike, manifest: dict, checkpoint: os.PathLike | None = None,
-                 device: str = "cpu", num_threads: int | None = None):
+    def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
+                 attention: str = "sdpa"):
         try:
             import torch
-            from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
         except ImportError:
-            raise GmrError("the torch backend needs torch and transformers: pip install 'gmr_fast[export]'") from None
-        from ..graphs.decoder import INPUT_NAMES, DecoderWithScoreHead
-        from ..graphs.vision import VisionEncoder
+            raise BackendError("the torch backend needs torch: pip install 'gmr_fast[export]'") from None
+        from ..graphs.decoder import ScoreDecoder
+        from ..graphs.vision import VisionDims, VisionEncoder
 
-        checkpoint = pathlib.Path(checkpoint or manifest["source"]["checkpoint"])
-        if not (checkpoint / "config.json").exists():
-            raise GmrError(f"the torch backend loads the engine's source checkpoint, and {checkpoint} is not one; "
-                           "pass checkpoint=... to Reranker(backend='torch')")
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        cls = Qwen2_5_VLForConditionalGeneration if manifest["model_family"] == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
-        model = cls.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager",
-                                    local_files_only=True, use_safetensors=True).eval().to(device)
-        ids = manifest["token_ids"]
-        self.torch, self.device, self.decoder_inputs = torch, device, INPUT_NAMES
-        self.vision = VisionEncoder(model).eval()
-        self.decoder = DecoderWithScoreHead(model, ids["yes"], ids["no"]).eval()
+        if precision not in DTYPES:
+            raise BackendError(f"the torch backend runs fp32 or bf16, not {precision}")
+        if "fp32" not in manifest.variants:
+            raise BackendError("the torch backend reads the fp32 variant's weights, and this engine has none; "
+                               "re-export with --dtype fp32 (or a list including it)")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError(f"device {device!r} requested but torch sees no CUDA device")
+        if num_threads and device == "cpu":
+            torch.set_num_threads(int(num_threads))
+        self.torch, self.device, self.precision = torch, torch.device(device), precision
+        self.dtype = getattr(torch, DTYPES[precision])
+        self.dims = manifest.decoder
+        weights = manifest.variants["fp32"].weights
+        with torch.device("meta"):
+            self.decoder = ScoreDecoder(manifest.decoder)
+            self.vision = VisionEncoder(VisionDims.from_dict(manifest.vision))
+        for module, graph in ((self.decoder, "decoder"), (self.vision, "vision")):
+            self._load(module, engine_dir, weights[graph])
+            module.sdpa = attention == "sdpa"
+            module.eval()
 
-    def _tensors(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict:
-        return {n: self.torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in names}
+    def _load(self, module, engine_dir: str, weight_file) -> None:
+        torch = self.torch
+        module.to_empty(device=self.device)
+        params = dict(module.named_parameters())
+        buffers = module.constant_buffers()
+        missing = [n for n in params if n not in weight_file.tensors]
+        if missing:
+            raise BackendError(f"the engine's weights lack {missing[:3]}...; re-export the engine")
+        with torch.no_grad():
+            for name, p in params.items():
+                value = torch.from_numpy(read_tensor(engine_dir, weight_file.file, weight_file.tensors[name]))
+                dtype = torch.float32 if name == "score_row" else self.dtype  # the head stays fp32
+                p.data = value.to(device=self.device, dtype=dtype)
+            for name, value in buffers.items():
+                module.get_buffer(name).data = value.to(self.device)
 
-    def encode_images(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _t(self, a: np.ndarray):
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def encode_images(self, batch: VisionBatch) -> list:
         with self.torch.inference_mode():
-            return self.vision(**self._tensors(feeds, self.vision.input_names)).float().cpu().numpy()
+            feeds = {k: self._t(v) for k, v in batch.feeds.items()}
+            embeds = self.vision(self._t(batch.pixel_values), **feeds)
+        return list(embeds.split([int(t) for t in batch.tokens]))
 
-    def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.decoder(**self._tensors(feeds, self.decoder_inputs)).float().cpu().numpy()
+    def _run(self, batch: DecoderBatch, images: list, kv_rows: np.ndarray):
+        torch, d = self.torch, self.dims
+
+        def zeros(shape, kind):
+            return torch.zeros(shape, dtype=self.dtype if kind == "float" else torch.int64, device=self.device)
+
+        def copy(kv, k, past, n):
+            kv[:, :, k, :, :n] = past
+
+        past_kv, past_mask, past_index = past_tensors(batch, d.num_layers, d.num_kv_heads, d.head_dim, zeros, copy)
+        embeds = torch.cat(images) if images else torch.zeros(0, d.hidden_size, dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            return self.decoder(self._t(batch.input_ids), self._t(batch.attention_mask), self._t(batch.position_ids),
+                                embeds, past_kv, self._t(np.asarray(past_mask)), self._t(np.asarray(past_index)),
+                                self._t(kv_rows))
+
+    def score(self, batch: DecoderBatch, images: list) -> np.ndarray:
+        score, _ = self._run(batch, images, np.zeros(0, np.int64))
+        return score.float().cpu().numpy()
+
+    def prefill(self, batch: DecoderBatch, images: list) -> list:
+        _, present = self._run(batch, images, np.arange(batch.input_ids.shape[0], dtype=np.int64))
+        out = []
+        for r, n in enumerate(batch.lengths):
+            first = int(np.argmax(batch.attention_mask[r] > 0))
+            out.append(present[:, :, r, :, first:first + int(n)].clone())
+        return out

@@ -1,51 +1,174 @@
-"""The decoder graph: token ids + image embeddings -> relevance score, with the head fused.
+"""The decoder graph: Qwen2's language model with the relevance head fused, and prefix reuse.
 
-Inputs  input_ids int64 [B, L], attention_mask int64 [B, L], position_ids int64 [3, B, L]
-        (M-RoPE, HF's get_rope_index), image_embeds float32 [N, H] (the vision graph's output for
-        every image of the batch, in row-major order of their pad tokens; N may be 0).
-Output  score float32 [B] = final-norm hidden state of the last real token . (W[yes] - W[no]),
-        computed in fp32. The vocabulary projection is never materialised.
+Inputs   input_ids int64 [B, S], attention_mask int64 [B, S] (1 = real token; left or right
+         padding), position_ids int64 [3, B, S] (M-RoPE, HF's get_rope_index; a suffix continues
+         after its prefix's largest position), image_embeds float32 [N, H] (the vision graph's
+         rows for every image pad of the batch in row-major order; N may be 0),
+         past_kv float32 [layers, 2, NP, kv_heads, P, head_dim] (keys after RoPE and values of NP
+         prefixes), past_mask int64 [NP, P] (1 = a real prefix token), past_index int64 [B] (the
+         prefix row b continues), kv_rows int64 [R] (rows whose keys/values to return).
+Outputs  score float32 [B] = final-norm hidden state of each row's last real token
+         . (W[yes] - W[no]), in fp32: the vocabulary projection is never materialised;
+         present_kv float32 [layers, 2, R, kv_heads, S, head_dim] of the rows in kv_rows.
 
-Embedding lookup and image scatter happen inside the graph, so nothing of size B x L x H crosses
-between host and device. Left and right padding both work: the last real token is found from
-the attention mask.
+Three uses of one graph: whole prompts (past = one fully masked slot, kv_rows empty), prefixes
+(kv_rows = every row: their keys/values are what suffixes attend to) and suffixes (past = the
+prefixes they continue). Every row attends to its own past and, causally, to itself. In the last
+layer only the last real token's query, attention and MLP are computed: nothing else feeds the
+score. Attention keeps grouped-query heads grouped ([B, kv_heads, group x S, d] against
+[B, kv_heads, d, S]) so keys and values are never repeated per query head.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-INPUT_NAMES = ["input_ids", "attention_mask", "position_ids", "image_embeds"]
-OUTPUT_NAMES = ["score"]
+from ..manifest import DecoderDims
+from .common import Proj, RMSNorm, min_value, rotate_half
+
+INPUT_NAMES = ["input_ids", "attention_mask", "position_ids", "image_embeds", "past_kv", "past_mask", "past_index",
+               "kv_rows"]
+OUTPUT_NAMES = ["score", "present_kv"]
 
 
-class DecoderWithScoreHead(nn.Module):
-    def __init__(self, model, yes_id: int, no_id: int):
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """HF's default RoPE frequencies, computed the same way (fp32)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+
+
+def mrope_select(mrope_section, head_dim: int) -> torch.Tensor:
+    """[3, head_dim / 2] one-hot: which position axis (temporal, height, width) drives each
+    frequency, as HF's M-RoPE splits the frequencies by ``mrope_section``."""
+    sel = torch.zeros(3, head_dim // 2)
+    start = 0
+    for i, n in enumerate(mrope_section):
+        sel[i % 3, start:start + n] = 1.0
+        start += n
+    return sel
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d: DecoderDims):
         super().__init__()
-        self.language_model = model.model.language_model
-        self.image_token_id = int(model.config.image_token_id)
-        weight = model.lm_head.weight.detach()
-        self.register_buffer("score_row", (weight[yes_id].float() - weight[no_id].float()).clone(), persistent=False)
+        q_size, kv_size = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+        self.heads, self.kv_heads, self.head_dim = d.num_heads, d.num_kv_heads, d.head_dim
+        self.input_norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
+        self.q = Proj(d.hidden_size, q_size, bias=True)
+        self.kv = Proj(d.hidden_size, 2 * kv_size, bias=True)
+        self.o = Proj(q_size, d.hidden_size, bias=False)
+        self.post_norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
+        self.gate_up = Proj(d.hidden_size, 2 * d.intermediate_size, bias=False)
+        self.down = Proj(d.intermediate_size, d.hidden_size, bias=False)
+        self.scale = d.head_dim ** -0.5
 
-    def forward(self, input_ids, attention_mask, position_ids, image_embeds):
-        lm = self.language_model
-        embeds = lm.embed_tokens(input_ids)
-        batch, length = input_ids.shape
-        # Scatter the image embeddings into the pad positions: the k-th pad (row-major) takes
-        # row k; row 0 of the table is a zero row every other position points at.
-        is_image = input_ids == self.image_token_id
-        order = torch.cumsum(is_image.reshape(-1).to(torch.int64), 0).reshape(batch, length)
+    def attention(self, q, k, v, past_k, past_v, visible, sdpa: bool):
+        """q [B, Sq, heads, d]; k, v [B, kv_heads, S, d]; past_k, past_v [B, kv_heads, P, d];
+        visible bool [B, 1, Sq, P + S]. Returns [B, Sq, heads * d]."""
+        b, sq = q.shape[0], q.shape[1]
+        g = self.heads // self.kv_heads
+        if sdpa:
+            keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible, scale=self.scale,
+                                                 enable_gqa=True)
+            return out.transpose(1, 2).reshape(b, sq, -1)
+        # query head h uses key/value head h // g (HF's repeat_kv), so group the query heads
+        qg = q.reshape(b, sq, self.kv_heads, g, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, self.kv_heads, g * sq, -1)
+        p = past_k.shape[2]
+        scores = torch.cat([torch.matmul(qg, past_k.transpose(-1, -2)), torch.matmul(qg, k.transpose(-1, -2))], -1)
+        scores = (scores * self.scale).reshape(b, self.kv_heads, g, sq, -1)
+        scores = scores.masked_fill(~visible.unsqueeze(1), min_value(scores.dtype))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).reshape(b, self.kv_heads, g * sq, -1)
+        out = torch.matmul(probs[..., :p], past_v) + torch.matmul(probs[..., p:], v)
+        return out.reshape(b, self.kv_heads, g, sq, -1).permute(0, 3, 1, 2, 4).reshape(b, sq, -1)
+
+    def forward(self, x, cos, sin, past_k, past_v, visible, last=None, sdpa: bool = False):
+        """x [B, S, H]; cos/sin [B, S, d]. With ``last`` (int64 [B]) only those positions'
+        outputs are computed and [B, 1, H] is returned. Also returns this layer's k, v."""
+        b, s = x.shape[0], x.shape[1]
+        h = self.input_norm(x)
+        kv = self.kv(h).reshape(b, s, 2, self.kv_heads, self.head_dim)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        k = k * cos.unsqueeze(2) + rotate_half(k) * sin.unsqueeze(2)
+        rows = torch.arange(b, device=x.device)
+        if last is not None:  # only the last real token of each row feeds the score
+            x, h = x[rows, last].unsqueeze(1), h[rows, last].unsqueeze(1)
+            cos, sin = cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1)
+            visible = visible[rows, :, last].unsqueeze(2)
+        q = self.q(h).reshape(b, h.shape[1], self.heads, self.head_dim)
+        q = q * cos.unsqueeze(2) + rotate_half(q) * sin.unsqueeze(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        x = x + self.o(self.attention(q, k, v, past_k, past_v, visible, sdpa))
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
+        x = x + self.down(F.silu(gate) * up)
+        return x, k, v
+
+
+class ScoreDecoder(nn.Module):
+    def __init__(self, d: DecoderDims):
+        super().__init__()
+        self.dims = d
+        self.embed = nn.Parameter(torch.empty(d.vocab_size, d.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(d) for _ in range(d.num_layers))
+        self.norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
+        self.score_row = nn.Parameter(torch.empty(d.hidden_size), requires_grad=False)  # fp32 W[yes] - W[no]
+        self.register_buffer("inv_freq", torch.empty(d.head_dim // 2), persistent=False)
+        self.register_buffer("mrope_select", torch.empty(3, d.head_dim // 2), persistent=False)
+        self.sdpa = False  # the torch backend turns this on; exports use explicit attention
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        """Values of the non-weight buffers (computed, not read from a checkpoint)."""
+        d = self.dims
+        return {"inv_freq": rope_inv_freq(d.head_dim, d.rope_theta), "mrope_select": mrope_select(d.mrope_section, d.head_dim)}
+
+    def rotary(self, position_ids, dtype):
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [3, B, S, d/2]
+        freqs = (freqs * self.mrope_select[:, None, None, :]).sum(0)  # each frequency from its own axis
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def embed_tokens(self, input_ids, image_embeds):
+        embeds = F.embedding(input_ids, self.embed)
+        b, s = input_ids.shape
+        # The k-th image pad (row-major) takes row k of image_embeds; row 0 of the table is a zero
+        # row every other position points at.
+        is_image = input_ids == self.dims.image_token_id
+        order = torch.cumsum(is_image.reshape(-1).to(torch.int64), 0).reshape(b, s)
         table = torch.cat([embeds.new_zeros(1, embeds.shape[-1]), image_embeds.to(embeds.dtype)], 0)
-        embeds = torch.where(is_image.unsqueeze(-1), table[order * is_image.to(torch.int64)], embeds)
-        # Additive causal + padding mask [B, 1, L, L]; the dtype's minimum (not -inf) keeps rows
-        # that see nothing (left padding) finite; those rows never feed a real token.
-        positions = torch.arange(length, device=input_ids.device)
-        visible = (positions[None, :] <= positions[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device)
-        mask = mask.masked_fill(~visible, torch.finfo(embeds.dtype).min)
-        hidden = lm(inputs_embeds=embeds, attention_mask={"full_attention": mask}, position_ids=position_ids,
-                    use_cache=False).last_hidden_state
-        last = (attention_mask.to(torch.int64) * positions[None, :]).argmax(-1)
-        last_hidden = hidden[torch.arange(batch, device=hidden.device), last]
-        return last_hidden.float() @ self.score_row
+        return torch.where(is_image.unsqueeze(-1), table[order * is_image.to(torch.int64)], embeds)
+
+    def forward(self, input_ids, attention_mask, position_ids, image_embeds, past_kv, past_mask, past_index, kv_rows):
+        b, s = input_ids.shape
+        x = self.embed_tokens(input_ids, image_embeds)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        pos = torch.arange(s, device=input_ids.device)
+        real = attention_mask > 0
+        # causal over real keys; every position also sees itself, so that no row of padding is
+        # fully masked (those rows never feed a real token)
+        self_visible = ((pos[None, :] <= pos[:, None])[None] & real[:, None, :]) | torch.eye(s, dtype=torch.bool,
+                                                                                              device=input_ids.device)[None]
+        past_visible = (past_mask[past_index] > 0)[:, None, :].expand(b, s, past_mask.shape[1])
+        visible = torch.cat([past_visible, self_visible], -1).unsqueeze(1)  # [B, 1, S, P + S]
+        last = (attention_mask.to(torch.int64) * pos[None, :]).argmax(-1)
+        presents = []
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            past_k, past_v = past_kv[i, 0][past_index], past_kv[i, 1][past_index]
+            x, k, v = layer(x, cos, sin, past_k.to(x.dtype), past_v.to(x.dtype), visible,
+                            last if i == n - 1 else None, self.sdpa)
+            presents.append(torch.stack([k[kv_rows], v[kv_rows]]))
+        hidden = self.norm(x[:, 0])
+        score = hidden.float() @ self.score_row
+        return score, torch.stack(presents)
+
+    @staticmethod
+    def flops_per_token(d: DecoderDims) -> float:
+        """Matrix-multiply FLOPs per token of one pass through every layer (no attention)."""
+        q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+        return d.num_layers * 2.0 * (d.hidden_size * (q + 2 * kv) + q * d.hidden_size + 3 * d.hidden_size * d.intermediate_size)
+
+
+def attention_flops(d: DecoderDims, queries: int, keys: int) -> float:
+    return d.num_layers * 4.0 * d.num_heads * d.head_dim * queries * keys
+

@@ -1,60 +1,144 @@
-"""The vision graph: patches + grid-derived indices -> image embeddings for the decoder.
+"""The vision graph: patches + grid-derived index tensors -> image embeddings for the decoder.
 
-Inputs   pixel_values float32 [N, 1176], rot_pos_ids int64 [N, 2], full_gather int64 [S, Lf],
-         full_valid bool [S, Lf], full_inverse int64 [N]; Qwen2.5-VL adds window_index int64
-         [N/4], window_reverse int64 [N/4], window_gather int64 [W, Lw], window_valid bool
-         [W, Lw], window_inverse int64 [N] (all from gmr_fast.vision_layout).
-Output   image_embeds float32 [N/4, H]: merged patch embeddings, images in input order.
+Inputs   pixel_values float32 [N, patch_dim], rot_pos_ids int64 [N, 2], full_gather int64 [S, Lf],
+         full_valid bool [S, Lf], full_inverse int64 [N]; windowed towers (Qwen2.5-VL) add
+         window_index int64 [N / merge^2], window_reverse int64 [N / merge^2], window_gather int64
+         [W, Lw], window_valid bool [W, Lw], window_inverse int64 [N] (gmr_fast.vision_layout).
+Output   image_embeds float32 [N / merge^2, H]: merged patch embeddings, images in input order.
 
-The HF tower's weights are used as they are (patch embedding, rotary frequencies, norms, MLPs,
-merger); only attention is restated: on a padded [segments, longest] layout with a key mask,
-so that full-attention layers cost images x longest_image^2 and windowed layers cost
-windows x 64^2, and nothing depends on Python-side splitting (dynamic sizes export).
+One module serves the Qwen-VL towers; a family picks its norms, MLP and windowing
+(``VisionDims``). Attention is computed on a padded [segments, longest] layout with a key mask,
+so full-attention blocks cost images x longest_image^2 and windowed blocks windows x 64^2, and
+nothing depends on Python-side splitting (dynamic sizes export). Full-attention blocks process
+their heads in groups so that at most ``heads / head_groups`` score matrices are alive at once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-COMMON_INPUTS = ["pixel_values", "rot_pos_ids", "full_gather", "full_valid", "full_inverse"]
-WINDOW_INPUTS = ["window_index", "window_reverse", "window_gather", "window_valid", "window_inverse"]
+from ..vision_layout import COMMON_INPUTS, WINDOW_INPUTS
+from .common import Proj, make_norm, min_value, rotate_half
+
 OUTPUT_NAMES = ["image_embeds"]
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass(frozen=True)
+class VisionDims:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int
+    patch_dim: int
+    merge_size: int
+    norm: str  # "rms" | "layer"
+    mlp: str  # "swiglu" | "quick_gelu"
+    full_blocks: tuple[int, ...]  # blocks attending over whole images; the others attend per window
+    windowed: bool
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+    head_groups: int = 4  # full-attention heads processed in this many sequential groups
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def full_head_groups(self) -> int:
+        """The largest divisor of num_heads that is <= head_groups."""
+        return max(g for g in range(1, min(self.head_groups, self.num_heads) + 1) if self.num_heads % g == 0)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VisionDims":
+        return cls(**{**d, "full_blocks": tuple(d["full_blocks"])})
 
 
-def segment_attention(attn: nn.Module, x, cos, sin, gather, valid, inverse):
-    """HF vision attention restricted to segments, computed on the padded segment layout."""
-    n = x.shape[0]
-    heads = attn.num_heads
-    q, k, v = attn.qkv(x).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # [N, heads, d]
-    c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-    q = ((q.float() * c) + (_rotate_half(q.float()) * s)).to(x.dtype)
-    k = ((k.float() * c) + (_rotate_half(k.float()) * s)).to(x.dtype)
-    qs, ks, vs = (t[gather].transpose(1, 2) for t in (q, k, v))  # [S, heads, L, d]
-    scores = torch.matmul(qs, ks.transpose(-1, -2)) * attn.scaling
-    scores = scores.masked_fill(~valid[:, None, None, :], torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(vs.dtype)
-    out = torch.matmul(probs, vs).transpose(1, 2)  # [S, L, heads, d]
-    out = out.reshape(-1, out.shape[-2] * out.shape[-1])[inverse]
-    return attn.proj(out)
+class VisionBlock(nn.Module):
+    def __init__(self, d: VisionDims):
+        super().__init__()
+        self.heads = d.num_heads
+        self.norm1 = make_norm(d.norm, d.hidden_size, d.eps)
+        self.qkv = Proj(d.hidden_size, 3 * d.hidden_size, bias=True)
+        self.proj = Proj(d.hidden_size, d.hidden_size, bias=True)
+        self.norm2 = make_norm(d.norm, d.hidden_size, d.eps)
+        self.mlp_kind = d.mlp
+        if d.mlp == "swiglu":
+            self.gate_up = Proj(d.hidden_size, 2 * d.intermediate_size, bias=True)
+            self.down = Proj(d.intermediate_size, d.hidden_size, bias=True)
+        else:
+            self.fc1 = Proj(d.hidden_size, d.intermediate_size, bias=True)
+            self.fc2 = Proj(d.intermediate_size, d.hidden_size, bias=True)
+        self.scale = d.head_dim ** -0.5
+
+    def mlp(self, x):
+        if self.mlp_kind == "swiglu":
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu
+
+    def attention(self, x, cos, sin, gather, valid, inverse, groups: int, sdpa: bool):
+        n = x.shape[0]
+        q, k, v = self.qkv(x).reshape(n, 3, self.heads, -1).permute(1, 0, 2, 3).unbind(0)  # [N, heads, d]
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        q = (q.float() * c + rotate_half(q.float()) * s).to(x.dtype)
+        k = (k.float() * c + rotate_half(k.float()) * s).to(x.dtype)
+        qs, ks, vs = (t[gather].transpose(1, 2) for t in (q, k, v))  # [S, heads, L, d]
+        if sdpa:
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=valid[:, None, None, :], scale=self.scale)
+        else:
+            per = self.heads // groups
+            outs = []
+            for g in range(groups):  # sequential head groups bound the live score matrices
+                hs = slice(g * per, (g + 1) * per)
+                scores = torch.matmul(qs[:, hs], ks[:, hs].transpose(-1, -2)) * self.scale
+                scores = scores.masked_fill(~valid[:, None, None, :], min_value(scores.dtype))
+                outs.append(torch.matmul(torch.softmax(scores.float(), dim=-1).to(vs.dtype), vs[:, hs]))
+            out = torch.cat(outs, 1) if groups > 1 else outs[0]
+        out = out.transpose(1, 2)  # [S, L, heads, d]
+        return self.proj(out.reshape(-1, out.shape[-2] * out.shape[-1])[inverse])
+
+    def forward(self, x, cos, sin, layout, groups: int, sdpa: bool):
+        x = x + self.attention(self.norm1(x), cos, sin, *layout, groups, sdpa)
+        return x + self.mlp(self.norm2(x))
+
+
+class Merger(nn.Module):
+    def __init__(self, d: VisionDims):
+        super().__init__()
+        merged = d.hidden_size * d.merge_size ** 2
+        self.norm = make_norm(d.norm, d.hidden_size, d.eps)
+        self.fc1 = Proj(merged, merged, bias=True)
+        self.fc2 = Proj(merged, d.out_hidden_size, bias=True)
+        self.merged = merged
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.norm(x).reshape(-1, self.merged))))
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, model):
+    def __init__(self, d: VisionDims):
         super().__init__()
-        self.visual = model.model.visual
-        self.windowed = hasattr(self.visual, "fullatt_block_indexes")
-        self.full_blocks = set(getattr(self.visual, "fullatt_block_indexes", range(len(self.visual.blocks))))
-        self.merge_unit = self.visual.spatial_merge_size ** 2
+        self.dims = d
+        self.patch_embed = Proj(d.patch_dim, d.hidden_size, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(d) for _ in range(d.depth))
+        self.merger = Merger(d)
+        self.register_buffer("inv_freq", torch.empty(d.head_dim // 4), persistent=False)
+        self.merge_unit = d.merge_size ** 2
+        self.sdpa = False
 
     @property
     def input_names(self) -> list[str]:
-        return COMMON_INPUTS + (WINDOW_INPUTS if self.windowed else [])
+        return COMMON_INPUTS + (WINDOW_INPUTS if self.dims.windowed else [])
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        spatial = self.dims.head_dim // 2
+        return {"inv_freq": 1.0 / (self.dims.rope_theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))}
 
     def _permute(self, x, index):
         n = x.shape[0]
@@ -62,19 +146,20 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values, rot_pos_ids, full_gather, full_valid, full_inverse,
                 window_index=None, window_reverse=None, window_gather=None, window_valid=None, window_inverse=None):
-        vis = self.visual
-        hidden = vis.patch_embed(pixel_values)
-        cos, sin = vis.rotary_pos_emb(hidden, rot_pos_ids)
-        if self.windowed:
+        d = self.dims
+        dtype = self.patch_embed.weight.dtype
+        hidden = self.patch_embed(pixel_values.to(dtype))
+        freqs = rot_pos_ids.float().unsqueeze(-1) * self.inv_freq  # [N, 2, d/4]: height and width
+        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if d.windowed:
             hidden, cos, sin = (self._permute(t, window_index) for t in (hidden, cos, sin))
-        for i, block in enumerate(vis.blocks):
-            if i in self.full_blocks:
-                layout = (full_gather, full_valid, full_inverse)
-            else:
-                layout = (window_gather, window_valid, window_inverse)
-            hidden = hidden + segment_attention(block.attn, block.norm1(hidden), cos, sin, *layout)
-            hidden = hidden + block.mlp(block.norm2(hidden))
-        merged = vis.merger(hidden)
-        if self.windowed:
-            merged = merged[window_reverse]
-        return merged
+        full = (full_gather, full_valid, full_inverse)
+        window = (window_gather, window_valid, window_inverse)
+        for i, block in enumerate(self.blocks):
+            is_full = i in d.full_blocks
+            hidden = block(hidden, cos, sin, full if is_full else window, d.full_head_groups if is_full else 1,
+                           self.sdpa)
+        merged = self.merger(hidden)
+        return merged[window_reverse] if d.windowed else merged

@@ -1,0 +1,60 @@
+"""Building blocks shared by the graph modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Proj(nn.Module):
+    """``x @ weight (+ bias)`` with ``weight`` of shape [in, out]: a MatMul in the exported graph
+    whose second operand is an initializer, which is what weight quantization rewrites."""
+
+    def __init__(self, fan_in: int, fan_out: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(fan_in, fan_out), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(fan_out), requires_grad=False) if bias else None
+
+    def forward(self, x):
+        y = torch.matmul(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+class RMSNorm(nn.Module):
+    """As HuggingFace's Qwen2 RMSNorm: statistics in fp32, the result cast back before the scale."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def make_norm(kind: str, size: int, eps: float) -> nn.Module:
+    return RMSNorm(size, eps) if kind == "rms" else LayerNorm(size, eps)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def min_value(dtype) -> float:
+    return torch.finfo(dtype).min

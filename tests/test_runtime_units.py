@@ -1,0 +1,210 @@
+"""Unit tests of the runtime's stages without any model: scheduling (token, memory and prefix
+budgets), the batch builder (both padding sides, continuation positions), options and their CLI
+flags, manifest checks, prompt prefixes at the token boundary, the error hierarchy. None of this
+needs torch; `test_unit_tests_run_without_torch` proves it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gmr_fast
+from gmr_fast import _core, errors
+from gmr_fast.gmr_config import GmrConfig
+from gmr_fast.manifest import FORMAT_VERSION, load_manifest
+from gmr_fast.options import add_arguments, fingerprint, from_args, parse_key_values
+from gmr_fast.positions import rope_positions
+from gmr_fast.prompt import Item, PromptBuilder
+from gmr_fast.reranker import RerankerOptions
+from gmr_fast.schedule import Limits, Sequence, build_decoder_batch, plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_error_is_a_gmr_error():
+    for name in ("CoreError", "ConfigError", "ImageError", "PromptError", "EngineError", "BackendError",
+                 "CheckpointError", "ExportError"):
+        assert issubclass(getattr(errors, name), errors.GmrError), name
+    assert _core.CoreError is errors.CoreError
+    with pytest.raises(errors.GmrError, match="max_batch_tokens and max_batch_size must be positive"):
+        _core.schedule_batches(np.array([3]), np.zeros(0, np.int64), 0, 1, 0.5, 0.0, 0.0, 0.0)
+
+
+def test_scheduler_respects_tokens_sizes_buckets_and_memory(rng):
+    for _ in range(60):
+        n = int(rng.integers(1, 150))
+        lengths = rng.integers(1, 2000, n)
+        context = rng.integers(0, 1500, n) if rng.random() < 0.5 else None
+        limits = Limits(int(rng.integers(500, 20000)), int(rng.integers(1, 48)), float(rng.choice([0.0, 0.5, 0.8, 1.0])),
+                        float(rng.choice([0.0, 1e3, 2e5])), float(rng.choice([0.0, 64.0, 192.0])),
+                        float(rng.choice([0.0, 5e8, 3e9])))
+        batches = limits.pack(lengths, context)
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == list(range(n))  # every row exactly once
+        assert (np.diff(lengths[flat]) <= 0).all()  # longest first
+        ctx = np.zeros(n, np.int64) if context is None else context
+        for b in batches:
+            longest = lengths[b].max()
+            if len(b) == 1:
+                continue  # a row that alone exceeds a limit still runs, alone
+            assert len(b) <= limits.max_batch_size and len(b) * longest <= limits.max_batch_tokens
+            assert (lengths[b] >= limits.min_fill * longest).all()
+            if limits.max_batch_bytes:
+                assert limits.bytes(len(b), int(longest), int(ctx[b].max())) <= limits.max_batch_bytes
+
+
+def test_memory_budget_shrinks_batches_when_attention_grows():
+    limits = Limits(100000, 64, 0.0, 1e3, 192.0, 1e9)
+    short = limits.pack(np.full(64, 100))
+    long_context = limits.pack(np.full(64, 100), np.full(64, 1300))
+    assert len(short) == 1 and len(long_context) > 1  # the same rows, but the prefix keys cost attention
+    assert all(limits.bytes(len(b), 100, 1300) <= 1e9 for b in long_context)
+
+
+def test_plan_waves_keep_prefix_memory_bounded():
+    prefix_lengths = [1300, 40, 1300, 600, 40]
+    suffixes = {p: (p % 5, 50 + p) for p in range(40)}  # 8 pairs per prefix
+    whole = {40: 300, 41: 20}
+    decode = Limits(4096, 16, 0.5)
+    kv_per_token = 1000
+    schedule = plan(whole, suffixes, prefix_lengths, decode, decode, kv_per_token, max_kv_bytes=2000 * kv_per_token)
+    kinds = [s.kind for s in schedule.steps]
+    assert kinds.count("whole") >= 1 and set(kinds) == {"prefix", "suffix", "whole"}
+    seen_pairs, alive = [], set()
+    for i, step in enumerate(schedule.steps):
+        if step.kind == "prefix":
+            alive |= {int(k) for k in step.rows}
+            assert sum(prefix_lengths[k] for k in alive) <= 2000 or len(alive) == len(step.rows)
+        elif step.kind == "suffix":
+            assert {suffixes[int(p)][0] for p in step.rows} <= alive  # prefixes computed before use
+            seen_pairs += [int(p) for p in step.rows]
+        else:
+            seen_pairs += [int(p) for p in step.rows]
+        for k in schedule.releases.get(i, []):
+            alive.discard(k)
+    assert sorted(seen_pairs) == sorted(list(suffixes) + list(whole))
+    assert not alive  # every wave released
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_batch_builder_positions_both_padding_sides_and_continuations(left, rng):
+    seqs, refs, starts = [], [], []
+    for _ in range(7):
+        grids = [(int(rng.integers(1, 6)), int(rng.integers(1, 6))) for _ in range(int(rng.integers(0, 3)))]
+        ids, cursor, spans = [], 0, []
+        for gh, gw in grids:
+            text = int(rng.integers(0, 7))
+            ids += [7] * text + [151655] * (gh * gw)
+            spans.append((cursor + text, cursor + text + gh * gw, gh, gw))
+            cursor += text + gh * gw
+        ids += [9] * int(rng.integers(1, 9))
+        start = int(rng.integers(0, 50))
+        seqs.append(Sequence(np.array(ids, np.int64), np.array(spans, np.int64).reshape(-1, 4), []))
+        refs.append(start + rope_positions(len(ids), [(a, b) for a, b, _, _ in spans], [(h, w) for _, _, h, w in spans]))
+        starts.append(start)
+    batch = build_decoder_batch(np.arange(7), seqs, 151643, left, np.array(starts))
+    width = batch.input_ids.shape[1]
+    for r, seq in enumerate(seqs):
+        n = len(seq)
+        real = slice(width - n, width) if left else slice(0, n)
+        pad = slice(0, width - n) if left else slice(n, width)
+        assert batch.input_ids[r, real].tolist() == seq.ids.tolist() and (batch.input_ids[r, pad] == 151643).all()
+        assert batch.attention_mask[r, real].all() and not batch.attention_mask[r, pad].any()
+        assert (batch.position_ids[:, r, real] == refs[r]).all() and (batch.position_ids[:, r, pad] == 1).all()
+        assert batch.next_position[r] == refs[r].max() + 1  # a continuation starts after the largest position
+    assert batch.real_tokens == sum(len(s) for s in seqs) and batch.padded_tokens == 7 * width
+
+
+def test_options_give_flags_and_fingerprints():
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_arguments(parser, RerankerOptions)
+    args = parser.parse_args(["--max-batch-tokens", "1000", "--no-share-prefix", "--precision", "int8", "--threads", "3",
+                              "--backend-option", "arena=true", "--backend-option", "optimization=basic"])
+    options = from_args(RerankerOptions, args)
+    options.validate()
+    assert options.max_batch_tokens == 1000 and options.share_prefix is False and options.num_threads == 3
+    assert options.backend_options == {"arena": True, "optimization": "basic"}
+    fp = fingerprint(options)
+    assert fp["precision"] == "int8" and "image_cache_size" not in fp  # caching never changes a score
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--precision", "fp16"])
+    with pytest.raises(gmr_fast.ConfigError, match="KEY=VALUE"):
+        parse_key_values(["novalue"])
+    with pytest.raises(gmr_fast.ConfigError, match="min_fill must be in"):
+        dataclasses.replace(RerankerOptions(), min_fill=2.0).validate()
+
+
+def _manifest(tmp_path, **changes):
+    from gmr_fast.manifest import DECODER_INPUTS
+
+    io = lambda names: [{"name": n, "dtype": "int64", "shape": [1]} for n in names]  # noqa: E731
+    data = {"format_version": FORMAT_VERSION, "family": "qwen2_vl", "source": {}, "gmr": GmrConfig().to_dict(),
+            "tokens": {"yes": 9693, "no": 2152, "image_pad": 151655, "vision_start": 151652, "vision_end": 151653,
+                       "pad": 151643},
+            "preprocessing": {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "image_mean": [0.5] * 3,
+                              "image_std": [0.5] * 3, "rescale_factor": 1 / 255, "min_pixels": 3136,
+                              "max_pixels": 1003520, "window_size": None},
+            "decoder": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+                        "intermediate_size": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                        "mrope_section": [4, 2, 2], "tie_word_embeddings": False, "image_token_id": 151655},
+            "vision": {}, "validation": {},
+            "variants": {"fp32": {"precision": "fp32", "backend": "onnxruntime", "validation": {}, "weights": {},
+                                  "graphs": {"vision": {"file": "v.onnx", "inputs": io(["pixel_values", "rot_pos_ids",
+                                                                                     "full_gather", "full_valid",
+                                                                                     "full_inverse"]), "outputs": []},
+                                             "decoder": {"file": "d.onnx", "inputs": io(DECODER_INPUTS), "outputs": []}}}}}
+    for key, value in changes.items():
+        data[key] = value(data[key]) if callable(value) else value
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_manifest_is_typed_and_refuses_what_the_runtime_cannot_run(tmp_path):
+    m = load_manifest(_manifest(tmp_path))
+    assert m.preprocessing.image_mean == (0.5, 0.5, 0.5) and m.preprocessing.visual_tokens(56, 84) == 6
+    assert m.decoder.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4 and m.precisions == ("fp32",)
+    with pytest.raises(gmr_fast.EngineError, match="no int8 variant.*re-export with --dtype int8"):
+        m.variant("int8")
+    with pytest.raises(gmr_fast.EngineError, match="engine format 1 is not the one this runtime runs.*re-export"):
+        load_manifest(_manifest(tmp_path, format_version=1))
+
+    def drop_past(variants):
+        inputs = variants["fp32"]["graphs"]["decoder"]["inputs"]
+        variants["fp32"]["graphs"]["decoder"]["inputs"] = [i for i in inputs if i["name"] != "past_kv"]
+        return variants
+    with pytest.raises(gmr_fast.EngineError, match=r"lacks input\(s\) \['past_kv'\].*re-export"):
+        load_manifest(_manifest(tmp_path, variants=drop_past))
+    with pytest.raises(gmr_fast.EngineError, match="model family 'llava' is not supported"):
+        load_manifest(_manifest(tmp_path, family="llava"))
+    with pytest.raises(gmr_fast.EngineError, match="no manifest.json"):
+        load_manifest(tmp_path / "nowhere")
+
+
+def test_prefix_ids_are_a_prefix_of_the_whole_prompt_unless_bpe_merges(tokenizer_json):
+    builder = PromptBuilder(tokenizer_json, GmrConfig())
+    query = Item("what is a cat?")
+    prefix = builder.encode_prefix("Find it.", query)
+    for doc, shared in [("Cats are small.", True), (" leading space", True), ("42 is a number", True),
+                        ("数据 in Chinese", True), (".starts with a dot", False), ("(parenthesis)", False)]:
+        whole = builder.encode("Find it.", query, Item(doc)).ids
+        assert np.array_equal(whole[:len(prefix.ids)], prefix.ids) == shared, doc
+    with_image = builder.encode_prefix("Find it.", Item("q", image="x.png"), 6)
+    assert with_image.image_spans and with_image.image_spans[0][1] - with_image.image_spans[0][0] == 6
+
+
+@pytest.mark.e2e
+def test_unit_tests_run_without_torch():
+    """Reruns the unit tests with torch and transformers impossible to import."""
+    env = {**os.environ, "GMR_FAST_BLOCK_TORCH": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "unit", "-p", "no:cacheprovider", "-rs"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
