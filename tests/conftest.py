@@ -97,6 +97,16 @@ def all_precisions_engine(tiny_checkpoints, tmp_path_factory):
     return export_engine(tiny_checkpoints["qwen2_5_vl"], root / "e", ExportOptions(dtypes=("fp32", "int8", "bf16"))), root / "e"
 
 
+def pytest_ignore_collect(collection_path, config):
+    """With torch blocked, files marked as a whole for the heavier levels are not even imported
+    (their module-level imports need torch); every other file must import without it."""
+    if os.environ.get("GMR_FAST_BLOCK_TORCH") == "1" and collection_path.suffix == ".py":
+        text = collection_path.read_text(encoding="utf-8", errors="replace")
+        if any(f"pytestmark = pytest.mark.{m}" in text for m in ("model", "e2e", "real_width")):
+            return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """A test is `unit` unless marked `model`, `e2e` or `real_width` (see tests/README.md)."""
     heavy = {"model", "e2e", "real_width"}
