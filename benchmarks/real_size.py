@@ -1,0 +1,186 @@
+"""Real GMR widths: export time and memory, engine bytes, run-time memory and speed of every
+precision against HuggingFace fp32 and bf16, measured in the same run on this CPU.
+
+    python benchmarks/real_size.py --shapes gmr-3b:6:8,gmr-7b:3:4 --out benchmarks/results/real_size_cpu.json
+    python benchmarks/real_size.py --full-export gmr-3b --out benchmarks/results/real_size_full_export.json
+
+Checkpoints are generated with the released widths and layout (export.factory; random weights;
+reduced depth ``shape:decoder_layers:vision_layers`` so a run fits in minutes). Every
+measurement runs in its own process, so its peak RSS is its own. Workloads (fixed seeds):
+
+- ``text``: 4 queries x 8 documents of 30-400 words;
+- ``image``: 32 image-query pairs, a 1,116-token and a 324-token query image with 16 short text
+  documents each (the issue's workload).
+
+Reported per workload: pairs/s, speed-up against HF fp32 and HF bf16, peak RSS, ranking agreement
+(Kendall tau) with HF fp32, and the Reranker's activation budget. ``--full-export`` builds a
+full-depth checkpoint and records the export alone (time, peak RSS, engine bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import in_child, machine, write  # noqa: E402
+
+WORDS = ("the of and a to in is for on that with as by this are from at be an or which image document query river "
+         "mountain chart table photo report market city science history").split()
+
+
+def workload(kind: str, seed: int = 0) -> tuple[list, str]:
+    rng = np.random.default_rng(seed)
+    text = lambda k: " ".join(rng.choice(WORDS, int(k)))  # noqa: E731
+    if kind == "text":
+        queries = [text(rng.integers(4, 12)) for _ in range(4)]
+        return [(q, text(rng.integers(30, 400))) for q in queries for _ in range(8)], "text"
+    big = rng.integers(0, 256, (1008, 868, 3), dtype=np.uint8)  # 36 x 31 merged patches = 1,116 tokens
+    small = rng.integers(0, 256, (504, 504, 3), dtype=np.uint8)  # 18 x 18 = 324 tokens
+    return [({"text": text(5), "image": im}, text(rng.integers(10, 30))) for im in (big, small) for _ in range(16)], "image"
+
+
+def child_export(checkpoint: str, engine: str, dtypes: list) -> dict:
+    import logging
+
+    from export.engine_export import ExportOptions, export_engine
+
+    logging.basicConfig(level=logging.INFO)
+    start = time.perf_counter()
+    m = export_engine(checkpoint, engine, ExportOptions(dtypes=tuple(dtypes), force=True))
+    return {"export_seconds": time.perf_counter() - start,
+            "variants": {p: {"weight_bytes": v.details.get("weight_bytes"),
+                             "validation": {k: v.validation.get(k) for k in ("max_rel_error", "kendall_tau",
+                                                                              "top10_overlap_mean", "seconds")},
+                             "details": {k: v.details.get(k) for k in ("kept_fp32_patterns", "build_seconds")}}
+                         for p, v in m.variants.items()},
+            "reference": m.validation.get("reference"), "reference_seconds": m.validation.get("reference_seconds"),
+            "engine_bytes": sum(f.stat().st_size for f in pathlib.Path(engine).iterdir())}
+
+
+def child_reranker(engine: str, precision: str, kind: str, share: bool = True, repeat: int = 1) -> dict:
+    from gmr_fast import Reranker
+
+    pairs, _ = workload(kind)
+    r = Reranker(engine, precision=precision, share_prefix=share)
+    r.score(pairs[:2])  # warm-up (first-run allocations)
+    best, scores = None, None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        scores = r.score(pairs)
+        t = time.perf_counter() - start
+        best = t if best is None else min(best, t)
+    return {"pairs": len(pairs), "seconds": best, "pairs_per_s": len(pairs) / best, "scores": scores.tolist(),
+            "stats": {k: v for k, v in r.last_stats.items() if not isinstance(v, list)},
+            "activation_budget_mb": r.options.activation_budget_mb}
+
+
+def child_hf(checkpoint: str, dtype: str, kind: str) -> dict:
+    from hf_baseline import HFStrong
+
+    pairs, _ = workload(kind)
+    hf = HFStrong(checkpoint, dtype)
+    hf.score(pairs[:2])
+    start = time.perf_counter()
+    scores, padded = hf.score(pairs)
+    t = time.perf_counter() - start
+    return {"pairs": len(pairs), "seconds": t, "pairs_per_s": len(pairs) / t, "scores": scores.tolist(),
+            "padded_tokens": padded}
+
+
+def kendall(a, b) -> float:
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(a, b).statistic)
+
+
+def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[str]) -> dict:
+    from export.factory import build_shape_checkpoint
+
+    shape, layers, vision_layers = spec.split(":")
+    ckpt = work / f"{shape}-L{layers}-V{vision_layers}"
+    if not (ckpt / "model.safetensors.index.json").exists():
+        build_shape_checkpoint(ckpt, shape, int(layers), int(vision_layers))
+    engine = work / f"{ckpt.name}-engine"
+    dtypes = sorted({p for p in precisions if p != "auto"} | {"fp32", "int8"})
+    export = in_child("real_size:child_export", str(ckpt), str(engine), dtypes)
+    print(json.dumps({"shape": spec, "export": {k: v for k, v in export.items()}}), flush=True)
+    out = {"shape": shape, "decoder_layers": int(layers), "vision_layers": int(vision_layers), "export": export,
+           "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")), "workloads": {}}
+    for kind in kinds:
+        rows = {}
+        for dtype in ("fp32", "bf16"):
+            rows[f"hf_{dtype}"] = in_child("real_size:child_hf", str(ckpt), dtype, kind)
+        for precision in precisions:
+            rows[f"gmr_{precision}"] = in_child("real_size:child_reranker", str(engine), precision, kind)
+        ref = rows["hf_fp32"]["scores"]
+        fastest_hf = max(rows["hf_fp32"]["pairs_per_s"], rows["hf_bf16"]["pairs_per_s"])
+        for name, row in rows.items():
+            row["kendall_tau_vs_hf_fp32"] = kendall(ref, row.pop("scores"))
+            row["speedup_vs_hf_fp32"] = row["pairs_per_s"] / rows["hf_fp32"]["pairs_per_s"]
+            row["speedup_vs_hf_fastest"] = row["pairs_per_s"] / fastest_hf
+            print(json.dumps({"shape": spec, "workload": kind, "method": name,
+                              **{k: row[k] for k in ("pairs_per_s", "peak_rss_bytes", "kendall_tau_vs_hf_fp32",
+                                                     "speedup_vs_hf_fastest")}}), flush=True)
+        out["workloads"][kind] = rows
+    return out
+
+
+def table(doc: dict) -> str:
+    lines = ["| shape (layers) | workload | method | pairs/s | vs HF fp32 | vs HF fastest | tau vs HF fp32 | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in doc.get("shapes", []):
+        for kind, rows in s["workloads"].items():
+            for name, r in rows.items():
+                lines.append(f"| {s['shape']} ({s['decoder_layers']}) | {kind} | {name} | {r['pairs_per_s']:.2f} | "
+                             f"{r['speedup_vs_hf_fp32']:.2f}x | {r['speedup_vs_hf_fastest']:.2f}x | "
+                             f"{r['kendall_tau_vs_hf_fp32']:.3f} | {r['peak_rss_bytes'] / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="gmr-3b:6:8")
+    p.add_argument("--precisions", default="auto,fp32,int8,bf16")
+    p.add_argument("--workloads", default="text,image")
+    p.add_argument("--full-export", help="a shape to build at full depth and export (fp32), recording the export")
+    p.add_argument("--dtypes", default="fp32", help="variants of the full-depth export")
+    p.add_argument("--work", default="/tmp/gmr_bench")
+    p.add_argument("--out", default="benchmarks/results/real_size_cpu.json")
+    a = p.parse_args(argv)
+    work = pathlib.Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": machine(), "command": " ".join(sys.argv)}
+    if a.full_export:
+        from export.factory import build_shape_checkpoint
+
+        ckpt = work / f"{a.full_export}-full"
+        if not (ckpt / "model.safetensors.index.json").exists():
+            t = time.perf_counter()
+            build_shape_checkpoint(ckpt, a.full_export)
+            doc["checkpoint_build_seconds"] = time.perf_counter() - t
+        doc["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        doc["full_export"] = in_child("real_size:child_export", str(ckpt), str(work / f"{a.full_export}-full-engine"),
+                                      a.dtypes.split(","), timeout=6 * 3600)
+        w = doc["full_export"]
+        fp32 = w["variants"].get("fp32", {}).get("weight_bytes") or 0
+        doc["bar"] = {"peak_rss_bytes": w["peak_rss_bytes"], "limit_bytes": 1.5 * fp32 + 2e9,
+                      "within": w["peak_rss_bytes"] <= 1.5 * fp32 + 2e9}
+        print(json.dumps(doc, indent=1))
+    else:
+        doc["shapes"] = [run_shape(s, work, a.precisions.split(","), a.workloads.split(",")) for s in a.shapes.split(",")]
+        print(table(doc))
+    write(a.out, doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The FastAPI application: routes, authentication, limits, and the one place where errors become
+HTTP statuses.
+
+Statuses: 400 malformed or empty request (JSON that does not parse or fit the schema, no
+documents), 401 missing or wrong API key, 413 body or document count over the limits, 422 invalid
+input (a corrupt or missing image, a remote image URL, a pair too long to fit even without
+document text), 429 queue full, 503 not ready (the engine is still loading, or the server is
+shutting down), 500 an unexpected engine failure (logged; the server keeps serving). Error
+bodies are ``{"error": {"type", "message", "field"?, "index"?}}``.
+
+A bad document fails its whole request (422 naming the field and document index), as Cohere and
+vLLM reject invalid input; other requests batched with it are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from ..errors import GmrError, ImageError, PromptError
+from .metrics import Metrics
+from .queue import BatchQueue, Job, NotReady, QueueFull
+from .schema import ImagePolicy, RequestError, RerankRequest, ScoreRequest, echo_document, rerank_pairs, score_pairs
+
+log = logging.getLogger("gmr_fast.server")
+
+
+@dataclass
+class ServerState:
+    engine_dir: str
+    reranker_options: object
+    api_key: str | None = None
+    max_documents: int = 1000
+    max_queue: int = 8192
+    max_body_bytes: int = 64 << 20
+    local_images: str | None = None
+    model_name: str = "gmr"
+    reranker: object = None
+    queue: BatchQueue | None = None
+    load_error: str | None = None
+
+
+def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
+    metrics = Metrics.create()
+    policy = ImagePolicy(state.local_images)
+
+    def load() -> None:
+        try:
+            from ..reranker import Reranker
+
+            state.reranker = Reranker(state.engine_dir, state.reranker_options)
+            state.queue = BatchQueue(state.reranker, metrics, max_queue_pairs=state.max_queue)
+            log.info("engine ready: %s", state.reranker.choice)
+        except Exception as e:  # noqa: BLE001 - reported by /health and every request (503)
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.error("the engine failed to load: %s", state.load_error)
+
+    async def lifespan(app):
+        if load_in_background:
+            threading.Thread(target=load, name="gmr-load", daemon=True).start()
+        else:
+            load()
+        yield
+        if state.queue is not None:  # finish what is queued, then stop the engine thread
+            await asyncio.to_thread(state.queue.close)
+
+    app = FastAPI(title="gmr_fast rerank server", lifespan=lifespan)
+    app.state.gmr = state
+    app.state.metrics = metrics
+
+    # ------------------------------------------------------------------ errors, in one place
+    def error(status: int, kind: str, message: str, field: str | None = None, index: int | None = None):
+        body = {"type": kind, "message": message}
+        if field is not None:
+            body["field"] = field
+        if index is not None:
+            body["index"] = index
+        return JSONResponse({"error": body}, status_code=status)
+
+    def to_response(e: BaseException):
+        if isinstance(e, RequestError):
+            return error(e.status, e.kind, str(e), e.field, e.index)
+        if isinstance(e, (ImageError, PromptError)):
+            index = getattr(e, "pair_index", None)
+            return error(422, "invalid_input", str(e), getattr(e, "field", None), index)
+        if isinstance(e, QueueFull):
+            return error(429, "queue_full", str(e))
+        if isinstance(e, NotReady):
+            return error(503, "not_ready", str(e))
+        if isinstance(e, GmrError):
+            return error(422, "invalid_input", str(e))
+        log.exception("unexpected error", exc_info=e)
+        return error(500, "internal", f"{type(e).__name__}: {e}")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", [])]
+        loc = loc[1:] if loc[:1] == ["body"] else loc
+        index = next((int(x) for x in loc[1:2] if x.isdigit()), None)
+        kind = "malformed"
+        message = first.get("msg", "malformed request")
+        if first.get("type") == "json_invalid":
+            message = "the body is not valid JSON"
+        return error(400, kind, message, loc[0] if loc else None, index)
+
+    @app.exception_handler(GmrError)
+    async def on_gmr(request, exc: GmrError):
+        return to_response(exc)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Body limit, authentication and metrics for every request."""
+        endpoint = request.url.path
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
+                response = error(413, "too_large", f"body of {length} bytes; the limit is {state.max_body_bytes}")
+            elif state.api_key and endpoint not in ("/health", "/metrics") and not _authorized(request, state.api_key):
+                response = error(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)")
+            else:
+                try:
+                    response = await call_next(request)
+                except Exception as e:  # noqa: BLE001 - never fall over: an unexpected failure is a 500
+                    response = to_response(e)
+        finally:
+            metrics.in_flight.dec()
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    # ------------------------------------------------------------------ scoring
+    def ready():
+        if state.load_error:
+            raise NotReady(f"the engine failed to load: {state.load_error}")
+        if state.queue is None:
+            raise NotReady("the engine is still loading; retry shortly")
+        return state.queue
+
+    async def run(request: Request, pairs, instruction, labels) -> tuple[np.ndarray, int]:
+        queue = ready()
+        loop = asyncio.get_running_loop()
+        job = Job(pairs, instruction, labels, loop, loop.create_future())
+        queue.submit(job)
+        while not job.future.done():  # free the queued work if the client goes away
+            await asyncio.wait({job.future}, timeout=0.25)
+            if not job.future.done() and await request.is_disconnected():
+                queue.cancel(job)
+                raise NotReady("client disconnected")
+        try:
+            return job.future.result(), job.tokens
+        except (ImageError, PromptError) as e:
+            raise _name(e, labels) from None
+
+    async def rerank(request: Request, body: RerankRequest, version: int):
+        query, documents = await asyncio.to_thread(rerank_pairs, body, policy, state.max_documents)
+        if body.max_tokens_per_doc:
+            documents = [_truncated(state, d, body.max_tokens_per_doc) for d in documents]
+        labels = [f"documents[{i}]" for i in range(len(documents))]
+        scores, tokens = await run(request, [(query, d) for d in documents], body.instruction, labels)
+        values = scores if body.raw_scores else _sigmoid(scores)
+        order = sorted(range(len(values)), key=lambda i: (-values[i], i))[:body.top_n or len(values)]
+        results = []
+        for i in order:
+            row = {"index": i, "relevance_score": float(values[i])}
+            if body.return_documents:
+                row["document"] = echo_document(body.documents[i])
+            results.append(row)
+        meta = {"api_version": {"version": str(version)}, "billed_units": {"search_units": math.ceil(len(documents) / 100)}}
+        if version == 2:
+            meta["tokens"] = {"input_tokens": tokens}
+        return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+
+    @app.post("/v1/rerank")
+    async def rerank_v1(request: Request, body: RerankRequest):
+        return await rerank(request, body, 1)
+
+    @app.post("/v2/rerank")
+    async def rerank_v2(request: Request, body: RerankRequest):
+        return await rerank(request, body, 2)
+
+    @app.post("/rerank")
+    async def rerank_plain(request: Request, body: RerankRequest):
+        return await rerank(request, body, 2)
+
+    async def score(request: Request, body: ScoreRequest):
+        pairs = await asyncio.to_thread(score_pairs, body, policy, state.max_documents)
+        if body.truncate_prompt_tokens:
+            pairs = [(q, _truncated(state, d, body.truncate_prompt_tokens)) for q, d in pairs]
+        labels = [f"text_2[{i}]" for i in range(len(pairs))]
+        scores, tokens = await run(request, pairs, body.instruction, labels)
+        values = scores if body.raw_scores else _sigmoid(scores)
+        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": body.model or state.model_name,
+                "data": [{"index": i, "object": "score", "score": float(v)} for i, v in enumerate(values)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    app.post("/score")(score)
+    app.post("/v1/score")(score)
+
+    # ------------------------------------------------------------------ status
+    @app.get("/health")
+    async def health():
+        if state.load_error:
+            return error(503, "not_ready", f"the engine failed to load: {state.load_error}")
+        if state.queue is None:
+            return error(503, "not_ready", "the engine is still loading")
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info():
+        ready()
+        m, r = state.reranker.manifest, state.reranker
+        return {"model": state.model_name, "engine": state.engine_dir, "family": m.family, "precisions": list(m.precisions),
+                "running": r.choice, "max_length": r.gmr.max_length, "min_pixels": m.preprocessing.min_pixels,
+                "max_pixels": m.preprocessing.max_pixels, "hidden_size": m.decoder.hidden_size,
+                "layers": m.decoder.num_layers, "validation": {p: {k: v.validation.get(k) for k in
+                                                                   ("kendall_tau", "max_rel_error", "top10_overlap_mean")}
+                                                               for p, v in m.variants.items()},
+                "limits": {"max_documents": state.max_documents, "max_queue_pairs": state.max_queue,
+                           "max_body_bytes": state.max_body_bytes,
+                           "max_batch_tokens": r.options.max_batch_tokens}}
+
+    @app.get("/metrics")
+    async def prometheus():
+        data, content_type = metrics.exposition()
+        return Response(data, media_type=content_type)
+
+    return app
+
+
+def _authorized(request, key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip() == key:
+        return True
+    return request.headers.get("x-api-key") == key
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def _truncated(state: ServerState, item, max_tokens: int):
+    """The document with its text cut to ``max_tokens`` tokens (Cohere's max_tokens_per_doc)."""
+    from ..prompt import Item
+
+    if not item.text:
+        return item
+    tok = state.reranker.prompts.tokenizer.encode(item.text, add_special_tokens=False)
+    if len(tok.ids) <= max_tokens:
+        return item
+    return Item(text=item.text[:tok.offsets[max_tokens - 1][1]], image=item.image)
+
+
+def _name(e: GmrError, labels: list[str]) -> RequestError:
+    """A pair's error as a 422 naming the request field and index ("documents[3] ..." labels)."""
+    message = str(e)
+    if "without any document text" in message:  # the query (and instruction, images) alone do not fit
+        return RequestError(422, "invalid_input", "query: " + message.split(": ", 1)[-1], "query")
+    for i, label in enumerate(labels):
+        if message.startswith(label + " query"):
+            return RequestError(422, "invalid_input", "query" + message[len(label) + len(" query"):], "query")
+        if message.startswith(label + " ") or message.startswith(label + ":"):
+            field = label.split("[")[0]
+            return RequestError(422, "invalid_input", message, field, i)
+    return RequestError(422, "invalid_input", message)

@@ -1,0 +1,169 @@
+"""The one queue in front of the engine.
+
+Requests become ``Job``s (their pairs, as plain Items) and wait in FIFO order. One engine thread
+takes every waiting job up to ``round_pairs`` pairs (at least one whole job), plans all their
+pairs together (``Reranker.plan``: token-budget batches across requests, each request's documents
+sharing its query's prefix) and runs the plan, skipping batches whose pairs all belong to
+cancelled jobs; each job's future is resolved on the event loop as soon as its last pair is
+scored. A job whose pair fails (a corrupt image, a pair too long to fit) fails alone; the others
+in its round carry on. The event loop never runs the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import GmrError
+from .metrics import Metrics
+
+log = logging.getLogger("gmr_fast.server")
+
+
+class QueueFull(GmrError):
+    pass
+
+
+class NotReady(GmrError):
+    pass
+
+
+@dataclass
+class Job:
+    pairs: list  # [(Item, Item)]
+    instruction: str | None
+    labels: list  # names of the pairs in error messages, e.g. "documents[3]"
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    cancelled: bool = False
+    enqueued: float = field(default_factory=time.perf_counter)
+    tokens: int = 0  # decoder tokens attributed to this job (its prompt tokens)
+
+
+class BatchQueue:
+    def __init__(self, reranker, metrics: Metrics, max_queue_pairs: int = 4096, round_pairs: int = 512):
+        self.reranker, self.metrics = reranker, metrics
+        self.max_queue_pairs, self.round_pairs = int(max_queue_pairs), int(round_pairs)
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._queued_pairs = 0
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name="gmr-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self._closing:
+                raise NotReady("the server is shutting down")
+            if self._queued_pairs + len(job.pairs) > self.max_queue_pairs and self._jobs:
+                raise QueueFull(f"the queue holds {self._queued_pairs} pairs; this request's {len(job.pairs)} would pass "
+                                f"the limit of {self.max_queue_pairs}; retry later")
+            self._jobs.append(job)
+            self._queued_pairs += len(job.pairs)
+            self.metrics.queue_pairs.set(self._queued_pairs)
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: its pairs are not scored (those not yet started)."""
+        job.cancelled = True
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stops taking jobs, finishes the ones queued, then stops the engine thread."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def queued_pairs(self) -> int:
+        return self._queued_pairs
+
+    # ------------------------------------------------------------------ engine thread
+    def _take(self) -> list[Job]:
+        with self._cv:
+            while not self._jobs and not self._closing:
+                self._cv.wait()
+            jobs, n = [], 0
+            while self._jobs and (not jobs or n + len(self._jobs[0].pairs) <= self.round_pairs):
+                job = self._jobs.popleft()
+                self._queued_pairs -= len(job.pairs)
+                if job.cancelled:
+                    continue
+                jobs.append(job)
+                n += len(job.pairs)
+            self.metrics.queue_pairs.set(self._queued_pairs)
+            return jobs
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._take()
+            if not jobs:
+                if self._closing:
+                    return
+                continue
+            try:
+                self._round(jobs)
+            except Exception as e:  # noqa: BLE001 - an engine failure fails this round's requests, not the server
+                log.exception("engine round failed")
+                for job in jobs:
+                    _resolve(job, exception=e)
+
+    def _round(self, jobs: list[Job]) -> None:
+        pairs, instructions, labels, owner = [], [], [], []
+        for j, job in enumerate(jobs):
+            pairs += job.pairs
+            instructions += [job.instruction] * len(job.pairs)
+            labels += job.labels
+            owner += [j] * len(job.pairs)
+        owner = np.array(owner, np.int64)
+        bounds = np.concatenate([[0], np.cumsum([len(job.pairs) for job in jobs])])
+        plan = self.reranker.plan(pairs, instruction=instructions, labels=labels)
+        failed = set()
+        for i in sorted(plan.errors):  # the first failing pair of a job fails that job
+            j = int(owner[i])
+            if j not in failed:
+                failed.add(j)
+                _resolve(jobs[j], exception=plan.errors[i])
+        scores = np.full(len(pairs), np.nan, np.float32)
+        left = collections.Counter(int(owner[r]) for rows in plan.batches for r in rows)
+        dead = lambda rows: all(jobs[int(owner[r])].cancelled or int(owner[r]) in failed for r in rows)  # noqa: E731
+        padded = 0
+        for rows, values, padded_tokens in self.reranker.run(plan, skip=dead):
+            scores[rows] = values
+            padded += padded_tokens
+            self.metrics.batches.inc()
+            for r in rows:
+                j = int(owner[r])
+                left[j] -= 1
+                if left[j] == 0 and j not in failed and not jobs[j].cancelled:
+                    jobs[j].tokens = int(sum(len(plan.prompts[k].ids) for k in range(bounds[j], bounds[j + 1])))
+                    _resolve(jobs[j], result=scores[bounds[j]:bounds[j + 1]].copy())
+        for j, job in enumerate(jobs):  # jobs with nothing to run (all cancelled) still end
+            if not job.future.done() and j not in failed:
+                _resolve(job, exception=NotReady("cancelled"))
+        self.metrics.pairs.inc(len(pairs) - sum(len(jobs[j].pairs) for j in failed))
+        self.metrics.tokens.inc(plan.decoder_tokens)
+        self.metrics.round_pairs.observe(len(pairs))
+        if padded:
+            self.metrics.batch_fill.observe(min(1.0, self.reranker._padding_efficiency(plan, padded)))
+
+
+def _resolve(job: Job, result: Any = None, exception: BaseException | None = None) -> None:
+    def apply():
+        if job.future.done():
+            return
+        if exception is not None:
+            job.future.set_exception(exception)
+        else:
+            job.future.set_result(result)
+    try:
+        job.loop.call_soon_threadsafe(apply)
+    except RuntimeError:  # the loop is gone (shutdown): nobody waits for this job any more
+        pass

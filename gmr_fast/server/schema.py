@@ -1,0 +1,186 @@
+"""Request bodies in the shapes rerank clients speak, parsed at the edge into plain pairs.
+
+- Cohere rerank (``/v1/rerank``, ``/v2/rerank``): ``{model?, query, documents, top_n?,
+  return_documents?, max_tokens_per_doc?}``; a document (and the query) is a string, or as in
+  Jina's multimodal reranker API an object ``{"text"?, "image"?}`` (v1's ``{"text": ...}``
+  documents are the text-only case).
+- vLLM's ``/score``: ``{model?, text_1, text_2}``, each a string, a list of strings, or
+  multimodal content ``{"content": [{"type": "text", ...}, {"type": "image_url", ...}]}``.
+
+Images arrive as base64 or ``data:`` URLs. Nothing is ever fetched from the network; a local
+file is accepted only as a ``file://`` URL inside the server's ``--allow-local-images``
+directory (``file://photos/a.png`` is relative to it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import GmrError
+from ..prompt import Item
+
+
+class RequestError(GmrError):
+    """A request the server refuses: ``status`` and what to name (``field``, document ``index``)."""
+
+    def __init__(self, status: int, kind: str, message: str, field: str | None = None, index: int | None = None):
+        self.status, self.kind, self.field, self.index = status, kind, field, index
+        super().__init__(message)
+
+
+class Multimodal(BaseModel):
+    """A query or document with text and/or an image (Jina's multimodal reranker shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    image: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+    image_url: Union[dict, str, None] = None
+    image: str | None = None
+
+
+class Content(BaseModel):
+    """vLLM's multimodal score input: ``{"content": [parts]}``."""
+
+    content: list[ContentPart]
+
+
+Side = Union[str, Multimodal]
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields of their own (rank_fields, ...)
+    model: str | None = None
+    query: Side
+    documents: list[Side]
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+    max_tokens_per_doc: int | None = Field(None, ge=1)
+    raw_scores: bool = False
+    instruction: str | None = None
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    text_1: Union[str, Content, list[Union[str, Content]]]
+    text_2: Union[str, Content, list[Union[str, Content]]]
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    raw_scores: bool = False
+    instruction: str | None = None
+
+
+class ImagePolicy:
+    """How an image string becomes something the Reranker decodes."""
+
+    def __init__(self, local_root: str | None = None):
+        self.local_root = os.path.realpath(local_root) if local_root else None
+
+    def resolve(self, value: str, field: str, index: int | None) -> bytes | str:
+        if value.startswith(("http://", "https://", "ftp://")):
+            raise RequestError(422, "invalid_input", "remote images are not fetched; send the image as base64 or a "
+                                                     "data: URL", field, index)
+        if value.startswith("data:"):
+            header, sep, payload = value.partition(",")
+            if not sep or ";base64" not in header:
+                raise RequestError(422, "invalid_input", "a data: URL image must be base64 (data:image/png;base64,...)",
+                                   field, index)
+            return self._b64(payload, field, index)
+        if value.startswith("file://"):
+            if not self.local_root:
+                raise RequestError(422, "invalid_input", "local images are not allowed on this server (start it with "
+                                                         "--allow-local-images DIR)", field, index)
+            path = os.path.realpath(os.path.join(self.local_root, value[len("file://"):]))
+            if os.path.commonpath([path, self.local_root]) != self.local_root:
+                raise RequestError(422, "invalid_input", "local image paths must stay inside the allowed directory",
+                                   field, index)
+            if not os.path.isfile(path):
+                raise RequestError(422, "invalid_input", f"local image {value!r} not found", field, index)
+            return path
+        return self._b64(value, field, index)
+
+    @staticmethod
+    def _b64(payload: str, field: str, index: int | None) -> bytes:
+        try:
+            data = base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(422, "invalid_input", "image is neither a data: URL nor valid base64", field, index) from None
+        if not data:
+            raise RequestError(422, "invalid_input", "image is empty", field, index)
+        return data
+
+
+def _item(value: Side, policy: ImagePolicy, field: str, index: int | None) -> Item:
+    if isinstance(value, str):
+        return Item(text=value)
+    if value.text is None and value.image is None:
+        raise RequestError(400, "malformed", "needs 'text' and/or 'image'", field, index)
+    image = policy.resolve(value.image, field, index) if value.image is not None else None
+    return Item(text=value.text or "", image=image)
+
+
+def _content_item(value: Union[str, Content], policy: ImagePolicy, field: str, index: int | None) -> Item:
+    if isinstance(value, str):
+        return Item(text=value)
+    texts, images = [], []
+    for part in value.content:
+        if part.type == "text":
+            texts.append(part.text or "")
+        elif part.type in ("image_url", "image"):
+            url = part.image_url.get("url") if isinstance(part.image_url, dict) else (part.image_url or part.image)
+            if not url:
+                raise RequestError(400, "malformed", f"content part of type {part.type!r} has no image", field, index)
+            images.append(policy.resolve(url, field, index))
+        else:
+            raise RequestError(422, "invalid_input", f"content parts of type {part.type!r} are not supported "
+                                                     "(text, image_url)", field, index)
+    if len(images) > 1:
+        raise RequestError(422, "invalid_input", "GMR reads at most one image per query or document", field, index)
+    if not texts and not images:
+        raise RequestError(400, "malformed", "empty content", field, index)
+    return Item(text="".join(texts), image=images[0] if images else None)
+
+
+def rerank_pairs(req: RerankRequest, policy: ImagePolicy, max_documents: int) -> tuple[Item, list[Item]]:
+    if not req.documents:
+        raise RequestError(400, "malformed", "documents is empty", "documents")
+    if len(req.documents) > max_documents:
+        raise RequestError(413, "too_large", f"{len(req.documents)} documents; this server takes at most {max_documents} "
+                                             "per request", "documents")
+    query = _item(req.query, policy, "query", None)
+    return query, [_item(d, policy, "documents", i) for i, d in enumerate(req.documents)]
+
+
+def score_pairs(req: ScoreRequest, policy: ImagePolicy, max_documents: int) -> list[tuple[Item, Item]]:
+    """vLLM's pairing: one text_1 against every text_2, or two equal-length lists pairwise."""
+    one = isinstance(req.text_1, (str, Content))
+    firsts = [req.text_1] if one else list(req.text_1)
+    seconds = [req.text_2] if isinstance(req.text_2, (str, Content)) else list(req.text_2)
+    if not firsts or not seconds:
+        raise RequestError(400, "malformed", "text_1 and text_2 must not be empty", "text_1" if not firsts else "text_2")
+    if len(firsts) != 1 and len(firsts) != len(seconds):
+        raise RequestError(400, "malformed", f"text_1 has {len(firsts)} items and text_2 {len(seconds)}: give one text_1, "
+                                             "or lists of equal length", "text_1")
+    if len(seconds) > max_documents:
+        raise RequestError(413, "too_large", f"{len(seconds)} pairs; this server takes at most {max_documents} per request",
+                           "text_2")
+    lefts = [_content_item(x, policy, "text_1", i if len(firsts) > 1 else None) for i, x in enumerate(firsts)]
+    rights = [_content_item(x, policy, "text_2", i) for i, x in enumerate(seconds)]
+    return [(lefts[0] if len(lefts) == 1 else lefts[i], r) for i, r in enumerate(rights)]
+
+
+def echo_document(value: Side) -> Any:
+    """What ``return_documents`` gives back: Cohere's ``{"text": ...}``, images as sent."""
+    if isinstance(value, str):
+        return {"text": value}
+    return {k: v for k, v in (("text", value.text), ("image", value.image)) if v is not None}

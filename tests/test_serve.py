@@ -1,0 +1,304 @@
+"""``python -m gmr_fast.serve`` over real HTTP on a free loopback port: every endpoint, every error
+class, authentication, image documents, batching across concurrent requests (scores identical to
+``Reranker.score``), existing client libraries, and a graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.e2e
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from gmr_fast import Reranker  # noqa: E402
+from gmr_fast.reranker import RerankerOptions  # noqa: E402
+from gmr_fast.serve import ServerOptions, build_app  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadServer:
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        url = f"http://127.0.0.1:{self.port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        return url
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def png(rng, h=60, w=80) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def engine(exported_engines):
+    return str(exported_engines["qwen2_5_vl"][1])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served_images")
+    rng = np.random.default_rng(5)
+    (root / "a.png").write_bytes(png(rng))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(engine, images):
+    app = build_app(ServerOptions(engine=engine, api_key=KEY, max_documents=50, allow_local_images=str(images),
+                                  max_body_mb=1), RerankerOptions(max_batch_tokens=2048, max_length=400))
+    with ThreadServer(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def reference(engine):
+    return Reranker(engine, max_batch_tokens=2048, max_length=400)
+
+
+def post(url, path, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(url + path, json=body, headers=headers, timeout=60, **kw)
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+
+
+def test_rerank_v1_v2_and_documents(server, reference):
+    url, _ = server
+    docs = ["cats are small", "the stock market fell", "a cat sat on a mat", "quantum physics"]
+    expected = reference.score([("what is a cat?", d) for d in docs])
+    for version in (1, 2):
+        r = post(url, f"/v{version}/rerank", {"model": "gmr", "query": "what is a cat?", "documents": docs, "top_n": 3,
+                                              "return_documents": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [x["index"] for x in body["results"]] == list(np.argsort(-expected, kind="stable")[:3])
+        for x in body["results"]:
+            assert x["relevance_score"] == pytest.approx(sigmoid(expected[x["index"]]), abs=1e-6)
+            assert x["document"] == {"text": docs[x["index"]]}
+        assert body["meta"]["api_version"]["version"] == str(version) and body["id"]
+    raw = post(url, "/v2/rerank", {"query": "what is a cat?", "documents": docs, "raw_scores": True}).json()
+    assert {x["index"]: x["relevance_score"] for x in raw["results"]} == pytest.approx(dict(enumerate(expected.tolist())),
+                                                                                        abs=1e-5)
+    assert raw["meta"]["tokens"]["input_tokens"] > 0
+
+
+def test_image_documents_and_queries(server, reference, images, rng):
+    url, _ = server
+    data = png(rng)
+    b64 = base64.b64encode(data).decode()
+    docs = [{"image": b64}, {"text": "a caption", "image": "data:image/png;base64," + b64}, "plain text",
+            {"image": "file://a.png"}]
+    query = {"text": "find the photo", "image": b64}
+    r = post(url, "/v2/rerank", {"query": query, "documents": docs, "raw_scores": True})
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    expected = reference.score([({"text": "find the photo", "image": data},
+                                 d) for d in [{"image": data}, {"text": "a caption", "image": data}, "plain text",
+                                              {"image": str(images / "a.png")}]])
+    assert np.abs(np.array([got[i] for i in range(4)]) - expected).max() <= 1e-5
+
+
+def test_score_endpoint_in_vllm_shape(server, reference, rng):
+    url, _ = server
+    one = post(url, "/score", {"model": "gmr", "text_1": "cats", "text_2": ["a cat", "a dog"]})
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+    expected = reference.score([("cats", "a cat"), ("cats", "a dog")])
+    assert [d["score"] for d in body["data"]] == pytest.approx(sigmoid(expected).tolist(), abs=1e-6)
+    pairwise = post(url, "/score", {"text_1": ["q1", "q2"], "text_2": ["d1", "d2"], "raw_scores": True}).json()
+    assert [d["score"] for d in pairwise["data"]] == pytest.approx(reference.score([("q1", "d1"), ("q2", "d2")]).tolist(),
+                                                                  abs=1e-5)
+    image = "data:image/png;base64," + base64.b64encode(png(rng)).decode()
+    mm = post(url, "/score", {"text_1": "photo", "text_2": [{"content": [{"type": "text", "text": "a caption"},
+                                                                         {"type": "image_url", "image_url": {"url": image}}]}]})
+    assert mm.status_code == 200 and len(mm.json()["data"]) == 1
+    bad = post(url, "/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "text_1"
+
+
+@pytest.mark.parametrize("body,status,field,index", [
+    ({"query": "q"}, 400, "documents", None),
+    ({"query": "q", "documents": []}, 400, "documents", None),
+    ({"query": "q", "documents": [{"txt": "x"}]}, 400, "documents", 0),
+    ({"query": "q", "documents": ["x"] * 51}, 413, "documents", None),
+    ({"query": "q", "documents": ["ok", {"image": "bm90IGFuIGltYWdl"}]}, 422, "documents", 1),
+    ({"query": "q", "documents": ["ok", {"image": "https://example.com/a.png"}]}, 422, "documents", 1),
+    ({"query": "q", "documents": [{"image": "file://../../etc/passwd"}]}, 422, "documents", 0),
+    ({"query": "q", "documents": [{"image": "%%%"}]}, 422, "documents", 0),
+    ({"query": "word " * 600, "documents": ["d"]}, 422, "query", None),
+])
+def test_errors_name_the_field_and_index(server, body, status, field, index):
+    url, _ = server
+    r = post(url, "/v2/rerank", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err.get("field") == field and err.get("index") == index, err
+    assert err["message"]
+
+
+def test_malformed_body_auth_and_size_limits(server):
+    url, _ = server
+    r = httpx.post(url + "/v2/rerank", content=b"{not json", headers={"Authorization": f"Bearer {KEY}",
+                                                                      "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "malformed"
+    assert post(url, "/v2/rerank", {"query": "q", "documents": ["d"]}, key=None).status_code == 401
+    assert post(url, "/v2/rerank", {"query": "q", "documents": ["d"]}, key="wrong").status_code == 401
+    assert httpx.post(url + "/v2/rerank", json={"query": "q", "documents": ["d"]}, headers={"X-API-Key": KEY}).status_code == 200
+    big = post(url, "/v2/rerank", {"query": "q", "documents": ["x" * (2 << 20)]})
+    assert big.status_code == 413
+    assert httpx.get(url + "/health").status_code == 200  # open, like /metrics
+    assert httpx.get(url + "/info").status_code == 401
+    info = httpx.get(url + "/info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["family"] == "qwen2_5_vl" and info["running"]["precision"] and info["limits"]["max_documents"] == 50
+
+
+def test_concurrent_requests_share_batches_and_equal_reranker_scores(server, reference, rng):
+    url, app = server
+    requests = []
+    for k in range(12):
+        docs = [" ".join(rng.choice(["cat", "dog", "the", "market", "red"], int(rng.integers(3, 40)))) for _ in range(20)]
+        requests.append((f"query {k % 4}", docs))
+    before = app.state.metrics.round_pairs.collect()[0].samples
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda q: post(url, "/v2/rerank", {"query": q[0], "documents": q[1], "raw_scores": True}),
+                                requests))
+    for (query, docs), r in zip(requests, replies):
+        assert r.status_code == 200, r.text
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        expected = reference.score([(query, d) for d in docs])
+        assert np.abs(np.array([got[i] for i in range(len(docs))]) - expected).max() <= 1e-4
+    metrics = httpx.get(url + "/metrics").text
+    assert 'gmr_requests_total{endpoint="/v2/rerank",status="200"}' in metrics and "gmr_queue_pairs" in metrics
+    rounds = {s.name: s.value for s in app.state.metrics.round_pairs.collect()[0].samples}
+    old = {s.name: s.value for s in before}
+    n_rounds = rounds["gmr_round_pairs_count"] - old.get("gmr_round_pairs_count", 0)
+    n_pairs = rounds["gmr_round_pairs_sum"] - old.get("gmr_round_pairs_sum", 0)
+    assert n_pairs == 240 and n_rounds < 12  # rounds took several requests' pairs together
+
+
+def test_existing_client_libraries(server):
+    cohere = pytest.importorskip("cohere")
+    url, _ = server
+    v2 = cohere.ClientV2(api_key=KEY, base_url=url)
+    out = v2.rerank(model="gmr", query="what is a cat?", documents=["cats", "stocks", "a cat"], top_n=2)
+    assert len(out.results) == 2 and 0 < out.results[0].relevance_score < 1
+    v1 = cohere.Client(api_key=KEY, base_url=url)
+    out = v1.rerank(model="gmr", query="what is a cat?", documents=["cats", "stocks"], return_documents=True)
+    assert {r.index for r in out.results} == {0, 1} and out.results[0].document.text in ("cats", "stocks")
+
+
+def test_not_ready_and_failed_engine(tmp_path):
+    app = build_app(ServerOptions(engine=str(tmp_path / "missing")), RerankerOptions())
+    with ThreadServer(app) as url:
+        time.sleep(0.5)
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+        assert httpx.post(url + "/v2/rerank", json={"query": "q", "documents": ["d"]}).status_code == 503
+
+
+def test_queue_full_and_cancelled_work_is_skipped(engine):
+    """The queue in isolation, with an engine that blocks: deterministic 429 and cancellation."""
+    from gmr_fast.prompt import Item
+    from gmr_fast.server.metrics import Metrics
+    from gmr_fast.server.queue import BatchQueue, Job, QueueFull
+
+    reranker = Reranker(engine)
+    gate = threading.Event()
+    ran = []
+    real_run = reranker.run
+
+    def slow_run(plan, skip=None):
+        gate.wait(30)
+        for rows, scores, padded in real_run(plan, skip=skip):
+            ran.append(len(rows))
+            yield rows, scores, padded
+    reranker.run = slow_run
+    queue = BatchQueue(reranker, Metrics.create(), max_queue_pairs=6, round_pairs=4)
+    loop = asyncio.new_event_loop()
+    jobs = [Job([(Item("q"), Item(f"d{i}")) for i in range(4)], None, [f"d[{i}]" for i in range(4)], loop,
+                loop.create_future()) for _ in range(3)]
+    queue.submit(jobs[0])  # taken by the engine thread, which then blocks
+    time.sleep(0.3)
+    queue.submit(jobs[1])
+    with pytest.raises(QueueFull, match="limit of 6"):
+        queue.submit(jobs[2])
+    queue.cancel(jobs[1])
+    gate.set()
+    loop.run_until_complete(asyncio.wait_for(jobs[0].future, 30))
+    queue.close()
+    assert sum(ran) == 4  # the cancelled job's pairs never ran
+    loop.close()
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(engine):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gmr_fast.serve", "--engine", engine, "--port", str(port),
+                             "--log-level", "warning", "--max-batch-size", "2"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        docs = [f"document number {i} " + "word " * 200 for i in range(200)]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, url + "/v2/rerank", json={"query": "q", "documents": docs}, timeout=120)
+            time.sleep(1.0)  # the request is being scored
+            proc.send_signal(signal.SIGTERM)
+            reply = pending.result()
+        assert reply.status_code == 200 and len(reply.json()["results"]) == 200
+        # uvicorn finishes the request, then re-raises SIGTERM as the process's own end
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
