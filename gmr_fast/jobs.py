@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,42 +109,73 @@ def chunk_bounds(group_sizes: Iterable[int], chunk_pairs: int) -> list[tuple[int
     return bounds
 
 
+@dataclass
+class Output:
+    """What a chunk appends to one journal, in order: ``kind`` is "errors" (once per chunk) or
+    "scores" (one per batch); ``tokens`` and ``padded`` are the batch's real and padded tokens."""
+
+    kind: str
+    rows: list
+    tokens: int = 0
+    padded: int = 0
+
+
+def score_chunk(reranker: Any, chunk: list[Task], written: Callable[[Hashable], bool]) -> Iterator[Output]:
+    """Scores one chunk: its failures first, then each batch of its plan whose pairs are not
+    all ``written`` already. The same chunk and settings always give the same outputs, which is
+    what a resumed or distributed job relies on (only batches with unwritten rows run again,
+    bit for bit)."""
+    live = [t for t in chunk if t.error is None]
+    plan = reranker.plan([(t.query, t.document) for t in live], instruction=[t.instruction for t in live],
+                         labels=[t.label for t in live])
+    failed, li = [], 0
+    for t in chunk:
+        if t.error is None:
+            e = plan.errors.get(li)
+            li += 1
+            if e is None:
+                continue
+            message = str(e)
+        else:
+            message = t.error
+        if not written(t.key):
+            failed.append({**t.fields, "error": message})
+    yield Output("errors", failed)
+    truncated = plan.truncated
+    for rows, values, padded in reranker.run(plan, skip=lambda rows: all(written(live[r].key) for r in rows)):
+        out = [{**live[r].fields, "score": float(values[j]), "truncated": bool(truncated[r])}
+               for j, r in enumerate(rows) if not written(live[r].key)]
+        yield Output("scores", out, int(sum(len(plan.prompts[r].ids) for r in rows)), int(padded))
+
+
+def pending_chunks(tasks: list[Task], bounds: list[tuple[int, int]], written: Callable[[Hashable], bool]) -> list[int]:
+    """Chunks with at least one task not yet in a journal."""
+    return [k for k, (a, b) in enumerate(bounds) if not all(written(t.key) for t in tasks[a:b])]
+
+
+def record(output: Output, scores: Journal, errors: Journal, progress: Progress, stats: Stats) -> None:
+    """Appends one chunk output to its journal (one write, flushed and fsynced) and counts it."""
+    if output.kind == "errors":
+        errors.append(output.rows)
+        stats.failed += len(output.rows)
+    else:
+        scores.append(output.rows)
+        stats.scored += len(output.rows)
+        stats.real_tokens += output.tokens
+        stats.padded_tokens += output.padded
+    progress.update(len(output.rows))
+
+
 def run_tasks(reranker: Any, tasks: list[Task], bounds: list[tuple[int, int]], scores: Journal, errors: Journal,
               progress: Progress, stats: Stats) -> None:
-    """Scores every task not yet in ``scores`` or ``errors``; see the module docstring."""
+    """Scores every task not yet in ``scores`` or ``errors``, in this process; see the module
+    docstring. (``gmr_fast.ray_pool.run_tasks`` does the same over Ray actors.)"""
     start_time = time.perf_counter()
-    done = lambda t: t.key in scores.done or t.key in errors.done  # noqa: E731
-    for a, b in bounds:
-        chunk = tasks[a:b]
-        if all(done(t) for t in chunk):
-            continue
-        live = [t for t in chunk if t.error is None]
-        plan = reranker.plan([(t.query, t.document) for t in live], instruction=[t.instruction for t in live],
-                             labels=[t.label for t in live])
-        failed, li = [], 0
-        for t in chunk:
-            if t.error is None:
-                e = plan.errors.get(li)
-                li += 1
-                if e is None:
-                    continue
-                message = str(e)
-            else:
-                message = t.error
-            if not done(t):
-                failed.append({**t.fields, "error": message})
-        errors.append(failed)
-        stats.failed += len(failed)
-        progress.update(len(failed))
-        truncated = plan.truncated
-        for rows, values, padded in reranker.run(plan, skip=lambda rows: all(live[r].key in scores.done for r in rows)):
-            out = [{**live[r].fields, "score": float(values[j]), "truncated": bool(truncated[r])}
-                   for j, r in enumerate(rows) if live[r].key not in scores.done]
-            scores.append(out)
-            stats.scored += len(out)
-            stats.real_tokens += sum(len(plan.prompts[r].ids) for r in rows)
-            stats.padded_tokens += padded
-            progress.update(len(out))
+    written = lambda key: key in scores.done or key in errors.done  # noqa: E731
+    for k in pending_chunks(tasks, bounds, written):
+        a, b = bounds[k]
+        for output in score_chunk(reranker, tasks[a:b], written):
+            record(output, scores, errors, progress, stats)
     stats.seconds += time.perf_counter() - start_time
 
 

@@ -59,6 +59,10 @@ class ScoreJobOptions:
     chunk_pairs: int = option(512, "pairs planned together (images decoded per chunk)", determinism=True)
     progress: bool = option(False, "report progress even when stderr is not a terminal")
     quiet: bool = option(False, "no progress and no summary")
+    ray: str | None = option(None, "score on Ray: a cluster address, or 'local' to start one here", metavar="ADDRESS")
+    workers: int = option(1, "Ray actors, each holding one Reranker")
+    worker_gpus: float = option(0.0, "GPUs per Ray actor (the actor then runs the torch backend on CUDA)")
+    worker_cpus: float = option(1.0, "CPUs per Ray actor (also its threads)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +104,8 @@ class _Job:
         self.args = args
         self.options = from_args(ScoreJobOptions, args)
         self.reranker_options = from_args(RerankerOptions, args)
+        if args.ray:  # an actor computes with its own CPUs: the same threads as a single process given --threads C
+            self.reranker_options.num_threads = max(1, int(args.worker_cpus))
         self.reranker_options.validate()
         self.progress_enabled = not args.quiet and (args.progress or sys.stderr.isatty())
         self.engine_sha = _sha256(os.path.join(args.engine, "manifest.json"))
@@ -111,7 +117,10 @@ class _Job:
         self.settings = {"engine_sha256": self.engine_sha, **fingerprint(self.options), **fingerprint(ro),
                          "precision": precision, "backend": backend}
         self.choice = {"precision": precision, "backend": backend, "reason": why}
+        if args.ray:
+            self.choice.update(ray=args.ray, workers=args.workers, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus)
         self._reranker = None
+        self._pool = None
 
     @property
     def reranker(self):
@@ -119,6 +128,18 @@ class _Job:
             from .reranker import Reranker
             self._reranker = Reranker(self.args.engine, self.reranker_options)
         return self._reranker
+
+    def run_tasks(self, tasks, bounds, scores, errors, progress, stats) -> None:
+        """Scores the pending chunks here, or on Ray actors with --ray (same outputs, same order)."""
+        if not self.args.ray:
+            run_tasks(self.reranker, tasks, bounds, scores, errors, progress, stats)
+            return
+        if self._pool is None:
+            from .ray_pool import RayPool
+
+            a = self.args
+            self._pool = RayPool(a.ray, a.workers, a.engine, self.reranker_options, a.worker_gpus, a.worker_cpus)
+        self._pool.run_tasks(tasks, bounds, scores, errors, progress, stats)
 
     def check_job_file(self, path: str, resume: bool, what: str) -> None:
         """A new job writes ``path`` (its settings); a resumed one must match them."""
@@ -208,7 +229,7 @@ def run_suite(job: _Job) -> int:
         progress = Progress(left, job.progress_enabled, f"{ds.name}: ")
         try:
             if left:
-                run_tasks(job.reranker, tasks, chunk_bounds(sizes, a.chunk_pairs), scores, errors, progress, stats)
+                job.run_tasks(tasks, chunk_bounds(sizes, a.chunk_pairs), scores, errors, progress, stats)
         finally:
             progress.close()
             scores.close()
@@ -305,7 +326,7 @@ def run_pairs(job: _Job) -> int:
     progress = Progress(left, job.progress_enabled)
     try:
         if left:
-            run_tasks(job.reranker, tasks, chunk_bounds([1] * len(tasks), a.chunk_pairs), scores, errors, progress, stats)
+            job.run_tasks(tasks, chunk_bounds([1] * len(tasks), a.chunk_pairs), scores, errors, progress, stats)
     finally:
         progress.close()
         scores.close()
@@ -327,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     pairs_mode = args.input is not None or args.output is not None
     if suite_mode == pairs_mode or (suite_mode and not (args.data and args.out)) or (pairs_mode and not (args.input and args.output)):
         parser.error("give either --data and --out (suite mode) or --input and --output (pairs mode)")
-    for flag in ("top_k", "max_batch_tokens", "max_batch_size", "chunk_pairs"):
+    for flag in ("top_k", "max_batch_tokens", "max_batch_size", "chunk_pairs", "workers"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.worker_cpus <= 0 or args.worker_gpus < 0:
+        parser.error("--worker-cpus must be > 0 and --worker-gpus >= 0")
     try:
         job = _Job(args)
         return run_suite(job) if suite_mode else run_pairs(job)
