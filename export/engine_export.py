@@ -101,6 +101,7 @@ class _Builder:
         self.sources = {"decoder": family.decoder_sources(dims, yes_id, no_id, has_head),
                         "vision": family.vision_sources(vision)}
         self._fp32_index: dict[str, dict] = {}
+        self.activations = "row"  # int8 activations quantized per row (see export/quantize.py)
 
     def _module(self, graph: str):
         import torch
@@ -150,15 +151,17 @@ class _Builder:
                         raise ExportError(f"the {graph} graph has an initializer {name!r} with no checkpoint source")
                     return self.reader.resolve(sources[name])
 
-            value_of, external = fp32_value, (lambda name: True)
+            value_of = fp32_value
+            external = lambda name: not name.startswith(quantize.CONSTANTS)  # noqa: E731
             if fp32_path.exists() and precision == "int8":
                 index = self._fp32_index[graph]
                 external = lambda name, index=index: name in index or name.endswith(quantize.SUFFIXES)  # noqa: E731
             if precision == "int8":
                 matcher = quantize.keep_matcher(keep)
-                produced = quantize.rewrite(model, matcher, embedding="embed" if graph == "decoder" else None)
+                embedding = "embed" if graph == "decoder" else None
+                produced = quantize.rewrite(model, matcher, embedding=embedding, activations=self.activations)
                 kept += [n for n in self.sources[graph] if n.endswith("weight") and matcher(n)]
-                value_of = quantize.QuantizedValues(produced, fp32_value)
+                value_of = quantize.QuantizedValues(produced, fp32_value, embedding)
             writer = graphs.WeightWriter(self.dir / f"{graph}.{precision}.weights")
             try:
                 graphs.attach_weights(model, writer, value_of, external)
@@ -175,9 +178,10 @@ class _Builder:
         details = {"build_seconds": round(time.perf_counter() - started, 1),
                    "weight_bytes": sum(os.path.getsize(self.dir / w.file) for w in weight_files.values())}
         if precision == "int8":
-            details.update(kept_fp32_patterns=list(keep), kept_fp32=sorted(kept),
-                           int8="DynamicQuantizeMatMul: int8 weights per output column, uint8 activations per tensor; "
-                                "int8 embedding rows")
+            details.update(kept_fp32_patterns=list(keep), kept_fp32=sorted(kept), activations=self.activations,
+                           int8="int8 weights per output column; activations quantized per "
+                                + ("row (MatMulInteger)" if self.activations == "row" else "tensor (DynamicQuantizeMatMul)")
+                                + "; int8 embedding rows")
         return Variant(precision, "onnxruntime", graph_specs, weight_files, {}, details)
 
 

@@ -114,44 +114,6 @@ def cached_checkpoint(family: str = "qwen2_5_vl", seed: int = 0, cache_dir: os.P
 
 
 # ---------------------------------------------------------------------------------------- real shapes
-def released_tensors(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, kind) of every tensor of a Qwen2.5-VL checkpoint in the released layout;
-    kind: "matrix" (random), "norm" (ones), "bias" (random, small)."""
-    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    d = h // heads
-    v = config["vision_config"]
-    vh, vi = v["hidden_size"], v["intermediate_size"]
-    out = [("model.embed_tokens.weight", (config["vocab_size"], h), "matrix")]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        out += [(f"{p}.input_layernorm.weight", (h,), "norm"),
-                (f"{p}.self_attn.q_proj.weight", (heads * d, h), "matrix"), (f"{p}.self_attn.q_proj.bias", (heads * d,), "bias"),
-                (f"{p}.self_attn.k_proj.weight", (kv * d, h), "matrix"), (f"{p}.self_attn.k_proj.bias", (kv * d,), "bias"),
-                (f"{p}.self_attn.v_proj.weight", (kv * d, h), "matrix"), (f"{p}.self_attn.v_proj.bias", (kv * d,), "bias"),
-                (f"{p}.self_attn.o_proj.weight", (h, heads * d), "matrix"),
-                (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
-                (f"{p}.mlp.gate_proj.weight", (inter, h), "matrix"), (f"{p}.mlp.up_proj.weight", (inter, h), "matrix"),
-                (f"{p}.mlp.down_proj.weight", (h, inter), "matrix")]
-    out.append(("model.norm.weight", (h,), "norm"))
-    if not config.get("tie_word_embeddings", False):
-        out.append(("lm_head.weight", (config["vocab_size"], h), "matrix"))
-    out.append(("visual.patch_embed.proj.weight", (vh, 3, v["temporal_patch_size"], v["patch_size"], v["patch_size"]), "matrix"))
-    for i in range(v["depth"]):
-        p = f"visual.blocks.{i}"
-        out += [(f"{p}.norm1.weight", (vh,), "norm"), (f"{p}.norm2.weight", (vh,), "norm"),
-                (f"{p}.attn.qkv.weight", (3 * vh, vh), "matrix"), (f"{p}.attn.qkv.bias", (3 * vh,), "bias"),
-                (f"{p}.attn.proj.weight", (vh, vh), "matrix"), (f"{p}.attn.proj.bias", (vh,), "bias"),
-                (f"{p}.mlp.gate_proj.weight", (vi, vh), "matrix"), (f"{p}.mlp.gate_proj.bias", (vi,), "bias"),
-                (f"{p}.mlp.up_proj.weight", (vi, vh), "matrix"), (f"{p}.mlp.up_proj.bias", (vi,), "bias"),
-                (f"{p}.mlp.down_proj.weight", (vh, vi), "matrix"), (f"{p}.mlp.down_proj.bias", (vh,), "bias")]
-    merged = vh * 4
-    out += [("visual.merger.ln_q.weight", (vh,), "norm"), ("visual.merger.mlp.0.weight", (merged, merged), "matrix"),
-            ("visual.merger.mlp.0.bias", (merged,), "bias"), ("visual.merger.mlp.2.weight", (h, merged), "matrix"),
-            ("visual.merger.mlp.2.bias", (h,), "bias")]
-    return out
-
-
 def to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounding to nearest even."""
     bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
@@ -185,16 +147,32 @@ def _write_shards(out: pathlib.Path, tensors, rng: np.random.Generator, std: flo
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for name, shape, kind in shard:
-                if kind == "norm":
-                    values = np.ones(shape, np.float32)
-                else:
-                    values = rng.standard_normal(shape, dtype=np.float32)
-                    values *= std if kind == "matrix" else std / 4
-                f.write(to_bf16(values).tobytes())
-                del values
+                total = int(np.prod(shape))
+                for start in range(0, total, 1 << 24):  # 16M values at a time: memory stays small
+                    count = min(1 << 24, total - start)
+                    if kind == "norm":
+                        values = np.ones(count, np.float32)
+                    else:
+                        values = rng.standard_normal(count, dtype=np.float32)
+                        values *= std if kind == "matrix" else std / 4
+                    f.write(to_bf16(values).tobytes())
         total += offset
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}, indent=2))
+
+
+def family_for_shape(shape: str):
+    from gmr_fast.errors import CheckpointError
+
+    for name in FAMILIES:
+        family = get_family(name)
+        if shape in family.shapes:
+            return family
+    raise CheckpointError(f"unknown shape {shape!r}; known: {', '.join(all_shapes())}")
+
+
+def all_shapes() -> list[str]:
+    return sorted(s for name in FAMILIES for s in get_family(name).shapes)
 
 
 def build_shape_checkpoint(out_dir: os.PathLike, shape: str, layers: int | None = None, vision_layers: int | None = None,
@@ -202,7 +180,8 @@ def build_shape_checkpoint(out_dir: os.PathLike, shape: str, layers: int | None 
     """A random checkpoint with a released GMR shape, laid out as the release is (module docstring)."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = get_family("qwen2_5_vl").shape_config(shape, layers, vision_layers)
+    family = family_for_shape(shape)
+    config = family.shape_config(shape, layers, vision_layers)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": [151645, 151643],
                                                             "pad_token_id": 151643, "transformers_version": "4.49.0"}))
@@ -210,7 +189,7 @@ def build_shape_checkpoint(out_dir: os.PathLike, shape: str, layers: int | None 
     (out / "preprocessor_config.json").write_text(json.dumps({**_preprocessor(3136, 12845056),
                                                               "processor_class": "Qwen2_5_VLProcessor"}, indent=2))
     qwen_tokenizer.save_hf_tokenizer(out, tokenizer_json(cache_dir))
-    _write_shards(out, released_tensors(config), np.random.default_rng(seed), init_std)
+    _write_shards(out, family.released_tensors(config), np.random.default_rng(seed), init_std)
     return out
 
 
@@ -223,7 +202,7 @@ def main(argv=None) -> int:
                                                  "(--shape).")
     parser.add_argument("--out", required=True)
     parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES, help="tiny checkpoint of this family")
-    parser.add_argument("--shape", choices=sorted(get_family("qwen2_5_vl").shapes),
+    parser.add_argument("--shape", choices=all_shapes(),
                         help="real widths, released layout (bf16 shards, no gmr.json)")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's full depth)")
     parser.add_argument("--vision-layers", type=int, help="vision blocks (default: the shape's full depth)")

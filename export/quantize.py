@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 SUFFIXES = (".int8", ".scale", ".zero")
+CONSTANTS = "quant."  # the small constants of the per-row rewrite stay inside the graph
 
 
 def keep_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -45,8 +46,44 @@ def _placeholder():
     raise RuntimeError("quantized weights are produced by the weight streamer, not read from the graph")
 
 
-def rewrite(model, keep: Callable[[str], bool], embedding: str | None = None) -> dict[str, str]:
-    """Rewrites ``model`` in place; returns {new initializer: original weight} for the streamer."""
+def _per_row(graph, node, x, q, scale, ir):
+    """x @ W as int8 x int8 with the activation quantized per row (symmetric: scale_r = max|x_r|
+    / 127), then both scales applied: MatMulInteger's int32 result is exact, so the only error is
+    each row's own rounding, whatever the other rows of the batch hold."""
+    def op(op_type, inputs, **attrs):
+        n = ir.Node("", op_type, inputs, attributes=[ir.AttrInt64(k, v) if isinstance(v, int) else ir.AttrInts(k, v)
+                                                     for k, v in attrs.items()], num_outputs=1)
+        return n
+
+    def const(name, array):
+        v = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
+        v.const_value = ir.tensor(array, name=name)
+        if name not in graph.initializers:
+            graph.register_initializer(v)
+        return graph.initializers[name]
+
+    axes, tiny, c127 = (const("quant.axes_last", np.array([-1], np.int64)), const("quant.tiny", np.array(1e-12, np.float32)),
+                        const("quant.127", np.array(127.0, np.float32)))
+    a = op("Abs", [x])
+    m = op("ReduceMax", [a.outputs[0], axes], keepdims=1)
+    floor = op("Max", [m.outputs[0], tiny])
+    s = op("Div", [floor.outputs[0], c127])
+    scaled = op("Div", [x, s.outputs[0]])
+    rounded = op("Round", [scaled.outputs[0]])
+    xq = op("Cast", [rounded.outputs[0]], to=ir.DataType.INT8.value)
+    mm = op("MatMulInteger", [xq.outputs[0], q])
+    yf = op("Cast", [mm.outputs[0]], to=ir.DataType.FLOAT.value)
+    y1 = op("Mul", [yf.outputs[0], s.outputs[0]])
+    y = op("Mul", [y1.outputs[0], scale])
+    nodes = [a, m, floor, s, scaled, rounded, xq, mm, yf, y1, y]
+    graph.insert_before(node, nodes)
+    return y
+
+
+def rewrite(model, keep: Callable[[str], bool], embedding: str | None = None, activations: str = "row") -> dict[str, str]:
+    """Rewrites ``model`` in place; returns {new initializer: original weight} for the streamer.
+    ``activations``: "row" (per-token scales, int8 x int8 MatMulInteger) or "tensor" (onnxruntime's
+    fused DynamicQuantizeMatMul, one scale for the whole activation matrix)."""
     import onnx_ir as ir
 
     graph = model.graph
@@ -67,14 +104,18 @@ def rewrite(model, keep: Callable[[str], bool], embedding: str | None = None) ->
             k, n = (int(d) for d in w.shape)
             q = new_init(w.name + ".int8", ir.DataType.INT8, [k, n])
             scale = new_init(w.name + ".scale", ir.DataType.FLOAT, [n])
-            zero = new_init(w.name + ".zero", ir.DataType.INT8, [n])
-            for v in (q, scale, zero):
-                produced[v.name] = w.name
-            qmm = ir.Node("com.microsoft", "DynamicQuantizeMatMul", [node.inputs[0], q, scale, zero], num_outputs=1,
-                          name=(node.name or w.name) + "/int8")
-            qmm.outputs[0].shape, qmm.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
-            graph.insert_before(node, qmm)
-            ir.convenience.replace_all_uses_with(node.outputs[0], qmm.outputs[0], replace_graph_outputs=True)
+            if activations == "row":
+                produced[q.name] = produced[scale.name] = w.name
+                out = _per_row(graph, node, node.inputs[0], q, scale, ir)
+            else:
+                zero = new_init(w.name + ".zero", ir.DataType.INT8, [n])
+                for v in (q, scale, zero):
+                    produced[v.name] = w.name
+                out = ir.Node("com.microsoft", "DynamicQuantizeMatMul", [node.inputs[0], q, scale, zero], num_outputs=1,
+                              name=(node.name or w.name) + "/int8")
+                graph.insert_before(node, out)
+            out.outputs[0].shape, out.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+            ir.convenience.replace_all_uses_with(node.outputs[0], out.outputs[0], replace_graph_outputs=True)
             graph.remove(node, safe=True)
         elif embedding and node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].name == embedding:
             table, ids = node.inputs[0], node.inputs[1]
@@ -102,10 +143,11 @@ def rewrite(model, keep: Callable[[str], bool], embedding: str | None = None) ->
 
 class QuantizedValues:
     """value_of(name) for the streamer: fp32 tensors pass through, quantized pieces are computed
-    from their original (each original read once: its pieces are asked for one after another)."""
+    from their original (each original read once: its pieces are asked for one after another).
+    ``embedding`` names the table quantized per row (the others are per output column)."""
 
-    def __init__(self, produced: dict[str, str], fp32_value: Callable[[str], np.ndarray]):
-        self.produced, self.fp32_value = produced, fp32_value
+    def __init__(self, produced: dict[str, str], fp32_value: Callable[[str], np.ndarray], embedding: str | None = None):
+        self.produced, self.fp32_value, self.embedding = produced, fp32_value, embedding
         self._name, self._parts = None, {}
 
     def __call__(self, name: str) -> np.ndarray:
@@ -114,7 +156,7 @@ class QuantizedValues:
             return self.fp32_value(name)
         if self._name != original:
             w = self.fp32_value(original)
-            if name.endswith(".int8") and original + ".zero" not in self.produced:  # an embedding table
+            if original == self.embedding:
                 q, scale = quantize_rows(w)
                 self._parts = {".int8": q, ".scale": scale}
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -20,15 +21,16 @@ GMR_MIN_PIXELS = 4 * 28 * 28
 GMR_MAX_PIXELS = 1280 * 28 * 28
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--min-pixels", type=int, default=GMR_MIN_PIXELS)
     parser.add_argument("--max-pixels", type=int, default=GMR_MAX_PIXELS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         import skimage
     except ImportError:
-        raise SystemExit("the demo reads scikit-image's bundled photos: pip install 'gmr_fast[test]'") from None
+        print("the demo reads scikit-image's bundled photos: pip install 'gmr_fast[test]'", file=sys.stderr)
+        return 2
 
     data = pathlib.Path(skimage.__file__).parent / "data"
     paths = sorted(p for p in data.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
@@ -59,9 +61,10 @@ def main() -> None:
             print(f"{p.name:<28} {im.mode:<5} {'':>11} error: {batch.errors[i].cause}")
             continue
         t, h, w = next(grids)
-        print(f"{p.name:<28} {im.mode:<5} {f'{im.width}x{im.height}':>11} {f'{h}x{w}':>9} {t * h * w:>8} {t * h * w // 4:>7}")
+        tokens = t * h * w // gmr_fast.preprocess.MERGE_SIZE ** 2
+        print(f"{p.name:<28} {im.mode:<5} {f'{im.width}x{im.height}':>11} {f'{h}x{w}':>9} {t * h * w:>8} {tokens:>7}")
     print(f"\n{len(paths) - len(batch.errors)} photos -> pixel_values {batch.pixel_values.shape} float32, "
-          f"{int(batch.pixel_values.shape[0]) // 4} visual tokens")
+          f"{int(batch.pixel_values.shape[0]) // gmr_fast.preprocess.MERGE_SIZE ** 2} visual tokens")
     print(f"gmr_fast: {1e3 * from_files:.1f} ms from files (decode included), {1e3 * ours_s:.1f} ms from decoded images "
           f"(best of 3, {gmr_fast.preprocess.hardware_threads()} threads)")
 
@@ -69,7 +72,7 @@ def main() -> None:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     except ImportError:
         print("(install transformers to compare with HuggingFace's processor)")
-        return
+        return 0
     hf = Qwen2VLImageProcessorPil(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     good = [im for i, im in enumerate(decoded) if i not in ours.errors]
     hf_s, ref = best_of(lambda: hf(images=good, return_tensors="np"))
@@ -77,8 +80,10 @@ def main() -> None:
     print(f"HuggingFace Qwen2VLImageProcessorPil: {1e3 * hf_s:.1f} ms -> gmr_fast is {hf_s / ours_s:.1f}x faster; "
           f"outputs bit-identical: {same}")
     if not same:
-        raise SystemExit("parity check failed")
+        print("parity check failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,10 +21,11 @@ from gmr_fast.prompt import Item, PromptBuilder
 
 
 class FeatureBuilder:
-    def __init__(self, checkpoint: str, gmr: GmrConfig, pad_id: int, image_cache_size: int = 4096):
+    def __init__(self, checkpoint: str, gmr: GmrConfig, pad_id: int | None = None, image_cache_size: int = 4096):
         self.gmr = gmr
         self.prompts = PromptBuilder(os.path.join(checkpoint, "tokenizer.json"), gmr)
-        self.pad_id = int(pad_id)
+        # padding is masked; the runtime pads with <|endoftext|> too
+        self.pad_id = int(pad_id if pad_id is not None else self.prompts.tokenizer.token_to_id("<|endoftext|>"))
         with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
         with open(os.path.join(checkpoint, "preprocessor_config.json"), encoding="utf-8") as f:
@@ -57,6 +58,12 @@ class FeatureBuilder:
             self._cache.move_to_end(p)
         while len(self._cache) > max(self.cache_size, len(paths)):
             self._cache.popitem(last=False)
+
+    def pixels(self, paths: list[str], where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches and grids of images (paths), in order, through the same cache and spec."""
+        self._images(paths, {p: where for p in paths})
+        return (torch.from_numpy(np.concatenate([self._cache[p][0] for p in paths])),
+                torch.from_numpy(np.stack([self._cache[p][1] for p in paths]).astype(np.int64)))
 
     def build(self, rows: list[tuple[str, Item, Item]], labels: list[str]) -> dict[str, torch.Tensor]:
         """rows: (instruction, query, document); labels name each row's group in errors."""

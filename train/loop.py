@@ -27,10 +27,9 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
-
-from dataclasses import dataclass
 
 from gmr_fast.errors import GmrError
 from gmr_fast.gmr_config import GmrConfig
@@ -54,7 +53,9 @@ class TrainOptions:
     base_model: str = option(None, "GMR / Qwen2(.5)-VL checkpoint directory", determinism=True, metavar="DIR")
     data: str = option(None, "training groups, JSONL", determinism=True, metavar="FILE")
     out: str = option(None, "checkpoint directory to write", metavar="DIR")
-    objective: str = option("sft", "sft, cl or url", determinism=True, choices=("sft", "cl", "url"))
+    objective: str = option("sft", "sft, cl or url; or align: contrastive alignment of a vision tower trained from "
+                                   "scratch with the word embeddings of the images' captions, before reranking is "
+                                   "learned", determinism=True, choices=("sft", "cl", "url", "align"))
     url_weight: str = option("sft", "URL weight source", determinism=True, choices=WEIGHTS)
     url_direction: str = option("sft", "URL direction source", determinism=True, choices=DIRECTIONS)
     tau: float = option(0.1, "tau-mask threshold of --url-weight base_tau", determinism=True)
@@ -141,10 +142,7 @@ class Trainer:
                                                        freeze_lm_head=args.freeze_lm_head)
         if args.gradient_checkpointing and not args.full:  # frozen embeddings: checkpointed blocks need grad inputs
             self.hf_model.enable_input_require_grads()
-        tok = self.hf_model.config
-        pad_id = getattr(tok, "pad_token_id", None) or getattr(getattr(tok, "text_config", None), "pad_token_id", None) \
-            or 151643
-        self.features = FeatureBuilder(args.base_model, self.gmr, pad_id)
+        self.features = FeatureBuilder(args.base_model, self.gmr)
         head = RerankHead(self.trainable, self.hf_model, self.features.prompts.yes_id, self.features.prompts.no_id)
         head.to(self.device)
         self.head = head
@@ -251,8 +249,45 @@ class Trainer:
         return [chunk[(m * self.world + self.rank) * a.batch_size:(m * self.world + self.rank + 1) * a.batch_size]
                 for m in range(a.grad_accum)]
 
+    def align_loss(self, indices: list[int]) -> torch.Tensor:
+        """Contrastive alignment of a vision tower trained from scratch with the word embeddings
+        (CLIP-style, the text side a fixed bag of word embeddings): for each group whose query or
+        positive is an image and the other side has text, the image's mean output embedding
+        should be closer to its caption's mean word embedding than to the other captions of the
+        micro-batch (InfoNCE both ways, temperature 0.07). Afterwards image tokens enter the
+        decoder near the words that describe them, which is what lets reranking across
+        modalities be learned in minutes instead of sitting on a plateau."""
+        images, captions = [], []
+        for g in indices:
+            group = self.groups[g]
+            for image, text in ((group.query, group.positive), (group.positive, group.query)):
+                if image.has_image and text.text:
+                    images.append(image.image)
+                    captions.append(text.text)
+        if len(images) < 2:  # nothing to contrast in this micro-batch: a zero loss that still touches the graph
+            return sum(p.sum() * 0.0 for p in self.params)
+        pixels, grid = self.features.pixels(images, f"{self.args.data}")
+        ids = [self.features.prompts.tokenizer.encode(c, add_special_tokens=False).ids for c in captions]
+        width = max(len(x) for x in ids)
+        caption_ids = torch.zeros(len(ids), width, dtype=torch.int64)
+        caption_mask = torch.zeros(len(ids), width)
+        for i, x in enumerate(ids):
+            caption_ids[i, :len(x)] = torch.tensor(x)
+            caption_mask[i, :len(x)] = 1.0
+        align = {"pixel_values": pixels.to(self.device), "image_grid_thw": grid.to(self.device),
+                 "caption_ids": caption_ids.to(self.device), "caption_mask": caption_mask.to(self.device),
+                 "merge": self.features.spec.merge_size}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            similarity = self.module(align=align)
+        logits = similarity.float() / 0.07
+        target = torch.arange(len(images), device=self.device)
+        return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                      + torch.nn.functional.cross_entropy(logits.T, target))
+
     def micro_loss(self, step: int, indices: list[int]) -> torch.Tensor:
         a = self.args
+        if a.objective == "align":
+            return self.align_loss(indices)
         epoch = step // self.steps_per_epoch
         rows, labels, sizes = [], [], []
         for g in indices:

@@ -13,8 +13,9 @@ from torch import nn
 from gmr_fast.errors import GmrError
 from gmr_fast.gmr_config import GmrConfig
 
-WEIGHT_FILES = (".safetensors", ".bin")
-WRITTEN_BY_SAVE = ("config.json", "generation_config.json", "model.safetensors.index.json", "gmr.json")
+# what a checkpoint carries besides the weights (a base model's own training outputs are not copied)
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "preprocessor_config.json", "chat_template.json", "chat_template.jinja", "video_preprocessor_config.json")
 
 
 def load_model(checkpoint: str, attn_implementation: str = "sdpa"):
@@ -75,7 +76,11 @@ class RerankHead(nn.Module):
         self.hf_model = hf_model
         self.register_buffer("ids", torch.tensor([yes_id, no_id]), persistent=False)
 
-    def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, align=None, **inputs):
+        """(z_yes, z_no) at the last position; with ``align`` (the align objective's inputs) the
+        [images, captions] cosine similarities of images and their captions instead."""
+        if align is not None:
+            return self.align_similarity(**align)
         out = self.hf_model.model(**inputs, use_cache=False)
         h = out.last_hidden_state[:, -1]
         dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # at least fp32 for the head
@@ -85,13 +90,29 @@ class RerankHead(nn.Module):
         return z[:, 0], z[:, 1]
 
 
+    def align_similarity(self, pixel_values, image_grid_thw, caption_ids, caption_mask, merge: int):
+        """Cosine similarities between each image's mean output embedding (what the decoder
+        receives) and each caption's mean token embedding (held fixed: the vision tower moves
+        towards the words, not the reverse)."""
+        visual = self.hf_model.model.visual
+        embeds = visual(pixel_values, grid_thw=image_grid_thw).pooler_output.float()
+        counts = (image_grid_thw.prod(-1) // merge ** 2).tolist()
+        images = torch.stack([e.mean(0) for e in embeds.split(counts)])
+        with torch.no_grad():
+            words = self.hf_model.get_input_embeddings()(caption_ids).float()
+            text = (words * caption_mask[..., None]).sum(1) / caption_mask.sum(1, keepdim=True)
+        images = torch.nn.functional.normalize(images, dim=-1)
+        text = torch.nn.functional.normalize(text, dim=-1)
+        return images @ text.T
+
+
 def save_checkpoint(trainable, hf_model, base: str, out: str, gmr: GmrConfig) -> None:
     """Writes a GMR checkpoint: LoRA merged into the weights, the base's tokenizer and processor
     files, and gmr.json (written last: its presence marks a complete checkpoint)."""
     model = trainable.merge_and_unload() if hasattr(trainable, "merge_and_unload") else hf_model
     model.save_pretrained(out, safe_serialization=True)
-    for name in os.listdir(base):
+    for name in CARRIED_FILES:
         src = os.path.join(base, name)
-        if os.path.isfile(src) and not name.endswith(WEIGHT_FILES) and name not in WRITTEN_BY_SAVE:
+        if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(out, name))
     gmr.save(out)

@@ -163,6 +163,10 @@ class Family:
         """config.json of a named real shape, in the layout released checkpoints have."""
         raise CheckpointError(f"family {self.name} has no named shapes")
 
+    def released_tensors(self, config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, kind) of every tensor of a released checkpoint with this config."""
+        raise CheckpointError(f"family {self.name} has no released layout to write")
+
 
 def _registry() -> dict[str, Family]:
     from .qwen2_5_vl import Qwen25VL

@@ -65,6 +65,43 @@ class Qwen25VL(Family):
         return Qwen2_5_VLConfig(text_config=tiny_text_config(hidden_size, layers, heads, kv_heads, intermediate_size),
                                 vision_config=vision, tie_word_embeddings=tie_word_embeddings)
 
+    def released_tensors(self, config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, kind) of every tensor of a Qwen2.5-VL checkpoint in the released layout;
+        kind: "matrix" (random), "norm" (ones), "bias" (random, small)."""
+        h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+        heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+        d = h // heads
+        v = config["vision_config"]
+        vh, vi = v["hidden_size"], v["intermediate_size"]
+        out = [("model.embed_tokens.weight", (config["vocab_size"], h), "matrix")]
+        for i in range(layers):
+            p = f"model.layers.{i}"
+            out += [(f"{p}.input_layernorm.weight", (h,), "norm"),
+                    (f"{p}.self_attn.q_proj.weight", (heads * d, h), "matrix"), (f"{p}.self_attn.q_proj.bias", (heads * d,), "bias"),
+                    (f"{p}.self_attn.k_proj.weight", (kv * d, h), "matrix"), (f"{p}.self_attn.k_proj.bias", (kv * d,), "bias"),
+                    (f"{p}.self_attn.v_proj.weight", (kv * d, h), "matrix"), (f"{p}.self_attn.v_proj.bias", (kv * d,), "bias"),
+                    (f"{p}.self_attn.o_proj.weight", (h, heads * d), "matrix"),
+                    (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
+                    (f"{p}.mlp.gate_proj.weight", (inter, h), "matrix"), (f"{p}.mlp.up_proj.weight", (inter, h), "matrix"),
+                    (f"{p}.mlp.down_proj.weight", (h, inter), "matrix")]
+        out.append(("model.norm.weight", (h,), "norm"))
+        if not config.get("tie_word_embeddings", False):
+            out.append(("lm_head.weight", (config["vocab_size"], h), "matrix"))
+        out.append(("visual.patch_embed.proj.weight", (vh, 3, v["temporal_patch_size"], v["patch_size"], v["patch_size"]), "matrix"))
+        for i in range(v["depth"]):
+            p = f"visual.blocks.{i}"
+            out += [(f"{p}.norm1.weight", (vh,), "norm"), (f"{p}.norm2.weight", (vh,), "norm"),
+                    (f"{p}.attn.qkv.weight", (3 * vh, vh), "matrix"), (f"{p}.attn.qkv.bias", (3 * vh,), "bias"),
+                    (f"{p}.attn.proj.weight", (vh, vh), "matrix"), (f"{p}.attn.proj.bias", (vh,), "bias"),
+                    (f"{p}.mlp.gate_proj.weight", (vi, vh), "matrix"), (f"{p}.mlp.gate_proj.bias", (vi,), "bias"),
+                    (f"{p}.mlp.up_proj.weight", (vi, vh), "matrix"), (f"{p}.mlp.up_proj.bias", (vi,), "bias"),
+                    (f"{p}.mlp.down_proj.weight", (vh, vi), "matrix"), (f"{p}.mlp.down_proj.bias", (vh,), "bias")]
+        merged = vh * 4
+        out += [("visual.merger.ln_q.weight", (vh,), "norm"), ("visual.merger.mlp.0.weight", (merged, merged), "matrix"),
+                ("visual.merger.mlp.0.bias", (merged,), "bias"), ("visual.merger.mlp.2.weight", (h, merged), "matrix"),
+                ("visual.merger.mlp.2.bias", (h,), "bias")]
+        return out
+
     def shape_config(self, shape: str, layers: int | None, vision_layers: int | None) -> dict:
         """config.json as the released Qwen2.5-VL / lychee-rerank-mm checkpoints write it
         (transformers 4.x layout: text fields at the top level, rope_scaling)."""

@@ -1,0 +1,210 @@
+"""The MRB workload at real width: queries x 50-100 candidates per task (t2t, i2t, t2i, it2it),
+the default engine with shared prefixes on and off, against HuggingFace's strong form in fp32 and
+bf16, in the same run; then search latency (rank 50 text documents; one query with one image
+document).
+
+    python benchmarks/mrb_workload.py --shape gmr-3b:6:8 --out benchmarks/results/mrb_workload_cpu.json
+
+The checkpoint is generated with GMR-3B's widths and layout (random weights) at reduced depth
+(``shape:decoder_layers:vision_layers``; at least 6 decoder layers so that savings confined to
+the last layer do not dominate). Lengths are MRB-like: query images of 256-1,280 visual tokens,
+documents of 30-400 words or images of 256-768 tokens. HF scores a sample of each task's pairs
+(its rate does not depend on how many candidates share a query: it recomputes everything per
+pair, one image encode per pair); gmr_fast scores all of them. Ranking agreement is measured on
+the sample against HF fp32. Every measurement runs in its own process (its own peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import in_child, machine, write  # noqa: E402
+
+WORDS = ("the of and a to in is for on that with as by this are from at be an or which image document query river "
+         "mountain chart table photo report market city science history bridge station garden").split()
+TASKS = ("t2t", "i2t", "t2i", "it2it")
+TARGETS = {"t2t": 2.0, "i2t": 5.0, "t2i": 1.3, "it2it": 5.0}
+
+
+def _image(rng, lo_tokens: int, hi_tokens: int) -> np.ndarray:
+    """A random image whose resized grid has between lo and hi visual tokens (sides multiple of 28)."""
+    while True:
+        h, w = (int(x) for x in rng.integers(8, 48, 2))
+        if lo_tokens <= h * w <= hi_tokens:
+            return rng.integers(0, 256, (h * 28, w * 28, 3), dtype=np.uint8)
+
+
+def task_pairs(task: str, queries: int, candidates: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed + TASKS.index(task))
+    text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))  # noqa: E731
+    pairs = []
+    for _ in range(queries):
+        if task in ("t2t", "t2i"):
+            query = text(4, 16)
+        elif task == "i2t":
+            query = {"image": _image(rng, 256, 1280)}
+        else:
+            query = {"text": text(3, 10), "image": _image(rng, 256, 1280)}
+        for _ in range(candidates):
+            if task in ("t2t", "i2t"):
+                doc = text(30, 400)
+            elif task == "t2i":
+                doc = {"image": _image(rng, 256, 768)}
+            else:
+                doc = {"text": text(10, 60), "image": _image(rng, 256, 768)}
+            pairs.append((query, doc))
+    return pairs
+
+
+def sample_indices(n: int, k: int) -> list[int]:
+    return sorted(set(np.linspace(0, n - 1, min(k, n)).astype(int).tolist()))
+
+
+def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool, sample: int) -> dict:
+    from gmr_fast import Reranker
+
+    pairs = task_pairs(task, queries, candidates)
+    r = Reranker(engine, share_prefix=share)
+    r.score(task_pairs(task, 1, 2, seed=99))  # warm-up on other pairs
+    start = time.perf_counter()
+    scores = r.score(pairs)
+    t = time.perf_counter() - start
+    idx = sample_indices(len(pairs), sample)
+    stats = r.last_stats
+    return {"pairs": len(pairs), "seconds": t, "pairs_per_s": len(pairs) / t, "sample_scores": scores[idx].tolist(),
+            "decoder_tokens_per_pair": stats["decoder_tokens"] / len(pairs),
+            "prompt_tokens_per_pair": stats["prompt_tokens"] / len(pairs), "precision": stats["precision"],
+            "backend": stats["backend"], "shared_pairs": stats["shared_pairs"], "prefixes": stats["prefixes"],
+            "boundary_fallbacks": stats["boundary_fallbacks"], "padding_efficiency": stats["padding_efficiency"]}
+
+
+def child_hf(checkpoint: str, dtype: str, task: str, queries: int, candidates: int, sample: int) -> dict:
+    from hf_baseline import HFStrong
+
+    pairs = task_pairs(task, queries, candidates)
+    subset = [pairs[i] for i in sample_indices(len(pairs), sample)]
+    hf = HFStrong(checkpoint, dtype)
+    hf.score(task_pairs(task, 1, 2, seed=99))
+    start = time.perf_counter()
+    scores, padded = hf.score(subset)
+    t = time.perf_counter() - start
+    return {"pairs": len(subset), "seconds": t, "pairs_per_s": len(subset) / t, "sample_scores": scores.tolist(),
+            "decoder_tokens_per_pair": padded / len(subset)}
+
+
+def child_latency(kind: str, path: str, what: str, requests: int) -> dict:
+    """p50/p95 of ``what`` (rank 50 text documents | one image pair) for gmr_fast (kind=gmr,
+    path=engine) or HF (kind=hf_fp32/hf_bf16, path=checkpoint)."""
+    rng = np.random.default_rng(7)
+    text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))  # noqa: E731
+    if what == "rank50":
+        calls = [[(text(4, 12), text(30, 400)) for _ in range(1) for _ in range(50)] for _ in range(requests + 1)]
+        for c in calls:
+            q = c[0][0]
+            c[:] = [(q, d) for _, d in c]
+    else:
+        calls = [[(text(4, 12), {"image": _image(rng, 256, 768)})] for _ in range(requests + 1)]
+    if kind == "gmr":
+        from gmr_fast import Reranker
+
+        r = Reranker(path)
+        run = lambda pairs: r.rank(pairs[0][0], [d for _, d in pairs])  # noqa: E731
+    else:
+        from hf_baseline import HFStrong
+
+        hf = HFStrong(path, kind.split("_")[1])
+        run = lambda pairs: hf.score(pairs)  # noqa: E731
+    run(calls[0])
+    times = []
+    for c in calls[1:]:
+        start = time.perf_counter()
+        run(c)
+        times.append(time.perf_counter() - start)
+    return {"p50_ms": 1e3 * float(np.percentile(times, 50)), "p95_ms": 1e3 * float(np.percentile(times, 95)),
+            "requests": requests}
+
+
+def kendall(a, b) -> float:
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(a, b).statistic)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="gmr-3b:6:8")
+    p.add_argument("--queries", type=int, default=2)
+    p.add_argument("--candidates", type=int, default=50)
+    p.add_argument("--hf-sample", type=int, default=16, help="pairs per task HF scores")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--latency-requests", type=int, default=5)
+    p.add_argument("--work", default="/tmp/gmr_bench")
+    p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
+    a = p.parse_args(argv)
+    from export.factory import build_shape_checkpoint
+
+    work = pathlib.Path(a.work)
+    shape, layers, vlayers = a.shape.split(":")
+    ckpt = work / f"{shape}-L{layers}-V{vlayers}"
+    if not (ckpt / "model.safetensors.index.json").exists():
+        build_shape_checkpoint(ckpt, shape, int(layers), int(vlayers))
+    engine = work / f"{ckpt.name}-engine"
+    if not (engine / "manifest.json").exists():
+        in_child("real_size:child_export", str(ckpt), str(engine), ["fp32", "int8", "bf16"], timeout=7200)
+    doc = {"machine": machine(), "shape": shape, "decoder_layers": int(layers), "vision_layers": int(vlayers),
+           "queries": a.queries, "candidates": a.candidates, "hf_sample": a.hf_sample, "tasks": {}}
+    for task in a.tasks.split(","):
+        rows = {"hf_fp32": in_child("mrb_workload:child_hf", str(ckpt), "fp32", task, a.queries, a.candidates, a.hf_sample),
+                "hf_bf16": in_child("mrb_workload:child_hf", str(ckpt), "bf16", task, a.queries, a.candidates, a.hf_sample),
+                "gmr_shared": in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, a.hf_sample),
+                "gmr_not_shared": in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, False,
+                                           a.hf_sample)}
+        ref = rows["hf_fp32"]["sample_scores"]
+        best_hf = max(rows["hf_fp32"]["pairs_per_s"], rows["hf_bf16"]["pairs_per_s"])
+        for name, row in rows.items():
+            row["kendall_tau_vs_hf_fp32"] = kendall(ref, row.pop("sample_scores"))
+            row["speedup_vs_hf_fastest"] = row["pairs_per_s"] / best_hf
+        rows["target"] = TARGETS[task]
+        rows["met"] = rows["gmr_shared"]["speedup_vs_hf_fastest"] >= TARGETS[task]
+        doc["tasks"][task] = rows
+        print(json.dumps({"task": task, **{k: (round(v["pairs_per_s"], 3), round(v["speedup_vs_hf_fastest"], 2),
+                                               round(v["kendall_tau_vs_hf_fp32"], 3))
+                                           for k, v in rows.items() if isinstance(v, dict)}}), flush=True)
+    if a.latency_requests:
+        lat = {}
+        for what in ("rank50", "one_image_pair"):
+            lat[what] = {"gmr": in_child("mrb_workload:child_latency", "gmr", str(engine), what, a.latency_requests),
+                         "hf_fp32": in_child("mrb_workload:child_latency", "hf_fp32", str(ckpt), what, a.latency_requests),
+                         "hf_bf16": in_child("mrb_workload:child_latency", "hf_bf16", str(ckpt), what, a.latency_requests)}
+            best = min(lat[what]["hf_fp32"]["p50_ms"], lat[what]["hf_bf16"]["p50_ms"])
+            lat[what]["p50_speedup_vs_hf_fastest"] = best / lat[what]["gmr"]["p50_ms"]
+            print(json.dumps({what: lat[what]}), flush=True)
+        doc["latency"] = lat
+    write(a.out, doc)
+    print(table(doc))
+    return 0
+
+
+def table(doc: dict) -> str:
+    lines = ["| task | HF fp32 pairs/s | HF bf16 pairs/s | gmr shared pairs/s | gmr not shared | speed-up vs HF fastest "
+             "(target) | decoder tokens/pair gmr (HF) | tau vs HF fp32 |", "|---|---|---|---|---|---|---|---|"]
+    for task, r in doc["tasks"].items():
+        g = r["gmr_shared"]
+        lines.append(f"| {task} | {r['hf_fp32']['pairs_per_s']:.2f} | {r['hf_bf16']['pairs_per_s']:.2f} | "
+                     f"{g['pairs_per_s']:.2f} | {r['gmr_not_shared']['pairs_per_s']:.2f} | "
+                     f"{g['speedup_vs_hf_fastest']:.2f}x ({r['target']}x) | {g['decoder_tokens_per_pair']:.0f} "
+                     f"({r['hf_bf16']['decoder_tokens_per_pair']:.0f}) | {g['kendall_tau_vs_hf_fp32']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

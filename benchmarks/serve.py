@@ -1,0 +1,112 @@
+"""Load test of ``python -m gmr_fast.serve`` on loopback: 1, 4 and 16 concurrent clients sending
+Cohere-style rerank requests of 20-50 documents; throughput and p50/p95/p99 latency, failures
+counted (there must be none). Bounded in count and time.
+
+    python benchmarks/serve.py --engine ENGINE --out benchmarks/results/serve_cpu.json
+
+The baseline is one client sending the same requests one after another (each waits for the
+previous answer): what a server without batching across requests would give at best. With more
+clients, concurrent requests share the engine's token-budget batches (and a query's documents
+share its prefix), and request parsing overlaps scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import ROOT, machine, write  # noqa: E402
+
+WORDS = "the of and a to in is for on that with as by this are from at be river mountain chart table photo".split()
+
+
+def requests(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))  # noqa: E731
+    return [{"model": "gmr", "query": text(3, 10), "documents": [text(20, 120) for _ in range(int(rng.integers(20, 51)))]}
+            for _ in range(n)]
+
+
+def run_clients(url: str, reqs: list[dict], clients: int, timeout: float) -> dict:
+    import httpx
+
+    latencies, failures = [], 0
+
+    def send(client, body):
+        start = time.perf_counter()
+        r = client.post(url + "/v2/rerank", json=body, timeout=timeout)
+        ok = r.status_code == 200 and len(r.json()["results"]) == len(body["documents"])
+        return time.perf_counter() - start, ok
+
+    started = time.perf_counter()
+    with httpx.Client() as client, concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        for latency, ok in pool.map(lambda b: send(client, b), reqs):
+            latencies.append(latency)
+            failures += int(not ok)
+    wall = time.perf_counter() - started
+    pairs = sum(len(b["documents"]) for b in reqs)
+    return {"clients": clients, "requests": len(reqs), "failures": failures, "seconds": wall,
+            "requests_per_s": len(reqs) / wall, "pairs_per_s": pairs / wall,
+            **{f"p{q}_ms": 1e3 * float(np.percentile(latencies, q)) for q in (50, 95, 99)}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", required=True)
+    p.add_argument("--requests", type=int, default=48, help="requests per load level")
+    p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--out", default="benchmarks/results/serve_cpu.json")
+    a = p.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "gmr_fast.serve", "--engine", a.engine, "--port", str(port),
+                               "--log-level", "warning"], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        for _ in range(1200):
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        info = httpx.get(url + "/info").json()
+        reqs = requests(a.requests)
+        run_clients(url, requests(4, seed=1), 2, a.timeout)  # warm-up
+        levels = [run_clients(url, reqs, int(c), a.timeout) for c in a.clients.split(",")]
+        for row in levels:
+            row["throughput_vs_one_client"] = row["pairs_per_s"] / levels[0]["pairs_per_s"]
+            print(json.dumps(row), flush=True)
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        server.terminate()
+        server.wait(60)
+    rounds = [line for line in metrics.splitlines() if line.startswith("gmr_round_pairs_")]
+    write(a.out, {"machine": machine(), "engine": os.path.abspath(a.engine), "server": info, "levels": levels,
+                  "round_pairs_metrics": rounds})
+    print("| clients | requests | failures | pairs/s | vs 1 client | p50 ms | p95 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in levels:
+        print(f"| {r['clients']} | {r['requests']} | {r['failures']} | {r['pairs_per_s']:.1f} | "
+              f"{r['throughput_vs_one_client']:.2f}x | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

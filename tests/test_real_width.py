@@ -1,0 +1,114 @@
+"""Checkpoints with GMR-3B's real widths (hidden 2048, 16 / 2 heads, intermediate 11008, tied
+151,936-token embeddings; vision 1280 wide) at reduced depth, written as a released download is
+(bf16 shards with an index, pre-transformers-5 key names, no gmr.json): they load, export and
+validate; and the validation refuses engines whose graphs are wrong in ways that matter
+(no causal mask, positions shifted, M-RoPE axes swapped, yes and no swapped)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.real_width
+torch = pytest.importorskip("torch")
+
+from export import engine_export  # noqa: E402
+from export.checkpoint import CheckpointReader, canonical  # noqa: E402
+from export.engine_export import ExportOptions, export_engine  # noqa: E402
+from export.factory import build_shape_checkpoint  # noqa: E402
+from gmr_fast import ExportError, Reranker, families  # noqa: E402
+from gmr_fast.graphs import decoder as decoder_module  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, model_cache):
+    """GMR-3B widths, 1 decoder layer, 1 vision block, in the released layout."""
+    path = tmp_path_factory.mktemp("gmr3b") / "ckpt"
+    return build_shape_checkpoint(path, "gmr-3b", layers=1, vision_layers=1, cache_dir=model_cache)
+
+
+@pytest.fixture(scope="module")
+def reference_cache():
+    return {}
+
+
+@pytest.fixture
+def cached_reference(monkeypatch, reference_cache):
+    """The HF reference of a checkpoint is computed once and reused by the broken exports below
+    (each export would otherwise recompute it): the graphs change, the reference does not."""
+    real = engine_export.ReferenceScorer
+
+    class Cached:
+        def __init__(self, checkpoint, **kwargs):
+            self.args = (checkpoint, kwargs)
+
+        def score(self, pairs, instruction=None, batch_size=8):
+            key = (str(self.args[0]), len(pairs))
+            if key not in reference_cache:
+                reference_cache[key] = real(self.args[0], **self.args[1]).score(pairs, instruction=instruction,
+                                                                                batch_size=batch_size)
+            return reference_cache[key]
+
+    monkeypatch.setattr(engine_export, "ReferenceScorer", Cached)
+
+
+def test_the_released_layout_is_what_the_factory_writes(released):
+    files = sorted(p.name for p in released.iterdir())
+    assert "model.safetensors.index.json" in files and "gmr.json" not in files
+    index = json.loads((released / "model.safetensors.index.json").read_text())
+    assert all(k.startswith(("model.layers.", "model.embed_tokens", "model.norm", "visual.")) for k in index["weight_map"])
+    assert "lm_head.weight" not in index["weight_map"]  # GMR-3B ties its head to the embeddings
+    reader = CheckpointReader(released)
+    assert reader.stored_dtypes == {"BF16": len(index["weight_map"])}
+    assert reader.info("model.embed_tokens.weight").shape == (151936, 2048)
+    config = json.loads((released / "config.json").read_text())
+    assert config["hidden_size"] == 2048 and "rope_scaling" in config and "text_config" not in config  # 4.x style
+    assert json.loads((released / "preprocessor_config.json").read_text())["max_pixels"] == 12845056
+    assert canonical("model.language_model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+    assert canonical("model.visual.blocks.0.attn.qkv.weight") == "visual.blocks.0.attn.qkv.weight"
+
+
+def test_real_width_export_is_accepted_and_warns_about_the_pixel_bound(released, tmp_path, cached_reference, caplog):
+    with caplog.at_level(logging.WARNING, logger="gmr_fast"):
+        m = export_engine(released, tmp_path / "engine", ExportOptions(dtypes=("fp32", "int8"), validation_queries=3))
+    assert "preprocessor_config.json says max_pixels 12845056 but GMR's own usage code passes 1003520" in caplog.text
+    assert "write a gmr.json beside the weights" in caplog.text
+    fp32 = m.variants["fp32"].validation
+    # fp32 differs from HF by summation order only: ~1e-5 of the score spread at this width
+    assert fp32["max_rel_error"] <= 1e-4 and fp32["kendall_tau"] > 0.999
+    assert m.source["stored_dtypes"] == {"BF16": m.source["stored_dtypes"]["BF16"]}
+    assert m.preprocessing.max_pixels == 1280 * 28 * 28 and m.decoder.tie_word_embeddings
+    int8 = m.variants["int8"].validation
+    assert int8["kendall_tau"] >= 0.98 and int8["top10_overlap_mean"] >= 0.9
+    scores = Reranker(tmp_path / "engine").score([("q", "a document"), ("q", "another one")])
+    assert np.isfinite(scores).all()
+
+
+def _break(monkeypatch, how: str) -> None:
+    if how == "no_causal_mask":
+        real = decoder_module.DecoderLayer.attention
+        monkeypatch.setattr(decoder_module.DecoderLayer, "attention",
+                            lambda self, q, k, v, pk, pv, visible, sdpa: real(self, q, k, v, pk, pv,
+                                                                              torch.ones_like(visible), sdpa))
+    elif how == "positions_shifted":  # every token after the first one position further away
+        real = decoder_module.ScoreDecoder.rotary
+        monkeypatch.setattr(decoder_module.ScoreDecoder, "rotary",
+                            lambda self, pos, dtype: real(self, pos + (pos > 0).to(pos.dtype), dtype))
+    elif how == "mrope_axes_swapped":  # height and width exchanged: image tokens only
+        real = decoder_module.ScoreDecoder.rotary
+        monkeypatch.setattr(decoder_module.ScoreDecoder, "rotary", lambda self, pos, dtype: real(self, pos[[0, 2, 1]], dtype))
+    elif how == "yes_no_swapped":
+        real = families.Family.decoder_sources
+        monkeypatch.setattr(families.Family, "decoder_sources",
+                            lambda self, dims, yes, no, has_head: real(self, dims, no, yes, has_head))
+
+
+@pytest.mark.parametrize("how", ["no_causal_mask", "positions_shifted", "mrope_axes_swapped", "yes_no_swapped"])
+def test_broken_graphs_are_refused_at_real_width(released, tmp_path, cached_reference, monkeypatch, how):
+    _break(monkeypatch, how)
+    with pytest.raises(ExportError, match="fp32 export failed validation"):
+        export_engine(released, tmp_path / "engine", ExportOptions(dtypes=("fp32",), validation_queries=3))
+    assert not (tmp_path / "engine").exists()
