@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         got = np.concatenate([Reranker(scratch, precision="int8").score([(q, d) for d in docs]) for q, docs in groups])
         fig = validate.compare(reference, got, [len(d) for _, d in groups])
         row = {"kept_fp32": name, "patterns": list(patterns), "kendall_tau": round(fig["kendall_tau"], 4),
+               "query_kendall_tau_mean": round(fig["query_kendall_tau_mean"], 4),
                "top10_overlap_mean": round(fig["top10_overlap_mean"], 3), "max_rel_error": round(fig["max_rel_error"], 4),
                "int8_weight_bytes": variant.details["weight_bytes"], "seconds": round(time.perf_counter() - t, 1)}
         print(json.dumps(row), flush=True)

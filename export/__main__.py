@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--int8-keep", help="comma-separated glob patterns of weights kept fp32 in the int8 variant "
                                             "(default: none, escalating only if ranking agreement needs it)")
     parser.add_argument("--accept-fp32-rel-error", type=float, help="override the fp32 bar (max error / score spread)")
-    parser.add_argument("--accept-min-tau", type=float, help="override the reduced-precision Kendall tau bar")
+    parser.add_argument("--accept-min-tau", type=float, help="override the reduced-precision per-query Kendall tau bar")
     parser.add_argument("--accept-min-top10", type=float, help="override the reduced-precision mean top-10 overlap bar")
     parser.add_argument("--threads", type=int, help="threads for validation")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (not available yet)")
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     if args.accept_fp32_rel_error is not None:
         criterion.fp32_max_rel_error = args.accept_fp32_rel_error
     if args.accept_min_tau is not None:
-        criterion.min_tau = args.accept_min_tau
+        criterion.min_query_tau = args.accept_min_tau
     if args.accept_min_top10 is not None:
         criterion.min_mean_top10 = criterion.min_top10 = args.accept_min_top10
     options = ExportOptions(dtypes=tuple(d.strip() for d in args.dtype.split(",") if d.strip()), force=args.force,

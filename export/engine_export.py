@@ -101,7 +101,7 @@ class _Builder:
         self.sources = {"decoder": family.decoder_sources(dims, yes_id, no_id, has_head),
                         "vision": family.vision_sources(vision)}
         self._fp32_index: dict[str, dict] = {}
-        self.activations = "row"  # int8 activations quantized per row (see export/quantize.py)
+        self.activations = "tensor"  # per-tensor activations: the fast path (benchmarks/int8_kernels.py)
 
     def _module(self, graph: str):
         import torch

@@ -28,18 +28,32 @@ def keep_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+CHUNK_ROWS = 4096  # rows quantized at a time: temporaries stay small even for a 152k x 3584 table
+
+
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[K, N] float32 -> (int8 [K, N], scale float32 [N]) with w ~= q * scale, symmetric."""
-    peak = np.abs(w).max(axis=0)
+    peak = np.zeros(w.shape[1], np.float32)
+    for start in range(0, w.shape[0], CHUNK_ROWS):
+        np.maximum(peak, np.abs(w[start:start + CHUNK_ROWS]).max(axis=0), out=peak)
     scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    q = np.empty(w.shape, np.int8)
+    for start in range(0, w.shape[0], CHUNK_ROWS):
+        q[start:start + CHUNK_ROWS] = np.clip(np.rint(w[start:start + CHUNK_ROWS] / scale), -127, 127)
     return q, scale
 
 
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[V, H] -> (int8 [V, H], scale float32 [V, 1])."""
-    q, scale = quantize_columns(w.T)
-    return np.ascontiguousarray(q.T), scale.reshape(-1, 1)
+    """[V, H] -> (int8 [V, H], scale float32 [V, 1]): one symmetric scale per row."""
+    q = np.empty(w.shape, np.int8)
+    scale = np.empty((w.shape[0], 1), np.float32)
+    for start in range(0, w.shape[0], CHUNK_ROWS):
+        rows = w[start:start + CHUNK_ROWS]
+        peak = np.abs(rows).max(axis=1, keepdims=True)
+        s = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        q[start:start + CHUNK_ROWS] = np.clip(np.rint(rows / s), -127, 127)
+        scale[start:start + CHUNK_ROWS] = s
+    return q, scale
 
 
 def _placeholder():

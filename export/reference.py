@@ -175,15 +175,16 @@ class ReferenceScorer:
     def score(self, pairs: Sequence[tuple[Any, Any]], instruction: str | None = None, batch_size: int = 8) -> np.ndarray:
         import torch
 
-        out = []
-        for start in range(0, len(pairs), batch_size):
-            batch = self.encode(pairs[start:start + batch_size], instruction)
+        batches = [self.encode(pairs[start:start + batch_size], instruction) for start in range(0, len(pairs), batch_size)]
+        if self.model is None:  # every batch through each layer, each layer's weights read once
             with torch.no_grad():
-                if self.model is not None:
-                    logits = self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
-                    out.append((logits[:, self.yes_id] - logits[:, self.no_id]).cpu().numpy())
-                else:
-                    out.append(self._streamed.score(batch))
+                out = self._streamed.score(batches)
+            return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        out = []
+        for batch in batches:
+            with torch.no_grad():
+                logits = self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+            out.append((logits[:, self.yes_id] - logits[:, self.no_id]).cpu().numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
@@ -221,46 +222,50 @@ class _StreamedModel:
 
         return torch.from_numpy(self.reader.resolve(self.sources[name]))
 
-    def score(self, batch: dict) -> np.ndarray:
+    def score(self, batches: list[dict]) -> list[np.ndarray]:
         import torch
 
         from gmr_fast.graphs.decoder import DecoderLayer, ScoreDecoder
 
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        image_embeds = torch.zeros(0, self.dims.hidden_size)
-        if "pixel_values" in batch:
-            image_embeds = self.visual(batch["pixel_values"].float(), grid_thw=batch["image_grid_thw"]).pooler_output
-        if "image_grid_thw" in batch:  # as HF's forward: M-RoPE indices when there are images, else plain arange
-            position_ids, _ = self.rope_model.get_rope_index(ids, batch["mm_token_type_ids"],
-                                                             image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
-        else:
-            position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, ids.shape[0], -1)
+        d = self.dims
         with torch.device("meta"):
-            shell = ScoreDecoder(self.dims)
+            shell = ScoreDecoder(d)
         shell.embed = torch.nn.Parameter(self._tensor("embed"), requires_grad=False)
-        shell.score_row = torch.nn.Parameter(self._tensor("score_row"), requires_grad=False)
         for name, value in shell.constant_buffers().items():
             setattr(shell, name, value)
-        x = shell.embed_tokens(ids, image_embeds)
+        states = []  # per batch: hidden states and what every layer needs
+        for batch in batches:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            image_embeds = torch.zeros(0, d.hidden_size)
+            if "pixel_values" in batch:
+                image_embeds = self.visual(batch["pixel_values"].float(), grid_thw=batch["image_grid_thw"]).pooler_output
+            if "image_grid_thw" in batch:  # as HF's forward: M-RoPE indices when there are images, else plain arange
+                position_ids, _ = self.rope_model.get_rope_index(ids, batch["mm_token_type_ids"],
+                                                                 image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+            else:
+                position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, ids.shape[0], -1)
+            x = shell.embed_tokens(ids, image_embeds)
+            cos, sin = shell.rotary(position_ids, x.dtype)
+            b, s = ids.shape
+            pos = torch.arange(s)
+            real = mask > 0
+            visible = ((pos[None, :] <= pos[:, None])[None] & real[:, None, :]) | torch.eye(s, dtype=torch.bool)[None]
+            visible = torch.cat([torch.zeros(b, s, 1, dtype=torch.bool), visible], -1).unsqueeze(1)
+            last = (mask.to(torch.int64) * pos[None, :]).argmax(-1)
+            empty = torch.zeros(b, d.num_kv_heads, 1, d.head_dim)
+            states.append([x, cos, sin, visible, last, empty])
         shell.embed = None  # the table is the largest tensor; free it before the layers
-        cos, sin = shell.rotary(position_ids, x.dtype)
-        b, s = ids.shape
-        pos = torch.arange(s)
-        real = mask > 0
-        visible = ((pos[None, :] <= pos[:, None])[None] & real[:, None, :]) | torch.eye(s, dtype=torch.bool)[None]
-        visible = torch.cat([torch.zeros(b, s, 1, dtype=torch.bool), visible], -1).unsqueeze(1)
-        last = (mask.to(torch.int64) * pos[None, :]).argmax(-1)
-        d = self.dims
-        empty = torch.zeros(b, d.num_kv_heads, 1, d.head_dim)
         for i in range(d.num_layers):
             with torch.device("meta"):
                 layer = DecoderLayer(d)
             layer.to_empty(device="cpu")
             for name, p in layer.named_parameters():
                 p.data = self._tensor(f"layers.{i}.{name}")
-            x, _, _ = layer(x, cos, sin, empty, empty, visible, last if i == d.num_layers - 1 else None)
+            final = i == d.num_layers - 1
+            for st in states:
+                x, cos, sin, visible, last, empty = st
+                st[0], _, _ = layer(x, cos, sin, empty, empty, visible, last if final else None)
             del layer
-        norm = torch.nn.Parameter(self._tensor("norm.weight"), requires_grad=False)
-        shell.norm.weight = norm
-        hidden = shell.norm(x[:, 0])
-        return (hidden.float() @ shell.score_row).numpy()
+        shell.norm.weight = torch.nn.Parameter(self._tensor("norm.weight"), requires_grad=False)
+        score_row = self._tensor("score_row")
+        return [(shell.norm(st[0][:, 0]).float() @ score_row).numpy() for st in states]

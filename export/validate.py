@@ -10,10 +10,12 @@ The criterion (recorded in the manifest) scales with the model:
   two orders of magnitude for full depth, while a real defect (a shifted position, a wrong mask,
   swapped yes/no rows) moves scores by a sizeable fraction of the spread. An absolute bar
   cannot do this: scores span ~1 on toy models and ~80 at real width.
-- **int8 / bf16**: ranking agreement only (their errors are by design far above fp32 noise):
-  pooled Kendall tau >= 0.98 (HF's own bf16 reaches 0.994 against its fp32) and, per query,
-  the top-10 overlap with the reference >= 0.9 on average and >= 0.8 for every query (one
-  near-tie swap at the cut is tolerated; two swaps on average are not).
+- **int8 / bf16**: ranking agreement only (their errors are by design far above fp32 noise), and
+  per query, because a reranker only ever orders one query's candidates (scores of different
+  queries are never compared, so a shift between queries is harmless): mean per-query Kendall
+  tau >= 0.9 (at most 5% of a query's candidate pairs swapped on average), and the top-10
+  overlap with the reference >= 0.9 on average and >= 0.8 for every query (one near-tie swap at
+  the cut is tolerated; two on average are not). The tau over all pairs pooled is recorded too.
 
 The cost is bounded: queries x documents is fixed (default 4 x 20), documents are short and
 images small, so validating a 7B model costs minutes, not hours. ``--accept-*`` flags override
@@ -35,7 +37,7 @@ MODES = ({"padding_side": "left", "share_prefix": True}, {"padding_side": "right
 class Criterion:
     fp32_max_rel_error: float = 1e-3
     fp32_min_tau: float = 0.99
-    min_tau: float = 0.98
+    min_query_tau: float = 0.9
     min_mean_top10: float = 0.9
     min_top10: float = 0.8
 
@@ -87,6 +89,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, group_sizes: list[int]
     return {"pairs": int(len(reference)), "max_abs_diff": float(diff.max()) if len(diff) else 0.0,
             "spread": spread, "max_rel_error": float(diff.max() / spread) if len(diff) else 0.0,
             "kendall_tau": kendall_tau(reference, candidate), "group_kendall_tau": [round(t, 4) for t in taus],
+            "query_kendall_tau_mean": float(np.mean(taus)) if taus else 1.0,
             "top10_overlap_mean": float(np.mean(overlaps)) if overlaps else 1.0,
             "top10_overlap_min": float(np.min(overlaps)) if overlaps else 1.0,
             "reference_range": [float(reference.min()), float(reference.max())] if len(reference) else [0.0, 0.0]}
@@ -102,8 +105,9 @@ def verdict(precision: str, figures: dict, criterion: Criterion) -> str | None:
         if not figures["kendall_tau"] >= c.fp32_min_tau:
             return f"Kendall tau {figures['kendall_tau']:.4f} < {c.fp32_min_tau}"
         return None
-    if not figures["kendall_tau"] >= c.min_tau:
-        return f"Kendall tau {figures['kendall_tau']:.4f} against the fp32 reference < {c.min_tau}"
+    if not figures["query_kendall_tau_mean"] >= c.min_query_tau:
+        return (f"mean per-query Kendall tau {figures['query_kendall_tau_mean']:.4f} against the fp32 reference "
+                f"< {c.min_query_tau}")
     if not figures["top10_overlap_mean"] >= c.min_mean_top10:
         return f"mean top-10 overlap {figures['top10_overlap_mean']:.3f} < {c.min_mean_top10}"
     if not figures["top10_overlap_min"] >= c.min_top10:

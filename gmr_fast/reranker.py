@@ -248,8 +248,8 @@ class Reranker:
         the residual stream, norms and the MLP's intermediate tensors (fp32); per attention score
         (query x key) the scores, their masked form and the softmax, for every query head;
         prefix batches also return their keys/values. Vision: per patch, plus per (patch x patch)
-        of a full-attention block for one group of heads. The factors were fitted to measured peak
-        memory (README, "Memory")."""
+        of a full-attention block for one group of heads. The counts follow the graphs' largest
+        live tensors; benchmarks/real_size.py checks the resulting peak memory."""
         o, d = self.options, self.manifest.decoder
         v = self.manifest.vision
         budget = o.activation_budget_mb * MiB

@@ -64,7 +64,7 @@ def test_int8_and_bf16_variants(all_precisions_engine):
     assert any(i.name == "embed.int8" for i in int8)  # the embedding table is stored as int8 rows too
     for precision in ("int8", "bf16"):
         fig = m.variants[precision].validation
-        assert fig["kendall_tau"] >= 0.98 and fig["top10_overlap_mean"] >= 0.9, (precision, fig)
+        assert fig["query_kendall_tau_mean"] >= 0.9 and fig["top10_overlap_mean"] >= 0.9, (precision, fig)
     size = lambda name: (engine / name).stat().st_size  # noqa: E731
     assert size("decoder.int8.weights") < 0.4 * size("decoder.fp32.weights")
 

@@ -82,7 +82,7 @@ def test_real_width_export_is_accepted_and_warns_about_the_pixel_bound(released,
     assert m.source["stored_dtypes"] == {"BF16": m.source["stored_dtypes"]["BF16"]}
     assert m.preprocessing.max_pixels == 1280 * 28 * 28 and m.decoder.tie_word_embeddings
     int8 = m.variants["int8"].validation
-    assert int8["kendall_tau"] >= 0.98 and int8["top10_overlap_mean"] >= 0.9
+    assert int8["query_kendall_tau_mean"] >= 0.9 and int8["top10_overlap_mean"] >= 0.9
     scores = Reranker(tmp_path / "engine").score([("q", "a document"), ("q", "another one")])
     assert np.isfinite(scores).all()
 
@@ -99,7 +99,8 @@ def _break(monkeypatch, how: str) -> None:
                             lambda self, pos, dtype: real(self, pos + (pos > 0).to(pos.dtype), dtype))
     elif how == "mrope_axes_swapped":  # height and width exchanged: image tokens only
         real = decoder_module.ScoreDecoder.rotary
-        monkeypatch.setattr(decoder_module.ScoreDecoder, "rotary", lambda self, pos, dtype: real(self, pos[[0, 2, 1]], dtype))
+        monkeypatch.setattr(decoder_module.ScoreDecoder, "rotary",
+                            lambda self, pos, dtype: real(self, torch.stack([pos[0], pos[2], pos[1]]), dtype))
     elif how == "yes_no_swapped":
         real = families.Family.decoder_sources
         monkeypatch.setattr(families.Family, "decoder_sources",

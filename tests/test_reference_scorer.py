@@ -44,3 +44,16 @@ def test_checkpoint_errors(tmp_path, tiny_checkpoints):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model_type 'llama' is not supported"):
         read_model_type(bad)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_streamed_reference_equals_the_hf_model(family, tiny_checkpoints, rng):
+    """The reference for models too large for memory (HF vision tower and positions, decoder
+    streamed layer by layer through the graph module) scores as the HF model does (tiny fp32:
+    summation order only, ~1e-6)."""
+    img = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    pairs = [("short", "doc"), ("a longer query", "cats are " * 30), ({"text": "q", "image": img}, "text doc"),
+             ("q", {"image": img}), ({"image": img}, {"text": "both", "image": img[:40]})]
+    hf = ReferenceScorer(tiny_checkpoints[family]).score(pairs, batch_size=2)
+    streamed = ReferenceScorer(tiny_checkpoints[family], mode="streamed").score(pairs, batch_size=2)
+    assert np.abs(hf - streamed).max() <= 1e-4
