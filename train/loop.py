@@ -422,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.run()
         if trainer.step >= trainer.total_steps:
             trainer.finish()
+        if trainer.world > 1:
+            # every process waits for process 0 to write the checkpoint: a process that tears its process group
+            # down while a peer still holds gloo connections to it can abort in gloo's destructor
+            torch.distributed.barrier()
     except GmrError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2

@@ -87,7 +87,8 @@ class RerankHead(nn.Module):
         h = h.to(dtype)
         w = self.hf_model.lm_head.weight[self.ids].to(dtype)
         z = h @ w.T
-        return z[:, 0], z[:, 1]
+        # unbind gives views; cloned so that FSDP's pre-backward hook cannot be dropped by a later in-place op
+        return z[:, 0].clone(), z[:, 1].clone()
 
 
     def align_similarity(self, pixel_values, image_grid_thw, caption_ids, caption_mask, merge: int):
