@@ -75,6 +75,17 @@ def contenders(w: np.ndarray, k: int, n: int, threads: int) -> dict:
                          numpy_helper.from_array(np.array([-1], np.int64), "axes"),
                          numpy_helper.from_array(np.array(127.0, np.float32), "c127")], k, threads)
     out["ort_int8_per_row"] = lambda x: pr.run(None, {"x": x})[0]
+    # the same with uint8 activations (value + 128, one zero point for every row): the U8S8 QGEMM path
+    nodes_u8 = [n for n in nodes[:5]] + [
+        helper.make_node("Add", ["xr", "c128"], ["xo"]), helper.make_node("Cast", ["xo"], ["xq"], to=2),
+        helper.make_node("MatMulInteger", ["xq", "q", "zp"], ["yi"]), helper.make_node("Cast", ["yi"], ["yf"], to=1),
+        helper.make_node("Mul", ["yf", "sa"], ["y1"]), helper.make_node("Mul", ["y1", "s"], ["y"])]
+    pru = session(nodes_u8, [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s"),
+                             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                             numpy_helper.from_array(np.array(127.0, np.float32), "c127"),
+                             numpy_helper.from_array(np.array(128.0, np.float32), "c128"),
+                             numpy_helper.from_array(np.array(128, np.uint8), "zp")], k, threads)
+    out["ort_int8_per_row_u8"] = lambda x: pru.run(None, {"x": x})[0]
     # MatMulNBits, 8-bit weights in blocks of 32 along K, accuracy level 4 (int8 compute)
     block = 32
     wb = w.T.reshape(n, k // block, block)
