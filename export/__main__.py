@@ -19,9 +19,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="local GMR / Qwen2(.5)-VL checkpoint directory")
     parser.add_argument("--out", required=True, help="engine directory to create")
-    parser.add_argument("--dtype", default="fp32,int8",
+    parser.add_argument("--dtype", default="fp32,int8,bf16",
                         help="comma-separated variants to build and validate: fp32, int8 (onnxruntime int8 "
-                             "operators), bf16 (the torch backend over the fp32 weights); default fp32,int8")
+                             "operators), bf16 (the torch backend over the fp32 weights: no extra disk); "
+                             "default fp32,int8,bf16")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--reference", default="auto", choices=["auto", "hf", "streamed"],
                         help="fp32 reference: the HF model, or (for models whose fp32 weights do not fit in memory) "

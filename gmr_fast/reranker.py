@@ -177,10 +177,11 @@ class ScorePlan:
 
 def choose_precision(manifest, precision: str, backend: str | None, device: str) -> tuple[str, str, str]:
     """(precision, backend, reason). ``auto`` picks, among the engine's validated variants, the
-    fastest for this processor (measured rules, see README "Precision"): on CUDA bf16 (torch);
-    on CPUs int8 whenever onnxruntime has an int8 GEMM for them (AMX, AVX512-VNNI, AVX-VNNI or
-    AVX2: 2.9x torch's bf16 GEMM on an AMX Xeon, well above fp32 everywhere), else bf16 where
-    oneDNN has bf16 kernels, else fp32."""
+    fastest faithful one for this processor (measured rules, see README "Precision"): on CUDA
+    bf16 (torch); on CPUs with AMX bf16 (torch, oneDNN's AMX tiles: at GMR-3B width as fast as
+    int8 end to end and far closer to fp32 in ranking, benchmarks/real_size.py); else int8
+    wherever onnxruntime has an int8 GEMM (AVX512-VNNI, AVX-VNNI or AVX2: several times its fp32
+    GEMM, benchmarks/int8_kernels.py); else bf16 where oneDNN has AVX512-BF16 kernels; else fp32."""
     have = manifest.precisions
     if precision != "auto":
         manifest.variant(precision)  # raises if absent
@@ -189,6 +190,8 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str)
         if "bf16" not in have:
             raise BackendError("device cuda runs the bf16 variant, which this engine lacks; re-export with --dtype bf16")
         chosen, why = "bf16", "CUDA device"
+    elif "bf16" in have and hardware.has("amx_bf16") and _torch_available():
+        chosen, why = "bf16", "torch bf16 GEMMs use AMX on this CPU (as fast as int8 there, closer to fp32)"
     elif "int8" in have and hardware.int8_kernel():
         chosen, why = "int8", f"onnxruntime int8 GEMMs use {hardware.int8_kernel()} on this CPU"
     elif "bf16" in have and hardware.bf16_kernel() and _torch_available():
@@ -209,7 +212,10 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str)
 def _torch_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # an import hook that refuses torch
+        return False
 
 
 class Reranker:
