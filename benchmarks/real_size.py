@@ -10,7 +10,8 @@ measurement runs in its own process, so its peak RSS is its own. Workloads (fixe
 
 - ``text``: 4 queries x 8 documents of 30-400 words;
 - ``image``: 32 image-query pairs, a 1,116-token and a 324-token query image with 16 short text
-  documents each (the issue's workload).
+  documents each; every pair's query text differs, so no prompt prefix is shared (gmr_fast still
+  encodes each distinct image once per call, HF once per pair).
 
 Reported per workload: pairs/s, speed-up against HF fp32 and HF bf16, peak RSS, ranking agreement
 (Kendall tau) with HF fp32, and the Reranker's activation budget. ``--full-export`` builds a
@@ -103,7 +104,25 @@ def kendall(a, b) -> float:
     return float(kendalltau(a, b).statistic)
 
 
-def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[str]) -> dict:
+def reused_export(engine: pathlib.Path, dtypes: list[str]) -> dict | None:
+    """The figures an earlier export of ``engine`` recorded in its manifest, when it holds every variant asked for."""
+    try:
+        m = json.loads((engine / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not set(dtypes) <= set(m.get("variants", {})):
+        return None
+    return {"reused": True, "created": m.get("created"),
+            "export_seconds": m.get("validation", {}).get("export_seconds"),
+            "variants": {p: {"validation": {k: v.get("validation", {}).get(k)
+                                            for k in ("max_rel_error", "kendall_tau", "query_kendall_tau_mean",
+                                                      "top10_overlap_mean", "seconds")},
+                             "details": {k: v.get("details", {}).get(k) for k in ("kept_fp32_patterns",)}}
+                         for p, v in m["variants"].items()},
+            "engine_bytes": sum(f.stat().st_size for f in engine.iterdir())}
+
+
+def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[str], reuse: bool = False) -> dict:
     from export.factory import build_shape_checkpoint
 
     shape, layers, vision_layers = spec.split(":")
@@ -111,8 +130,10 @@ def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[
     if not (ckpt / "model.safetensors.index.json").exists():
         build_shape_checkpoint(ckpt, shape, int(layers), int(vision_layers))
     engine = work / f"{ckpt.name}-engine"
-    dtypes = sorted({p for p in precisions if p != "auto"} | {"fp32", "int8"})
-    export = in_child("real_size:child_export", str(ckpt), str(engine), dtypes)
+    dtypes = sorted({p.split("-")[0] for p in precisions if p != "auto"} | {"fp32", "int8", "bf16"})
+    export = reused_export(engine, dtypes) if reuse else None
+    if export is None:
+        export = in_child("real_size:child_export", str(ckpt), str(engine), dtypes)
     print(json.dumps({"shape": spec, "export": {k: v for k, v in export.items()}}), flush=True)
     out = {"shape": shape, "decoder_layers": int(layers), "vision_layers": int(vision_layers), "export": export,
            "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")), "workloads": {}}
@@ -120,8 +141,9 @@ def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[
         rows = {}
         for dtype in ("fp32", "bf16"):
             rows[f"hf_{dtype}"] = in_child("real_size:child_hf", str(ckpt), dtype, kind)
-        for precision in precisions:
-            rows[f"gmr_{precision}"] = in_child("real_size:child_reranker", str(engine), precision, kind)
+        for precision in precisions:  # "bf16-whole": that precision with shared prefixes off
+            base, _, whole = precision.partition("-")
+            rows[f"gmr_{precision}"] = in_child("real_size:child_reranker", str(engine), base, kind, not whole)
         ref = rows["hf_fp32"]["scores"]
         fastest_hf = max(rows["hf_fp32"]["pairs_per_s"], rows["hf_bf16"]["pairs_per_s"])
         for name, row in rows.items():
@@ -150,12 +172,15 @@ def table(doc: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="gmr-3b:6:8")
-    p.add_argument("--precisions", default="auto,fp32,int8,bf16")
+    p.add_argument("--precisions", default="auto,fp32,int8,bf16,bf16-whole",
+                   help="Reranker precisions to run; a -whole suffix turns shared prefixes off")
     p.add_argument("--workloads", default="text,image")
     p.add_argument("--full-export", help="a shape to build at full depth and export (fp32), recording the export")
     p.add_argument("--dtypes", default="fp32", help="variants of the full-depth export")
     p.add_argument("--reference", default="auto", help="the full-depth export's reference (auto | hf | streamed)")
     p.add_argument("--score", action="store_true", help="after the full-depth export, score the text workload with it")
+    p.add_argument("--reuse", action="store_true",
+                   help="score with an engine an earlier run exported (its manifest's figures are recorded)")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/real_size_cpu.json")
     a = p.parse_args(argv)
@@ -184,7 +209,7 @@ def main(argv=None) -> int:
             doc["scoring"].pop("scores", None)
         print(json.dumps(doc, indent=1))
     else:
-        doc["shapes"] = [run_shape(s, work, a.precisions.split(","), a.workloads.split(",")) for s in a.shapes.split(",")]
+        doc["shapes"] = [run_shape(s, work, a.precisions.split(","), a.workloads.split(","), a.reuse) for s in a.shapes.split(",")]
         print(table(doc))
     write(a.out, doc)
     return 0
