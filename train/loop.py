@@ -423,9 +423,14 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.step >= trainer.total_steps:
             trainer.finish()
         if trainer.world > 1:
-            # every process waits for process 0 to write the checkpoint: a process that tears its process group
-            # down while a peer still holds gloo connections to it can abort in gloo's destructor
+            # Every process waits for process 0 to write the checkpoint, then leaves at once. Tearing the process
+            # groups down (destroy_process_group, or the interpreter's exit with FSDP's device mesh alive) aborted
+            # a gloo process now and then ("terminate called without an active exception") after all work was
+            # done and written; nothing is left to clean up that the OS does not reclaim.
             torch.distributed.barrier()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except GmrError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
