@@ -2,8 +2,11 @@
 
 Exports a GMR checkpoint (a local HuggingFace Qwen2-VL / Qwen2.5-VL directory, released layout
 or ours) to an engine directory and validates every variant against the fp32 reference before
-it is put in place. Exit code 0 on success, 2 for a bad checkpoint or arguments, 3 when
-validation refuses the engine or the file system fails.
+it is put in place. A reduced precision (int8, bf16) that fails validation while other variants
+pass is left out of the engine, with the reason in its manifest (``validation.refused``) and in
+the printed summary; fp32, or a variant requested alone, failing is an error. Exit code 0 on
+success, 2 for a bad checkpoint or arguments, 3 when validation refuses the engine or the file
+system fails.
 """
 
 from __future__ import annotations
@@ -29,10 +32,14 @@ def main(argv=None) -> int:
                              "HF's vision tower and positions with the decoder streamed layer by layer; auto picks")
     parser.add_argument("--validation-queries", type=int, default=4, help="queries of the validation set")
     parser.add_argument("--validation-documents", type=int, default=20, help="documents per validation query")
+    parser.add_argument("--validation-long-documents", type=int, default=12,
+                        help="documents of the long validation group (a ~900-token image query, long documents, "
+                             "judged apart); 0 leaves the group out")
     parser.add_argument("--int8-keep", help="comma-separated glob patterns of weights kept fp32 in the int8 variant "
                                             "(default: none, escalating only if ranking agreement needs it)")
     parser.add_argument("--accept-fp32-rel-error", type=float, help="override the fp32 bar (max error / score spread)")
     parser.add_argument("--accept-min-tau", type=float, help="override the reduced-precision per-query Kendall tau bar")
+    parser.add_argument("--accept-long-tau", type=float, help="override the long group's Kendall tau bar")
     parser.add_argument("--accept-min-top10", type=float, help="override the reduced-precision mean top-10 overlap bar")
     parser.add_argument("--threads", type=int, help="threads for validation")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (not available yet)")
@@ -53,10 +60,13 @@ def main(argv=None) -> int:
         criterion.fp32_max_rel_error = args.accept_fp32_rel_error
     if args.accept_min_tau is not None:
         criterion.min_query_tau = args.accept_min_tau
+    if args.accept_long_tau is not None:
+        criterion.min_long_tau = args.accept_long_tau
     if args.accept_min_top10 is not None:
         criterion.min_mean_top10 = criterion.min_top10 = args.accept_min_top10
     options = ExportOptions(dtypes=tuple(d.strip() for d in args.dtype.split(",") if d.strip()), force=args.force,
                             validation_queries=args.validation_queries, validation_documents=args.validation_documents,
+                            validation_long_documents=args.validation_long_documents,
                             reference=args.reference, criterion=criterion, num_threads=args.threads,
                             int8_keep=tuple(p.strip() for p in args.int8_keep.split(",")) if args.int8_keep else None)
     try:
@@ -75,7 +85,8 @@ def main(argv=None) -> int:
         return 3
     summary = {"engine": args.out, "variants": {p: {k: v.validation.get(k) for k in
                                                     ("max_abs_diff", "max_rel_error", "kendall_tau", "top10_overlap_mean")}
-                                                for p, v in manifest.variants.items()}}
+                                                for p, v in manifest.variants.items()},
+               **({"refused": manifest.validation["refused"]} if manifest.validation.get("refused") else {})}
     print(json.dumps(summary, indent=2))
     return 0
 

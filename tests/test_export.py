@@ -35,7 +35,9 @@ def test_engine_directory_and_manifest(family, exported_engines):
     assert loaded.preprocessing.patch_size == 14 and loaded.preprocessing.image_mean[0] == pytest.approx(0.48145466)
     assert len(loaded.source["weights_sha256"]) == 64
     fig = loaded.variants["fp32"].validation
-    assert fig["max_rel_error"] <= 1e-3 and fig["kendall_tau"] > 0.99 and fig["pairs"] == 80
+    assert fig["max_rel_error"] <= 1e-3 and fig["kendall_tau"] > 0.99 and fig["pairs"] == 80 + 12  # + the long group
+    assert fig["long"]["pairs"] == 12 and fig["long"]["max_rel_error"] <= 1e-3
+    assert fig["modes"][-1]["share_prefix"] is False  # the long group runs as whole prompts
     assert loaded.validation["criterion"]["fp32_max_rel_error"] == 1e-3
     assert {m["padding_side"] for m in fig["modes"]} == {"left", "right"}  # both sides exercised
     assert {m["share_prefix"] for m in fig["modes"]} == {True, False} and any(m["shared_pairs"] for m in fig["modes"])
@@ -65,6 +67,7 @@ def test_int8_and_bf16_variants(all_precisions_engine):
     for precision in ("int8", "bf16"):
         fig = m.variants[precision].validation
         assert fig["query_kendall_tau_mean"] >= 0.9 and fig["top10_overlap_mean"] >= 0.9, (precision, fig)
+        assert fig["pairs"] == 80 and fig["long"]["pairs"] == 12 and fig["long"]["kendall_tau"] >= 0.9, (precision, fig)
     size = lambda name: (engine / name).stat().st_size  # noqa: E731
     assert size("decoder.int8.weights") < 0.4 * size("decoder.fp32.weights")
 
@@ -80,6 +83,38 @@ def test_validation_refuses_a_wrong_engine(tiny_checkpoints, tmp_path, monkeypat
     with pytest.raises(ExportError, match="fp32 export failed validation: max .* of the score spread"):
         export_engine(tiny_checkpoints["qwen2_vl"], tmp_path / "e", ExportOptions(dtypes=("fp32",)))
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.partial*"))
+
+
+def _reverse_long_group(monkeypatch, precision: str) -> None:
+    """``precision``'s candidate ranks the long group (the last 12 pairs) backwards."""
+    real = validate.run_candidate
+
+    def candidate(engine, p, groups, *a, **k):
+        scores, modes = real(engine, p, groups, *a, **k)
+        if p == precision:
+            scores = scores.copy()
+            scores[-12:] = -scores[-12:]
+        return scores, modes
+
+    monkeypatch.setattr(validate, "run_candidate", candidate)
+
+
+def test_a_reduced_precision_refused_on_the_long_group_is_left_out(tiny_checkpoints, tmp_path, monkeypatch):
+    _reverse_long_group(monkeypatch, "int8")
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e", ExportOptions(dtypes=("fp32", "int8")))
+    assert m.precisions == ("fp32",) and not list((tmp_path / "e").glob("*.int8.*"))
+    refused = load_manifest(tmp_path / "e").validation["refused"]["int8"]
+    assert "on the long group" in refused["reason"] and refused["long"]["kendall_tau"] < 0
+    assert refused["query_kendall_tau_mean"] >= 0.9  # the short groups alone would have accepted it
+    with pytest.raises(ExportError, match="int8 export failed validation: Kendall tau .* on the long group"):
+        export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "alone", ExportOptions(dtypes=("int8",)))
+    assert not (tmp_path / "alone").exists()
+
+
+def test_fp32_is_judged_on_the_long_group_too(tiny_checkpoints, tmp_path, monkeypatch):
+    _reverse_long_group(monkeypatch, "fp32")
+    with pytest.raises(ExportError, match="fp32 export failed validation"):
+        export_engine(tiny_checkpoints["qwen2_vl"], tmp_path / "e", ExportOptions(dtypes=("fp32", "bf16")))
 
 
 def test_export_errors(tiny_checkpoints, tmp_path, monkeypatch):
