@@ -101,13 +101,14 @@ def _reverse_long_group(monkeypatch, precision: str) -> None:
 
 def test_a_reduced_precision_refused_on_the_long_group_is_left_out(tiny_checkpoints, tmp_path, monkeypatch):
     _reverse_long_group(monkeypatch, "int8")
-    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e", ExportOptions(dtypes=("fp32", "int8")))
+    # int8_keep=() : one attempt, no escalation through the fp32 keep-lists (each would fail the same way)
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e", ExportOptions(dtypes=("fp32", "int8"), int8_keep=()))
     assert m.precisions == ("fp32",) and not list((tmp_path / "e").glob("*.int8.*"))
     refused = load_manifest(tmp_path / "e").validation["refused"]["int8"]
     assert "on the long group" in refused["reason"] and refused["long"]["kendall_tau"] < 0
     assert refused["query_kendall_tau_mean"] >= 0.9  # the short groups alone would have accepted it
     with pytest.raises(ExportError, match="int8 export failed validation: Kendall tau .* on the long group"):
-        export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "alone", ExportOptions(dtypes=("int8",)))
+        export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "alone", ExportOptions(dtypes=("int8",), int8_keep=()))
     assert not (tmp_path / "alone").exists()
 
 
