@@ -57,13 +57,15 @@ class Criterion:
         return asdict(self)
 
 
+WORDS = ["cat", "red", "square", "the", "a", "of", "blue", "circle", "dog", "photo", "map", "Zürich", "数据", "2024",
+         "is", "on", "(note)", "chart", "river", "green"]
+
+
 def validation_groups(n_groups: int = 4, docs: int = 20, seed: int = 0) -> list[tuple]:
     """(query, [documents]) groups: queries cycle through text, image, text+image; every group's
     documents mix text, image and text+image. Texts are short and images 28-140 px."""
     rng = np.random.default_rng(seed)
-    words = ["cat", "red", "square", "the", "a", "of", "blue", "circle", "dog", "photo", "map", "Zürich", "数据", "2024",
-             "is", "on", "(note)", "chart", "river", "green"]
-    text = lambda lo, hi: " ".join(rng.choice(words, int(rng.integers(lo, hi))))  # noqa: E731
+    text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))  # noqa: E731
     image = lambda: rng.integers(0, 256, (int(rng.integers(28, 141)), int(rng.integers(28, 141)), 3), dtype=np.uint8)  # noqa: E731
     groups = []
     for g in range(n_groups):
@@ -79,15 +81,13 @@ def validation_groups(n_groups: int = 4, docs: int = 20, seed: int = 0) -> list[
 
 
 LONG_IMAGE = (868, 812)  # pixels: 31 x 29 = 899 visual tokens for both families (28 px per token)
-LONG_MODE = {"padding_side": "left", "share_prefix": False, "budgets": "default"}
+LONG_MODE = {"padding_side": "left", "share_prefix": False}  # in the default batch budgets
 
 
 def long_group(docs: int = 12, seed: int = 0) -> tuple:
     """(query, [documents]): a text + large-image query and long text documents."""
     rng = np.random.default_rng(seed + 1)
-    words = ["cat", "red", "square", "the", "a", "of", "blue", "circle", "dog", "photo", "map", "Zürich", "数据", "2024",
-             "is", "on", "(note)", "chart", "river", "green"]
-    text = lambda lo, hi: " ".join(rng.choice(words, int(rng.integers(lo, hi))))  # noqa: E731
+    text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))  # noqa: E731
     query = {"text": text(2, 6), "image": rng.integers(0, 256, LONG_IMAGE + (3,), dtype=np.uint8)}
     return query, [text(60, 250) for _ in range(docs)]
 
@@ -160,8 +160,7 @@ def run_candidate(engine_dir, precision: str, groups: list[tuple], instruction: 
     out, modes = [], []
     for g, (query, documents) in enumerate(groups):
         is_long = g >= len(groups) - long
-        mode = dict(LONG_MODE) if is_long else dict(MODES[g % len(MODES)])
-        budgets = defaults if mode.pop("budgets", None) == "default" else small
+        mode, budgets = (LONG_MODE, defaults) if is_long else (MODES[g % len(MODES)], small)
         reranker.options = dataclasses.replace(reranker.options, **mode, **budgets)  # read per call: no reload
         reranker._limits = reranker._memory_limits()  # the batch budgets are planned from these
         out.append(reranker.score([(query, d) for d in documents], instruction=instruction))
