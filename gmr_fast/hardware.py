@@ -3,9 +3,11 @@ extensions that decide which precision runs fastest (and that every benchmark re
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import platform
+import sys
 
 # the extensions that matter for the precision choice, from /proc/cpuinfo's flags
 FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
@@ -28,10 +30,33 @@ def cpu_info() -> dict:
     except OSError:
         pass
     return {"model": model, "machine": platform.machine(), "cores": os.cpu_count() or 1, "flags": flags,
-            "features": [f for f in FEATURES if f in flags]}
+            "features": [f for f in FEATURES if f in flags], "amx_usable": "amx_tile" in flags and amx_usable()}
+
+
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64
+
+
+@functools.lru_cache(maxsize=None)
+def amx_usable() -> bool:
+    """Whether this process may use AMX tiles. The CPU flag is not enough: Linux (>= 5.16) hands
+    out tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM), which older kernels, some
+    hypervisors and seccomp policies refuse; oneDNN and onnxruntime ask the same way and fall
+    back to AVX-512 kernels when refused, so the precision choice must not count on AMX then.
+    Asking here grants the permission these libraries would ask for anyway."""
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(ctypes.c_long(SYS_ARCH_PRCTL), ctypes.c_long(ARCH_REQ_XCOMP_PERM),
+                            ctypes.c_long(XFEATURE_XTILEDATA)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def has(feature: str) -> bool:
+    """The processor has ``feature`` and this process can use it (AMX: ``amx_usable``)."""
+    if feature.startswith("amx") and not amx_usable():
+        return False
     return feature in cpu_info()["flags"]
 
 
@@ -43,9 +68,24 @@ def int8_kernel() -> str | None:
     return None
 
 
+# oneDNN's instruction-set levels, lowest first (its ONEDNN_MAX_CPU_ISA values): a cap below a
+# level takes that level's kernels away from torch, whatever the processor has
+ONEDNN_ISA_ORDER = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                    "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+                    "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "ALL")
+
+
+def onednn_allows(level: str) -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA), if set, permits ``level``."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if cap not in ONEDNN_ISA_ORDER:
+        return True
+    return ONEDNN_ISA_ORDER.index(cap) >= ONEDNN_ISA_ORDER.index(level)
+
+
 def bf16_kernel() -> str | None:
     """The bf16 matrix-multiply path oneDNN (torch's CPU kernels) has here, if any."""
-    for feature, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")):
-        if has(feature):
+    for feature, name, level in (("amx_bf16", "AMX", "AVX512_CORE_AMX"), ("avx512_bf16", "AVX512-BF16", "AVX512_CORE_BF16")):
+        if has(feature) and onednn_allows(level):
             return name
     return None

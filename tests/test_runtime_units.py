@@ -208,3 +208,69 @@ def test_unit_tests_run_without_torch():
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+class _Manifest:
+    """The two things choose_precision reads from an engine: its variants and their figures."""
+
+    def __init__(self, taus: dict):
+        self.taus = taus
+
+    @property
+    def precisions(self):
+        return tuple(self.taus)
+
+    def variant(self, precision):
+        if precision not in self.taus:
+            raise errors.EngineError(f"no {precision} variant")
+        backend = "torch" if precision == "bf16" else "onnxruntime"
+        return type("V", (), {"backend": backend, "validation": {"query_kendall_tau_mean": self.taus[precision]}})()
+
+
+@pytest.mark.parametrize("cpu, taus, expected", [
+    # AMX: bf16 first, then int8, then fp32; a variant counts only at validated tau >= 0.98
+    ("amx", {"fp32": 1.0, "int8": 0.99, "bf16": 0.985}, "bf16"),
+    ("amx", {"fp32": 1.0, "int8": 0.99, "bf16": 0.95}, "int8"),
+    ("amx", {"fp32": 1.0, "int8": 0.92, "bf16": 0.95}, "fp32"),
+    # an AVX512-VNNI / AVX2 processor: int8, then fp32 (bf16 has no hardware path)
+    ("vnni", {"fp32": 1.0, "int8": 0.99, "bf16": 0.995}, "int8"),
+    ("vnni", {"fp32": 1.0, "int8": 0.93, "bf16": 0.995}, "fp32"),
+    # no fp32 to fall back on: the fastest variant, said so
+    ("vnni", {"int8": 0.91}, "int8"),
+    ("amx", {"int8": 0.91, "bf16": 0.95}, "bf16"),
+])
+def test_auto_takes_the_fastest_variant_that_ranks_like_fp32(monkeypatch, cpu, taus, expected):
+    from gmr_fast import hardware
+    from gmr_fast import reranker as rr
+
+    flags = {"amx": {"avx2", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16", "avx512_bf16"},
+             "vnni": {"avx2", "avx512_vnni"}}[cpu]
+    monkeypatch.setattr(hardware, "has", lambda f: f in flags)
+    monkeypatch.setattr(rr, "_torch_available", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    chosen, backend, why = rr.choose_precision(_Manifest(taus), "auto", None, "cpu")
+    assert chosen == expected, why
+    assert backend == ("torch" if expected == "bf16" else "onnxruntime")
+    if expected != "fp32" and "fp32" in taus:
+        assert f"{taus[expected]:.3f} >= 0.98" in why
+    if expected == "fp32":
+        assert "passed over" in why
+    if "fp32" not in taus:
+        assert "fp32 is absent" in why
+    # asking overrides the rule; CUDA runs bf16
+    assert rr.choose_precision(_Manifest(taus), "int8", None, "cpu")[0] == "int8"
+    if "bf16" in taus:
+        assert rr.choose_precision(_Manifest(taus), "auto", None, "cuda")[0] == "bf16"
+
+
+def test_a_onednn_isa_cap_takes_bf16_kernels_away(monkeypatch):
+    from gmr_fast import hardware
+
+    monkeypatch.setattr(hardware, "has", lambda f: f in {"avx2", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"})
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert hardware.bf16_kernel() == "AMX"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert hardware.bf16_kernel() == "AVX512-BF16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")
+    assert hardware.bf16_kernel() is None
