@@ -1,6 +1,7 @@
 """The matrix-multiply paths gmr_fast can choose between, on this CPU: speed and error.
 
     python benchmarks/int8_kernels.py --out benchmarks/results/int8_kernels_cpu.json
+    python benchmarks/int8_kernels.py --isa avx512-vnni --out benchmarks/results/int8_kernels_vnni.json
 
 Shapes are GMR-3B's MLP (4096 tokens x 2048 -> 11008, and 11008 -> 2048). Activations are
 Gaussian with a few outlier channels (x50), as LLM hidden states have; weights Gaussian. Error is
@@ -23,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import machine, write  # noqa: E402
+from common import ISA_LIMITS, apply_isa, machine, write  # noqa: E402
 
 
 def best_of(fn, n: int = 5) -> float:
@@ -104,8 +105,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--isa", default="native", choices=sorted(ISA_LIMITS),
+                   help="run as on a processor without AMX (common.ISA_LIMITS)")
     p.add_argument("--out", default="benchmarks/results/int8_kernels_cpu.json")
     a = p.parse_args(argv)
+    apply_isa(a.isa)
     rng = np.random.default_rng(0)
     rows = []
     for k, n in ((2048, 11008), (11008, 2048)):
