@@ -37,6 +37,9 @@ def main(argv=None) -> int:
                              "judged apart); 0 leaves the group out")
     parser.add_argument("--int8-keep", help="comma-separated glob patterns of weights kept fp32 in the int8 variant "
                                             "(default: none, escalating only if ranking agreement needs it)")
+    parser.add_argument("--int8-activations", default="tensor", choices=["tensor", "row"],
+                        help="int8 activation scales: one per tensor (DynamicQuantizeMatMul, fastest on AMX) or one "
+                             "per token (MatMulInteger U8S8: a pair's score does not depend on what shares its batch)")
     parser.add_argument("--accept-fp32-rel-error", type=float, help="override the fp32 bar (max error / score spread)")
     parser.add_argument("--accept-min-tau", type=float, help="override the reduced-precision per-query Kendall tau bar")
     parser.add_argument("--accept-long-tau", type=float, help="override the long group's Kendall tau bar")
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
                             validation_queries=args.validation_queries, validation_documents=args.validation_documents,
                             validation_long_documents=args.validation_long_documents,
                             reference=args.reference, criterion=criterion, num_threads=args.threads,
-                            int8_keep=tuple(p.strip() for p in args.int8_keep.split(",")) if args.int8_keep else None)
+                            int8_keep=tuple(p.strip() for p in args.int8_keep.split(",")) if args.int8_keep else None,
+                            int8_activations=args.int8_activations)
     try:
         manifest = export_engine(args.checkpoint, args.out, options)
     except (CheckpointError, ConfigError) as e:

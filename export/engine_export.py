@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gmr_fast.errors import CheckpointError, ExportError, GmrError
+from gmr_fast.errors import CheckpointError, ConfigError, ExportError, GmrError
 from gmr_fast.gmr_config import GmrConfig
 from gmr_fast.manifest import (FORMAT_VERSION, PRECISIONS, GraphSpec, Manifest, TensorSpec, TokenIds, Variant,
                                WeightFile)
@@ -61,6 +61,7 @@ class ExportOptions:
     reference: str = "auto"  # hf | streamed | auto (hf when its fp32 weights fit in memory)
     criterion: validate.Criterion = field(default_factory=validate.Criterion)
     int8_keep: tuple[str, ...] | None = None  # glob patterns of weights kept fp32 (None: escalate as needed)
+    int8_activations: str = "tensor"  # tensor (DynamicQuantizeMatMul) | row (per-token scales, MatMulInteger U8S8)
     num_threads: int | None = None
 
 
@@ -181,7 +182,7 @@ class _Builder:
         if precision == "int8":
             details.update(kept_fp32_patterns=list(keep), kept_fp32=sorted(kept), activations=self.activations,
                            int8="int8 weights per output column; activations quantized per "
-                                + ("row (MatMulInteger)" if self.activations == "row" else "tensor (DynamicQuantizeMatMul)")
+                                + ("row (MatMulInteger U8S8)" if self.activations == "row" else "tensor (DynamicQuantizeMatMul)")
                                 + "; int8 embedding rows")
         return Variant(precision, "onnxruntime", graph_specs, weight_files, {}, details)
 
@@ -234,6 +235,9 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         builder = _Builder(checkpoint, family, dims, vision, prompts.yes_id, prompts.no_id, tmp)
+        if options.int8_activations not in ("tensor", "row"):
+            raise ConfigError(f"int8_activations must be tensor or row, not {options.int8_activations!r}")
+        builder.activations = options.int8_activations
         variants: dict[str, Variant] = {}
         for precision in ("fp32", "int8"):
             if precision in dtypes or (precision == "fp32" and "bf16" in dtypes):

@@ -61,9 +61,12 @@ def _placeholder():
 
 
 def _per_row(graph, node, x, q, scale, ir):
-    """x @ W as int8 x int8 with the activation quantized per row (symmetric: scale_r = max|x_r|
-    / 127), then both scales applied: MatMulInteger's int32 result is exact, so the only error is
-    each row's own rounding, whatever the other rows of the batch hold."""
+    """x @ W with the activation quantized per row (symmetric: scale_r = max|x_r| / 127), then
+    both scales applied: MatMulInteger's int32 result is exact, so the only error is each row's
+    own rounding, whatever the other rows of the batch hold. The rounded activation is stored as
+    uint8 (value + 128, one zero point 128 for every row): that is onnxruntime's U8S8 QGEMM, the
+    path with AMX / VNNI kernels (int8 x int8 MatMulInteger runs a generic one at ~30 GOP/s,
+    benchmarks/int8_kernels.py)."""
     def op(op_type, inputs, **attrs):
         n = ir.Node("", op_type, inputs, attributes=[ir.AttrInt64(k, v) if isinstance(v, int) else ir.AttrInts(k, v)
                                                      for k, v in attrs.items()], num_outputs=1)
@@ -78,25 +81,27 @@ def _per_row(graph, node, x, q, scale, ir):
 
     axes, tiny, c127 = (const("quant.axes_last", np.array([-1], np.int64)), const("quant.tiny", np.array(1e-12, np.float32)),
                         const("quant.127", np.array(127.0, np.float32)))
+    c128, zero = const("quant.128", np.array(128.0, np.float32)), const("quant.zero_u8", np.array(128, np.uint8))
     a = op("Abs", [x])
     m = op("ReduceMax", [a.outputs[0], axes], keepdims=1)
     floor = op("Max", [m.outputs[0], tiny])
     s = op("Div", [floor.outputs[0], c127])
     scaled = op("Div", [x, s.outputs[0]])
-    rounded = op("Round", [scaled.outputs[0]])
-    xq = op("Cast", [rounded.outputs[0]], to=ir.DataType.INT8.value)
-    mm = op("MatMulInteger", [xq.outputs[0], q])
+    rounded = op("Round", [scaled.outputs[0]])  # in [-127, 127]
+    shifted = op("Add", [rounded.outputs[0], c128])  # in [1, 255]: exact in uint8
+    xq = op("Cast", [shifted.outputs[0]], to=ir.DataType.UINT8.value)
+    mm = op("MatMulInteger", [xq.outputs[0], q, zero])
     yf = op("Cast", [mm.outputs[0]], to=ir.DataType.FLOAT.value)
     y1 = op("Mul", [yf.outputs[0], s.outputs[0]])
     y = op("Mul", [y1.outputs[0], scale])
-    nodes = [a, m, floor, s, scaled, rounded, xq, mm, yf, y1, y]
+    nodes = [a, m, floor, s, scaled, rounded, shifted, xq, mm, yf, y1, y]
     graph.insert_before(node, nodes)
     return y
 
 
 def rewrite(model, keep: Callable[[str], bool], embedding: str | None = None, activations: str = "row") -> dict[str, str]:
     """Rewrites ``model`` in place; returns {new initializer: original weight} for the streamer.
-    ``activations``: "row" (per-token scales, int8 x int8 MatMulInteger) or "tensor" (onnxruntime's
+    ``activations``: "row" (per-token scales, U8S8 MatMulInteger) or "tensor" (onnxruntime's
     fused DynamicQuantizeMatMul, one scale for the whole activation matrix)."""
     import onnx_ir as ir
 

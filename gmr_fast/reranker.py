@@ -53,8 +53,8 @@ MiB = 1 << 20
 class RerankerOptions:
     """Every setting of a Reranker; the CLIs derive their flags from these fields."""
 
-    precision: str = option("auto", "auto (the fastest validated precision for this processor), fp32, int8 or bf16",
-                            determinism=True, choices=("auto",) + PRECISIONS)
+    precision: str = option("auto", "auto (the fastest variant for this processor that ranked like fp32 at "
+                                    "export), fp32, int8 or bf16", determinism=True, choices=("auto",) + PRECISIONS)
     backend: str | None = option(None, "onnxruntime or torch (default: what the precision runs on)", determinism=True,
                                  choices=("onnxruntime", "torch"))
     device: str = option("cpu", "cpu, or cuda[:N] for the torch backend", determinism=True)

@@ -72,6 +72,33 @@ def test_int8_and_bf16_variants(all_precisions_engine):
     assert size("decoder.int8.weights") < 0.4 * size("decoder.fp32.weights")
 
 
+def test_int8_with_per_token_activation_scales_does_not_depend_on_the_batch(tiny_checkpoints, tmp_path, rng):
+    """--int8-activations row: each token's activation gets its own scale (MatMulInteger on uint8
+    activations, the U8S8 QGEMM path), so a pair scores the same whatever shares its batch; with
+    one scale per tensor, a large image in the batch coarsens every row. MatMulInteger's int32
+    product is exact, so two batchings differ only by fp32 summation order in the other ops
+    (~1e-6 on these scores of order 1): 1e-4 as in the Reranker tests."""
+    from gmr_fast import Reranker
+
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e",
+                      ExportOptions(dtypes=("fp32", "int8"), int8_keep=(), int8_activations="row"))
+    assert m.variants["int8"].details["activations"] == "row"
+    graph = onnx.load(str(tmp_path / "e" / "decoder.int8.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert "MatMulInteger" in ops and "DynamicQuantizeMatMul" not in ops
+    words = "alpha beta photo of a red circle on the map".split()
+    text = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
+    pairs = [(text(4), text(int(rng.integers(3, 30)))) for _ in range(5)]
+    big = rng.integers(0, 256, (224, 280, 3), dtype=np.uint8)
+    others = [({"text": text(3), "image": big}, text(40)), (text(2), {"image": big})]
+    reranker = Reranker(tmp_path / "e", precision="int8", max_batch_size=64, max_batch_tokens=100000)
+    alone = reranker.score(pairs)
+    together = reranker.score(others + pairs)[len(others):]
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+    with pytest.raises(Exception, match="int8_activations must be tensor or row"):
+        export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "bad", ExportOptions(dtypes=("int8",), int8_activations="x"))
+
+
 def test_fp16_is_refused_with_the_reason(tiny_checkpoints, tmp_path):
     with pytest.raises(ExportError, match="fp16 is not offered: on CPU onnxruntime materialises fp32 copies"):
         export_engine(tiny_checkpoints["qwen2_vl"], tmp_path / "e", ExportOptions(dtypes=("fp16",)))
