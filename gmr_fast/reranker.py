@@ -200,7 +200,7 @@ def hardware_order(device: str) -> list[tuple[str, str]]:
     if device.startswith("cuda"):
         return [("bf16", "CUDA device")]
     order = []
-    if hardware.has("amx_bf16") and hardware.onednn_allows("AVX512_CORE_AMX") and _torch_available():
+    if hardware.bf16_kernel() == "AMX" and _torch_available():
         order.append(("bf16", "torch bf16 GEMMs use AMX on this CPU"))
     if hardware.int8_kernel():
         order.append(("int8", f"onnxruntime int8 GEMMs use {hardware.int8_kernel()} on this CPU"))
