@@ -84,7 +84,8 @@ def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool
             "decoder_tokens_per_pair": stats["decoder_tokens"] / len(pairs),
             "prompt_tokens_per_pair": stats["prompt_tokens"] / len(pairs), "precision": stats["precision"],
             "backend": stats["backend"], "shared_pairs": stats["shared_pairs"], "prefixes": stats["prefixes"],
-            "boundary_fallbacks": stats["boundary_fallbacks"], "padding_efficiency": stats["padding_efficiency"]}
+            "boundary_fallbacks": stats["boundary_fallbacks"], "padding_efficiency": stats["padding_efficiency"],
+            "malloc": r.choice.get("malloc")}
 
 
 def child_hf(checkpoint: str, dtype: str, task: str, queries: int, candidates: int, sample: int) -> dict:
@@ -101,9 +102,15 @@ def child_hf(checkpoint: str, dtype: str, task: str, queries: int, candidates: i
             "decoder_tokens_per_pair": padded / len(subset)}
 
 
-def child_latency(kind: str, path: str, what: str, requests: int) -> dict:
+def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: bool = False) -> dict:
     """p50/p95 of ``what`` (rank 50 text documents | one image pair) for gmr_fast (kind=gmr,
-    path=engine) or HF (kind=hf_fp32/hf_bf16, path=checkpoint)."""
+    path=engine) or HF (kind=hf_fp32/hf_bf16, path=checkpoint). ``keep_heap`` gives HF the
+    allocator setting gmr_fast's torch backend makes (gmr_fast.memory), to separate that gain
+    from the rest."""
+    if keep_heap:
+        from gmr_fast.memory import keep_freed_memory
+
+        keep_freed_memory()
     rng = np.random.default_rng(7)
     text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))  # noqa: E731
     if what == "rank50":
@@ -147,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--hf-sample", type=int, default=16, help="pairs per task HF scores")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--latency-requests", type=int, default=5)
+    p.add_argument("--latency-hf", default="fp32,bf16", help="HF dtypes timed in the latency part")
+    p.add_argument("--hf-kept-heap", action="store_true",
+                   help="also time HF bf16's latency with gmr_fast's allocator setting (gmr_fast.memory)")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
     a = p.parse_args(argv)
@@ -182,11 +192,16 @@ def main(argv=None) -> int:
     if a.latency_requests:
         lat = {}
         for what in ("rank50", "one_image_pair"):
-            lat[what] = {"gmr": in_child("mrb_workload:child_latency", "gmr", str(engine), what, a.latency_requests),
-                         "hf_fp32": in_child("mrb_workload:child_latency", "hf_fp32", str(ckpt), what, a.latency_requests),
-                         "hf_bf16": in_child("mrb_workload:child_latency", "hf_bf16", str(ckpt), what, a.latency_requests)}
-            best = min(lat[what]["hf_fp32"]["p50_ms"], lat[what]["hf_bf16"]["p50_ms"])
+            lat[what] = {"gmr": in_child("mrb_workload:child_latency", "gmr", str(engine), what, a.latency_requests)}
+            for dtype in a.latency_hf.split(","):
+                lat[what][f"hf_{dtype}"] = in_child("mrb_workload:child_latency", f"hf_{dtype}", str(ckpt), what,
+                                                    a.latency_requests)
+            best = min(lat[what][f"hf_{d}"]["p50_ms"] for d in a.latency_hf.split(","))
             lat[what]["p50_speedup_vs_hf_fastest"] = best / lat[what]["gmr"]["p50_ms"]
+            if a.hf_kept_heap:
+                row = in_child("mrb_workload:child_latency", "hf_bf16", str(ckpt), what, a.latency_requests, True)
+                lat[what]["hf_bf16_kept_heap"] = row
+                lat[what]["p50_speedup_vs_hf_bf16_kept_heap"] = row["p50_ms"] / lat[what]["gmr"]["p50_ms"]
             print(json.dumps({what: lat[what]}), flush=True)
         doc["latency"] = lat
     write(a.out, doc)

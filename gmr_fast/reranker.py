@@ -272,6 +272,8 @@ class Reranker:
                                       options.device, **options.backend_options)
         self.choice = {"precision": self.precision, "backend": backend, "device": options.device, "reason": why,
                        "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
+        if hasattr(self.backend, "malloc"):
+            self.choice["malloc"] = self.backend.malloc
         self._limits = self._memory_limits()
         self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._cache_lock = threading.Lock()

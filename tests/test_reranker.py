@@ -218,12 +218,20 @@ def test_backend_and_precision_errors(exported_engines):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_torch_backend_matches_onnxruntime_and_reference(family, exported_engines, references, rng):
+    """The torch backend runs projections and MLPs on real tokens only (padding dropped, laid out
+    again for attention): equal to onnxruntime's padded graph and to HF, whole prompts and
+    shared prefixes, padded on either side. fp32 throughout: 1e-4 as for every fp32 path."""
     _, engine = exported_engines[family]
     pairs = _pairs(rng, 8) + _grouped(rng, 2, 4)
-    torch_scores = Reranker(engine, backend="torch").score(pairs)
-    ort_scores = Reranker(engine).score(pairs)
     expected = references[family].score(pairs)
-    assert np.abs(torch_scores - ort_scores).max() <= 1e-4 and np.abs(torch_scores - expected).max() <= 1e-4
+    ort_scores = Reranker(engine).score(pairs)
+    for side in ("left", "right"):
+        for share in (True, False):
+            r = Reranker(engine, backend="torch", padding_side=side, share_prefix=share)
+            torch_scores = r.score(pairs)
+            assert r.backend.decoder.unpad and r.last_stats["padding_efficiency"] < 1.0  # there was padding to skip
+            assert np.abs(torch_scores - ort_scores).max() <= 1e-4, (side, share)
+            assert np.abs(torch_scores - expected).max() <= 1e-4, (side, share)
 
 
 def test_reduced_precisions_keep_the_ranking(all_precisions_engine, references, rng):

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..manifest import Manifest
+from ..memory import keep_freed_memory
 from ..schedule import DecoderBatch, VisionBatch
 from . import past_tensors
 
@@ -47,6 +48,9 @@ class TorchBackend:
             raise BackendError(f"device {device!r} requested but torch sees no CUDA device")
         if num_threads and device == "cpu":
             torch.set_num_threads(int(num_threads))
+        # eager torch allocates every intermediate anew: keep freed memory instead of faulting it
+        # in again (gmr_fast.memory; on CUDA torch's caching allocator already does this)
+        self.malloc = keep_freed_memory() if device == "cpu" else "cuda caching allocator"
         self.torch, self.device, self.precision = torch, torch.device(device), precision
         self.dtype = getattr(torch, DTYPES[precision])
         self.dims = manifest.decoder
@@ -58,6 +62,7 @@ class TorchBackend:
             self._load(module, engine_dir, weights[graph])
             module.sdpa = attention == "sdpa"
             module.eval()
+        self.decoder.unpad = True  # projections and MLPs on real tokens only (graphs.decoder)
 
     def _load(self, module, engine_dir: str, weight_file) -> None:
         torch = self.torch

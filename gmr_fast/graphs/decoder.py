@@ -83,26 +83,47 @@ class DecoderLayer(nn.Module):
         out = torch.matmul(probs[..., :p], past_v) + torch.matmul(probs[..., p:], v)
         return out.reshape(b, self.kv_heads, g, sq, -1).permute(0, 3, 1, 2, 4).reshape(b, sq, -1)
 
-    def forward(self, x, cos, sin, past_k, past_v, visible, last=None, sdpa: bool = False):
+    def forward(self, x, cos, sin, past_k, past_v, visible, last=None, sdpa: bool = False, flat=None):
         """x [B, S, H]; cos/sin [B, S, d]. With ``last`` (int64 [B]) only those positions'
-        outputs are computed and [B, 1, H] is returned. Also returns this layer's k, v."""
-        b, s = x.shape[0], x.shape[1]
+        outputs are computed and [B, 1, H] is returned. Also returns this layer's k, v.
+
+        With ``flat`` (int64 [T], the real tokens' indices into B x S) x, cos and sin hold only
+        the real tokens ([T, H], [T, d]) and ``last`` indexes them: every projection and the MLP
+        then run on real tokens only, and queries, keys and values are laid out [B, S] for
+        attention alone (padding positions are zeros there, masked as before)."""
+        b, s = (visible.shape[0], visible.shape[2]) if flat is not None else (x.shape[0], x.shape[1])
         h = self.input_norm(x)
-        kv = self.kv(h).reshape(b, s, 2, self.kv_heads, self.head_dim)
-        k, v = kv[:, :, 0], kv[:, :, 1]
-        k = k * cos.unsqueeze(2) + rotate_half(k) * sin.unsqueeze(2)
+        kv = self.kv(h).reshape(*h.shape[:-1], 2, self.kv_heads, self.head_dim)
+        k, v = kv[..., 0, :, :], kv[..., 1, :, :]
+        k = k * cos.unsqueeze(-2) + rotate_half(k) * sin.unsqueeze(-2)
+        if flat is not None:
+            k, v = (self._pad(t, flat, b, s) for t in (k, v))
         rows = torch.arange(b, device=x.device)
         if last is not None:  # only the last real token of each row feeds the score
-            x, h = x[rows, last].unsqueeze(1), h[rows, last].unsqueeze(1)
-            cos, sin = cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1)
-            visible = visible[rows, :, last].unsqueeze(2)
-        q = self.q(h).reshape(b, h.shape[1], self.heads, self.head_dim)
-        q = q * cos.unsqueeze(2) + rotate_half(q) * sin.unsqueeze(2)
+            if flat is not None:
+                x, h, cos, sin = (t[last].unsqueeze(1) for t in (x, h, cos, sin))
+            else:
+                x, h = x[rows, last].unsqueeze(1), h[rows, last].unsqueeze(1)
+                cos, sin = cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1)
+            visible = visible[rows, :, (flat[last] % s) if flat is not None else last].unsqueeze(2)
+        q = self.q(h).reshape(*h.shape[:-1], self.heads, self.head_dim)
+        q = q * cos.unsqueeze(-2) + rotate_half(q) * sin.unsqueeze(-2)
+        padded_q = flat is not None and last is None
+        if padded_q:
+            q = self._pad(q, flat, b, s)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-        x = x + self.o(self.attention(q, k, v, past_k, past_v, visible, sdpa))
+        out = self.attention(q, k, v, past_k, past_v, visible, sdpa)
+        if padded_q:
+            out = out.reshape(b * s, -1)[flat]
+        x = x + self.o(out)
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         x = x + self.down(F.silu(gate) * up)
         return x, k, v
+
+    @staticmethod
+    def _pad(t, flat, b: int, s: int):
+        """[T, ...] real-token rows -> [B, S, ...] with zeros at the padding."""
+        return t.new_zeros(b * s, *t.shape[1:]).index_copy_(0, flat, t).reshape(b, s, *t.shape[1:])
 
 
 class ScoreDecoder(nn.Module):
@@ -116,6 +137,7 @@ class ScoreDecoder(nn.Module):
         self.register_buffer("inv_freq", torch.empty(d.head_dim // 2), persistent=False)
         self.register_buffer("mrope_select", torch.empty(3, d.head_dim // 2), persistent=False)
         self.sdpa = False  # the torch backend turns this on; exports use explicit attention
+        self.unpad = False  # the torch backend turns this on: projections and MLPs skip the padding
 
     def constant_buffers(self) -> dict[str, torch.Tensor]:
         """Values of the non-weight buffers (computed, not read from a checkpoint)."""
@@ -151,12 +173,18 @@ class ScoreDecoder(nn.Module):
         past_visible = (past_mask[past_index] > 0)[:, None, :].expand(b, s, past_mask.shape[1])
         visible = torch.cat([past_visible, self_visible], -1).unsqueeze(1)  # [B, 1, S, P + S]
         last = (attention_mask.to(torch.int64) * pos[None, :]).argmax(-1)
+        flat = None
+        if self.unpad:  # real tokens only, in row-major order; ``last`` then indexes them
+            real_flat = real.reshape(-1)
+            flat = real_flat.nonzero().squeeze(1)
+            x, cos, sin = (t.reshape(b * s, -1)[flat] for t in (x, cos, sin))
+            last = torch.cumsum(real_flat.to(torch.int64), 0)[torch.arange(b, device=x.device) * s + last] - 1
         presents = []
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
             past_k, past_v = past_kv[i, 0][past_index], past_kv[i, 1][past_index]
             x, k, v = layer(x, cos, sin, past_k.to(x.dtype), past_v.to(x.dtype), visible,
-                            last if i == n - 1 else None, self.sdpa)
+                            last if i == n - 1 else None, self.sdpa, flat)
             presents.append(torch.stack([k[kv_rows], v[kv_rows]]))
         hidden = self.norm(x[:, 0])
         score = hidden.float() @ self.score_row
