@@ -137,7 +137,25 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
         run(c)
         times.append(time.perf_counter() - start)
     return {"p50_ms": 1e3 * float(np.percentile(times, 50)), "p95_ms": 1e3 * float(np.percentile(times, 95)),
-            "requests": requests}
+            "requests": requests, "times_ms": [1e3 * t for t in times]}
+
+
+def interleaved(runs: dict, rounds: int) -> dict:
+    """Runs each ``name: (args...)`` latency child ``rounds`` times, alternating between them,
+    and pools their calls: this VM's speed drifts by up to 2x over minutes (measured), so
+    measuring one contender after the other would compare different machines."""
+    pooled: dict = {name: {"times_ms": [], "wall_seconds": 0.0, "peak_rss_bytes": 0} for name in runs}
+    for _ in range(rounds):
+        for name, args in runs.items():
+            row = in_child("mrb_workload:child_latency", *args)
+            p = pooled[name]
+            p["times_ms"] += row["times_ms"]
+            p["wall_seconds"] += row["wall_seconds"]
+            p["peak_rss_bytes"] = max(p["peak_rss_bytes"], row["peak_rss_bytes"])
+    for p in pooled.values():
+        p.update(requests=len(p["times_ms"]), p50_ms=float(np.percentile(p["times_ms"], 50)),
+                 p95_ms=float(np.percentile(p["times_ms"], 95)))
+    return pooled
 
 
 def kendall(a, b) -> float:
@@ -155,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--latency-requests", type=int, default=5)
     p.add_argument("--latency-hf", default="fp32,bf16", help="HF dtypes timed in the latency part")
+    p.add_argument("--latency-rounds", type=int, default=1,
+                   help="alternate the contenders this many times (each round runs --latency-requests calls)")
     p.add_argument("--hf-kept-heap", action="store_true",
                    help="also time HF bf16's latency with gmr_fast's allocator setting (gmr_fast.memory)")
     p.add_argument("--work", default="/tmp/gmr_bench")
@@ -192,16 +212,15 @@ def main(argv=None) -> int:
     if a.latency_requests:
         lat = {}
         for what in ("rank50", "one_image_pair"):
-            lat[what] = {"gmr": in_child("mrb_workload:child_latency", "gmr", str(engine), what, a.latency_requests)}
-            for dtype in a.latency_hf.split(","):
-                lat[what][f"hf_{dtype}"] = in_child("mrb_workload:child_latency", f"hf_{dtype}", str(ckpt), what,
-                                                    a.latency_requests)
+            runs = {"gmr": ("gmr", str(engine), what, a.latency_requests)}
+            runs.update({f"hf_{d}": (f"hf_{d}", str(ckpt), what, a.latency_requests) for d in a.latency_hf.split(",")})
+            if a.hf_kept_heap:
+                runs["hf_bf16_kept_heap"] = ("hf_bf16", str(ckpt), what, a.latency_requests, True)
+            lat[what] = interleaved(runs, a.latency_rounds)
             best = min(lat[what][f"hf_{d}"]["p50_ms"] for d in a.latency_hf.split(","))
             lat[what]["p50_speedup_vs_hf_fastest"] = best / lat[what]["gmr"]["p50_ms"]
             if a.hf_kept_heap:
-                row = in_child("mrb_workload:child_latency", "hf_bf16", str(ckpt), what, a.latency_requests, True)
-                lat[what]["hf_bf16_kept_heap"] = row
-                lat[what]["p50_speedup_vs_hf_bf16_kept_heap"] = row["p50_ms"] / lat[what]["gmr"]["p50_ms"]
+                lat[what]["p50_speedup_vs_hf_bf16_kept_heap"] = lat[what]["hf_bf16_kept_heap"]["p50_ms"] / lat[what]["gmr"]["p50_ms"]
             print(json.dumps({what: lat[what]}), flush=True)
         doc["latency"] = lat
     write(a.out, doc)
