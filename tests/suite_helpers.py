@@ -1,9 +1,12 @@
-"""Writes small datasets in the score CLI's format for tests (hand-made, deterministic)."""
+"""Writes small datasets in the score CLI's format for tests (hand-made, deterministic), and runs
+code in a fresh interpreter (for what is process-wide: seccomp filters, allocator settings)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -67,3 +70,16 @@ def mixed_dataset(root: str, name: str = "mixed", n_queries: int = 6, n_docs: in
         for r, d in enumerate(docs):
             candidates.append((f"q{i}", f"d{d}", round(10.0 - r * 0.5, 3)))
     return write_dataset(root, name, "it2it", queries, corpus, qrels, candidates)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_json(code: str, env: dict | None = None, timeout: float = 300) -> dict:
+    """Runs ``code`` in a new interpreter with the repository (and benchmarks/) importable, and
+    returns the JSON object on the last line of its output."""
+    prelude = f"import sys\nsys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'benchmarks')!r}]\n"
+    proc = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

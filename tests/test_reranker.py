@@ -264,15 +264,10 @@ def test_auto_does_not_count_on_amx_the_kernel_refuses(all_precisions_engine):
     bf16 is no longer the fast path. A child process whose arch_prctl(ARCH_REQ_XCOMP_PERM) is
     refused (benchmarks/common.deny_amx, the --isa avx512-vnni emulation) must see no AMX and rank
     int8 first (every x86-64 CPU this project runs on has an int8 GEMM path: AVX2 at least)."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from suite_helpers import child_json
 
     _, engine = all_precisions_engine
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import json, sys\n"
-            f"sys.path[:0] = [{root!r}, {os.path.join(root, 'benchmarks')!r}]\n"
+    code = ("import json\n"
             "import common\n"
             "try:\n"
             "    common.deny_amx()\n"
@@ -283,9 +278,7 @@ def test_auto_does_not_count_on_amx_the_kernel_refuses(all_precisions_engine):
             "print(json.dumps({'usable': hardware.amx_usable(), 'amx_bf16': hardware.has('amx_bf16'),\n"
             "                  'int8_kernel': hardware.int8_kernel(), 'precision': r.precision, 'reason': r.choice['reason'],\n"
             "                  'int8_tau': r.manifest.variant('int8').validation['query_kendall_tau_mean']}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = child_json(code)
     if "skip" in out:
         pytest.skip(f"no seccomp here: {out['skip']}")
     assert out["usable"] is False and out["amx_bf16"] is False

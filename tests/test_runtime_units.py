@@ -280,14 +280,9 @@ def test_torch_cpu_runs_keep_freed_memory_instead_of_faulting_it_in_again():
     """gmr_fast.memory: with the torch backend's allocator setting, a large block freed and
     allocated again is reused (no new page faults); without it glibc unmaps and faults it in
     again. Counted in fresh processes (the setting is process-wide), by minor page faults."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from suite_helpers import child_json
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import json, resource, sys\n"
-            f"sys.path.insert(0, {root!r})\n"
+    code = ("import json, resource\n"
             "import numpy as np\n"
             "from gmr_fast.memory import keep_freed_memory\n"
             "state = keep_freed_memory()\n"
@@ -296,13 +291,6 @@ def test_torch_cpu_runs_keep_freed_memory_instead_of_faulting_it_in_again():
             "for _ in range(8):\n"
             "    np.ones(8 << 20).sum()\n"  # 64 MiB, above glibc's mmap threshold
             "print(json.dumps({'state': state, 'faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}))\n")
-
-    def run(env):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
-                             timeout=120)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    kept, default = run({}), run({"GMR_FAST_MALLOC": "default"})
+    kept, default = child_json(code), child_json(code, {"GMR_FAST_MALLOC": "default"})
     assert kept["state"] == "kept" and default["state"].startswith("default")
     assert default["faults"] >= 8 and kept["faults"] <= default["faults"] // 4, (kept, default)
