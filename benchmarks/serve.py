@@ -7,7 +7,9 @@ counted (there must be none). Bounded in count and time.
 The baseline is one client sending the same requests one after another (each waits for the
 previous answer): what a server without batching across requests would give at best. With more
 clients, concurrent requests share the engine's token-budget batches (and a query's documents
-share its prefix), and request parsing overlaps scoring.
+share its prefix), and request parsing overlaps scoring. The levels alternate over ``--rounds``
+(1, 4, 16, 1, 4, 16, ...) because this VM's speed drifts over minutes; each level reports its
+median throughput and the latency percentiles of all its requests.
 """
 
 from __future__ import annotations
@@ -58,15 +60,25 @@ def run_clients(url: str, reqs: list[dict], clients: int, timeout: float) -> dic
     wall = time.perf_counter() - started
     pairs = sum(len(b["documents"]) for b in reqs)
     return {"clients": clients, "requests": len(reqs), "failures": failures, "seconds": wall,
-            "requests_per_s": len(reqs) / wall, "pairs_per_s": pairs / wall,
+            "requests_per_s": len(reqs) / wall, "pairs_per_s": pairs / wall, "latencies_s": latencies}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One load level over its rounds: median throughput, latency percentiles of every request."""
+    latencies = [x for r in runs for x in r["latencies_s"]]
+    return {"clients": runs[0]["clients"], "requests": sum(r["requests"] for r in runs),
+            "failures": sum(r["failures"] for r in runs), "seconds": sum(r["seconds"] for r in runs),
+            "pairs_per_s": float(np.median([r["pairs_per_s"] for r in runs])),
+            "pairs_per_s_rounds": [r["pairs_per_s"] for r in runs],
             **{f"p{q}_ms": 1e3 * float(np.percentile(latencies, q)) for q in (50, 95, 99)}}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", required=True)
-    p.add_argument("--requests", type=int, default=48, help="requests per load level")
+    p.add_argument("--requests", type=int, default=96, help="requests per load level and round")
     p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--rounds", type=int, default=3, help="the levels alternate this many times")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default="benchmarks/results/serve_cpu.json")
     a = p.parse_args(argv)
@@ -89,7 +101,12 @@ def main(argv=None) -> int:
         info = httpx.get(url + "/info").json()
         reqs = requests(a.requests)
         run_clients(url, requests(4, seed=1), 2, a.timeout)  # warm-up
-        levels = [run_clients(url, reqs, int(c), a.timeout) for c in a.clients.split(",")]
+        counts = [int(c) for c in a.clients.split(",")]
+        runs = {c: [] for c in counts}
+        for _ in range(a.rounds):
+            for c in counts:
+                runs[c].append(run_clients(url, reqs, c, a.timeout))
+        levels = [summarize(runs[c]) for c in counts]
         for row in levels:
             row["throughput_vs_one_client"] = row["pairs_per_s"] / levels[0]["pairs_per_s"]
             print(json.dumps(row), flush=True)

@@ -78,6 +78,10 @@ class PromptBuilder:
             with open(text, encoding="utf-8") as f:
                 text = f.read()
         self.tokenizer = Tokenizer.from_str(text)
+        # a tokenizer.json may carry padding or truncation settings; prompts are never padded and
+        # only ever shortened by encode() itself (batch calls would apply them)
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
         self.config = config
         self.image_pad_id = self._single_id(IMAGE_PAD)
         self.vision_start_id = self._single_id(VISION_START)
@@ -131,9 +135,18 @@ class PromptBuilder:
         ids, spans = self._encode_expanded(self.render_prefix(instruction, query), image_tokens)
         return EncodedPrompt(np.asarray(ids, np.int64), False, spans)
 
-    def _encode_expanded(self, text: str, image_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        pads = [i for i, t in enumerate(ids) if t == self.image_pad_id]
+    def tokenize_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many rendered prompts in one call to the tokenizer, which runs it on its
+        own native threads with the GIL released (a server plans the next requests while the
+        engine runs; one ``encode`` per prompt would hold the GIL throughout)."""
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _encode_expanded(self, text: str, image_tokens: list[int],
+                         ids: list[int] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """``ids``: ``text``'s token ids when already known (``tokenize_many``)."""
+        if ids is None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        pads = np.flatnonzero(np.asarray(ids, np.int64) == self.image_pad_id).tolist()
         if len(pads) != len(image_tokens):
             raise PromptError(f"prompt text holds {len(pads)} image pads for {len(image_tokens)} images "
                               "(the text itself must not contain <|image_pad|>)")
@@ -147,13 +160,15 @@ class PromptBuilder:
         return out, spans
 
     def encode(self, instruction: str, query: Item, document: Item, query_image_tokens: int = 0,
-               doc_image_tokens: int = 0, max_length: int | None = None, where: str = "pair") -> EncodedPrompt:
+               doc_image_tokens: int = 0, max_length: int | None = None, where: str = "pair",
+               tokenized: list[int] | None = None) -> EncodedPrompt:
         """Token ids of the prompt. Only the document's text is ever shortened to fit
         ``max_length`` (default from gmr.json); a pair that does not fit even with an empty
-        document text raises PromptError naming ``where``."""
+        document text raises PromptError naming ``where``. ``tokenized``: the token ids of
+        ``render(instruction, query, document)`` when already known (``tokenize_many``)."""
         max_length = max_length or self.config.max_length
         image_tokens = ([query_image_tokens] if query.has_image else []) + ([doc_image_tokens] if document.has_image else [])
-        ids, spans = self._encode_expanded(self.render(instruction, query, document), image_tokens)
+        ids, spans = self._encode_expanded(self.render(instruction, query, document), image_tokens, tokenized)
         if len(ids) <= max_length:
             return EncodedPrompt(np.asarray(ids, np.int64), False, spans)
         fixed, _ = self._encode_expanded(self.render(instruction, query, Item("", document.image)), image_tokens)

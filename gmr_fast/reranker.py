@@ -408,6 +408,8 @@ class Reranker:
         prefixes: list[tuple[TokenSequence, int] | None] = []
         fallbacks = 0
         share = self.options.share_prefix and self.prompts.prefix_has_query
+        # every prompt tokenized in one native call (GIL released); encode() expands and truncates
+        tokenized = self.prompts.tokenize_many([self.prompts.render(instructions[i], q, d) for i, (q, d) in enumerate(items)])
         for i, ((q, d), keys) in enumerate(zip(items, keys_per_pair)):
             sides = (["query"] if q.has_image else []) + (["document"] if d.has_image else [])
             bad = next(((side, images[k]) for side, k in zip(sides, keys) if isinstance(images[k], ImageError)), None)
@@ -417,7 +419,7 @@ class Reranker:
                 tokens = iter(self.spec.visual_tokens(*images[k].size) for k in keys)
                 qn = next(tokens) if q.has_image else 0
                 dn = next(tokens) if d.has_image else 0
-                prompt = self.prompts.encode(instructions[i], q, d, qn, dn, where=labels[i])
+                prompt = self.prompts.encode(instructions[i], q, d, qn, dn, where=labels[i], tokenized=tokenized[i])
             except (ImageError, PromptError) as e:
                 errors[i] = e
                 prompts.append(None)

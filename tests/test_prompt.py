@@ -75,6 +75,39 @@ def test_token_ids_equal_hf_for_every_modality(setup, rng):
                 assert got.ids[start - 1] == builder.vision_start_id and got.ids[end] == builder.vision_end_id
 
 
+def test_batch_tokenization_gives_the_same_prompts(setup, tiny_checkpoints, rng, tmp_path):
+    """Reranker.plan tokenizes every prompt in one batch call (``tokenize_many``, GIL released);
+    encode() given those ids must give exactly what it gives on its own: ids, spans, truncation.
+    Also with a tokenizer.json that asks for padding and truncation (batch calls would apply
+    them; the builder turns them off)."""
+    import json
+
+    builder, _, _ = setup
+    raw = json.loads((tiny_checkpoints["qwen2_5_vl"] / "tokenizer.json").read_text())
+    raw["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                      "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    raw["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    padded = PromptBuilder(tmp_path / "tokenizer.json", builder.config)
+    img = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    long_doc = "The quick brown fox, jumping. " * 300
+    pairs = [("what is a cat?", "short"), ("q", long_doc), ({"text": "q", "image": img(60, 90)}, "d: colon first"),
+             ("q", {"text": long_doc, "image": img(50, 120)}), ({"image": img(80, 80)}, {"image": img(40, 200)}),
+             ("Ünïcödé — 中文", ":leading punctuation"), ("", "")]
+    for b in (builder, padded):
+        for max_length in (200, 100000):
+            items = [(as_item(q, "q"), as_item(d, "d")) for q, d in pairs]
+            batch = b.tokenize_many([b.render("instr", q, d) for q, d in items])
+            for (q, d), ids in zip(items, batch):
+                n = (_image_tokens(q.image, b.config), _image_tokens(d.image, b.config))
+                one = b.encode("instr", q, d, *n, max_length=max_length)
+                many = b.encode("instr", q, d, *n, max_length=max_length, tokenized=ids)
+                assert many.ids.tolist() == one.ids.tolist() and many.image_spans == one.image_spans
+                assert many.truncated == one.truncated
+                if b is padded:  # and both equal the plain builder's
+                    assert one.ids.tolist() == builder.encode("instr", q, d, *n, max_length=max_length).ids.tolist()
+
+
 def _kept_document_text(builder, ids) -> str:
     text = builder.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
     start = text.index("<Document>:") + len("<Document>:")

@@ -243,7 +243,8 @@ def test_not_ready_and_failed_engine(tmp_path):
 
 
 def test_queue_full_and_cancelled_work_is_skipped(engine):
-    """The queue in isolation, with an engine that blocks: deterministic 429 and cancellation."""
+    """The queue in isolation, with an engine that blocks: the next round is planned while the
+    engine runs, deterministic 429 and cancellation."""
     from gmr_fast.prompt import Item
     from gmr_fast.server.metrics import Metrics
     from gmr_fast.server.queue import BatchQueue, Job, QueueFull
@@ -259,13 +260,26 @@ def test_queue_full_and_cancelled_work_is_skipped(engine):
             ran.append(len(rows))
             yield rows, scores, padded
     reranker.run = slow_run
+    planned = []
+    real_plan = reranker.plan
+
+    def counting_plan(pairs, **kw):
+        planned.append(len(pairs))
+        return real_plan(pairs, **kw)
+    reranker.plan = counting_plan
     queue = BatchQueue(reranker, Metrics.create(), max_queue_pairs=6, round_pairs=4)
     loop = asyncio.new_event_loop()
     jobs = [Job([(Item("q"), Item(f"d{i}")) for i in range(4)], None, [f"d[{i}]" for i in range(4)], loop,
                 loop.create_future()) for _ in range(3)]
-    queue.submit(jobs[0])  # taken by the engine thread, which then blocks
+    queue.submit(jobs[0])  # planned, then taken by the engine thread, which blocks
     time.sleep(0.3)
     queue.submit(jobs[1])
+    for _ in range(100):  # the next round is planned while the engine still runs the first
+        if len(planned) == 2:
+            break
+        time.sleep(0.05)
+    assert planned == [4, 4] and not gate.is_set()
+    # a planned round still waits for the engine: it counts against the queue limit
     with pytest.raises(QueueFull, match="limit of 6"):
         queue.submit(jobs[2])
     queue.cancel(jobs[1])

@@ -1,12 +1,15 @@
 """The one queue in front of the engine.
 
-Requests become ``Job``s (their pairs, as plain Items) and wait in FIFO order. One engine thread
-takes every waiting job up to ``round_pairs`` pairs (at least one whole job), plans all their
-pairs together (``Reranker.plan``: token-budget batches across requests, each request's documents
-sharing its query's prefix) and runs the plan, skipping batches whose pairs all belong to
-cancelled jobs; each job's future is resolved on the event loop as soon as its last pair is
-scored. A job whose pair fails (a corrupt image, a pair too long to fit) fails alone; the others
-in its round carry on. The event loop never runs the engine.
+Requests become ``Job``s (their pairs, as plain Items) and wait in FIFO order. Two threads work
+the queue as a pipeline. The planner takes every waiting job up to ``round_pairs`` pairs (at least
+one whole job) and plans all their pairs together (``Reranker.plan``: prompts tokenized, images
+decoded, token-budget batches across requests, each request's documents sharing its query's
+prefix); the runner runs the plans in order, skipping batches whose pairs all belong to cancelled
+jobs, and resolves each job's future on the event loop as soon as its last pair is scored. So the
+next round is planned (Python and tokenizer work) while the engine runs this one (native code,
+the GIL released); at most one planned round waits for the runner. A job whose pair fails (a
+corrupt image, a pair too long to fit) fails alone, as soon as it is planned; the others in its
+round carry on. The event loop never runs the engine.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,14 +59,17 @@ class BatchQueue:
         self._queued_pairs = 0
         self._cv = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._work, name="gmr-engine", daemon=True)
-        self._thread.start()
+        self._planned: queue.Queue = queue.Queue(maxsize=1)  # planned rounds waiting for the runner
+        self._planner = threading.Thread(target=self._plan_rounds, name="gmr-planner", daemon=True)
+        self._runner = threading.Thread(target=self._run_rounds, name="gmr-engine", daemon=True)
+        self._planner.start()
+        self._runner.start()
 
     def submit(self, job: Job) -> None:
         with self._cv:
             if self._closing:
                 raise NotReady("the server is shutting down")
-            if self._queued_pairs + len(job.pairs) > self.max_queue_pairs and self._jobs:
+            if self._queued_pairs and self._queued_pairs + len(job.pairs) > self.max_queue_pairs:
                 raise QueueFull(f"the queue holds {self._queued_pairs} pairs; this request's {len(job.pairs)} would pass "
                                 f"the limit of {self.max_queue_pairs}; retry later")
             self._jobs.append(job)
@@ -75,17 +82,19 @@ class BatchQueue:
         job.cancelled = True
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stops taking jobs, finishes the ones queued, then stops the engine thread."""
+        """Stops taking jobs, finishes the ones queued, then stops both threads."""
         with self._cv:
             self._closing = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        self._planner.join(timeout)
+        self._runner.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def queued_pairs(self) -> int:
         return self._queued_pairs
 
-    # ------------------------------------------------------------------ engine thread
+    # ------------------------------------------------------------------ planner and runner threads
     def _take(self) -> list[Job]:
         with self._cv:
             while not self._jobs and not self._closing:
@@ -93,54 +102,79 @@ class BatchQueue:
             jobs, n = [], 0
             while self._jobs and (not jobs or n + len(self._jobs[0].pairs) <= self.round_pairs):
                 job = self._jobs.popleft()
-                self._queued_pairs -= len(job.pairs)
                 if job.cancelled:
+                    self._started(len(job.pairs))
                     continue
                 jobs.append(job)
                 n += len(job.pairs)
-            self.metrics.queue_pairs.set(self._queued_pairs)
             return jobs
 
-    def _work(self) -> None:
-        while True:
-            jobs = self._take()
-            if not jobs:
-                if self._closing:
-                    return
-                continue
+    def _started(self, pairs: int) -> None:
+        """Pairs leave the count of those waiting (the queue limit, the metric) when the runner
+        starts their round, or when they are dropped: a planned round still waits for the engine."""
+        with self._cv:
+            self._queued_pairs -= pairs
+            self.metrics.queue_pairs.set(self._queued_pairs)
+
+    def _plan_rounds(self) -> None:
+        try:
+            while True:
+                jobs = self._take()
+                if not jobs:
+                    if self._closing:
+                        return
+                    continue
+                try:
+                    planned = self._plan(jobs)
+                except Exception as e:  # noqa: BLE001 - a planning failure fails this round's requests, not the server
+                    log.exception("planning a round failed")
+                    self._started(sum(len(job.pairs) for job in jobs))
+                    for job in jobs:
+                        _resolve(job, exception=e)
+                    continue
+                self._planned.put(planned)
+        finally:
+            self._planned.put(None)  # the runner stops after the rounds already planned
+
+    def _run_rounds(self) -> None:
+        while (planned := self._planned.get()) is not None:
+            self._started(sum(len(job.pairs) for job in planned.jobs))
             try:
-                self._round(jobs)
+                self._run(planned)
             except Exception as e:  # noqa: BLE001 - an engine failure fails this round's requests, not the server
                 log.exception("engine round failed")
-                for job in jobs:
+                for job in planned.jobs:
                     _resolve(job, exception=e)
 
-    def _round(self, jobs: list[Job]) -> None:
+    def _plan(self, jobs: list[Job]) -> "_Round":
         pairs, instructions, labels, owner = [], [], [], []
         for j, job in enumerate(jobs):
             pairs += job.pairs
             instructions += [job.instruction] * len(job.pairs)
             labels += job.labels
             owner += [j] * len(job.pairs)
-        owner = np.array(owner, np.int64)
-        bounds = np.concatenate([[0], np.cumsum([len(job.pairs) for job in jobs])])
         plan = self.reranker.plan(pairs, instruction=instructions, labels=labels)
-        failed = set()
-        for i in sorted(plan.errors):  # the first failing pair of a job fails that job
-            j = int(owner[i])
-            if j not in failed:
-                failed.add(j)
+        r = _Round(jobs, plan, np.array(owner, np.int64),
+                   np.concatenate([[0], np.cumsum([len(job.pairs) for job in jobs])]).astype(np.int64))
+        for i in sorted(plan.errors):  # the first failing pair of a job fails that job, now
+            j = int(r.owner[i])
+            if j not in r.failed:
+                r.failed.add(j)
                 _resolve(jobs[j], exception=plan.errors[i])
-        scores = np.full(len(pairs), np.nan, np.float32)
-        left = collections.Counter(int(owner[r]) for rows in plan.batches for r in rows)
-        dead = lambda rows: all(jobs[int(owner[r])].cancelled or int(owner[r]) in failed for r in rows)  # noqa: E731
+        return r
+
+    def _run(self, r: "_Round") -> None:
+        jobs, plan, owner, bounds, failed = r.jobs, r.plan, r.owner, r.bounds, r.failed
+        scores = np.full(plan.size, np.nan, np.float32)
+        left = collections.Counter(int(owner[i]) for rows in plan.batches for i in rows)
+        dead = lambda rows: all(jobs[int(owner[i])].cancelled or int(owner[i]) in failed for i in rows)  # noqa: E731
         padded = 0
         for rows, values, padded_tokens in self.reranker.run(plan, skip=dead):
             scores[rows] = values
             padded += padded_tokens
             self.metrics.batches.inc()
-            for r in rows:
-                j = int(owner[r])
+            for i in rows:
+                j = int(owner[i])
                 left[j] -= 1
                 if left[j] == 0 and j not in failed and not jobs[j].cancelled:
                     jobs[j].tokens = int(sum(len(plan.prompts[k].ids) for k in range(bounds[j], bounds[j + 1])))
@@ -148,11 +182,21 @@ class BatchQueue:
         for j, job in enumerate(jobs):  # jobs with nothing to run (all cancelled) still end
             if not job.future.done() and j not in failed:
                 _resolve(job, exception=NotReady("cancelled"))
-        self.metrics.pairs.inc(len(pairs) - sum(len(jobs[j].pairs) for j in failed))
+        self.metrics.pairs.inc(plan.size - sum(len(jobs[j].pairs) for j in failed))
         self.metrics.tokens.inc(plan.decoder_tokens)
-        self.metrics.round_pairs.observe(len(pairs))
+        self.metrics.round_pairs.observe(plan.size)
         if padded:
             self.metrics.batch_fill.observe(min(1.0, self.reranker._padding_efficiency(plan, padded)))
+
+
+@dataclass
+class _Round:
+    """A planned round: its jobs, their pairs' plan, and which job owns each planned pair."""
+    jobs: list[Job]
+    plan: Any
+    owner: np.ndarray  # job index of each pair
+    bounds: np.ndarray  # job j's pairs are [bounds[j], bounds[j + 1])
+    failed: set = field(default_factory=set)  # jobs failed at planning
 
 
 def _resolve(job: Job, result: Any = None, exception: BaseException | None = None) -> None:
