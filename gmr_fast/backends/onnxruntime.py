@@ -9,7 +9,8 @@ Its worker threads do not spin-wait between operators (``spin=false`` by default
 shares the process with work that needs the same cores while it runs (the next batch prepared
 and images preprocessed on a worker thread, a server's planner, HTTP and tokenizer threads), and
 spinning threads take those cores away. Measured: a loopback server of the tiny engine carried
-1.2-1.4x more requests at 16 concurrent clients without spinning and was no slower with one;
+10-25% more requests at 16 concurrent clients without spinning (1,083-1,158 against 872-990
+pairs/s, 3 rounds each) and was no slower with one client;
 ``rank`` of 8 documents on the GMR-3B-width int8 engine took the same time either way
 (1.7-2.5 s both, this VM's noise). ``backend_options={"spin": True}`` turns it back on.
 """
