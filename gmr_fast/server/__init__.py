@@ -3,7 +3,8 @@
     schema.py   requests in the shapes clients speak (Cohere rerank v1/v2, Jina's multimodal
                 documents, vLLM's /score) parsed at the edge into plain (query, document) pairs
     queue.py    the one batching queue in front of the engine: concurrent requests share
-                token-budget batches on the engine thread; cancelled work is skipped
+                token-budget batches; the next round is planned while the engine thread runs
+                this one; cancelled work is skipped
     metrics.py  Prometheus counters, gauges and histograms
     app.py      the FastAPI application: routes, authentication, body limits, and the one place
                 where errors become HTTP statuses

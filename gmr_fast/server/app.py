@@ -71,7 +71,7 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
         else:
             load()
         yield
-        if state.queue is not None:  # finish what is queued, then stop the engine thread
+        if state.queue is not None:  # finish what is queued, then stop the planner and engine threads
             await asyncio.to_thread(state.queue.close)
 
     app = FastAPI(title="gmr_fast rerank server", lifespan=lifespan)
