@@ -141,11 +141,11 @@ class PromptBuilder:
         engine runs; one ``encode`` per prompt would hold the GIL throughout)."""
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def _encode_expanded(self, text: str, image_tokens: list[int],
-                         ids: list[int] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
-        """``ids``: ``text``'s token ids when already known (``tokenize_many``)."""
-        if ids is None:
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    def _encode_expanded(self, text: str, image_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        return self._expand(self.tokenizer.encode(text, add_special_tokens=False).ids, image_tokens)
+
+    def _expand(self, ids: list[int], image_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """A rendered prompt's token ids with each image's one pad repeated to its token count."""
         pads = np.flatnonzero(np.asarray(ids, np.int64) == self.image_pad_id).tolist()
         if len(pads) != len(image_tokens):
             raise PromptError(f"prompt text holds {len(pads)} image pads for {len(image_tokens)} images "
@@ -168,7 +168,9 @@ class PromptBuilder:
         ``render(instruction, query, document)`` when already known (``tokenize_many``)."""
         max_length = max_length or self.config.max_length
         image_tokens = ([query_image_tokens] if query.has_image else []) + ([doc_image_tokens] if document.has_image else [])
-        ids, spans = self._encode_expanded(self.render(instruction, query, document), image_tokens, tokenized)
+        if tokenized is None:
+            tokenized = self.tokenizer.encode(self.render(instruction, query, document), add_special_tokens=False).ids
+        ids, spans = self._expand(tokenized, image_tokens)
         if len(ids) <= max_length:
             return EncodedPrompt(np.asarray(ids, np.int64), False, spans)
         fixed, _ = self._encode_expanded(self.render(instruction, query, Item("", document.image)), image_tokens)
