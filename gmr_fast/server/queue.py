@@ -7,7 +7,9 @@ decoded, token-budget batches across requests, each request's documents sharing 
 prefix); the runner runs the plans in order, skipping batches whose pairs all belong to cancelled
 jobs, and resolves each job's future on the event loop as soon as its last pair is scored. So the
 next round is planned (Python and tokenizer work) while the engine runs this one (native code,
-the GIL released); at most one planned round waits for the runner. A job whose pair fails (a
+the GIL released); at most one planned round waits for the runner, and the planner takes the
+waiting jobs only when the runner has taken the round before, so a round holds every request
+that arrived while the engine ran the previous one. A job whose pair fails (a
 corrupt image, a pair too long to fit) fails alone, as soon as it is planned; the others in its
 round carry on. The event loop never runs the engine.
 """
@@ -59,7 +61,11 @@ class BatchQueue:
         self._queued_pairs = 0
         self._cv = threading.Condition()
         self._closing = False
-        self._planned: queue.Queue = queue.Queue(maxsize=1)  # planned rounds waiting for the runner
+        self._planned: queue.Queue = queue.Queue()  # planned rounds waiting for the runner (at most one)
+        # the planner takes jobs only once the runner has taken the round planned before: rounds
+        # then gather every request that arrived while the engine ran (not only those that came
+        # while the planner was free), and no more than one planned round ever waits
+        self._slot = threading.Semaphore(1)
         self._planner = threading.Thread(target=self._plan_rounds, name="gmr-planner", daemon=True)
         self._runner = threading.Thread(target=self._run_rounds, name="gmr-engine", daemon=True)
         self._planner.start()
@@ -119,8 +125,10 @@ class BatchQueue:
     def _plan_rounds(self) -> None:
         try:
             while True:
+                self._slot.acquire()
                 jobs = self._take()
                 if not jobs:
+                    self._slot.release()
                     if self._closing:
                         return
                     continue
@@ -131,6 +139,7 @@ class BatchQueue:
                     self._started(sum(len(job.pairs) for job in jobs))
                     for job in jobs:
                         _resolve(job, exception=e)
+                    self._slot.release()
                     continue
                 self._planned.put(planned)
         finally:
@@ -138,6 +147,7 @@ class BatchQueue:
 
     def _run_rounds(self) -> None:
         while (planned := self._planned.get()) is not None:
+            self._slot.release()  # the planner may take the jobs that wait now
             self._started(sum(len(job.pairs) for job in planned.jobs))
             try:
                 self._run(planned)
