@@ -207,10 +207,26 @@ def hardware_order(device: str) -> list[tuple[str, str]]:
     return order + [("fp32", "fp32")]
 
 
-def choose_precision(manifest, precision: str, backend: str | None, device: str) -> tuple[str, str, str]:
+# fp32 runs on the torch backend at real widths when torch is importable and no backend was
+# named: the same fp32 weights and graph modules, but projections and MLPs on real tokens only
+# and sdpa attention instead of materialised score matrices. Measured in one run
+# (benchmarks/results/fp32_backends_cpu.json): at GMR-3B width torch is 1.43x onnxruntime's
+# fp32 on text and 1.36x on images (peak RSS +0.8 GB on text, the same on images), scores within
+# 1e-5; on a toy engine (hidden 64) eager torch's per-operator overhead dominates and it is
+# 0.7-0.8x, so narrower engines stay on onnxruntime. 1,536 is the narrowest real Qwen-VL decoder
+# (Qwen2-VL-2B). Without torch, or with onnxruntime providers or backend options given, fp32
+# stays on onnxruntime.
+FP32_TORCH_MIN_HIDDEN = 1536
+FP32_ON_TORCH = "fp32 on torch at this width: real tokens only, sdpa attention (README \"Precision\")"
+
+
+def choose_precision(manifest, precision: str, backend: str | None, device: str,
+                     onnxruntime_options: bool = False) -> tuple[str, str, str]:
     """(precision, backend, reason). ``auto`` takes, in ``hardware_order``, the first of the
     engine's variants that is fp32 or ranks within AUTO_MIN_TAU of it; an engine with no such
-    variant gets its fastest one (and the reason says so)."""
+    variant gets its fastest one (and the reason says so). fp32 with no backend named runs on
+    torch at real widths where it can (FP32_ON_TORCH); ``onnxruntime_options`` (providers or backend options
+    were given) keeps it on onnxruntime."""
     have = manifest.precisions
     if precision != "auto":
         manifest.variant(precision)  # raises if absent
@@ -235,6 +251,10 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str)
             chosen, why = order[0][0], f"{order[0][1]}; no variant ranks within tau {AUTO_MIN_TAU} of fp32 and fp32 is absent"
     variant = manifest.variant(chosen)
     run_on = backend or variant.backend
+    if (backend is None and chosen == "fp32" and run_on == "onnxruntime" and not device.startswith("cuda")
+            and not onnxruntime_options and manifest.decoder.hidden_size >= FP32_TORCH_MIN_HIDDEN
+            and _torch_available()):
+        run_on, why = "torch", f"{why}; {FP32_ON_TORCH}"
     if chosen == "int8" and run_on != "onnxruntime":
         raise BackendError("int8 engines run on the onnxruntime backend")
     if chosen == "bf16" and run_on != "torch":
@@ -266,7 +286,8 @@ class Reranker:
         self.prompts = PromptBuilder(os.path.join(self.engine_dir, "tokenizer.json"), self.gmr, m.tokens)
         self.instruction = options.instruction or self.gmr.default_instruction
         self.num_threads = int(options.num_threads or hardware_threads())
-        self.precision, backend, why = choose_precision(m, options.precision, options.backend, options.device)
+        self.precision, backend, why = choose_precision(m, options.precision, options.backend, options.device,
+                                                         bool(options.providers or options.backend_options))
         log.info("gmr_fast: %s on %s (%s)", self.precision, backend, why)
         self.backend = create_backend(backend, self.engine_dir, m, self.precision, self.num_threads, options.providers,
                                       options.device, **options.backend_options)

@@ -111,7 +111,8 @@ class _Job:
         self.engine_sha = _sha256(os.path.join(args.engine, "manifest.json"))
         manifest = load_manifest(args.engine)
         ro = self.reranker_options
-        precision, backend, why = choose_precision(manifest, ro.precision, ro.backend, ro.device)
+        precision, backend, why = choose_precision(manifest, ro.precision, ro.backend, ro.device,
+                                                   bool(ro.providers or ro.backend_options))
         # everything that changes which pairs are scored or the exact bits of a score: a resumed
         # job must match (the precision as resolved on this machine, not "auto")
         self.settings = {"engine_sha256": self.engine_sha, **fingerprint(self.options), **fingerprint(ro),

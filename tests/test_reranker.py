@@ -224,7 +224,7 @@ def test_torch_backend_matches_onnxruntime_and_reference(family, exported_engine
     _, engine = exported_engines[family]
     pairs = _pairs(rng, 8) + _grouped(rng, 2, 4)
     expected = references[family].score(pairs)
-    ort_scores = Reranker(engine).score(pairs)
+    ort_scores = Reranker(engine, backend="onnxruntime").score(pairs)
     for side in ("left", "right"):
         for share in (True, False):
             r = Reranker(engine, backend="torch", padding_side=side, share_prefix=share)

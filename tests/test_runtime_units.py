@@ -213,8 +213,9 @@ def test_unit_tests_run_without_torch():
 class _Manifest:
     """The two things choose_precision reads from an engine: its variants and their figures."""
 
-    def __init__(self, taus: dict):
+    def __init__(self, taus: dict, hidden_size: int = 2048):
         self.taus = taus
+        self.decoder = type("D", (), {"hidden_size": hidden_size})()
 
     @property
     def precisions(self):
@@ -250,7 +251,8 @@ def test_auto_takes_the_fastest_variant_that_ranks_like_fp32(monkeypatch, cpu, t
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     chosen, backend, why = rr.choose_precision(_Manifest(taus), "auto", None, "cpu")
     assert chosen == expected, why
-    assert backend == ("torch" if expected == "bf16" else "onnxruntime")
+    # fp32 runs on torch where torch imports (FP32_ON_TORCH); int8 has onnxruntime's operators only
+    assert backend == ("onnxruntime" if expected == "int8" else "torch")
     if expected != "fp32" and "fp32" in taus:
         assert f"{taus[expected]:.3f} >= 0.98" in why
     if expected == "fp32":
@@ -261,6 +263,21 @@ def test_auto_takes_the_fastest_variant_that_ranks_like_fp32(monkeypatch, cpu, t
     assert rr.choose_precision(_Manifest(taus), "int8", None, "cpu")[0] == "int8"
     if "bf16" in taus:
         assert rr.choose_precision(_Manifest(taus), "auto", None, "cuda")[0] == "bf16"
+
+
+def test_fp32_runs_on_torch_at_real_widths_where_torch_imports_and_nothing_asks_for_onnxruntime(monkeypatch):
+    from gmr_fast import reranker as rr
+
+    m = _Manifest({"fp32": 1.0})
+    monkeypatch.setattr(rr, "_torch_available", lambda: True)
+    assert rr.choose_precision(m, "auto", None, "cpu")[1] == "torch"
+    assert rr.choose_precision(m, "fp32", None, "cpu")[1] == "torch"
+    assert rr.choose_precision(m, "fp32", "onnxruntime", "cpu")[1] == "onnxruntime"  # named
+    assert rr.choose_precision(m, "fp32", None, "cpu", onnxruntime_options=True)[1] == "onnxruntime"  # providers given
+    assert rr.choose_precision(_Manifest({"fp32": 1.0}, hidden_size=512), "auto", None, "cpu")[1] == "onnxruntime"  # toy
+    monkeypatch.setattr(rr, "_torch_available", lambda: False)
+    chosen, backend, why = rr.choose_precision(m, "auto", None, "cpu")
+    assert (chosen, backend) == ("fp32", "onnxruntime") and "torch" not in why
 
 
 def test_a_onednn_isa_cap_takes_bf16_kernels_away(monkeypatch):
