@@ -86,8 +86,9 @@ class VisionBlock(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).reshape(n, 3, self.heads, -1).permute(1, 0, 2, 3).unbind(0)  # [N, heads, d]
         c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        q = (q.float() * c + rotate_half(q.float()) * s).to(x.dtype)
-        k = (k.float() * c + rotate_half(k.float()) * s).to(x.dtype)
+        qf, kf = q.float(), k.float()  # rotary in fp32, as HF's vision tower (one conversion each)
+        q = (qf * c + rotate_half(qf) * s).to(x.dtype)
+        k = (kf * c + rotate_half(kf) * s).to(x.dtype)
         qs, ks, vs = (t[gather].transpose(1, 2) for t in (q, k, v))  # [S, heads, L, d]
         if sdpa:
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=valid[:, None, None, :], scale=self.scale)
