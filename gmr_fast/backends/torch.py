@@ -63,6 +63,11 @@ class TorchBackend:
             module.sdpa = attention == "sdpa"
             module.eval()
         self.decoder.unpad = True  # projections and MLPs on real tokens only (graphs.decoder)
+        # bf16: the residual stream, the norms and RoPE in fp32; projections and attention in bf16
+        # (graphs.decoder, fp32_stream)
+        self.decoder.fp32_stream = precision == "bf16"
+        for layer in self.decoder.layers:
+            layer.attn_dtype = self.dtype
 
     def _load(self, module, engine_dir: str, weight_file) -> None:
         torch = self.torch

@@ -17,6 +17,8 @@ class Proj(nn.Module):
         self.bias = nn.Parameter(torch.empty(fan_out), requires_grad=False) if bias else None
 
     def forward(self, x):
+        if x.dtype != self.weight.dtype:  # an fp32 stream into bf16 weights (graphs.decoder, fp32_stream)
+            x = x.to(self.weight.dtype)
         y = torch.matmul(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
