@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=96, help="requests per load level and round")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--rounds", type=int, default=3, help="the levels alternate this many times")
+    p.add_argument("--lanes", type=int, default=1, help="the server's --lanes (engine runs side by side)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default="benchmarks/results/serve_cpu.json")
     a = p.parse_args(argv)
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "gmr_fast.serve", "--engine", a.engine, "--port", str(port),
-                               "--log-level", "warning"], cwd=ROOT)
+                               "--lanes", str(a.lanes), "--log-level", "warning"], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
         server.terminate()
         server.wait(60)
     rounds = [line for line in metrics.splitlines() if line.startswith("gmr_round_pairs_")]
-    write(a.out, {"machine": machine(), "engine": os.path.abspath(a.engine), "server": info, "levels": levels,
+    write(a.out, {"machine": machine(), "engine": os.path.abspath(a.engine), "server": info, "lanes": a.lanes, "levels": levels,
                   "round_pairs_metrics": rounds})
     print("| clients | requests | failures | pairs/s | vs 1 client | p50 ms | p95 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|")

@@ -309,12 +309,28 @@ def test_auto_does_not_count_on_amx_the_kernel_refuses(all_precisions_engine):
     assert out["precision"] == ("int8" if out["int8_tau"] >= 0.98 else "fp32") and "AMX" not in out["reason"], out
 
 
-def test_reranker_is_safe_to_share_between_threads(exported_engines, rng):
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_reranker_is_safe_to_share_between_threads(exported_engines, rng, lanes):
     _, engine = exported_engines["qwen2_5_vl"]
-    reranker = Reranker(engine, image_cache_size=4, max_batch_size=4)
+    reranker = Reranker(engine, image_cache_size=4, max_batch_size=4, num_threads=2, lanes=lanes)
+    assert (reranker.choice["lanes"], reranker.choice["threads_per_lane"]) == (lanes, 2 // lanes)
+    # the lanes share the one activation budget
+    assert reranker._limits["decode"].max_batch_bytes == reranker.options.activation_budget_mb * (1 << 20) // lanes
     calls = [_pairs(rng, 6) + _grouped(rng, 1, 5) for _ in range(6)]
     expected = [reranker.score(c) for c in calls]
     results, errors = [None] * len(calls), []
+    if lanes == 2:  # two decoder runs are in flight at once: the first two must meet at a barrier
+        barrier, entered, lock = threading.Barrier(2, timeout=60), [0], threading.Lock()
+        real_score = reranker.backend.score
+
+        def meeting_score(batch, images):
+            with lock:
+                entered[0] += 1
+                first_two = entered[0] <= 2
+            if first_two:
+                barrier.wait()  # BrokenBarrierError (a failed call) if the second run cannot start
+            return real_score(batch, images)
+        reranker.backend.score = meeting_score
 
     def work(i):
         try:

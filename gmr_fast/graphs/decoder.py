@@ -82,12 +82,16 @@ class DecoderLayer(nn.Module):
             return out.transpose(1, 2).reshape(b, sq, -1)
         # query head h uses key/value head h // g (HF's repeat_kv), so group the query heads
         qg = q.reshape(b, sq, self.kv_heads, g, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, self.kv_heads, g * sq, -1)
-        p = past_k.shape[2]
-        scores = torch.cat([torch.matmul(qg, past_k.transpose(-1, -2)), torch.matmul(qg, k.transpose(-1, -2))], -1)
-        scores = (scores * self.scale).reshape(b, self.kv_heads, g, sq, -1)
+        # The prefix's keys and values are joined to this batch's (a copy of [B, kv_heads, P + S, d]),
+        # not the scores computed against each ([B, kv_heads, g x Sq, P + S]: g x Sq / d times as
+        # large): one MatMul then makes the scores, which onnxruntime fuses with the scale (and
+        # the transpose) into one FusedMatMul, and one makes the output. The scores tensor is
+        # written by the MatMul, the mask and the softmax only.
+        keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        scores = (torch.matmul(qg, keys.transpose(-1, -2)) * self.scale).reshape(b, self.kv_heads, g, sq, -1)
         scores = scores.masked_fill(~visible.unsqueeze(1), min_value(scores.dtype))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).reshape(b, self.kv_heads, g * sq, -1)
-        out = torch.matmul(probs[..., :p], past_v) + torch.matmul(probs[..., p:], v)
+        out = torch.matmul(probs, values)
         return out.reshape(b, self.kv_heads, g, sq, -1).permute(0, 3, 1, 2, 4).reshape(b, sq, -1)
 
     def forward(self, x, cos, sin, past_k, past_v, visible, last=None, sdpa: bool = False, flat=None):

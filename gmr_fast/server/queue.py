@@ -9,9 +9,11 @@ jobs, and resolves each job's future on the event loop as soon as its last pair 
 next round is planned (Python and tokenizer work) while the engine runs this one (native code,
 the GIL released); at most one planned round waits for the runner, and the planner takes the
 waiting jobs only when the runner has taken the round before, so a round holds every request
-that arrived while the engine ran the previous one. A job whose pair fails (a
-corrupt image, a pair too long to fit) fails alone, as soon as it is planned; the others in its
-round carry on. The event loop never runs the engine.
+that arrived while the engine ran the previous one. With ``Reranker(lanes=N)`` (``--lanes N``)
+N runners take the planned rounds, which then run side by side, each on its share of the
+backend's threads. A job whose pair fails (a corrupt image, a pair too long to fit) fails
+alone, as soon as it is planned; the others in its round carry on. The event loop never runs
+the engine.
 """
 
 from __future__ import annotations
@@ -67,9 +69,13 @@ class BatchQueue:
         # while the planner was free), and no more than one planned round ever waits
         self._slot = threading.Semaphore(1)
         self._planner = threading.Thread(target=self._plan_rounds, name="gmr-planner", daemon=True)
-        self._runner = threading.Thread(target=self._run_rounds, name="gmr-engine", daemon=True)
+        # one runner per engine lane (Reranker(lanes=N)): rounds run side by side, each on its
+        # share of the backend's threads
+        self._runners = [threading.Thread(target=self._run_rounds, name=f"gmr-engine-{i}", daemon=True)
+                         for i in range(max(1, int(getattr(reranker, "lanes", 1))))]
         self._planner.start()
-        self._runner.start()
+        for runner in self._runners:
+            runner.start()
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -88,13 +94,14 @@ class BatchQueue:
         job.cancelled = True
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stops taking jobs, finishes the ones queued, then stops both threads."""
+        """Stops taking jobs, finishes the ones queued, then stops the planner and the runners."""
         with self._cv:
             self._closing = True
             self._cv.notify_all()
         deadline = time.monotonic() + timeout
         self._planner.join(timeout)
-        self._runner.join(max(0.0, deadline - time.monotonic()))
+        for runner in self._runners:
+            runner.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def queued_pairs(self) -> int:
@@ -143,7 +150,8 @@ class BatchQueue:
                     continue
                 self._planned.put(planned)
         finally:
-            self._planned.put(None)  # the runner stops after the rounds already planned
+            for _ in self._runners:  # each runner stops after the rounds already planned
+                self._planned.put(None)
 
     def _run_rounds(self) -> None:
         while (planned := self._planned.get()) is not None:
