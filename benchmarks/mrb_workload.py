@@ -69,11 +69,12 @@ def sample_indices(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(k, n)).astype(int).tolist()))
 
 
-def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool, sample: int) -> dict:
+def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool, sample: int,
+              lanes: int | None = None) -> dict:
     from gmr_fast import Reranker
 
     pairs = task_pairs(task, queries, candidates)
-    r = Reranker(engine, share_prefix=share)
+    r = Reranker(engine, share_prefix=share, lanes=lanes)
     r.score(task_pairs(task, 1, 2, seed=99))  # warm-up on other pairs
     start = time.perf_counter()
     scores = r.score(pairs)
@@ -85,7 +86,7 @@ def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool
             "prompt_tokens_per_pair": stats["prompt_tokens"] / len(pairs), "precision": stats["precision"],
             "backend": stats["backend"], "shared_pairs": stats["shared_pairs"], "prefixes": stats["prefixes"],
             "boundary_fallbacks": stats["boundary_fallbacks"], "padding_efficiency": stats["padding_efficiency"],
-            "malloc": r.choice.get("malloc")}
+            "malloc": r.choice.get("malloc"), "lanes": r.choice["lanes"], "threads_per_lane": r.choice["threads_per_lane"]}
 
 
 def child_hf(checkpoint: str, dtype: str, task: str, queries: int, candidates: int, sample: int) -> dict:
@@ -124,11 +125,13 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
         from gmr_fast import Reranker
 
         r = Reranker(path)
+        lanes = r.choice["lanes"]
         run = lambda pairs: r.rank(pairs[0][0], [d for _, d in pairs])  # noqa: E731
     else:
         from hf_baseline import HFStrong
 
         hf = HFStrong(path, kind.split("_")[1])
+        lanes = None
         run = lambda pairs: hf.score(pairs)  # noqa: E731
     run(calls[0])
     times = []
@@ -137,7 +140,7 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
         run(c)
         times.append(time.perf_counter() - start)
     return {"p50_ms": 1e3 * float(np.percentile(times, 50)), "p95_ms": 1e3 * float(np.percentile(times, 95)),
-            "requests": requests, "times_ms": [1e3 * t for t in times]}
+            "requests": requests, "times_ms": [1e3 * t for t in times], "lanes": lanes}
 
 
 def interleaved(runs: dict, rounds: int) -> dict:
@@ -152,6 +155,7 @@ def interleaved(runs: dict, rounds: int) -> dict:
             p["times_ms"] += row["times_ms"]
             p["wall_seconds"] += row["wall_seconds"]
             p["peak_rss_bytes"] = max(p["peak_rss_bytes"], row["peak_rss_bytes"])
+            p["lanes"] = row.get("lanes")
     for p in pooled.values():
         p.update(requests=len(p["times_ms"]), p50_ms=float(np.percentile(p["times_ms"], 50)),
                  p95_ms=float(np.percentile(p["times_ms"], 95)))
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
                    help="alternate the contenders this many times (each round runs --latency-requests calls)")
     p.add_argument("--hf-kept-heap", action="store_true",
                    help="also time HF bf16's latency with gmr_fast's allocator setting (gmr_fast.memory)")
+    p.add_argument("--one-lane", action="store_true",
+                   help="also run gmr shared with lanes=1, to separate the gain of running batches side by side")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
     a = p.parse_args(argv)
@@ -192,12 +198,15 @@ def main(argv=None) -> int:
         in_child("real_size:child_export", str(ckpt), str(engine), ["fp32", "int8", "bf16"], timeout=7200)
     doc = {"machine": machine(), "shape": shape, "decoder_layers": int(layers), "vision_layers": int(vlayers),
            "queries": a.queries, "candidates": a.candidates, "hf_sample": a.hf_sample, "tasks": {}}
-    for task in a.tasks.split(","):
+    for task in ([] if a.tasks == "none" else a.tasks.split(",")):  # "none": the latency part alone
         rows = {"hf_fp32": in_child("mrb_workload:child_hf", str(ckpt), "fp32", task, a.queries, a.candidates, a.hf_sample),
                 "hf_bf16": in_child("mrb_workload:child_hf", str(ckpt), "bf16", task, a.queries, a.candidates, a.hf_sample),
                 "gmr_shared": in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, a.hf_sample),
                 "gmr_not_shared": in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, False,
                                            a.hf_sample)}
+        if a.one_lane:
+            rows["gmr_shared_one_lane"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
+                                                   True, a.hf_sample, 1)
         ref = rows["hf_fp32"]["sample_scores"]
         best_hf = max(rows["hf_fp32"]["pairs_per_s"], rows["hf_bf16"]["pairs_per_s"])
         for name, row in rows.items():

@@ -9,7 +9,9 @@ previous answer): what a server without batching across requests would give at b
 clients, concurrent requests share the engine's token-budget batches (and a query's documents
 share its prefix), and request parsing overlaps scoring. The levels alternate over ``--rounds``
 (1, 4, 16, 1, 4, 16, ...) because this VM's speed drifts over minutes; each level reports its
-median throughput and the latency percentiles of all its requests.
+median throughput and the latency percentiles of all its requests. One server runs per
+``--lanes`` value (default 1 and 2: one engine run at a time, or two side by side), all started
+at once so that their rounds alternate too.
 """
 
 from __future__ import annotations
@@ -79,49 +81,61 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=96, help="requests per load level and round")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--rounds", type=int, default=3, help="the levels alternate this many times")
-    p.add_argument("--lanes", type=int, default=1, help="the server's --lanes (engine runs side by side)")
+    p.add_argument("--lanes", default="1,2", help="the servers' --lanes (engine runs side by side), one server each")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default="benchmarks/results/serve_cpu.json")
     a = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "gmr_fast.serve", "--engine", a.engine, "--port", str(port),
-                               "--lanes", str(a.lanes), "--log-level", "warning"], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+    lanes = [int(x) for x in a.lanes.split(",")]
+    servers, urls = [], {}
     try:
         import httpx
 
-        for _ in range(1200):
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        info = httpx.get(url + "/info").json()
+        for n in lanes:  # one server per lanes setting, all up at once: the runs alternate between them
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            servers.append(subprocess.Popen([sys.executable, "-m", "gmr_fast.serve", "--engine", a.engine, "--port",
+                                             str(port), "--lanes", str(n), "--log-level", "warning"], cwd=ROOT))
+            urls[n] = f"http://127.0.0.1:{port}"
+        for url in urls.values():
+            for _ in range(1200):
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.25)
+        info = {n: httpx.get(url + "/info").json() for n, url in urls.items()}
         reqs = requests(a.requests)
-        run_clients(url, requests(4, seed=1), 2, a.timeout)  # warm-up
+        for url in urls.values():
+            run_clients(url, requests(4, seed=1), 2, a.timeout)  # warm-up
         counts = [int(c) for c in a.clients.split(",")]
-        runs = {c: [] for c in counts}
+        runs = {(n, c): [] for n in lanes for c in counts}
         for _ in range(a.rounds):
-            for c in counts:
-                runs[c].append(run_clients(url, reqs, c, a.timeout))
-        levels = [summarize(runs[c]) for c in counts]
-        for row in levels:
-            row["throughput_vs_one_client"] = row["pairs_per_s"] / levels[0]["pairs_per_s"]
-            print(json.dumps(row), flush=True)
-        metrics = httpx.get(url + "/metrics").text
+            for n in lanes:
+                for c in counts:
+                    runs[n, c].append(run_clients(urls[n], reqs, c, a.timeout))
+        levels = []
+        for n in lanes:
+            rows = [dict(lanes=n, **summarize(runs[n, c])) for c in counts]
+            for row in rows:
+                row["throughput_vs_one_client"] = row["pairs_per_s"] / rows[0]["pairs_per_s"]
+                row["throughput_vs_one_client_one_lane"] = row["pairs_per_s"] / summarize(runs[lanes[0], counts[0]])["pairs_per_s"]
+                print(json.dumps(row), flush=True)
+            levels += rows
+        metrics = {n: httpx.get(url + "/metrics").text for n, url in urls.items()}
     finally:
-        server.terminate()
-        server.wait(60)
-    rounds = [line for line in metrics.splitlines() if line.startswith("gmr_round_pairs_")]
-    write(a.out, {"machine": machine(), "engine": os.path.abspath(a.engine), "server": info, "lanes": a.lanes, "levels": levels,
-                  "round_pairs_metrics": rounds})
-    print("| clients | requests | failures | pairs/s | vs 1 client | p50 ms | p95 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|---|")
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(60)
+    rounds = {n: [line for line in m.splitlines() if line.startswith("gmr_round_pairs_")] for n, m in metrics.items()}
+    write(a.out, {"machine": machine(), "engine": os.path.abspath(a.engine), "servers": info, "lanes": lanes,
+                  "levels": levels, "round_pairs_metrics": rounds})
+    print("| lanes | clients | requests | failures | pairs/s | vs 1 client | p50 ms | p95 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in levels:
-        print(f"| {r['clients']} | {r['requests']} | {r['failures']} | {r['pairs_per_s']:.1f} | "
+        print(f"| {r['lanes']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['pairs_per_s']:.1f} | "
               f"{r['throughput_vs_one_client']:.2f}x | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
     return 0
 

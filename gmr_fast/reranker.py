@@ -27,7 +27,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Sequence
 
@@ -69,8 +69,9 @@ class RerankerOptions:
     padding_side: str = option("left", "where batches are padded", determinism=True, choices=("left", "right"))
     num_threads: int | None = option(None, "threads for preprocessing and the backend (default: all cores)",
                                      determinism=True, aliases=("--threads",))
-    lanes: int = option(1, "engine runs allowed at once from concurrent callers (a server's requests); the "
-                           "backend's threads and the activation budget are split between them", determinism=True)
+    lanes: int | None = option(None, "engine runs side by side (batches of one call, or concurrent calls), the "
+                                     "threads and memory budgets split between them (default: 2 for torch on a "
+                                     "CPU of 2+ threads, else 1)", determinism=True)
     instruction: str | None = option(None, "default instruction (default: the engine's)", determinism=True)
     max_length: int | None = option(None, "longest prompt in tokens; longer documents are truncated (default: "
                                           "the engine's)", determinism=True)
@@ -93,6 +94,19 @@ class RerankerOptions:
         if not 0.0 <= self.min_fill <= 1.0:
             raise ConfigError(f"min_fill must be in [0, 1]; got {self.min_fill}")
         self.backend_options = parse_key_values(self.backend_options)
+
+
+def choose_lanes(requested: int | None, backend: str, device: str, threads: int) -> tuple[int, str]:
+    """How many engine runs go side by side, and why. Measured on this project's CPUs (README
+    "Lanes"): torch's eager CPU path gains nothing from a second thread inside one run (GMR-3B
+    width, bf16: 2.2-2.7 pairs/s on 2 threads, 1.7-2.7 on 1) but twice as much from two 1-thread
+    runs side by side (4.5-5.1); onnxruntime's fp32 and int8 runs at that width scale with their
+    threads (two lanes: 0.95-1.2x), so they keep one lane unless asked."""
+    if requested is not None:
+        return int(requested), "requested"
+    if backend == "torch" and device == "cpu" and threads >= 2:
+        return 2, "torch on CPU: two runs side by side, each on half the threads, outrun one on all"
+    return 1, "one run on every thread"
 
 
 @dataclass
@@ -289,20 +303,16 @@ class Reranker:
         self.prompts = PromptBuilder(os.path.join(self.engine_dir, "tokenizer.json"), self.gmr, m.tokens)
         self.instruction = options.instruction or self.gmr.default_instruction
         self.num_threads = int(options.num_threads or hardware_threads())
-        # Lanes: up to ``lanes`` decoder (and vision) runs at once, each on num_threads / lanes
-        # backend threads. One run on all threads is what a single caller wants; many small
-        # concurrent runs (a server under load) gain from running side by side instead, because
-        # an operator split over threads pays a synchronisation per operator (tiny engine, 2 cores:
-        # 2 threads on one run 790 pairs/s, 1 thread 780, two 1-thread runs at once 1,050-1,350).
-        self.lanes = int(options.lanes)
-        self.backend_threads = max(1, self.num_threads // self.lanes)
         self.precision, backend, why = choose_precision(m, options.precision, options.backend, options.device,
                                                          bool(options.providers or options.backend_options))
-        log.info("gmr_fast: %s on %s (%s)", self.precision, backend, why)
+        self.lanes, lanes_why = choose_lanes(options.lanes, backend, options.device, self.num_threads)
+        self.backend_threads = max(1, self.num_threads // self.lanes)
+        log.info("gmr_fast: %s on %s (%s); %d lane(s) of %d thread(s) (%s)", self.precision, backend, why, self.lanes,
+                 self.backend_threads, lanes_why)
         self.backend = create_backend(backend, self.engine_dir, m, self.precision, self.backend_threads, options.providers,
                                       options.device, **options.backend_options)
         self.choice = {"precision": self.precision, "backend": backend, "device": options.device, "reason": why,
-                       "lanes": self.lanes, "threads_per_lane": self.backend_threads,
+                       "lanes": self.lanes, "threads_per_lane": self.backend_threads, "lanes_reason": lanes_why,
                        "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
         if hasattr(self.backend, "malloc"):
             self.choice["malloc"] = self.backend.malloc
@@ -492,7 +502,8 @@ class Reranker:
         decode = limits["decode"] if batch_size is None else dataclasses.replace(limits["decode"], max_batch_size=int(batch_size))
         schedule = plan_steps({i: len(s) for i, s in whole.items()}, {i: (k, len(s)) for i, (k, s) in split.items()},
                               [len(p[0]) if p else 0 for p in prefixes], decode, limits["prefix"],
-                              self.manifest.decoder.kv_bytes_per_token, self.options.kv_budget_mb * MiB)
+                              self.manifest.decoder.kv_bytes_per_token,
+                              self.options.kv_budget_mb * MiB / self.lanes)  # lanes: two waves may be alive
         return ScorePlan(len(pairs), prompts, errors, images, whole, split, prefixes, schedule, fallbacks)
 
     def _prepare(self, plan: ScorePlan, index: int, store: dict):
@@ -532,6 +543,9 @@ class Reranker:
                   if (s.kind == "prefix" and s.wave in needed_waves) or (s.kind != "prefix" and (skip is None or not skip(s.rows)))]
         uses = collections.Counter(k for i in active for k in self._step_image_keys(plan, steps[i]))
         store: dict[tuple, Any] = {}
+        if self.lanes > 1 and len(active) > 1:
+            yield from self._run_lanes(plan, active, uses, store)
+            return
         kv: dict[int, Any] = {}
         releases = sorted(plan.schedule.releases.items())
         with ThreadPoolExecutor(max_workers=1) as worker:
@@ -558,6 +572,65 @@ class Reranker:
                     uses[k] -= 1
                     if uses[k] == 0:
                         store.pop(k, None)
+
+    def _run_lanes(self, plan: ScorePlan, active: list[int], uses: collections.Counter, store: dict
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """``run`` on ``lanes`` workers: each prepares and runs whole steps, taken in plan order,
+        so that batches run side by side (each on its share of the threads). A suffix step
+        waits for its wave's prefix steps; a wave's keys/values are dropped when its last step
+        is done; results come in the order the steps finish."""
+        steps = plan.schedule.steps
+        lock = threading.Lock()
+        kv: dict[int, Any] = {}
+        wave_keys = {steps[i].wave: keys for i, keys in plan.schedule.releases.items()}
+        wave_left = collections.Counter(steps[i].wave for i in active if steps[i].kind != "whole")
+        prefix_runs: dict[int, list] = collections.defaultdict(list)  # wave -> futures of its prefix steps
+
+        def task(index: int):
+            step = steps[index]
+            if step.kind == "suffix":
+                for f in prefix_runs[step.wave]:
+                    f.result()  # submitted earlier, so already taken by a worker: no deadlock
+            batch, embeds = self._prepare(plan, index, store)
+            out = None
+            if step.kind == "prefix":
+                with self._decoder_lock:
+                    values = self.backend.prefill(batch, embeds)
+                with lock:
+                    kv.update(zip((int(k) for k in step.rows), values))
+            else:
+                if step.kind == "suffix":
+                    with lock:
+                        batch.past = [kv[k] for k in batch.past]
+                with self._decoder_lock:
+                    scores = np.asarray(self.backend.score(batch, embeds), np.float32)
+                out = batch.rows, scores, batch.padded_tokens
+            with lock:
+                for k in self._step_image_keys(plan, step):
+                    uses[k] -= 1
+                    if uses[k] == 0:
+                        store.pop(k, None)
+                if step.kind != "whole":
+                    wave_left[step.wave] -= 1
+                    if wave_left[step.wave] == 0:
+                        for k in wave_keys.get(step.wave, ()):
+                            kv.pop(k, None)
+            return out
+
+        pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="gmr-lane")
+        try:
+            futures = []
+            for index in active:
+                f = pool.submit(task, index)
+                if steps[index].kind == "prefix":
+                    prefix_runs[steps[index].wave].append(f)
+                futures.append(f)
+            for f in as_completed(futures):
+                out = f.result()
+                if out is not None:
+                    yield out
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
     def _step_image_keys(plan: ScorePlan, step) -> list:

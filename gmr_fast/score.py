@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gmr_fast.score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, ScoreJobOptions)
-    add_arguments(p, RerankerOptions, exclude=("lanes",))  # one caller: lanes would only split its threads
+    add_arguments(p, RerankerOptions)
     return p
 
 

@@ -75,6 +75,13 @@ def test_scores_equal_reference_under_every_schedule(family, exported_engines, r
         assert got.dtype == np.float32 and got.shape == (len(pairs),)
         assert np.abs(got - expected).max() <= 1e-4, (tokens, size, side, share)
         assert (reranker.last_stats["shared_pairs"] > 0) == share
+    # two lanes: steps run side by side, suffix steps after their wave's prefixes, waves released
+    # as their steps finish (a small key/value budget makes several waves)
+    lanes = Reranker(engine, lanes=2, num_threads=2, max_batch_size=4, kv_budget_mb=1)
+    lanes.options.kv_budget_mb = 0.05
+    assert len({s.wave for s in lanes.plan(pairs).schedule.steps} - {-1}) >= 2
+    got = lanes.score(pairs)
+    assert np.abs(got - expected).max() <= 1e-4 and lanes.last_stats["lanes"] == 2
 
 
 def test_shared_prefix_parity_across_candidate_counts(exported_engines, references, rng):
@@ -236,15 +243,17 @@ def test_torch_backend_matches_onnxruntime_and_reference(family, exported_engine
 
 def test_reduced_precisions_keep_the_ranking(all_precisions_engine, references, rng):
     """int8 (onnxruntime) and bf16 (torch) against the fp32 reference: ranking agreement, the
-    criterion the export validated them with."""
+    criterion the export validated them with. Four queries of 30 documents: this random-weight
+    engine's scores have many near ties, and with two queries of 20 the mean per-query tau of bf16
+    ranged 0.905-0.99 over 60 draws (and 0.88 in one test run); with 4 x 30 it ranged 0.961-0.99."""
     from export.validate import compare
 
     _, engine = all_precisions_engine
-    pairs = _grouped(rng, 2, 20)
+    pairs = _grouped(rng, 4, 30)
     expected = references["qwen2_5_vl"].score(pairs)
     for precision in ("int8", "bf16"):
         reranker = Reranker(engine, precision=precision)
-        fig = compare(expected, reranker.score(pairs), [20, 20])
+        fig = compare(expected, reranker.score(pairs), [30, 30, 30, 30])
         assert fig["kendall_tau"] >= 0.9 and fig["top10_overlap_mean"] >= 0.8, (precision, fig)
         assert reranker.last_stats["precision"] == precision
     auto = Reranker(engine)

@@ -311,3 +311,18 @@ def test_torch_cpu_runs_keep_freed_memory_instead_of_faulting_it_in_again():
     kept, default = child_json(code), child_json(code, {"GMR_FAST_MALLOC": "default"})
     assert kept["state"] == "kept" and default["state"].startswith("default")
     assert default["faults"] >= 8 and kept["faults"] <= default["faults"] // 4, (kept, default)
+
+
+def test_lanes_default_to_two_only_where_measured_faster():
+    """torch's eager CPU path: two runs side by side on half the threads each (README "Lanes");
+    onnxruntime, CUDA and one-thread machines: one run; an explicit count always wins."""
+    from gmr_fast.reranker import choose_lanes
+
+    assert choose_lanes(None, "torch", "cpu", 2)[0] == 2
+    assert choose_lanes(None, "torch", "cpu", 16)[0] == 2
+    assert choose_lanes(None, "torch", "cpu", 1)[0] == 1
+    assert choose_lanes(None, "torch", "cuda", 16)[0] == 1
+    assert choose_lanes(None, "onnxruntime", "cpu", 2)[0] == 1
+    assert choose_lanes(3, "onnxruntime", "cpu", 2) == (3, "requested")
+    with pytest.raises(errors.ConfigError):
+        RerankerOptions(lanes=0).validate()
