@@ -547,6 +547,7 @@ class Reranker:
             yield from self._run_lanes(plan, active, uses, store)
             return
         kv: dict[int, Any] = {}
+        lock = threading.Lock()
         releases = sorted(plan.schedule.releases.items())
         with ThreadPoolExecutor(max_workers=1) as worker:
             pending = worker.submit(self._prepare, plan, active[0], store) if active else None
@@ -557,21 +558,35 @@ class Reranker:
                 while releases and releases[0][0] < index:  # waves whose last step has passed
                     for k in releases.pop(0)[1]:
                         kv.pop(k, None)
-                step = steps[index]
-                if step.kind == "prefix":
-                    with self._decoder_lock:
-                        values = self.backend.prefill(batch, embeds)
-                    kv.update(zip((int(k) for k in step.rows), values))
-                else:
-                    if step.kind == "suffix":
-                        batch.past = [kv[k] for k in batch.past]
-                    with self._decoder_lock:
-                        scores = np.asarray(self.backend.score(batch, embeds), np.float32)
-                    yield batch.rows, scores, batch.padded_tokens
-                for k in self._step_image_keys(plan, step):
-                    uses[k] -= 1
-                    if uses[k] == 0:
-                        store.pop(k, None)
+                out = self._run_step(steps[index], batch, embeds, kv, lock)
+                if out is not None:
+                    yield out
+                self._release_images(plan, steps[index], uses, store, lock)
+
+    def _run_step(self, step, batch, embeds, kv: dict, lock: threading.Lock):
+        """One step on the backend: a prefix step stores its rows' keys/values in ``kv`` (None
+        returned); a scoring step (suffix steps read ``kv``) returns (rows, scores, padded)."""
+        if step.kind == "prefix":
+            with self._decoder_lock:
+                values = self.backend.prefill(batch, embeds)
+            with lock:
+                kv.update(zip((int(k) for k in step.rows), values))
+            return None
+        if step.kind == "suffix":
+            with lock:
+                batch.past = [kv[k] for k in batch.past]
+        with self._decoder_lock:
+            scores = np.asarray(self.backend.score(batch, embeds), np.float32)
+        return batch.rows, scores, batch.padded_tokens
+
+    def _release_images(self, plan: ScorePlan, step, uses: collections.Counter, store: dict,
+                        lock: threading.Lock) -> None:
+        """Drops the embeddings no later step of the run needs."""
+        with lock:
+            for k in self._step_image_keys(plan, step):
+                uses[k] -= 1
+                if uses[k] == 0:
+                    store.pop(k, None)
 
     def _run_lanes(self, plan: ScorePlan, active: list[int], uses: collections.Counter, store: dict
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
@@ -592,25 +607,10 @@ class Reranker:
                 for f in prefix_runs[step.wave]:
                     f.result()  # submitted earlier, so already taken by a worker: no deadlock
             batch, embeds = self._prepare(plan, index, store)
-            out = None
-            if step.kind == "prefix":
-                with self._decoder_lock:
-                    values = self.backend.prefill(batch, embeds)
+            out = self._run_step(step, batch, embeds, kv, lock)
+            self._release_images(plan, step, uses, store, lock)
+            if step.kind != "whole":
                 with lock:
-                    kv.update(zip((int(k) for k in step.rows), values))
-            else:
-                if step.kind == "suffix":
-                    with lock:
-                        batch.past = [kv[k] for k in batch.past]
-                with self._decoder_lock:
-                    scores = np.asarray(self.backend.score(batch, embeds), np.float32)
-                out = batch.rows, scores, batch.padded_tokens
-            with lock:
-                for k in self._step_image_keys(plan, step):
-                    uses[k] -= 1
-                    if uses[k] == 0:
-                        store.pop(k, None)
-                if step.kind != "whole":
                     wave_left[step.wave] -= 1
                     if wave_left[step.wave] == 0:
                         for k in wave_keys.get(step.wave, ()):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 from PIL import Image
@@ -83,3 +84,21 @@ def child_json(code: str, env: dict | None = None, timeout: float = 300) -> dict
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def first_two_runs_meet(backend, timeout: float = 60) -> threading.Barrier:
+    """Wraps ``backend.score`` so that its first two calls wait for each other at a barrier:
+    they pass only if two decoder runs can be in flight at once (lanes), and a call raises
+    BrokenBarrierError after ``timeout`` seconds otherwise. Later calls go straight through."""
+    barrier, entered, lock = threading.Barrier(2, timeout=timeout), [0], threading.Lock()
+    real_score = backend.score
+
+    def meeting_score(batch, images):
+        with lock:
+            entered[0] += 1
+            first_two = entered[0] <= 2
+        if first_two:
+            barrier.wait()
+        return real_score(batch, images)
+    backend.score = meeting_score
+    return barrier

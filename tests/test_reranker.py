@@ -329,17 +329,9 @@ def test_reranker_is_safe_to_share_between_threads(exported_engines, rng, lanes)
     expected = [reranker.score(c) for c in calls]
     results, errors = [None] * len(calls), []
     if lanes == 2:  # two decoder runs are in flight at once: the first two must meet at a barrier
-        barrier, entered, lock = threading.Barrier(2, timeout=60), [0], threading.Lock()
-        real_score = reranker.backend.score
+        from suite_helpers import first_two_runs_meet
 
-        def meeting_score(batch, images):
-            with lock:
-                entered[0] += 1
-                first_two = entered[0] <= 2
-            if first_two:
-                barrier.wait()  # BrokenBarrierError (a failed call) if the second run cannot start
-            return real_score(batch, images)
-        reranker.backend.score = meeting_score
+        first_two_runs_meet(reranker.backend)  # a failed call if the second run cannot start
 
     def work(i):
         try:

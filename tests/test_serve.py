@@ -298,18 +298,10 @@ def test_lanes_run_rounds_side_by_side(engine, reference):
     from gmr_fast.server.metrics import Metrics
     from gmr_fast.server.queue import BatchQueue, Job
 
-    reranker = Reranker(engine, max_batch_tokens=2048, max_length=400, num_threads=2, lanes=2)
-    barrier, entered, lock = threading.Barrier(2, timeout=60), [0], threading.Lock()
-    real_score = reranker.backend.score
+    from suite_helpers import first_two_runs_meet
 
-    def meeting_score(batch, images):
-        with lock:
-            entered[0] += 1
-            first_two = entered[0] <= 2
-        if first_two:
-            barrier.wait()
-        return real_score(batch, images)
-    reranker.backend.score = meeting_score
+    reranker = Reranker(engine, max_batch_tokens=2048, max_length=400, num_threads=2, lanes=2)
+    barrier = first_two_runs_meet(reranker.backend)
     queue = BatchQueue(reranker, Metrics.create())
     loop = asyncio.new_event_loop()
     docs = [[f"document {k} about item {i}" for i in range(3 + k)] for k in range(4)]

@@ -72,7 +72,7 @@ class BatchQueue:
         # one runner per engine lane (Reranker(lanes=N)): rounds run side by side, each on its
         # share of the backend's threads
         self._runners = [threading.Thread(target=self._run_rounds, name=f"gmr-engine-{i}", daemon=True)
-                         for i in range(max(1, int(getattr(reranker, "lanes", 1))))]
+                         for i in range(reranker.lanes)]
         self._planner.start()
         for runner in self._runners:
             runner.start()
