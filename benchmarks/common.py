@@ -32,7 +32,7 @@ def machine() -> dict:
             mem = int(f.readline().split()[1]) * 1024
     except OSError:
         pass
-    return {"cpu": info["model"], "cores": info["cores"], "features": info["features"], "flags": info["flags"],
+    return {"cpu": info["model"], "vendor": info.get("vendor"), "cores": info["cores"], "features": info["features"], "flags": info["flags"],
             "amx_usable": info["amx_usable"], "isa_limit": {k: os.environ[k] for k in ("GMR_BENCH_DENY_AMX", "ONEDNN_MAX_CPU_ISA")
                                                              if k in os.environ},
             "int8_kernel": hardware.int8_kernel(), "bf16_kernel": hardware.bf16_kernel(), "memory_bytes": mem,
@@ -48,7 +48,9 @@ def machine() -> dict:
 # too (ONEDNN_MAX_CPU_ISA), which leaves bf16 without hardware support, as on such a processor.
 # Cores, caches and memory stay this machine's: a real Cascade Lake differs in those.
 # --isa avx512-bf16 refuses AMX only: oneDNN keeps its AVX512-BF16 kernels (a Cooper Lake Xeon or
-# an AMD Zen 4 has those without AMX).
+# an AMD Zen 4 has those without AMX). It is not a faithful stand-in for every such CPU: a real AMD
+# EPYC (Zen 5) ran oneDNN's bf16 GEMM at 683-820 GOP/s where this emulation gave 123-141
+# (results/int8_kernels_epyc_zen5.json), which is why the precision choice measures bf16 itself.
 ISA_LIMITS = {"native": {}, "avx512-vnni": {"GMR_BENCH_DENY_AMX": "1", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
               "avx512-bf16": {"GMR_BENCH_DENY_AMX": "1"}}
 

@@ -115,7 +115,8 @@ def reused_export(engine: pathlib.Path, dtypes: list[str]) -> dict | None:
         m = json.loads((engine / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if not set(dtypes) <= set(m.get("variants", {})):
+    refused = m.get("validation", {}).get("refused", {})
+    if not set(dtypes) <= set(m.get("variants", {})) | set(refused):  # a refused variant was tried: no need to again
         return None
     return {"reused": True, "created": m.get("created"),
             "export_seconds": m.get("validation", {}).get("export_seconds"),
@@ -124,7 +125,7 @@ def reused_export(engine: pathlib.Path, dtypes: list[str]) -> dict | None:
                                                       "top10_overlap_mean", "seconds")},
                              "details": {k: v.get("details", {}).get(k) for k in ("kept_fp32_patterns",)}}
                          for p, v in m["variants"].items()},
-            "engine_bytes": sum(f.stat().st_size for f in engine.iterdir())}
+            "refused": refused, "engine_bytes": sum(f.stat().st_size for f in engine.iterdir())}
 
 
 def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[str], reuse: bool = False,
@@ -147,8 +148,13 @@ def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[
         rows = {}
         for dtype in hf_dtypes:
             rows[f"hf_{dtype}"] = in_child("real_size:child_hf", str(ckpt), dtype, kind)
+        have = set(json.loads((engine / "manifest.json").read_text())["variants"])
         for precision in precisions:  # "bf16-whole": that precision with shared prefixes off
             base, _, whole = precision.partition("-")
+            if base != "auto" and base not in have:  # the export refused it (its reason is in export.refused)
+                print(json.dumps({"shape": spec, "workload": kind, "method": f"gmr_{precision}",
+                                  "skipped": "not in the engine: the export refused it"}), flush=True)
+                continue
             rows[f"gmr_{precision}"] = in_child("real_size:child_reranker", str(engine), base, kind, not whole)
         ref = rows["hf_fp32"]["scores"]
         fastest_hf = max(rows[f"hf_{dtype}"]["pairs_per_s"] for dtype in hf_dtypes)

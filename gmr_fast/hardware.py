@@ -16,8 +16,8 @@ FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", 
 
 @functools.lru_cache(maxsize=None)
 def cpu_info() -> dict:
-    """{"model", "flags" (all of them), "features" (the ones above), "cores", "machine"}."""
-    model, flags = platform.processor() or "unknown", []
+    """{"model", "vendor" (vendor_id: GenuineIntel, AuthenticAMD), "flags" (all of them), "features" (the ones above), "cores", "machine"}."""
+    model, flags, vendor = platform.processor() or "unknown", [], ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -25,11 +25,13 @@ def cpu_info() -> dict:
                 key = key.strip()
                 if key == "model name" and model in ("unknown", "", platform.machine()):
                     model = value.strip()
+                elif key == "vendor_id" and not vendor:
+                    vendor = value.strip()
                 elif key == "flags" and not flags:
                     flags = value.split()
     except OSError:
         pass
-    return {"model": model, "machine": platform.machine(), "cores": os.cpu_count() or 1, "flags": flags,
+    return {"model": model, "vendor": vendor, "machine": platform.machine(), "cores": os.cpu_count() or 1, "flags": flags,
             "features": [f for f in FEATURES if f in flags], "amx_usable": "amx_tile" in flags and amx_usable()}
 
 
@@ -89,3 +91,51 @@ def bf16_kernel() -> str | None:
         if has(feature) and onednn_allows(level):
             return name
     return None
+
+
+# The shape of the bf16 probe: a GMR-3B projection (hidden 2,048 -> 2,048) over 512 tokens,
+# 4.3 GFLOP, ~20 ms in fp32 on two cores; small enough to run once per process at start-up.
+BF16_PROBE_SHAPE = (512, 2048, 2048)
+
+
+@functools.lru_cache(maxsize=None)
+def torch_bf16_speedup() -> float | None:
+    """How many times faster torch multiplies matrices in bf16 than in fp32 on this CPU (best of
+    three ``F.linear`` calls each at BF16_PROBE_SHAPE, after a warm-up), or None without torch.
+    The instruction flag does not tell: oneDNN's AVX512-BF16 kernels ran a GMR-3B MLP GEMM at
+    683-820 GOP/s on an AMD EPYC (Zen 5), 3.2-3.8x torch fp32 there, but at 123-141 GOP/s, half
+    of fp32, on an AMX Xeon with its tiles refused (benchmarks/results/int8_kernels_*.json).
+    Measured once per process, on torch's current thread count."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    import time
+
+    m, k, n = BF16_PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
+
+    def best(a, b) -> float:
+        F.linear(a, b)  # first call: kernel selection and its buffers
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            F.linear(a, b)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.inference_mode():
+        fp32 = best(x, w)
+        bf16 = best(x.bfloat16(), w.bfloat16())
+    return fp32 / max(bf16, 1e-9)
+
+
+def torch_fp32_gemm_is_avx2_only() -> bool:
+    """torch's fp32 matrix multiply is MKL's (the CPU wheel's BLAS), and MKL runs its AVX2 code on
+    AMD processors whatever they have: on an AMD EPYC (Zen 5) with AVX-512 it ran a GMR-3B MLP GEMM
+    at 211-218 GOP/s against onnxruntime's (MLAS, AVX-512) 437-464
+    (benchmarks/results/int8_kernels_epyc_zen5.json). On AVX2-only processors both run AVX2."""
+    info = cpu_info()
+    return info["vendor"] == "AuthenticAMD" and "avx512f" in info["flags"]

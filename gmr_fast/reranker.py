@@ -71,7 +71,7 @@ class RerankerOptions:
                                      determinism=True, aliases=("--threads",))
     lanes: int | None = option(None, "engine runs side by side (batches of one call, or concurrent calls), the "
                                      "threads and memory budgets split between them (default: 2 for torch on a "
-                                     "CPU of 2+ threads, else 1)", determinism=True)
+                                     "CPU with AMX and 2+ threads, else 1)", determinism=True)
     instruction: str | None = option(None, "default instruction (default: the engine's)", determinism=True)
     max_length: int | None = option(None, "longest prompt in tokens; longer documents are truncated (default: "
                                           "the engine's)", determinism=True)
@@ -97,15 +97,18 @@ class RerankerOptions:
 
 
 def choose_lanes(requested: int | None, backend: str, device: str, threads: int) -> tuple[int, str]:
-    """How many engine runs go side by side, and why. Measured on this project's CPUs (README
-    "Lanes"): torch's eager CPU path gains nothing from a second thread inside one run (GMR-3B
-    width, bf16: 2.2-2.7 pairs/s on 2 threads, 1.7-2.7 on 1) but twice as much from two 1-thread
-    runs side by side (4.5-5.1); onnxruntime's fp32 and int8 runs at that width scale with their
-    threads (two lanes: 0.95-1.2x), so they keep one lane unless asked."""
+    """How many engine runs go side by side, and why. Measured (README "Lanes"): on the AMX Xeon
+    VM torch's eager CPU path gained nothing from a second thread inside one run (GMR-3B width,
+    bf16: 2.2-2.7 pairs/s on 2 threads, 1.7-2.7 on 1) but twice as much from two 1-thread runs
+    side by side (4.5-5.1); on an AMD EPYC (Zen 5) one run on both threads was as fast or faster
+    (text 3.65-3.68 against 3.51 pairs/s with two lanes, images 0.87 against 0.75) and a single
+    pair, which one lane runs alone on its half of the threads, 1.8x faster. So two lanes only
+    where AMX is usable (the processor they were measured faster on). onnxruntime's fp32 and
+    int8 runs scale with their threads (two lanes: 0.95-1.2x), so they keep one lane unless asked."""
     if requested is not None:
         return int(requested), "requested"
-    if backend == "torch" and device == "cpu" and threads >= 2:
-        return 2, "torch on CPU: two runs side by side, each on half the threads, outrun one on all"
+    if backend == "torch" and device == "cpu" and threads >= 2 and hardware.bf16_kernel() == "AMX":
+        return 2, "torch on an AMX CPU: two runs side by side, each on half the threads, outrun one on all"
     return 1, "one run on every thread"
 
 
@@ -207,18 +210,34 @@ def ranking_figure(manifest, precision: str) -> float | None:
     return manifest.variant(precision).validation.get("query_kendall_tau_mean")
 
 
-def hardware_order(device: str) -> list[tuple[str, str]]:
+# bf16 goes first on a CPU whose bf16 kernels are not AMX's only where torch's bf16 GEMM measures
+# at least this many times its fp32 one here (hardware.torch_bf16_speedup). End to end at GMR-3B
+# width bf16 keeps part of its GEMM lead (attention, norms and the residual stream stay fp32):
+# with AMX a 3.6x GEMM gave 2.3x on text (0.64 of it); on an AMD EPYC (Zen 5, AVX512-BF16) a
+# 3.2-3.8x GEMM gave 3.2x on text and on images (README "Precision"). At 1.5, bf16 ends up level
+# with fp32 or ahead even at AMX's ratio; the CPUs measured so far sit far from the line on both
+# sides (Zen 5: 3.2-4.9x; an AMX Xeon with its tiles refused: 0.45-0.5x).
+BF16_MIN_GEMM_SPEEDUP = 1.5
+
+
+def hardware_order(device: str, have: tuple | None = None) -> list[tuple[str, str]]:
     """[(precision, why)], fastest first for this processor (measured rules, README "Precision"):
     on CUDA bf16; on CPUs with usable AMX bf16 (torch on oneDNN's AMX tiles: at GMR-3B width as
-    fast as int8 end to end, benchmarks/real_size.py) then int8; elsewhere int8 wherever
-    onnxruntime has an int8 GEMM (AVX512-VNNI, AVX-VNNI, AVX2: 1.7-1.8x fp32 end to end without
-    AMX, real_size_vnni.json); fp32 last. bf16 without AMX is never first: oneDNN's AVX512-BF16
-    kernels ran a GMR-3B MLP GEMM at 123 GFLOP/s against fp32's 210 (README "Precision")."""
+    fast as int8 end to end, benchmarks/real_size.py), and on CPUs with AVX512-BF16 where torch's
+    bf16 GEMM measures at least BF16_MIN_GEMM_SPEEDUP times its fp32 one (AMD Zen 5: 3.2-3.8x,
+    real_size_epyc_zen5.json), bf16 first; then int8 wherever onnxruntime has an int8 GEMM
+    (AVX512-VNNI, AVX-VNNI, AVX2: 1.7-1.8x fp32 end to end without AMX, real_size_vnni.json);
+    fp32 last. ``have``: the engine's variants, when known (the bf16 probe runs only for one with bf16)."""
     if device.startswith("cuda"):
         return [("bf16", "CUDA device")]
     order = []
-    if hardware.bf16_kernel() == "AMX" and _torch_available():
+    kernel = hardware.bf16_kernel()
+    if kernel == "AMX" and _torch_available():
         order.append(("bf16", "torch bf16 GEMMs use AMX on this CPU"))
+    elif kernel == "AVX512-BF16" and (have is None or "bf16" in have) and _torch_available():
+        speedup = hardware.torch_bf16_speedup()
+        if speedup is not None and speedup >= BF16_MIN_GEMM_SPEEDUP:
+            order.append(("bf16", f"torch bf16 GEMMs (AVX512-BF16) measured {speedup:.1f}x fp32 on this CPU"))
     if hardware.int8_kernel():
         order.append(("int8", f"onnxruntime int8 GEMMs use {hardware.int8_kernel()} on this CPU"))
     return order + [("fp32", "fp32")]
@@ -232,9 +251,13 @@ def hardware_order(device: str) -> list[tuple[str, str]]:
 # 1e-5; on a toy engine (hidden 64) eager torch's per-operator overhead dominates and it is
 # 0.7-0.8x, so narrower engines stay on onnxruntime. 1,536 is the narrowest real Qwen-VL decoder
 # (Qwen2-VL-2B). Without torch, or with onnxruntime providers or backend options given, fp32
-# stays on onnxruntime.
+# stays on onnxruntime; so it does on AMD processors with AVX-512, where torch's fp32 GEMM (MKL)
+# runs AVX2 code and onnxruntime's AVX-512 (hardware.torch_fp32_gemm_is_avx2_only): there
+# onnxruntime's fp32 measured 1.64x torch's on text and 1.58x on images at GMR-3B width (README "Precision").
 FP32_TORCH_MIN_HIDDEN = 1536
 FP32_ON_TORCH = "fp32 on torch at this width: real tokens only, sdpa attention (README \"Precision\")"
+FP32_STAYS_ON_ONNXRUNTIME = ("fp32 on onnxruntime: torch's fp32 GEMM (MKL) runs AVX2 code on AMD processors, "
+                             "onnxruntime's AVX-512 (README \"Precision\")")
 
 
 def choose_precision(manifest, precision: str, backend: str | None, device: str,
@@ -253,7 +276,7 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
             raise BackendError("device cuda runs the bf16 variant, which this engine lacks; re-export with --dtype bf16")
         chosen, why = "bf16", "CUDA device"
     else:
-        order = [(p, why) for p, why in hardware_order(device) if p in have] or [(have[0], "the engine's only variant")]
+        order = [(p, why) for p, why in hardware_order(device, have) if p in have] or [(have[0], "the engine's only variant")]
         passed = []
         for p, why in order:
             tau = ranking_figure(manifest, p) if p != "fp32" else None
@@ -271,7 +294,10 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
     if (backend is None and chosen == "fp32" and run_on == "onnxruntime" and not device.startswith("cuda")
             and not onnxruntime_options and manifest.decoder.hidden_size >= FP32_TORCH_MIN_HIDDEN
             and _torch_available()):
-        run_on, why = "torch", f"{why}; {FP32_ON_TORCH}"
+        if hardware.torch_fp32_gemm_is_avx2_only():
+            why = f"{why}; {FP32_STAYS_ON_ONNXRUNTIME}"
+        else:
+            run_on, why = "torch", f"{why}; {FP32_ON_TORCH}"
     if chosen == "int8" and run_on != "onnxruntime":
         raise BackendError("int8 engines run on the onnxruntime backend")
     if chosen == "bf16" and run_on != "torch":

@@ -236,6 +236,12 @@ class _Manifest:
     # an AVX512-VNNI / AVX2 processor: int8, then fp32 (bf16 has no hardware path)
     ("vnni", {"fp32": 1.0, "int8": 0.99, "bf16": 0.995}, "int8"),
     ("vnni", {"fp32": 1.0, "int8": 0.93, "bf16": 0.995}, "fp32"),
+    # AVX512-BF16 without AMX: bf16 first only where torch's bf16 GEMM measured >= 1.5x its fp32
+    # one (an AMD EPYC Zen 5: 3.2-4.9x; an AMX Xeon with its tiles refused: 0.45-0.5x)
+    ("bf16-fast", {"fp32": 1.0, "int8": 0.99, "bf16": 0.985}, "bf16"),
+    ("bf16-fast", {"fp32": 1.0, "int8": 0.99, "bf16": 0.95}, "int8"),
+    ("bf16-slow", {"fp32": 1.0, "int8": 0.99, "bf16": 0.995}, "int8"),
+    ("bf16-slow", {"fp32": 1.0, "int8": 0.93, "bf16": 0.995}, "fp32"),
     # no fp32 to fall back on: the fastest variant, said so
     ("vnni", {"int8": 0.91}, "int8"),
     ("amx", {"int8": 0.91, "bf16": 0.95}, "bf16"),
@@ -245,8 +251,15 @@ def test_auto_takes_the_fastest_variant_that_ranks_like_fp32(monkeypatch, cpu, t
     from gmr_fast import reranker as rr
 
     flags = {"amx": {"avx2", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16", "avx512_bf16"},
-             "vnni": {"avx2", "avx512_vnni"}}[cpu]
+             "vnni": {"avx2", "avx512_vnni"}}.get(cpu, {"avx2", "avx512_vnni", "avx512_bf16"})
     monkeypatch.setattr(hardware, "has", lambda f: f in flags)
+
+    def probe():  # the GEMM probe runs only where the flag alone cannot tell
+        assert cpu.startswith("bf16-"), cpu
+        return {"bf16-fast": 3.5, "bf16-slow": 0.5}[cpu]
+
+    monkeypatch.setattr(hardware, "torch_bf16_speedup", probe)
+    monkeypatch.setattr(hardware, "torch_fp32_gemm_is_avx2_only", lambda: False)
     monkeypatch.setattr(rr, "_torch_available", lambda: True)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     chosen, backend, why = rr.choose_precision(_Manifest(taus), "auto", None, "cpu")
@@ -266,10 +279,17 @@ def test_auto_takes_the_fastest_variant_that_ranks_like_fp32(monkeypatch, cpu, t
 
 
 def test_fp32_runs_on_torch_at_real_widths_where_torch_imports_and_nothing_asks_for_onnxruntime(monkeypatch):
+    from gmr_fast import hardware
     from gmr_fast import reranker as rr
 
     m = _Manifest({"fp32": 1.0})
     monkeypatch.setattr(rr, "_torch_available", lambda: True)
+    # an AMD processor with AVX-512: torch's fp32 GEMM is MKL's AVX2 code there, onnxruntime's is AVX-512
+    monkeypatch.setattr(hardware, "torch_fp32_gemm_is_avx2_only", lambda: True)
+    chosen, backend, why = rr.choose_precision(m, "fp32", None, "cpu")
+    assert backend == "onnxruntime" and "MKL" in why
+    assert rr.choose_precision(m, "fp32", "torch", "cpu")[1] == "torch"  # named
+    monkeypatch.setattr(hardware, "torch_fp32_gemm_is_avx2_only", lambda: False)
     assert rr.choose_precision(m, "auto", None, "cpu")[1] == "torch"
     assert rr.choose_precision(m, "fp32", None, "cpu")[1] == "torch"
     assert rr.choose_precision(m, "fp32", "onnxruntime", "cpu")[1] == "onnxruntime"  # named
@@ -278,6 +298,16 @@ def test_fp32_runs_on_torch_at_real_widths_where_torch_imports_and_nothing_asks_
     monkeypatch.setattr(rr, "_torch_available", lambda: False)
     chosen, backend, why = rr.choose_precision(m, "auto", None, "cpu")
     assert (chosen, backend) == ("fp32", "onnxruntime") and "torch" not in why
+
+
+@pytest.mark.parametrize("vendor, flags, expected", [("AuthenticAMD", "avx2 avx512f", True),
+                                                     ("AuthenticAMD", "avx2", False),
+                                                     ("GenuineIntel", "avx2 avx512f", False)])
+def test_torch_fp32_is_taken_for_avx2_only_on_amd_processors_with_avx512(monkeypatch, vendor, flags, expected):
+    from gmr_fast import hardware
+
+    monkeypatch.setattr(hardware, "cpu_info", lambda: {"vendor": vendor, "flags": flags.split()})
+    assert hardware.torch_fp32_gemm_is_avx2_only() is expected
 
 
 def test_a_onednn_isa_cap_takes_bf16_kernels_away(monkeypatch):
@@ -313,13 +343,18 @@ def test_torch_cpu_runs_keep_freed_memory_instead_of_faulting_it_in_again():
     assert default["faults"] >= 8 and kept["faults"] <= default["faults"] // 4, (kept, default)
 
 
-def test_lanes_default_to_two_only_where_measured_faster():
-    """torch's eager CPU path: two runs side by side on half the threads each (README "Lanes");
+@pytest.mark.parametrize("bf16_kernel", ["AMX", "AVX512-BF16", None])
+def test_lanes_default_to_two_only_where_measured_faster(monkeypatch, bf16_kernel):
+    """torch's eager CPU path on an AMX CPU: two runs side by side on half the threads each
+    (README "Lanes"); elsewhere (an AMD Zen 5 measured one run on both threads faster),
     onnxruntime, CUDA and one-thread machines: one run; an explicit count always wins."""
+    from gmr_fast import hardware
     from gmr_fast.reranker import choose_lanes
 
-    assert choose_lanes(None, "torch", "cpu", 2)[0] == 2
-    assert choose_lanes(None, "torch", "cpu", 16)[0] == 2
+    monkeypatch.setattr(hardware, "bf16_kernel", lambda: bf16_kernel)
+    two = 2 if bf16_kernel == "AMX" else 1
+    assert choose_lanes(None, "torch", "cpu", 2)[0] == two
+    assert choose_lanes(None, "torch", "cpu", 16)[0] == two
     assert choose_lanes(None, "torch", "cpu", 1)[0] == 1
     assert choose_lanes(None, "torch", "cuda", 16)[0] == 1
     assert choose_lanes(None, "onnxruntime", "cpu", 2)[0] == 1
