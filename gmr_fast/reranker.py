@@ -97,7 +97,7 @@ class RerankerOptions:
 
 
 def choose_lanes(requested: int | None, backend: str, device: str, threads: int) -> tuple[int, str]:
-    """How many engine runs go side by side, and why. Measured (README "Lanes"): on the AMX Xeon
+    """How many engine runs go side by side, and why. Measured (DESIGN.md "Lanes"): on the AMX Xeon
     VM torch's eager CPU path gained nothing from a second thread inside one run (GMR-3B width,
     bf16: 2.2-2.7 pairs/s on 2 threads, 1.7-2.7 on 1) but twice as much from two 1-thread runs
     side by side (4.5-5.1); on an AMD EPYC (Zen 5) one run on both threads was as fast or faster

@@ -346,7 +346,7 @@ def test_torch_cpu_runs_keep_freed_memory_instead_of_faulting_it_in_again():
 @pytest.mark.parametrize("bf16_kernel", ["AMX", "AVX512-BF16", None])
 def test_lanes_default_to_two_only_where_measured_faster(monkeypatch, bf16_kernel):
     """torch's eager CPU path on an AMX CPU: two runs side by side on half the threads each
-    (README "Lanes"); elsewhere (an AMD Zen 5 measured one run on both threads faster),
+    (DESIGN.md "Lanes"); elsewhere (an AMD Zen 5 measured one run on both threads faster),
     onnxruntime, CUDA and one-thread machines: one run; an explicit count always wins."""
     from gmr_fast import hardware
     from gmr_fast.reranker import choose_lanes
