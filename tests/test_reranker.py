@@ -270,14 +270,16 @@ def test_reduced_precisions_keep_the_ranking(all_precisions_engine, references, 
 def test_bf16_keeps_the_residual_stream_in_fp32_and_is_closer_to_fp32_for_it(all_precisions_engine, rng):
     """The torch backend's bf16 runs the residual stream, norms and RoPE in fp32 (graphs.decoder,
     fp32_stream). Against the same backend rounding them to bf16 as HF's bf16 does, its mean
-    |score - fp32| must be lower on ~200 mixed pairs. Tolerance reasoning: the two differ only in
-    rounding errors of relative size 2^-9 per elementwise step; on this 2-layer engine the ratio
-    measured 0.69-0.90 over 10 seeds (mean 0.78), so "< 1" fails only on a regression, not on
-    seed noise (~3 standard deviations away)."""
+    |score - fp32| must be lower on 1,600 mixed pairs. Tolerance reasoning: the two differ only in
+    rounding errors of relative size 2^-9 per elementwise step, and on this 2-layer engine the
+    gain is modest and noisy pair by pair. With ~200 pairs the ratio measured 0.69-0.90 (AMX) but
+    0.65-1.06 on an AMD Zen 5 (mean 0.83, sd 0.095: one seed in 30 above 1, and a CI run failed
+    on it). With 1,600 pairs it measured 0.79-0.90 over 15 seeds on Zen 5 (mean 0.83, sd 0.029),
+    so "< 1" is ~6 standard deviations away: it fails on a regression, not on seed noise."""
     import torch
 
     _, engine = all_precisions_engine
-    pairs = _grouped(rng, 6, 25) + _pairs(rng, 48)
+    pairs = _grouped(rng, 24, 50) + _pairs(rng, 400)
     expected = Reranker(engine, precision="fp32", backend="torch").score(pairs)
     r = Reranker(engine, precision="bf16")
     assert r.backend.decoder.fp32_stream and all(layer.attn_dtype == torch.bfloat16 for layer in r.backend.decoder.layers)
