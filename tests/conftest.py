@@ -58,6 +58,11 @@ def pytest_report_header(config):
     return f"GMR_TEST_SEED={SESSION_SEED} (set it to replay this run's random inputs)"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # also under -q, which hides the header: what a failed CI log must show to be replayed
+    terminalreporter.write_line(f"random inputs of this run: GMR_TEST_SEED={SESSION_SEED}")
+
+
 @pytest.fixture
 def rng(request):
     return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
