@@ -32,8 +32,9 @@ def machine() -> dict:
             mem = int(f.readline().split()[1]) * 1024
     except OSError:
         pass
-    return {"cpu": info["model"], "vendor": info.get("vendor"), "cores": info["cores"], "features": info["features"], "flags": info["flags"],
-            "amx_usable": info["amx_usable"], "isa_limit": {k: os.environ[k] for k in ("GMR_BENCH_DENY_AMX", "ONEDNN_MAX_CPU_ISA")
+    return {"cpu": info["model"], "vendor": info["vendor"], "cores": info["cores"], "features": info["features"],
+            "flags": info["flags"], "amx_usable": info["amx_usable"],
+            "isa_limit": {k: os.environ[k] for k in ("GMR_BENCH_DENY_AMX", "ONEDNN_MAX_CPU_ISA")
                                                              if k in os.environ},
             "int8_kernel": hardware.int8_kernel(), "bf16_kernel": hardware.bf16_kernel(), "memory_bytes": mem,
             "python": platform.python_version(), "versions": versions,

@@ -16,7 +16,8 @@ FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", 
 
 @functools.lru_cache(maxsize=None)
 def cpu_info() -> dict:
-    """{"model", "vendor" (vendor_id: GenuineIntel, AuthenticAMD), "flags" (all of them), "features" (the ones above), "cores", "machine"}."""
+    """{"model", "vendor" (vendor_id: GenuineIntel, AuthenticAMD), "flags" (all of them), "features"
+    (the ones above), "cores", "machine"}."""
     model, flags, vendor = platform.processor() or "unknown", [], ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -31,8 +32,9 @@ def cpu_info() -> dict:
                     flags = value.split()
     except OSError:
         pass
-    return {"model": model, "vendor": vendor, "machine": platform.machine(), "cores": os.cpu_count() or 1, "flags": flags,
-            "features": [f for f in FEATURES if f in flags], "amx_usable": "amx_tile" in flags and amx_usable()}
+    return {"model": model, "vendor": vendor, "machine": platform.machine(), "cores": os.cpu_count() or 1,
+            "flags": flags, "features": [f for f in FEATURES if f in flags],
+            "amx_usable": "amx_tile" in flags and amx_usable()}
 
 
 ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64

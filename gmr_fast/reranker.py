@@ -276,7 +276,8 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
             raise BackendError("device cuda runs the bf16 variant, which this engine lacks; re-export with --dtype bf16")
         chosen, why = "bf16", "CUDA device"
     else:
-        order = [(p, why) for p, why in hardware_order(device, have) if p in have] or [(have[0], "the engine's only variant")]
+        order = ([(p, why) for p, why in hardware_order(device, have) if p in have]
+                 or [(have[0], "the engine's only variant")])
         passed = []
         for p, why in order:
             tau = ranking_figure(manifest, p) if p != "fp32" else None

@@ -79,22 +79,26 @@ class TorchBackend:
         missing = [n for n in params if n not in weight_file.tensors]
         if missing:
             raise BackendError(f"the engine's weights lack {missing[:3]}...; re-export the engine")
+        projs = {name: m for name, m in module.named_modules() if isinstance(m, Proj)}
+        # oneDNN's bf16 GEMM is faster with a weight stored [out, in], as nn.Linear keeps it:
+        # measured on a Zen 5 at GMR-3B shapes, 2 threads, 1.05-1.1x at 256-3,072 rows and 1.5-2.8x
+        # at 8 rows (the last layer's few tokens); MKL's fp32 GEMM measured the same either way.
+        # Proj still computes x @ weight: the weight is a transposed view of [out, in] storage.
+        bf16_cpu = self.precision == "bf16" and self.device.type == "cpu"
+        out_in = {f"{name}.weight" for name in projs} if bf16_cpu else set()
         with torch.no_grad():
             for name, p in params.items():
                 value = torch.from_numpy(read_tensor(engine_dir, weight_file.file, weight_file.tensors[name]))
                 dtype = torch.float32 if name == "score_row" else self.dtype  # the head stays fp32
-                p.data = value.to(device=self.device, dtype=dtype)
+                if name in out_in:  # one copy: converted and laid out [out, in] together
+                    value = value.t()
+                    p.data = value.to(device=self.device, dtype=dtype, memory_format=torch.contiguous_format).t()
+                else:
+                    p.data = value.to(device=self.device, dtype=dtype)
             for name, value in buffers.items():
                 module.get_buffer(name).data = value.to(self.device)
-            for proj in module.modules():
-                if isinstance(proj, Proj):
-                    proj.fused = True  # F.linear: the bias inside the GEMM (graphs.common.Proj)
-                    if self.precision == "bf16" and self.device.type == "cpu":
-                        # oneDNN's bf16 GEMM is faster with the weight stored [out, in], as
-                        # nn.Linear keeps it: measured on a Zen 5 at GMR-3B shapes, 2 threads,
-                        # 1.05-1.1x at 256-3,072 rows and 1.5-2.8x at 8 rows (the last layer's few
-                        # tokens); MKL's fp32 GEMM measured the same either way.
-                        proj.weight.data = proj.weight.data.t().contiguous().t()
+        for proj in projs.values():
+            proj.fused = True  # F.linear: the bias inside the GEMM (graphs.common.Proj)
 
     def _t(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
