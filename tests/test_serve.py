@@ -162,6 +162,41 @@ def test_score_endpoint_in_vllm_shape(server, reference, rng):
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "text_1"
 
 
+def test_rerank_in_tei_shape(server, reference):
+    """``POST /rerank`` with ``texts`` (Text Embeddings Inference) answers TEI's bare list, best
+    first; with ``documents`` the same path keeps Cohere's shape. TEI refuses a text that does
+    not fit unless ``truncate`` is true (413 naming it)."""
+    url, _ = server
+    texts = ["cats are small", "the stock market fell", "a cat sat on a mat"]
+    expected = reference.score([("what is a cat?", t) for t in texts])
+    r = post(url, "/rerank", {"query": "what is a cat?", "texts": texts, "return_text": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["index"] for x in body] == list(np.argsort(-expected, kind="stable"))
+    for x in body:
+        assert x["score"] == pytest.approx(sigmoid(expected[x["index"]]), abs=1e-6) and x["text"] == texts[x["index"]]
+    raw = post(url, "/rerank", {"query": "what is a cat?", "texts": texts, "raw_scores": True}).json()
+    assert {x["index"]: x["score"] for x in raw} == pytest.approx(dict(enumerate(expected.tolist())), abs=1e-5)
+    assert all("text" not in x for x in raw)
+    cohere_shape = post(url, "/rerank", {"query": "what is a cat?", "documents": texts}).json()
+    assert len(cohere_shape["results"]) == 3 and "relevance_score" in cohere_shape["results"][0]
+
+    long = ["short", "word " * 600]  # the server's max_length is 400 tokens
+    refused = post(url, "/rerank", {"query": "q", "texts": long})
+    assert refused.status_code == 413, refused.text
+    assert refused.json()["error"]["field"] == "texts" and refused.json()["error"]["index"] == 1
+    cut = post(url, "/rerank", {"query": "q", "texts": long, "truncate": True, "raw_scores": True})
+    assert cut.status_code == 200, cut.text
+    assert {x["index"]: x["score"] for x in cut.json()} == pytest.approx(
+        dict(enumerate(reference.score([("q", t) for t in long]).tolist())), abs=1e-5)
+    for bad, status, field in [({"query": "q", "texts": []}, 400, "texts"),
+                               ({"query": "q", "texts": ["a", 3]}, 400, "texts"),
+                               ({"query": "q", "texts": ["a"], "truncation_direction": "left"}, 422,
+                                "truncation_direction")]:
+        r = post(url, "/rerank", bad)
+        assert r.status_code == status and r.json()["error"]["field"] == field, r.text
+
+
 @pytest.mark.parametrize("body,status,field,index", [
     ({"query": "q"}, 400, "documents", None),
     ({"query": "q", "documents": []}, 400, "documents", None),

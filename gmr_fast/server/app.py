@@ -2,7 +2,8 @@
 HTTP statuses.
 
 Statuses: 400 malformed or empty request (JSON that does not parse or fit the schema, no
-documents), 401 missing or wrong API key, 413 body or document count over the limits, 422 invalid
+documents), 401 missing or wrong API key, 413 body or document count over the limits (and, in
+TEI's shape with ``truncate`` false, a text that does not fit whole), 422 invalid
 input (a corrupt or missing image, a remote image URL, a pair too long to fit even without
 document text), 429 queue full, 503 not ready (the engine is still loading, or the server is
 shutting down), 500 an unexpected engine failure (logged; the server keeps serving). Error
@@ -23,14 +24,16 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response
 
 from ..errors import GmrError, ImageError, PromptError
 from .metrics import Metrics
-from .queue import BatchQueue, Job, NotReady, QueueFull
-from .schema import ImagePolicy, RequestError, RerankRequest, ScoreRequest, echo_document, rerank_pairs, score_pairs
+from .queue import BatchQueue, Job, NotReady, QueueFull, Truncated
+from .schema import (ImagePolicy, RequestError, RerankRequest, ScoreRequest, TEIRerankRequest, echo_document, rerank_pairs,
+                     score_pairs, tei_pairs)
 
 log = logging.getLogger("gmr_fast.server")
 
@@ -149,10 +152,11 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
             raise NotReady("the engine is still loading; retry shortly")
         return state.queue
 
-    async def run(request: Request, pairs, instruction, labels) -> tuple[np.ndarray, int]:
+    async def run(request: Request, pairs, instruction, labels, refuse_truncation: bool = False
+                  ) -> tuple[np.ndarray, int]:
         queue = ready()
         loop = asyncio.get_running_loop()
-        job = Job(pairs, instruction, labels, loop, loop.create_future())
+        job = Job(pairs, instruction, labels, loop, loop.create_future(), refuse_truncation=refuse_truncation)
         queue.submit(job)
         while not job.future.done():  # free the queued work if the client goes away
             await asyncio.wait({job.future}, timeout=0.25)
@@ -163,6 +167,8 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
             return job.future.result(), job.tokens
         except (ImageError, PromptError) as e:
             raise _name(e, labels) from None
+        except Truncated as e:
+            raise RequestError(413, "too_large", str(e), e.label.split("[")[0], e.index) from None
 
     async def rerank(request: Request, body: RerankRequest, version: int):
         query, documents = await asyncio.to_thread(rerank_pairs, body, policy, state.max_documents)
@@ -191,9 +197,23 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
     async def rerank_v2(request: Request, body: RerankRequest):
         return await rerank(request, body, 2)
 
+    async def rerank_tei(request: Request, body: TEIRerankRequest):
+        """TEI's shape: a bare list ``[{index, score, text?}]``, best first, every text."""
+        query, documents = tei_pairs(body, state.max_documents)
+        labels = [f"texts[{i}]" for i in range(len(documents))]
+        scores, _ = await run(request, [(query, d) for d in documents], body.instruction, labels,
+                              refuse_truncation=not body.truncate)
+        values = scores if body.raw_scores else _sigmoid(scores)
+        order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+        return [{"index": i, "score": float(values[i]), **({"text": body.texts[i]} if body.return_text else {})}
+                for i in order]
+
     @app.post("/rerank")
-    async def rerank_plain(request: Request, body: RerankRequest):
-        return await rerank(request, body, 2)
+    async def rerank_plain(request: Request, body: dict = Body(...)):
+        """Cohere's (and vLLM's, Jina's) body with ``documents``; TEI's with ``texts``."""
+        if "texts" in body and "documents" not in body:
+            return await rerank_tei(request, _validated(TEIRerankRequest, body))
+        return await rerank(request, _validated(RerankRequest, body), 2)
 
     async def score(request: Request, body: ScoreRequest):
         pairs = await asyncio.to_thread(score_pairs, body, policy, state.max_documents)
@@ -239,6 +259,14 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
         return Response(data, media_type=content_type)
 
     return app
+
+
+def _validated(model, body: dict):
+    """``body`` as ``model``; a mismatch is the same 400 as a route's own validation."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
 def _authorized(request, key: str) -> bool:

@@ -43,6 +43,15 @@ class NotReady(GmrError):
     pass
 
 
+class Truncated(GmrError):
+    """A pair of a job that refuses truncation (TEI's ``truncate: false``) does not fit whole."""
+
+    def __init__(self, index: int, label: str, max_length: int):
+        super().__init__(f"{label}: the prompt with this text is longer than the engine's {max_length} tokens; send "
+                         f"\"truncate\": true to have the text cut at its end")
+        self.index, self.label = index, label
+
+
 @dataclass
 class Job:
     pairs: list  # [(Item, Item)]
@@ -53,6 +62,7 @@ class Job:
     cancelled: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
     tokens: int = 0  # decoder tokens attributed to this job (its prompt tokens)
+    refuse_truncation: bool = False  # a pair whose document text had to be cut fails the job (Truncated)
 
 
 class BatchQueue:
@@ -179,6 +189,12 @@ class BatchQueue:
             if j not in r.failed:
                 r.failed.add(j)
                 _resolve(jobs[j], exception=plan.errors[i])
+        truncated = plan.truncated
+        for j, job in enumerate(jobs):
+            cut = np.flatnonzero(truncated[r.bounds[j]:r.bounds[j + 1]]) if job.refuse_truncation else ()
+            if len(cut) and j not in r.failed:
+                r.failed.add(j)
+                _resolve(job, exception=Truncated(int(cut[0]), job.labels[int(cut[0])], self.reranker.gmr.max_length))
         return r
 
     def _run(self, r: "_Round") -> None:

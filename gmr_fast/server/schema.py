@@ -70,6 +70,20 @@ class RerankRequest(BaseModel):
     instruction: str | None = None
 
 
+class TEIRerankRequest(BaseModel):
+    """Text Embeddings Inference's ``POST /rerank`` body: ``texts`` where Cohere has ``documents``.
+    TEI refuses an input longer than the model takes unless ``truncate`` is true; here the
+    document's text is what gets cut (at its end), as everywhere in gmr_fast."""
+    model_config = ConfigDict(extra="ignore")
+    query: str
+    texts: list[str]
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool | None = False
+    truncation_direction: str = "right"
+    instruction: str | None = None
+
+
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -159,6 +173,18 @@ def rerank_pairs(req: RerankRequest, policy: ImagePolicy, max_documents: int) ->
                                              "per request", "documents")
     query = _item(req.query, policy, "query", None)
     return query, [_item(d, policy, "documents", i) for i, d in enumerate(req.documents)]
+
+
+def tei_pairs(req: TEIRerankRequest, max_documents: int) -> tuple[Item, list[Item]]:
+    if not req.texts:
+        raise RequestError(400, "malformed", "texts is empty", "texts")
+    if len(req.texts) > max_documents:
+        raise RequestError(413, "too_large", f"{len(req.texts)} texts; this server takes at most {max_documents} per "
+                                             "request", "texts")
+    if req.truncation_direction.lower() != "right":
+        raise RequestError(422, "invalid_input", "truncation_direction 'left' is not supported: a document's text is cut "
+                                                 "at its end", "truncation_direction")
+    return Item(text=req.query), [Item(text=t) for t in req.texts]
 
 
 def score_pairs(req: ScoreRequest, policy: ImagePolicy, max_documents: int) -> list[tuple[Item, Item]]:
