@@ -189,7 +189,7 @@ class BatchQueue:
             if j not in r.failed:
                 r.failed.add(j)
                 _resolve(jobs[j], exception=plan.errors[i])
-        truncated = plan.truncated
+        truncated = plan.truncated if any(job.refuse_truncation for job in jobs) else None
         for j, job in enumerate(jobs):
             cut = np.flatnonzero(truncated[r.bounds[j]:r.bounds[j + 1]]) if job.refuse_truncation else ()
             if len(cut) and j not in r.failed:
