@@ -11,7 +11,9 @@ share its prefix), and request parsing overlaps scoring. The levels alternate ov
 (1, 4, 16, 1, 4, 16, ...) because this VM's speed drifts over minutes; each level reports its
 median throughput and the latency percentiles of all its requests. One server runs per
 ``--lanes`` value (default 1 and 2: one engine run at a time, or two side by side), all started
-at once so that their rounds alternate too.
+at once so that their rounds alternate too. Each level also records the server process's CPU time
+(Linux /proc): the cores it kept busy and its CPU cost per pair, which is what bounds the gain
+from concurrency on a machine with few cores.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ def requests(n: int, seed: int = 0) -> list[dict]:
             for _ in range(n)]
 
 
-def run_clients(url: str, reqs: list[dict], clients: int, timeout: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux /proc), all its threads."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_clients(url: str, reqs: list[dict], clients: int, timeout: float, server_pid: int | None = None) -> dict:
     import httpx
 
     latencies, failures = [], 0
@@ -54,6 +62,7 @@ def run_clients(url: str, reqs: list[dict], clients: int, timeout: float) -> dic
         ok = r.status_code == 200 and len(r.json()["results"]) == len(body["documents"])
         return time.perf_counter() - start, ok
 
+    cpu = cpu_seconds(server_pid) if server_pid else None
     started = time.perf_counter()
     with httpx.Client() as client, concurrent.futures.ThreadPoolExecutor(clients) as pool:
         for latency, ok in pool.map(lambda b: send(client, b), reqs):
@@ -61,8 +70,12 @@ def run_clients(url: str, reqs: list[dict], clients: int, timeout: float) -> dic
             failures += int(not ok)
     wall = time.perf_counter() - started
     pairs = sum(len(b["documents"]) for b in reqs)
-    return {"clients": clients, "requests": len(reqs), "failures": failures, "seconds": wall,
-            "requests_per_s": len(reqs) / wall, "pairs_per_s": pairs / wall, "latencies_s": latencies}
+    out = {"clients": clients, "requests": len(reqs), "failures": failures, "seconds": wall,
+           "requests_per_s": len(reqs) / wall, "pairs_per_s": pairs / wall, "latencies_s": latencies}
+    if server_pid:  # how busy the server kept the cores, and its CPU cost per pair
+        cpu = cpu_seconds(server_pid) - cpu
+        out.update(server_cpu_cores=cpu / wall, server_cpu_us_per_pair=1e6 * cpu / pairs)
+    return out
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -72,6 +85,8 @@ def summarize(runs: list[dict]) -> dict:
             "failures": sum(r["failures"] for r in runs), "seconds": sum(r["seconds"] for r in runs),
             "pairs_per_s": float(np.median([r["pairs_per_s"] for r in runs])),
             "pairs_per_s_rounds": [r["pairs_per_s"] for r in runs],
+            **({k: float(np.median([r[k] for r in runs])) for k in ("server_cpu_cores", "server_cpu_us_per_pair")}
+               if "server_cpu_cores" in runs[0] else {}),
             **{f"p{q}_ms": 1e3 * float(np.percentile(latencies, q)) for q in (50, 95, 99)}}
 
 
@@ -86,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/serve_cpu.json")
     a = p.parse_args(argv)
     lanes = [int(x) for x in a.lanes.split(",")]
-    servers, urls = [], {}
+    servers, urls, pids = [], {}, {}
     try:
         import httpx
 
@@ -96,7 +111,7 @@ def main(argv=None) -> int:
                 port = s.getsockname()[1]
             servers.append(subprocess.Popen([sys.executable, "-m", "gmr_fast.serve", "--engine", a.engine, "--port",
                                              str(port), "--lanes", str(n), "--log-level", "warning"], cwd=ROOT))
-            urls[n] = f"http://127.0.0.1:{port}"
+            urls[n], pids[n] = f"http://127.0.0.1:{port}", servers[-1].pid
         for url in urls.values():
             for _ in range(1200):
                 try:
@@ -114,7 +129,7 @@ def main(argv=None) -> int:
         for _ in range(a.rounds):
             for n in lanes:
                 for c in counts:
-                    runs[n, c].append(run_clients(urls[n], reqs, c, a.timeout))
+                    runs[n, c].append(run_clients(urls[n], reqs, c, a.timeout, pids[n]))
         levels = []
         for n in lanes:
             rows = [dict(lanes=n, **summarize(runs[n, c])) for c in counts]
@@ -132,11 +147,13 @@ def main(argv=None) -> int:
     rounds = {n: [line for line in m.splitlines() if line.startswith("gmr_round_pairs_")] for n, m in metrics.items()}
     write(a.out, {"machine": machine(), "engine": os.path.abspath(a.engine), "servers": info, "lanes": lanes,
                   "levels": levels, "round_pairs_metrics": rounds})
-    print("| lanes | clients | requests | failures | pairs/s | vs 1 client | p50 ms | p95 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| lanes | clients | requests | failures | pairs/s | vs 1 client | p50 ms | p95 ms | p99 ms | server cores busy "
+          "| server CPU us/pair |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in levels:
         print(f"| {r['lanes']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['pairs_per_s']:.1f} | "
-              f"{r['throughput_vs_one_client']:.2f}x | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
+              f"{r['throughput_vs_one_client']:.2f}x | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+              f"{r.get('server_cpu_cores', float('nan')):.2f} | {r.get('server_cpu_us_per_pair', float('nan')):.0f} |")
     return 0
 
 
