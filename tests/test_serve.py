@@ -192,6 +192,8 @@ def test_rerank_in_tei_shape(server, reference):
     for bad, status, field in [({"query": "q", "texts": []}, 400, "texts"),
                                ({"query": "q", "texts": ["a", 3]}, 400, "texts"),
                                ({"query": "q", "texts": ["a"], "truncation_direction": "left"}, 422,
+                                "truncation_direction"),
+                               ({"query": "q", "texts": ["a"], "truncation_direction": "up"}, 400,
                                 "truncation_direction")]:
         r = post(url, "/rerank", bad)
         assert r.status_code == status and r.json()["error"]["field"] == field, r.text

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
 from ..errors import GmrError, ImageError, PromptError
 from .metrics import Metrics

@@ -181,7 +181,11 @@ def tei_pairs(req: TEIRerankRequest, max_documents: int) -> tuple[Item, list[Ite
     if len(req.texts) > max_documents:
         raise RequestError(413, "too_large", f"{len(req.texts)} texts; this server takes at most {max_documents} per "
                                              "request", "texts")
-    if req.truncation_direction.lower() != "right":
+    direction = req.truncation_direction.lower()
+    if direction not in ("left", "right"):
+        raise RequestError(400, "malformed", f"truncation_direction must be 'right' or 'left', got {req.truncation_direction!r}",
+                           "truncation_direction")
+    if direction == "left":
         raise RequestError(422, "invalid_input", "truncation_direction 'left' is not supported: a document's text is cut "
                                                  "at its end", "truncation_direction")
     return Item(text=req.query), [Item(text=t) for t in req.texts]
