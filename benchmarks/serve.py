@@ -147,8 +147,8 @@ def main(argv=None) -> int:
     rounds = {n: [line for line in m.splitlines() if line.startswith("gmr_round_pairs_")] for n, m in metrics.items()}
     write(a.out, {"machine": machine(), "engine": os.path.abspath(a.engine), "servers": info, "lanes": lanes,
                   "levels": levels, "round_pairs_metrics": rounds})
-    print("| lanes | clients | requests | failures | pairs/s | vs 1 client | p50 ms | p95 ms | p99 ms | server cores busy "
-          "| server CPU us/pair |")
+    print("| lanes | clients | requests | failures | pairs/s | vs 1 client | p50 ms | p95 ms | p99 ms "
+          "| server cores busy | server CPU us/pair |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in levels:
         print(f"| {r['lanes']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['pairs_per_s']:.1f} | "

@@ -32,8 +32,8 @@ from pydantic import ValidationError
 from ..errors import GmrError, ImageError, PromptError
 from .metrics import Metrics
 from .queue import BatchQueue, Job, NotReady, QueueFull, Truncated
-from .schema import (ImagePolicy, RequestError, RerankRequest, ScoreRequest, TEIRerankRequest, echo_document, rerank_pairs,
-                     score_pairs, tei_pairs)
+from .schema import (ImagePolicy, RequestError, RerankRequest, ScoreRequest, TEIRerankRequest, echo_document,
+                     rerank_pairs, score_pairs, tei_pairs)
 
 log = logging.getLogger("gmr_fast.server")
 

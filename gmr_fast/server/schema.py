@@ -183,11 +183,11 @@ def tei_pairs(req: TEIRerankRequest, max_documents: int) -> tuple[Item, list[Ite
                                              "request", "texts")
     direction = req.truncation_direction.lower()
     if direction not in ("left", "right"):
-        raise RequestError(400, "malformed", f"truncation_direction must be 'right' or 'left', got {req.truncation_direction!r}",
-                           "truncation_direction")
+        raise RequestError(400, "malformed", "truncation_direction must be 'right' or 'left', got "
+                                             f"{req.truncation_direction!r}", "truncation_direction")
     if direction == "left":
-        raise RequestError(422, "invalid_input", "truncation_direction 'left' is not supported: a document's text is cut "
-                                                 "at its end", "truncation_direction")
+        raise RequestError(422, "invalid_input", "truncation_direction 'left' is not supported: a document's text "
+                                                 "is cut at its end", "truncation_direction")
     return Item(text=req.query), [Item(text=t) for t in req.texts]
 
 
