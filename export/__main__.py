@@ -35,8 +35,12 @@ def main(argv=None) -> int:
     parser.add_argument("--validation-long-documents", type=int, default=12,
                         help="documents of the long validation group (a ~900-token image query, long documents, "
                              "judged apart); 0 leaves the group out")
-    parser.add_argument("--int8-keep", help="comma-separated glob patterns of weights kept fp32 in the int8 variant "
+    parser.add_argument("--int8-keep", help="comma-separated glob patterns of weights whose activations stay fp32 in the "
+                                            "int8 variant (--int8-kept says how their weights are stored) "
                                             "(default: none, escalating only if ranking agreement needs it)")
+    parser.add_argument("--int8-kept", default="int8-weights", choices=["int8-weights", "fp32"],
+                        help="what the kept weights become: 8-bit weights with fp32 activations and arithmetic "
+                             "(MatMulNBits, a quarter of fp32's bytes) or fp32")
     parser.add_argument("--int8-activations", default="tensor", choices=["tensor", "row"],
                         help="int8 activation scales: one per tensor (DynamicQuantizeMatMul, fastest on AMX) or one "
                              "per token (MatMulInteger U8S8: a pair's score does not depend on what shares its batch)")
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
                             validation_long_documents=args.validation_long_documents,
                             reference=args.reference, criterion=criterion, num_threads=args.threads,
                             int8_keep=tuple(p.strip() for p in args.int8_keep.split(",")) if args.int8_keep else None,
-                            int8_activations=args.int8_activations)
+                            int8_activations=args.int8_activations, int8_kept=args.int8_kept)
     try:
         manifest = export_engine(args.checkpoint, args.out, options)
     except (CheckpointError, ConfigError) as e:

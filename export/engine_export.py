@@ -62,6 +62,9 @@ class ExportOptions:
     criterion: validate.Criterion = field(default_factory=validate.Criterion)
     int8_keep: tuple[str, ...] | None = None  # glob patterns of weights kept fp32 (None: escalate as needed)
     int8_activations: str = "tensor"  # tensor (DynamicQuantizeMatMul) | row (per-token scales, MatMulInteger U8S8)
+    # what the kept weights become: int8-weights (MatMulNBits, 8-bit weights, fp32 activations and
+    # arithmetic: export/quantize.py) or fp32
+    int8_kept: str = "int8-weights"
     num_threads: int | None = None
 
 
@@ -104,6 +107,7 @@ class _Builder:
                         "vision": family.vision_sources(vision)}
         self._fp32_index: dict[str, dict] = {}
         self.activations = "tensor"  # per-tensor activations: the fast path (benchmarks/int8_kernels.py)
+        self.kept = "int8-weights"  # what kept weights become (ExportOptions.int8_kept)
 
     def _module(self, graph: str):
         import torch
@@ -161,7 +165,8 @@ class _Builder:
             if precision == "int8":
                 matcher = quantize.keep_matcher(keep)
                 embedding = "embed" if graph == "decoder" else None
-                produced = quantize.rewrite(model, matcher, embedding=embedding, activations=self.activations)
+                produced = quantize.rewrite(model, matcher, embedding=embedding, activations=self.activations,
+                                            kept=self.kept)
                 kept += [n for n in self.sources[graph] if n.endswith("weight") and matcher(n)]
                 value_of = quantize.QuantizedValues(produced, fp32_value, embedding)
             writer = graphs.WeightWriter(self.dir / f"{graph}.{precision}.weights")
@@ -180,7 +185,8 @@ class _Builder:
         details = {"build_seconds": round(time.perf_counter() - started, 1),
                    "weight_bytes": sum(os.path.getsize(self.dir / w.file) for w in weight_files.values())}
         if precision == "int8":
-            details.update(kept_fp32_patterns=list(keep), kept_fp32=sorted(kept), activations=self.activations,
+            details.update(kept_fp32_patterns=list(keep), kept_fp32=sorted(kept), kept_as=self.kept,
+                           activations=self.activations,
                            int8="int8 weights per output column; activations quantized per "
                                 + ("row (MatMulInteger U8S8)" if self.activations == "row" else "tensor (DynamicQuantizeMatMul)")
                                 + "; int8 embedding rows")
@@ -238,6 +244,9 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
         if options.int8_activations not in ("tensor", "row"):
             raise ConfigError(f"int8_activations must be tensor or row, not {options.int8_activations!r}")
         builder.activations = options.int8_activations
+        if options.int8_kept not in quantize.KEPT:
+            raise ConfigError(f"int8_kept must be one of {', '.join(quantize.KEPT)}, not {options.int8_kept!r}")
+        builder.kept = options.int8_kept
         variants: dict[str, Variant] = {}
         for precision in ("fp32", "int8"):
             if precision in dtypes or (precision == "fp32" and "bf16" in dtypes):
@@ -266,7 +275,8 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
             attempts = [options.int8_keep] if (precision != "int8" or options.int8_keep is not None) else list(INT8_FALLBACKS)
             for attempt, keep in enumerate(attempts):
                 if precision == "int8" and attempt > 0:
-                    log.info("int8 below the ranking criterion; keeping %s in fp32 and rebuilding", list(keep))
+                    log.info("int8 below the ranking criterion; keeping %s with fp32 activations (%s) and rebuilding",
+                             list(keep), options.int8_kept)
                     for f in list(variants["int8"].weights.values()) + list(variants["int8"].graphs.values()):
                         (tmp / f.file).unlink(missing_ok=True)
                     variants["int8"] = builder.build("int8", tuple(keep))

@@ -72,6 +72,48 @@ def test_int8_and_bf16_variants(all_precisions_engine):
     assert size("decoder.int8.weights") < 0.4 * size("decoder.fp32.weights")
 
 
+def test_kept_weights_as_8bit_blocks_with_fp32_arithmetic(tiny_checkpoints, tmp_path, rng):
+    """Kept weights (--int8-keep) become MatMulNBits with 8-bit weights and fp32 arithmetic by
+    default, fp32 MatMuls with --int8-kept fp32. The operator against numpy: its only error is the
+    weights' rounding, at most half a block's scale per weight, so |y - x @ W| <= sum_k |x_k| *
+    scale(k) / 2 (plus fp32 summation, ~1e-6 of sum |x_k w_k| for K = 1,176), checked with K not a
+    multiple of the block (patch_embed's K is 1,176 = 36.75 blocks: the padding path)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export import quantize
+
+    k, n = 1176, 72
+    w = rng.standard_normal((k, n)).astype(np.float32) * rng.uniform(0.01, 1.0, (k, 1)).astype(np.float32)
+    q, scale = quantize.quantize_blocks(w)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                            block_size=quantize.BLOCK, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(q, "b"), numpy_helper.from_array(scale, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((16, k)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    per_k = np.repeat(scale.reshape(n, -1), quantize.BLOCK, axis=1)[:, :k].T  # [K, N]: each weight's block scale
+    bound = np.abs(x).astype(np.float64) @ (per_k / 2) + 1e-6 * (np.abs(x) @ np.abs(w))
+    assert np.all(np.abs(y - exact) <= bound)
+    assert np.abs(y - exact).max() > 0  # the weights were rounded: not fp32 passing through
+
+    keep = ("*.down.weight", "merger.*", "patch_embed.*")
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e", ExportOptions(dtypes=("fp32", "int8"), int8_keep=keep))
+    assert "int8" in m.precisions and m.variants["int8"].details["kept_as"] == "int8-weights"
+    for name in ("decoder", "vision"):
+        ops = [nd.op_type for nd in onnx.load(str(tmp_path / "e" / f"{name}.int8.onnx"), load_external_data=False).graph.node]
+        assert "MatMulNBits" in ops and "DynamicQuantizeMatMul" in ops
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "f",
+                      ExportOptions(dtypes=("fp32", "int8"), int8_keep=keep, int8_kept="fp32"))
+    ops = [nd.op_type for nd in onnx.load(str(tmp_path / "f" / "decoder.int8.onnx"), load_external_data=False).graph.node]
+    assert "MatMulNBits" not in ops and "MatMul" in ops and m.variants["int8"].details["kept_as"] == "fp32"
+    with pytest.raises(Exception, match="int8_kept must be one of"):
+        export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "bad", ExportOptions(dtypes=("int8",), int8_kept="fp16"))
+
+
 def test_int8_with_per_token_activation_scales_does_not_depend_on_the_batch(tiny_checkpoints, tmp_path, rng):
     """--int8-activations row: each token's activation gets its own scale (MatMulInteger on uint8
     activations, the U8S8 QGEMM path), so a pair scores the same whatever shares its batch; with
