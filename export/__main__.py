@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--int8-keep", help="comma-separated glob patterns of weights whose activations stay fp32 in the "
                                             "int8 variant (--int8-kept says how their weights are stored) "
                                             "(default: none, escalating only if ranking agreement needs it)")
-    parser.add_argument("--int8-kept", default="int8-weights", choices=["int8-weights", "fp32"],
-                        help="what the kept weights become: 8-bit weights with fp32 activations and arithmetic "
-                             "(MatMulNBits, a quarter of fp32's bytes) or fp32")
+    parser.add_argument("--int8-kept", default="fp32", choices=["fp32", "int8-weights"],
+                        help="what the kept weights become: fp32, or 8-bit weights with fp32 activations and "
+                             "arithmetic (MatMulNBits: a quarter of fp32's bytes, slower on few rows)")
     parser.add_argument("--int8-activations", default="tensor", choices=["tensor", "row"],
                         help="int8 activation scales: one per tensor (DynamicQuantizeMatMul, fastest on AMX) or one "
                              "per token (MatMulInteger U8S8: a pair's score does not depend on what shares its batch)")

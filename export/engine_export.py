@@ -62,9 +62,9 @@ class ExportOptions:
     criterion: validate.Criterion = field(default_factory=validate.Criterion)
     int8_keep: tuple[str, ...] | None = None  # glob patterns of weights kept fp32 (None: escalate as needed)
     int8_activations: str = "tensor"  # tensor (DynamicQuantizeMatMul) | row (per-token scales, MatMulInteger U8S8)
-    # what the kept weights become: int8-weights (MatMulNBits, 8-bit weights, fp32 activations and
-    # arithmetic: export/quantize.py) or fp32
-    int8_kept: str = "int8-weights"
+    # what the kept weights become: fp32, or int8-weights (MatMulNBits, 8-bit weights, fp32
+    # activations and arithmetic: export/quantize.py; a quarter of the bytes, slower at few rows)
+    int8_kept: str = "fp32"
     num_threads: int | None = None
 
 
@@ -107,7 +107,7 @@ class _Builder:
                         "vision": family.vision_sources(vision)}
         self._fp32_index: dict[str, dict] = {}
         self.activations = "tensor"  # per-tensor activations: the fast path (benchmarks/int8_kernels.py)
-        self.kept = "int8-weights"  # what kept weights become (ExportOptions.int8_kept)
+        self.kept = "fp32"  # what kept weights become (ExportOptions.int8_kept)
 
     def _module(self, graph: str):
         import torch

@@ -73,11 +73,12 @@ def test_int8_and_bf16_variants(all_precisions_engine):
 
 
 def test_kept_weights_as_8bit_blocks_with_fp32_arithmetic(tiny_checkpoints, tmp_path, rng):
-    """Kept weights (--int8-keep) become MatMulNBits with 8-bit weights and fp32 arithmetic by
-    default, fp32 MatMuls with --int8-kept fp32. The operator against numpy: its only error is the
-    weights' rounding, at most half a block's scale per weight, so |y - x @ W| <= sum_k |x_k| *
-    scale(k) / 2 (plus fp32 summation, ~1e-6 of sum |x_k w_k| for K = 1,176), checked with K not a
-    multiple of the block (patch_embed's K is 1,176 = 36.75 blocks: the padding path)."""
+    """Kept weights (--int8-keep) stay fp32 MatMuls by default and become MatMulNBits with 8-bit
+    weights and fp32 arithmetic with --int8-kept int8-weights. The operator against numpy: its
+    only error is the weights' rounding, at most half a block's scale per weight, so
+    |y - x @ W| <= sum_k |x_k| * scale(k) / 2 (plus fp32 summation, ~1e-6 of sum |x_k w_k| for
+    K = 1,176), checked with K not a multiple of the block (patch_embed's K is 1,176 = 36.75
+    blocks: the padding path)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -101,13 +102,13 @@ def test_kept_weights_as_8bit_blocks_with_fp32_arithmetic(tiny_checkpoints, tmp_
     assert np.abs(y - exact).max() > 0  # the weights were rounded: not fp32 passing through
 
     keep = ("*.down.weight", "merger.*", "patch_embed.*")
-    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e", ExportOptions(dtypes=("fp32", "int8"), int8_keep=keep))
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e",
+                      ExportOptions(dtypes=("fp32", "int8"), int8_keep=keep, int8_kept="int8-weights"))
     assert "int8" in m.precisions and m.variants["int8"].details["kept_as"] == "int8-weights"
     for name in ("decoder", "vision"):
         ops = [nd.op_type for nd in onnx.load(str(tmp_path / "e" / f"{name}.int8.onnx"), load_external_data=False).graph.node]
         assert "MatMulNBits" in ops and "DynamicQuantizeMatMul" in ops
-    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "f",
-                      ExportOptions(dtypes=("fp32", "int8"), int8_keep=keep, int8_kept="fp32"))
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "f", ExportOptions(dtypes=("fp32", "int8"), int8_keep=keep))
     ops = [nd.op_type for nd in onnx.load(str(tmp_path / "f" / "decoder.int8.onnx"), load_external_data=False).graph.node]
     assert "MatMulNBits" not in ops and "MatMul" in ops and m.variants["int8"].details["kept_as"] == "fp32"
     with pytest.raises(Exception, match="int8_kept must be one of"):
