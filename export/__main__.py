@@ -35,9 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--validation-long-documents", type=int, default=12,
                         help="documents of the long validation group (a ~900-token image query, long documents, "
                              "judged apart); 0 leaves the group out")
-    parser.add_argument("--int8-keep", help="comma-separated glob patterns of weights whose activations stay fp32 in the "
-                                            "int8 variant (--int8-kept says how their weights are stored) "
-                                            "(default: none, escalating only if ranking agreement needs it)")
+    parser.add_argument("--int8-keep", help="comma-separated glob patterns of weights kept out of int8 in the int8 "
+                                            "variant, as --int8-kept says (default: none, escalating only if ranking "
+                                            "agreement needs it)")
     parser.add_argument("--int8-kept", default="fp32", choices=["fp32", "int8-weights"],
                         help="what the kept weights become: fp32, or 8-bit weights with fp32 activations and "
                              "arithmetic (MatMulNBits: a quarter of fp32's bytes, slower on few rows)")

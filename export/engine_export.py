@@ -275,7 +275,7 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
             attempts = [options.int8_keep] if (precision != "int8" or options.int8_keep is not None) else list(INT8_FALLBACKS)
             for attempt, keep in enumerate(attempts):
                 if precision == "int8" and attempt > 0:
-                    log.info("int8 below the ranking criterion; keeping %s with fp32 activations (%s) and rebuilding",
+                    log.info("int8 below the ranking criterion; keeping %s out of it (as %s) and rebuilding",
                              list(keep), options.int8_kept)
                     for f in list(variants["int8"].weights.values()) + list(variants["int8"].graphs.values()):
                         (tmp / f.file).unlink(missing_ok=True)

@@ -6,7 +6,8 @@
 Endpoints: POST /v1/rerank and /v2/rerank (Cohere; documents may be {"text", "image"} as in
 Jina's API), POST /rerank (the same, or TEI's body with ``texts``), POST /score (vLLM), GET
 /health, /info, /metrics (Prometheus). The engine loads in the background (503 until ready);
-SIGINT / SIGTERM stop taking connections and finish the requests in flight. Needs the ``serve`` extra (FastAPI, uvicorn, prometheus-client).
+SIGINT / SIGTERM stop taking connections and finish the requests in flight. Needs the ``serve``
+extra (FastAPI, uvicorn, prometheus-client).
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ def test_kept_weights_as_8bit_blocks_with_fp32_arithmetic(tiny_checkpoints, tmp_
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(q, "b"), numpy_helper.from_array(scale, "s")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     x = rng.standard_normal((16, k)).astype(np.float32)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     exact = x.astype(np.float64) @ w.astype(np.float64)
@@ -101,18 +102,23 @@ def test_kept_weights_as_8bit_blocks_with_fp32_arithmetic(tiny_checkpoints, tmp_
     assert np.all(np.abs(y - exact) <= bound)
     assert np.abs(y - exact).max() > 0  # the weights were rounded: not fp32 passing through
 
+    def ops(path):
+        return [nd.op_type for nd in onnx.load(str(path), load_external_data=False).graph.node]
+
     keep = ("*.down.weight", "merger.*", "patch_embed.*")
     m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e",
                       ExportOptions(dtypes=("fp32", "int8"), int8_keep=keep, int8_kept="int8-weights"))
     assert "int8" in m.precisions and m.variants["int8"].details["kept_as"] == "int8-weights"
     for name in ("decoder", "vision"):
-        ops = [nd.op_type for nd in onnx.load(str(tmp_path / "e" / f"{name}.int8.onnx"), load_external_data=False).graph.node]
-        assert "MatMulNBits" in ops and "DynamicQuantizeMatMul" in ops
-    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "f", ExportOptions(dtypes=("fp32", "int8"), int8_keep=keep))
-    ops = [nd.op_type for nd in onnx.load(str(tmp_path / "f" / "decoder.int8.onnx"), load_external_data=False).graph.node]
-    assert "MatMulNBits" not in ops and "MatMul" in ops and m.variants["int8"].details["kept_as"] == "fp32"
+        ops_e = ops(tmp_path / "e" / f"{name}.int8.onnx")
+        assert "MatMulNBits" in ops_e and "DynamicQuantizeMatMul" in ops_e
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "f",
+                      ExportOptions(dtypes=("fp32", "int8"), int8_keep=keep))
+    ops_f = ops(tmp_path / "f" / "decoder.int8.onnx")
+    assert "MatMulNBits" not in ops_f and "MatMul" in ops_f and m.variants["int8"].details["kept_as"] == "fp32"
     with pytest.raises(Exception, match="int8_kept must be one of"):
-        export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "bad", ExportOptions(dtypes=("int8",), int8_kept="fp16"))
+        export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "bad",
+                      ExportOptions(dtypes=("int8",), int8_kept="fp16"))
 
 
 def test_int8_with_per_token_activation_scales_does_not_depend_on_the_batch(tiny_checkpoints, tmp_path, rng):
