@@ -18,8 +18,8 @@ class HFStrong:
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.ref = ReferenceScorer(checkpoint, attn_implementation="sdpa")
-        if dtype == "bf16":
+        self.ref = ReferenceScorer(checkpoint, attn_implementation="sdpa", dtype=dtype)
+        if dtype == "bf16":  # loaded as bf16; the buffers (RoPE's inv_freq) cast as well, as plain HF bf16 has them
             self.ref.model = self.ref.model.to(torch.bfloat16)
         self.dtype = dtype
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size

@@ -54,14 +54,17 @@ def workload(kind: str, seed: int = 0) -> tuple[list, str]:
     return [({"text": text(5), "image": im}, text(rng.integers(10, 30))) for im in (big, small) for _ in range(16)], "image"
 
 
-def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "auto") -> dict:
+def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "auto", int8_kept: str = "fp32",
+                 int8_keep: list | None = None) -> dict:
     import logging
 
     from export.engine_export import ExportOptions, export_engine
 
     logging.basicConfig(level=logging.INFO)
     start = time.perf_counter()
-    m = export_engine(checkpoint, engine, ExportOptions(dtypes=tuple(dtypes), force=True, reference=reference))
+    m = export_engine(checkpoint, engine, ExportOptions(dtypes=tuple(dtypes), force=True, reference=reference,
+                                                        int8_kept=int8_kept,
+                                                        int8_keep=None if int8_keep is None else tuple(int8_keep)))
     return {"export_seconds": time.perf_counter() - start,
             "variants": {p: {"weight_bytes": v.details.get("weight_bytes"),
                              "validation": {k: v.validation.get(k) for k in ("max_rel_error", "kendall_tau",
@@ -69,6 +72,7 @@ def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "a
                                                                               "top10_overlap_mean", "seconds")},
                              "details": {k: v.details.get(k) for k in ("kept_fp32_patterns", "build_seconds")}}
                          for p, v in m.variants.items()},
+            "refused": m.validation.get("refused", {}), "int8_kept": int8_kept,
             "reference": m.validation.get("reference"), "reference_seconds": m.validation.get("reference_seconds"),
             "engine_bytes": sum(f.stat().st_size for f in pathlib.Path(engine).iterdir())}
 
@@ -192,7 +196,12 @@ def main(argv=None) -> int:
     p.add_argument("--full-export", help="a shape to build at full depth and export (fp32), recording the export")
     p.add_argument("--dtypes", default="fp32", help="variants of the full-depth export")
     p.add_argument("--reference", default="auto", help="the full-depth export's reference (auto | hf | streamed)")
-    p.add_argument("--score", action="store_true", help="after the full-depth export, score the text workload with it")
+    p.add_argument("--int8-kept", default="fp32", help="the full-depth export's --int8-kept (fp32 | int8-weights)")
+    p.add_argument("--int8-keep", help="the full-depth export's --int8-keep, comma-separated globs (default: the "
+                                       "export escalates through its fallback lists, one export attempt each)")
+    p.add_argument("--score", action="store_true",
+                   help="after the full-depth export, score the text workload with it and with HF in --hf-dtypes "
+                        "(list only those that fit: GMR-7B in fp32 needs 33 GB), ranking compared with the first")
     p.add_argument("--reuse", action="store_true",
                    help="score with an engine an earlier run exported (its manifest's figures are recorded)")
     p.add_argument("--isa", default="native",
@@ -215,7 +224,7 @@ def main(argv=None) -> int:
         doc["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         engine = work / f"{a.full_export}-full-engine"
         doc["full_export"] = in_child("real_size:child_export", str(ckpt), str(engine), a.dtypes.split(","), a.reference,
-                                      timeout=6 * 3600)
+                                      a.int8_kept, a.int8_keep.split(",") if a.int8_keep else None, timeout=6 * 3600)
         w = doc["full_export"]
         weights = max(v.get("weight_bytes") or 0 for v in w["variants"].values())
         doc["bar"] = {"peak_rss_bytes": w["peak_rss_bytes"], "largest_variant_weight_bytes": weights,
@@ -223,6 +232,19 @@ def main(argv=None) -> int:
         if a.score:
             precision = "int8" if "int8" in a.dtypes else "fp32"
             doc["scoring"] = in_child("real_size:child_reranker", str(engine), precision, "text", timeout=6 * 3600)
+            hf, doc["hf"] = {}, {}
+            for dtype in filter(None, a.hf_dtypes.split(",")):
+                try:
+                    hf[dtype] = in_child("real_size:child_hf", str(ckpt), dtype, "text", timeout=6 * 3600)
+                except RuntimeError as e:  # e.g. killed for memory: recorded, the export's figures are kept
+                    doc["hf"][dtype] = {"error": str(e)[-2000:]}
+            if hf:  # the first HF dtype that ran is the ranking reference (HF fp32 where it fits)
+                ref = next(iter(hf))
+                for row in [*hf.values(), doc["scoring"]]:
+                    row[f"kendall_tau_vs_hf_{ref}"] = kendall(hf[ref]["scores"], row["scores"])
+                doc["scoring"]["speedup_vs_hf_fastest"] = (doc["scoring"]["pairs_per_s"]
+                                                           / max(r["pairs_per_s"] for r in hf.values()))
+                doc["hf"].update({name: {k: v for k, v in row.items() if k != "scores"} for name, row in hf.items()})
             doc["scoring"].pop("scores", None)
         print(json.dumps(doc, indent=1))
     else:

@@ -123,7 +123,7 @@ class ReferenceScorer:
     """Scores (query, document) pairs in fp32 on CPU (or ``device``); see the module docstring."""
 
     def __init__(self, checkpoint: os.PathLike, device: str = "cpu", attn_implementation: str = "eager",
-                 mode: str = "hf", gmr: GmrConfig | None = None):
+                 mode: str = "hf", gmr: GmrConfig | None = None, dtype: str = "fp32"):
         import torch
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -143,8 +143,11 @@ class ReferenceScorer:
                                                         **kwargs)
         self.yes_id = self.tokenizer.convert_tokens_to_ids(self.gmr.yes_token)
         self.no_id = self.tokenizer.convert_tokens_to_ids(self.gmr.no_token)
-        if mode == "hf":
-            self.model = load_model(checkpoint, torch.float32, attn_implementation).to(device)
+        if dtype not in ("fp32", "bf16") or (dtype != "fp32" and mode != "hf"):
+            raise ValueError(f"dtype must be 'fp32' (or 'bf16' with mode 'hf'), got {dtype!r}")
+        if mode == "hf":  # bf16 (the HF bf16 baseline) loads as bf16: GMR-7B in fp32 would not fit in 24 GB
+            torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+            self.model = load_model(checkpoint, torch_dtype, attn_implementation).to(device)
             self.image_token_id = self.model.config.image_token_id
         else:
             self.model = None
