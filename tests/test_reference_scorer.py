@@ -32,6 +32,18 @@ def test_batched_equals_single_and_scores_are_logit_differences(family, tiny_che
     assert ref.yes_id == 9693 and ref.no_id == 2152
 
 
+def test_bf16_loads_as_bf16_and_is_hf_mode_only(tiny_checkpoints):
+    """The HF bf16 baseline loads its weights as bf16 (GMR-7B's would not fit in 24 GB as fp32 first)."""
+    ckpt = tiny_checkpoints["qwen2_5_vl"]
+    ref = ReferenceScorer(ckpt, dtype="bf16")
+    assert {p.dtype for p in ref.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ReferenceScorer(ckpt).model.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="dtype"):
+        ReferenceScorer(ckpt, mode="streamed", dtype="bf16")
+    with pytest.raises(ValueError, match="dtype"):
+        ReferenceScorer(ckpt, dtype="fp16")
+
+
 def test_checkpoint_errors(tmp_path, tiny_checkpoints):
     with pytest.raises(CheckpointError, match="not a directory"):
         read_model_type(tmp_path / "missing")
