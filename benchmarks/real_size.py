@@ -20,7 +20,9 @@ measurement runs in its own process, so its peak RSS is its own. Workloads (fixe
 
 Reported per workload: pairs/s, speed-up against HF fp32 and HF bf16, peak RSS, ranking agreement
 (Kendall tau) with HF fp32, and the Reranker's activation budget. ``--full-export`` builds a
-full-depth checkpoint and records the export alone (time, peak RSS, engine bytes).
+full-depth checkpoint and records the export (time, peak RSS, engine bytes; a refusal is recorded
+as the result); ``--score`` then scores the text workload with the engine and with HF in each of
+``--hf-dtypes`` that fits (GMR-7B: ``--hf-dtypes bf16``), ranking against the first.
 """
 
 from __future__ import annotations
@@ -223,8 +225,15 @@ def main(argv=None) -> int:
             doc["checkpoint_build_seconds"] = time.perf_counter() - t
         doc["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         engine = work / f"{a.full_export}-full-engine"
-        doc["full_export"] = in_child("real_size:child_export", str(ckpt), str(engine), a.dtypes.split(","), a.reference,
-                                      a.int8_kept, a.int8_keep.split(",") if a.int8_keep else None, timeout=6 * 3600)
+        try:
+            doc["full_export"] = in_child("real_size:child_export", str(ckpt), str(engine), a.dtypes.split(","),
+                                          a.reference, a.int8_kept, a.int8_keep.split(",") if a.int8_keep else None,
+                                          timeout=6 * 3600)
+        except RuntimeError as e:  # e.g. the only variant asked for was refused: the reason is the result
+            doc["full_export"] = {"error": str(e)[-2000:]}
+            write(a.out, doc)
+            print(json.dumps(doc, indent=1))
+            return 1
         w = doc["full_export"]
         weights = max(v.get("weight_bytes") or 0 for v in w["variants"].values())
         doc["bar"] = {"peak_rss_bytes": w["peak_rss_bytes"], "largest_variant_weight_bytes": weights,

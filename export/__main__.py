@@ -40,7 +40,8 @@ def main(argv=None) -> int:
                                             "agreement needs it)")
     parser.add_argument("--int8-kept", default="fp32", choices=["fp32", "int8-weights"],
                         help="what the kept weights become: fp32, or 8-bit weights with fp32 activations and "
-                             "arithmetic (MatMulNBits: a quarter of fp32's bytes, slower on few rows)")
+                             "arithmetic (MatMulNBits: a quarter of fp32's bytes, slower on few rows; it may rank "
+                             "below the bar where fp32 passes, as at GMR-7B's full depth)")
     parser.add_argument("--int8-activations", default="tensor", choices=["tensor", "row"],
                         help="int8 activation scales: one per tensor (DynamicQuantizeMatMul, fastest on AMX) or one "
                              "per token (MatMulInteger U8S8: a pair's score does not depend on what shares its batch)")
