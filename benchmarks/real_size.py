@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", default="text,image")
     p.add_argument("--hf-dtypes", default="fp32,bf16",
                    help="HF baselines (fp32 always: it is the reference); 'vs HF fastest' is over these")
-    p.add_argument("--full-export", help="a shape to build at full depth and export (fp32), recording the export")
+    p.add_argument("--full-export", help="a shape to build at full depth and export (--dtypes), recording the export")
     p.add_argument("--dtypes", default="fp32", help="variants of the full-depth export")
     p.add_argument("--reference", default="auto", help="the full-depth export's reference (auto | hf | streamed)")
     p.add_argument("--int8-kept", default="fp32", help="the full-depth export's --int8-kept (fp32 | int8-weights)")

@@ -120,7 +120,8 @@ def available_memory() -> int:
 
 
 class ReferenceScorer:
-    """Scores (query, document) pairs in fp32 on CPU (or ``device``); see the module docstring."""
+    """Scores (query, document) pairs in fp32 on CPU (or ``device``); see the module docstring.
+    ``dtype="bf16"`` (HF mode only) loads the model as bf16: the HF bf16 baseline of the benchmarks."""
 
     def __init__(self, checkpoint: os.PathLike, device: str = "cpu", attn_implementation: str = "eager",
                  mode: str = "hf", gmr: GmrConfig | None = None, dtype: str = "fp32"):
