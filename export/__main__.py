@@ -45,6 +45,10 @@ def main(argv=None) -> int:
     parser.add_argument("--int8-activations", default="tensor", choices=["tensor", "row"],
                         help="int8 activation scales: one per tensor (DynamicQuantizeMatMul, fastest on AMX) or one "
                              "per token (MatMulInteger U8S8: a pair's score does not depend on what shares its batch)")
+    parser.add_argument("--int8-smooth", type=float, default=0.5, metavar="ALPHA",
+                        help="SmoothQuant scale migration for the int8 MatMuls with this alpha (default 0.5): input "
+                             "ranges are calibrated on pairs apart from the validation set and activation outlier "
+                             "channels move into the weights (export/calibrate.py); 0 turns it off")
     parser.add_argument("--accept-fp32-rel-error", type=float, help="override the fp32 bar (max error / score spread)")
     parser.add_argument("--accept-min-tau", type=float, help="override the reduced-precision per-query Kendall tau bar")
     parser.add_argument("--accept-long-tau", type=float, help="override the long group's Kendall tau bar")
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
                             validation_long_documents=args.validation_long_documents,
                             reference=args.reference, criterion=criterion, num_threads=args.threads,
                             int8_keep=tuple(p.strip() for p in args.int8_keep.split(",")) if args.int8_keep else None,
-                            int8_activations=args.int8_activations, int8_kept=args.int8_kept)
+                            int8_activations=args.int8_activations, int8_kept=args.int8_kept,
+                            int8_smooth=args.int8_smooth)
     try:
         manifest = export_engine(args.checkpoint, args.out, options)
     except (CheckpointError, ConfigError) as e:

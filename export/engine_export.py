@@ -36,7 +36,7 @@ from gmr_fast.manifest import (FORMAT_VERSION, PRECISIONS, GraphSpec, Manifest, 
                                WeightFile)
 from gmr_fast.prompt import PromptBuilder
 
-from . import graphs, quantize, validate
+from . import calibrate, graphs, quantize, validate
 from .checkpoint import CheckpointReader
 from .reference import ReferenceScorer, available_memory, family_of, fp32_bytes
 
@@ -65,6 +65,11 @@ class ExportOptions:
     # what the kept weights become: fp32, or int8-weights (MatMulNBits, 8-bit weights, fp32
     # activations and arithmetic: export/quantize.py; a quarter of the bytes, slower at few rows)
     int8_kept: str = "fp32"
+    # SmoothQuant's alpha for the int8 MatMuls (export/calibrate.py): activation outlier channels
+    # migrate into the weights from ranges measured on a calibration set; 0 turns it off. On by
+    # default: never worse in what was measured, and int8 collapses without it where a checkpoint
+    # has outlier channels (README "Export", benchmarks/int8_smooth.py)
+    int8_smooth: float = 0.5
     num_threads: int | None = None
 
 
@@ -108,6 +113,8 @@ class _Builder:
         self._fp32_index: dict[str, dict] = {}
         self.activations = "tensor"  # per-tensor activations: the fast path (benchmarks/int8_kernels.py)
         self.kept = "fp32"  # what kept weights become (ExportOptions.int8_kept)
+        self.smooth: dict[str, np.ndarray] = {}  # calibrated input ranges of the weights to smooth
+        self.alpha = 0.0
 
     def _module(self, graph: str):
         import torch
@@ -132,7 +139,7 @@ class _Builder:
         import onnx_ir as ir
 
         started = time.perf_counter()
-        graph_specs, weight_files, kept = {}, {}, []
+        graph_specs, weight_files, kept, smoothed = {}, {}, [], []
         for graph in ("vision", "decoder"):
             fp32_path, fp32_weights = self.dir / f"{graph}.fp32.onnx", self.dir / f"{graph}.fp32.weights"
             if precision == "int8" and fp32_path.exists():
@@ -166,9 +173,10 @@ class _Builder:
                 matcher = quantize.keep_matcher(keep)
                 embedding = "embed" if graph == "decoder" else None
                 produced = quantize.rewrite(model, matcher, embedding=embedding, activations=self.activations,
-                                            kept=self.kept)
+                                            kept=self.kept, smooth=self.smooth if self.alpha > 0 else ())
                 kept += [n for n in self.sources[graph] if n.endswith("weight") and matcher(n)]
-                value_of = quantize.QuantizedValues(produced, fp32_value, embedding)
+                smoothed += [n for n in produced.values() if n + ".smooth" in produced]
+                value_of = quantize.QuantizedValues(produced, fp32_value, embedding, self.smooth, self.alpha)
             writer = graphs.WeightWriter(self.dir / f"{graph}.{precision}.weights")
             try:
                 graphs.attach_weights(model, writer, value_of, external)
@@ -186,7 +194,7 @@ class _Builder:
                    "weight_bytes": sum(os.path.getsize(self.dir / w.file) for w in weight_files.values())}
         if precision == "int8":
             details.update(kept_fp32_patterns=list(keep), kept_fp32=sorted(kept), kept_as=self.kept,
-                           activations=self.activations,
+                           activations=self.activations, smooth_alpha=self.alpha, smoothed=len(set(smoothed)),
                            int8="int8 weights per output column; activations quantized per "
                                 + ("row (MatMulInteger U8S8)" if self.activations == "row" else "tensor (DynamicQuantizeMatMul)")
                                 + "; int8 embedding rows")
@@ -218,6 +226,8 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     for name, tid in (("yes", prompts.yes_id), ("no", prompts.no_id)):
         if tid >= dims.vocab_size:
             raise CheckpointError(f"the {name} token id {tid} is outside the model's vocabulary ({dims.vocab_size})")
+    if not 0 <= options.int8_smooth < 1:
+        raise ConfigError(f"int8_smooth (SmoothQuant's alpha) must be in [0, 1), not {options.int8_smooth}")
     started = time.perf_counter()
 
     # 1. the fp32 reference, alone in memory
@@ -236,6 +246,14 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     del reference
     gc.collect()
     reference_seconds = time.perf_counter() - ref_started
+    ranges, calibration = {}, {}
+    if "int8" in dtypes and options.int8_smooth > 0:
+        cal_started = time.perf_counter()
+        cal_pairs = calibrate.calibration_pairs(options.seed)
+        ranges = calibrate.activation_ranges(checkpoint, gmr, vision, cal_pairs, gmr.default_instruction)
+        gc.collect()
+        calibration = {"calibration_pairs": len(cal_pairs),
+                       "calibration_seconds": round(time.perf_counter() - cal_started, 1)}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -247,6 +265,7 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
         if options.int8_kept not in quantize.KEPT:
             raise ConfigError(f"int8_kept must be one of {', '.join(quantize.KEPT)}, not {options.int8_kept!r}")
         builder.kept = options.int8_kept
+        builder.smooth, builder.alpha = ranges, (options.int8_smooth if ranges else 0.0)
         variants: dict[str, Variant] = {}
         for precision in ("fp32", "int8"):
             if precision in dtypes or (precision == "fp32" and "bf16" in dtypes):
@@ -321,7 +340,8 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
             "reference": f"transformers fp32 ({'HF model' if mode == 'hf' else 'HF vision and positions, decoder streamed layer by layer'})",
             "reference_seconds": round(reference_seconds, 1), "queries": len(groups), "pairs": len(pairs),
             "modalities": "queries: text, image, text+image; documents: text, image, text+image",
-            "criterion": options.criterion.to_dict(), "export_seconds": round(time.perf_counter() - started, 1),
+            "criterion": options.criterion.to_dict(), **calibration,
+            "export_seconds": round(time.perf_counter() - started, 1),
             **({"long_group": f"a {validate.LONG_IMAGE[0]}x{validate.LONG_IMAGE[1]} px image query with "
                               f"{sizes[-1]} documents of 60-250 words, whole prompts"} if long else {}),
             **({"refused": refused} if refused else {})})

@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-SUFFIXES = (".int8", ".scale", ".zero", ".w8", ".w8scale")
+SUFFIXES = (".int8", ".scale", ".zero", ".w8", ".w8scale", ".smooth")
 KEPT = ("int8-weights", "fp32")  # what a kept weight becomes (see above)
 BLOCK = 32  # MatMulNBits block along K of the kept weights
 CONSTANTS = "quant."  # the small constants of the per-row rewrite stay inside the graph
@@ -86,6 +86,15 @@ def quantize_blocks(w: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.n
     return q, scale.reshape(-1)
 
 
+def smoothing_scales(act_peak: np.ndarray, weight: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel ``s`` for ``x @ weight`` (weight [K, N]; export/calibrate.py):
+    ``max|x_j|^alpha / max|W_j|^(1 - alpha)``."""
+    w_peak = np.abs(weight).max(axis=1)
+    a = np.maximum(act_peak.astype(np.float64), 1e-5)
+    w = np.maximum(w_peak.astype(np.float64), 1e-5)
+    return np.clip(a ** alpha / w ** (1.0 - alpha), 1e-5, None).astype(np.float32)
+
+
 def _placeholder():
     raise RuntimeError("quantized weights are produced by the weight streamer, not read from the graph")
 
@@ -130,11 +139,14 @@ def _per_row(graph, node, x, q, scale, ir):
 
 
 def rewrite(model, keep: Callable[[str], bool], embedding: str | None = None, activations: str = "row",
-            kept: str = "fp32") -> dict[str, str]:
+            kept: str = "fp32", smooth: Iterable[str] = ()) -> dict[str, str]:
     """Rewrites ``model`` in place; returns {new initializer: original weight} for the streamer.
     ``activations``: "row" (per-token scales, U8S8 MatMulInteger) or "tensor" (onnxruntime's
     fused DynamicQuantizeMatMul, one scale for the whole activation matrix). ``kept``: what the
-    MatMuls of kept weights become ("fp32": unchanged; "int8-weights": MatMulNBits, see above)."""
+    MatMuls of kept weights become ("fp32": unchanged; "int8-weights": MatMulNBits, see above).
+    ``smooth``: weights whose int8 MatMul gets SmoothQuant's migration (export/calibrate.py): the
+    activation is multiplied by ``{weight}.smooth`` (1 / s, one value per input channel) before it
+    is quantized, and the weight is quantized as diag(s) W (``QuantizedValues``)."""
     if kept not in KEPT:
         raise ValueError(f"kept must be one of {KEPT}, not {kept!r}")
     import onnx_ir as ir
@@ -142,6 +154,7 @@ def rewrite(model, keep: Callable[[str], bool], embedding: str | None = None, ac
     graph = model.graph
     inits = graph.initializers
     produced: dict[str, str] = {}
+    smooth = set(smooth)
 
     def new_init(name: str, dtype, shape) -> ir.Value:
         value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
@@ -170,14 +183,21 @@ def rewrite(model, keep: Callable[[str], bool], embedding: str | None = None, ac
             else:
                 q = new_init(w.name + ".int8", ir.DataType.INT8, [k, n])
                 scale = new_init(w.name + ".scale", ir.DataType.FLOAT, [n])
-                if activations == "row":
-                    produced[q.name] = produced[scale.name] = w.name
-                    out = _per_row(graph, node, node.inputs[0], q, scale, ir)
-                else:
-                    zero = new_init(w.name + ".zero", ir.DataType.INT8, [n])
-                    for v in (q, scale, zero):
+                zero = new_init(w.name + ".zero", ir.DataType.INT8, [n]) if activations != "row" else None
+                x = node.inputs[0]
+                if w.name in smooth:  # right after its weight's other pieces: the streamer reads the weight once
+                    inverse = new_init(w.name + ".smooth", ir.DataType.FLOAT, [k])
+                    produced[inverse.name] = w.name
+                    scaled = ir.Node("", "Mul", [x, inverse], num_outputs=1, name=(node.name or w.name) + "/smooth")
+                    graph.insert_before(node, scaled)
+                    x = scaled.outputs[0]
+                for v in (q, scale, zero):
+                    if v is not None:
                         produced[v.name] = w.name
-                    out = ir.Node("com.microsoft", "DynamicQuantizeMatMul", [node.inputs[0], q, scale, zero],
+                if activations == "row":
+                    out = _per_row(graph, node, x, q, scale, ir)
+                else:
+                    out = ir.Node("com.microsoft", "DynamicQuantizeMatMul", [x, q, scale, zero],
                                   num_outputs=1, name=(node.name or w.name) + "/int8")
                     graph.insert_before(node, out)
             out.outputs[0].shape, out.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
@@ -212,8 +232,10 @@ class QuantizedValues:
     from their original (each original read once: its pieces are asked for one after another).
     ``embedding`` names the table quantized per row (the others are per output column)."""
 
-    def __init__(self, produced: dict[str, str], fp32_value: Callable[[str], np.ndarray], embedding: str | None = None):
+    def __init__(self, produced: dict[str, str], fp32_value: Callable[[str], np.ndarray], embedding: str | None = None,
+                 smooth: dict[str, np.ndarray] | None = None, alpha: float = 0.5):
         self.produced, self.fp32_value, self.embedding = produced, fp32_value, embedding
+        self.smooth, self.alpha = smooth or {}, alpha  # activation ranges of the smoothed weights
         self._name, self._parts = None, {}
 
     def __call__(self, name: str) -> np.ndarray:
@@ -229,7 +251,11 @@ class QuantizedValues:
                 q, scale = quantize_rows(w)
                 self._parts = {".int8": q, ".scale": scale}
             else:
+                inverse = None
+                if original + ".smooth" in self.produced:
+                    s = smoothing_scales(self.smooth[original], w, self.alpha)
+                    w, inverse = w * s[:, None], (1.0 / s).astype(np.float32)
                 q, scale = quantize_columns(w)
-                self._parts = {".int8": q, ".scale": scale, ".zero": np.zeros(scale.shape, np.int8)}
+                self._parts = {".int8": q, ".scale": scale, ".zero": np.zeros(scale.shape, np.int8), ".smooth": inverse}
             self._name = original
         return self._parts[name[len(original):]]

@@ -220,6 +220,7 @@ class _StreamedModel:
                 module.inv_freq, _ = module.compute_axial_rope_parameters(module.config)
         self.visual = visual.float().eval()
         self.sources = family.decoder_sources(self.dims, yes_id, no_id, "lm_head.weight" in self.reader)
+        self.layer_hook = None  # called with (index, DecoderLayer) once its weights are in (export/calibrate.py)
 
     def _tensor(self, name):
         import torch
@@ -265,6 +266,8 @@ class _StreamedModel:
             layer.to_empty(device="cpu")
             for name, p in layer.named_parameters():
                 p.data = self._tensor(f"layers.{i}.{name}")
+            if self.layer_hook is not None:
+                self.layer_hook(i, layer)
             final = i == d.num_layers - 1
             for st in states:
                 x, cos, sin, visible, last, empty = st
