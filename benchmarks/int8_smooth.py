@@ -40,8 +40,9 @@ def child_export(checkpoint: str, engine: str, keep: list, alpha: float) -> dict
             "calibration_seconds": m.validation.get("calibration_seconds"),
             "reference_seconds": m.validation.get("reference_seconds"),
             "export_seconds": m.validation.get("export_seconds"),
-            "validation": {k: v.validation.get(k) for k in ("kendall_tau", "query_kendall_tau_mean", "top10_overlap_mean",
-                                                            "top10_overlap_min", "max_abs_diff", "max_rel_error", "long")}}
+            "validation": {k: v.validation.get(k) for k in ("kendall_tau", "query_kendall_tau_mean",
+                                                            "top10_overlap_mean", "top10_overlap_min", "max_abs_diff",
+                                                            "max_rel_error", "long")}}
 
 
 def main(argv=None) -> int:
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
             row = in_child("real_size:child_reranker", engine, "int8", "text", True, a.repeat)
             row.pop("scores", None)
             doc["scoring"][key] = row
-            print(key, f"{row['pairs_per_s']:.3f} pairs/s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+            print(key, f"{row['pairs_per_s']:.3f} pairs/s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB",
+                  flush=True)
     write(a.out, doc)
     print("| checkpoint | alpha | per-query tau | long tau | top-10 mean / min | max abs diff | calibration s "
           "| text pairs/s |")
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
     for key, e in doc["exports"].items():
         v, kind = e["validation"], key.split("_alpha")[0]
         speed = doc["scoring"].get(key, {}).get("pairs_per_s")
-        print(f"| {kind} | {key.split('_alpha')[1]} | {v['query_kendall_tau_mean']:.3f} | {v['long']['kendall_tau']:.3f} "
+        print(f"| {kind} | {key.split('_alpha')[1]} | {v['query_kendall_tau_mean']:.3f} "
+              f"| {v['long']['kendall_tau']:.3f} "
               f"| {v['top10_overlap_mean']:.3f} / {v['top10_overlap_min']:.2f} | {v['max_abs_diff']:.3g} "
               f"| {e['calibration_seconds'] or 0:.0f} | {'' if speed is None else f'{speed:.2f}'} |")
     return 0

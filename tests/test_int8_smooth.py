@@ -70,7 +70,8 @@ def test_smoothing_recovers_int8_ranking_on_outlier_channels(tiny_checkpoints, t
         assert details["smooth_alpha"] == alpha
         nodes = {g: onnx.load(str(tmp_path / f"e{alpha}" / f"{g}.int8.onnx"), load_external_data=False).graph.node
                  for g in ("decoder", "vision")}
-        quantized = {n.input[1][:-len(".int8")] for g in nodes.values() for n in g if n.op_type == "DynamicQuantizeMatMul"}
+        quantized = {n.input[1][:-len(".int8")] for g in nodes.values() for n in g
+                     if n.op_type == "DynamicQuantizeMatMul"}
         smoothed = {n.input[1][:-len(".smooth")] for g in nodes.values() for n in g
                     if n.op_type == "Mul" and n.input[1].endswith(".smooth")}
         if alpha == 0:
