@@ -173,7 +173,7 @@ class _Builder:
                 matcher = quantize.keep_matcher(keep)
                 embedding = "embed" if graph == "decoder" else None
                 produced = quantize.rewrite(model, matcher, embedding=embedding, activations=self.activations,
-                                            kept=self.kept, smooth=self.smooth if self.alpha > 0 else ())
+                                            kept=self.kept, smooth=self.smooth)
                 kept += [n for n in self.sources[graph] if n.endswith("weight") and matcher(n)]
                 smoothed += [n for n in produced.values() if n + ".smooth" in produced]
                 value_of = quantize.QuantizedValues(produced, fp32_value, embedding, self.smooth, self.alpha)

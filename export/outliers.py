@@ -31,13 +31,12 @@ import os
 import pathlib
 import re
 import shutil
-import struct
 
 import numpy as np
 
 from gmr_fast.errors import CheckpointError
 
-from .checkpoint import canonical, to_float32
+from .checkpoint import CheckpointReader
 
 # (pattern over canonical names, width scope of the input channels (columns) scaled down or None,
 #  width scope of the output channels (rows / vector entries) scaled up or None)
@@ -54,19 +53,13 @@ RULES = (
     (r"visual\.blocks\.\d+\.mlp\.up_proj\.bias", None, "vision_intermediate"),
     (r"visual\.blocks\.\d+\.mlp\.down_proj\.weight", "vision_intermediate", None),
 )
-WRITABLE = {"BF16": np.uint16, "F32": np.float32}
+WRITABLE = ("BF16", "F32")
 
 
 def _from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F32":
         return values.astype(np.float32)
     return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # exact: x power-of-two of a bf16
-
-
-def _header(path: pathlib.Path) -> tuple[int, dict]:
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return 8 + n, json.loads(f.read(n))
 
 
 def add_outlier_channels(checkpoint: os.PathLike, out: os.PathLike, scale: float = 64.0, channels: int = 8,
@@ -77,9 +70,7 @@ def add_outlier_channels(checkpoint: os.PathLike, out: os.PathLike, scale: float
     src, dst = pathlib.Path(checkpoint), pathlib.Path(out)
     if dst.exists():
         raise CheckpointError(f"{dst} already exists")
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{src} has no *.safetensors weights")
+    CheckpointReader(src)  # raises on a directory without readable safetensors, before anything is copied
     rules = [(re.compile(p), cols, rows) for p, cols, rows in RULES]
     shutil.copytree(src, dst)
     rng = np.random.default_rng(seed)
@@ -93,30 +84,23 @@ def add_outlier_channels(checkpoint: os.PathLike, out: os.PathLike, scale: float
         return chosen[scope]
 
     touched = 0
-    for path in files:
-        base, header = _header(dst / path.name)
-        with open(dst / path.name, "r+b") as f:
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                name = canonical(key)
-                match = next(((cols, rows) for rx, cols, rows in rules if rx.fullmatch(name)), None)
-                if match is None:
-                    continue
-                if info["dtype"] not in WRITABLE:
-                    raise CheckpointError(f"{key}: dtype {info['dtype']} is not rewritten (bf16 or fp32 only)")
-                start, end = info["data_offsets"]
-                f.seek(base + start)
-                raw = np.frombuffer(f.read(end - start), np.uint8)
-                values = to_float32(raw, info["dtype"]).reshape(info["shape"]).copy()
-                cols, rows = match
-                if cols is not None:  # [out, in]: the input channels that now carry outliers
-                    values[:, pick(cols, values.shape[1])] /= scale
-                if rows is not None:  # a vector ([C]) or a matrix's output rows
-                    values[pick(rows, values.shape[0])] *= scale
-                f.seek(base + start)
-                f.write(_from_float32(values, info["dtype"]).tobytes())
-                touched += 1
+    reader = CheckpointReader(dst)  # canonical names, absolute offsets; the header parsed once
+    for name, info in reader.tensors.items():
+        match = next(((cols, rows) for rx, cols, rows in rules if rx.fullmatch(name)), None)
+        if match is None:
+            continue
+        if info.dtype not in WRITABLE:
+            raise CheckpointError(f"{name}: dtype {info.dtype} is not rewritten (bf16 or fp32 only)")
+        values = reader.get(name)
+        cols, rows = match
+        if cols is not None:  # [out, in]: the input channels that now carry outliers
+            values[:, pick(cols, values.shape[1])] /= scale
+        if rows is not None:  # a vector ([C]) or a matrix's output rows
+            values[pick(rows, values.shape[0])] *= scale
+        with open(info.file, "r+b") as f:
+            f.seek(info.start)
+            f.write(_from_float32(values, info.dtype).tobytes())
+        touched += 1
     if not touched:
         raise CheckpointError(f"{src}: no tensor matched the Qwen2(.5)-VL names this rewrite knows")
     (dst / "outliers.json").write_text(json.dumps({"scale": scale, "seed": seed, "tensors": touched,
