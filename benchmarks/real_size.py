@@ -85,7 +85,9 @@ def child_reranker(engine: str, precision: str, kind: str, share: bool = True, r
     from gmr_fast import Reranker
 
     pairs, _ = workload(kind)
+    t = time.perf_counter()
     r = Reranker(engine, precision=precision, share_prefix=share)
+    load_seconds = time.perf_counter() - t
     r.score(pairs[:2])  # warm-up (first-run allocations)
     best, scores = None, None
     for _ in range(repeat):
@@ -95,7 +97,7 @@ def child_reranker(engine: str, precision: str, kind: str, share: bool = True, r
         best = t if best is None else min(best, t)
     return {"pairs": len(pairs), "seconds": best, "pairs_per_s": len(pairs) / best, "scores": scores.tolist(),
             "stats": {k: v for k, v in r.last_stats.items() if not isinstance(v, list)},
-            "activation_budget_mb": r.options.activation_budget_mb}
+            "activation_budget_mb": r.options.activation_budget_mb, "load_seconds": load_seconds}
 
 
 def child_hf(checkpoint: str, dtype: str, kind: str) -> dict:
@@ -211,6 +213,7 @@ def main(argv=None) -> int:
                    help="score with an engine an earlier run exported (its manifest's figures are recorded)")
     p.add_argument("--isa", default="native",
                    help="native, avx512-vnni or avx512-bf16: run as on a processor without AMX (common.ISA_LIMITS)")
+    p.add_argument("--engine", help="the full-depth export's engine directory (default: WORK/SHAPE-full-engine)")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/real_size_cpu.json")
     a = p.parse_args(argv)
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
             build_shape_checkpoint(ckpt, a.full_export)
             doc["checkpoint_build_seconds"] = time.perf_counter() - t
         doc["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-        engine = work / f"{a.full_export}-full-engine"
+        engine = pathlib.Path(a.engine) if a.engine else work / f"{a.full_export}-full-engine"
         try:
             doc["full_export"] = in_child("real_size:child_export", str(ckpt), str(engine), a.dtypes.split(","),
                                           a.reference, a.int8_kept, a.int8_keep.split(",") if a.int8_keep else None,
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
         doc["bar"] = {"peak_rss_bytes": w["peak_rss_bytes"], "largest_variant_weight_bytes": weights,
                       "limit_bytes": 1.5 * weights + 2e9, "within": w["peak_rss_bytes"] <= 1.5 * weights + 2e9}
         if a.score:
-            precision = "int8" if "int8" in a.dtypes else "fp32"
+            precision = next(p for p in ("int8", "bf16", "fp32") if p in a.dtypes.split(","))
             doc["scoring"] = in_child("real_size:child_reranker", str(engine), precision, "text", timeout=6 * 3600)
             hf, doc["hf"] = {}, {}
             for dtype in filter(None, a.hf_dtypes.split(",")):

@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="engine directory to create")
     parser.add_argument("--dtype", default="fp32,int8,bf16",
                         help="comma-separated variants to build and validate: fp32, int8 (onnxruntime int8 "
-                             "operators), bf16 (the torch backend over the fp32 weights: no extra disk); "
+                             "operators), bf16 (the torch backend, over the fp32 weights: no extra disk; "
+                             "without fp32 over bf16 weight files, half fp32's size); "
                              "default fp32,int8,bf16")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--reference", default="auto", choices=["auto", "hf", "streamed"],

@@ -31,14 +31,16 @@ class WeightWriter:
         self._file = open(self.path, "wb")
         self._offset = 0
 
-    def add(self, name: str, array: np.ndarray) -> dict:
+    def add(self, name: str, array: np.ndarray, dtype: str | None = None) -> dict:
+        """``dtype``: the entry's dtype when the bytes are not numpy's own (bf16 as raw 16-bit words:
+        ``"bfloat16"``, which numpy has no name for)."""
         array = np.ascontiguousarray(array)
         pad = (-self._offset) % ALIGNMENT
         if pad:
             self._file.write(b"\0" * pad)
             self._offset += pad
         self._file.write(memoryview(array).cast("B"))
-        entry = {"offset": self._offset, "length": int(array.nbytes), "dtype": str(array.dtype),
+        entry = {"offset": self._offset, "length": int(array.nbytes), "dtype": dtype or str(array.dtype),
                  "shape": [int(x) for x in array.shape]}
         self._offset += array.nbytes
         self.tensors[name] = entry

@@ -11,7 +11,8 @@ Format 2 (this runtime) holds one or more *variants* of the same model, each a w
 - ``fp32``: ONNX graphs with fp32 weights, run by onnxruntime (or by the torch backend, which
   reads the same weight file);
 - ``int8``: ONNX graphs whose large matrix multiplies use onnxruntime's int8 operators;
-- ``bf16``: the torch backend in bfloat16 over the fp32 variant's weights.
+- ``bf16``: the torch backend in bfloat16, over the fp32 variant's weights or, in an engine
+  exported without fp32, over bfloat16 weight files of its own (entries of dtype ``bfloat16``).
 
 Each variant carries the validation figures measured at export against the fp32 reference.
 """

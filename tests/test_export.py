@@ -72,6 +72,39 @@ def test_int8_and_bf16_variants(all_precisions_engine):
     assert size("decoder.int8.weights") < 0.4 * size("decoder.fp32.weights")
 
 
+def test_bf16_alone_stores_bf16_weights_of_its_own(tiny_checkpoints, all_precisions_engine, tmp_path, rng):
+    """--dtype bf16 without fp32 (GMR-7B's fp32 weights would be 30 GB) writes bf16 weight files
+    and no ONNX graph. Its weights are the checkpoint's values rounded to bf16 as the torch
+    backend rounds an fp32 file's when loading, so on fresh pairs, batched, its scores equal
+    those of the bf16 variant run over fp32 files bit for bit: same values, same kernels, no
+    tolerance to argue."""
+    from gmr_fast import EngineError, Reranker
+
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e", ExportOptions(dtypes=("bf16",)))
+    engine = tmp_path / "e"
+    assert m.precisions == ("bf16",) and m.variants["bf16"].backend == "torch" and not m.variants["bf16"].graphs
+    assert sorted(p.name for p in engine.iterdir()) == ["decoder.bf16.weights", "manifest.json", "tokenizer.json",
+                                                        "vision.bf16.weights"]
+    tensors = m.variants["bf16"].weights["decoder"].tensors
+    assert tensors["score_row"]["dtype"] == "float32"  # the fused head row stays fp32, as the backend keeps it
+    assert {e["dtype"] for name, e in tensors.items() if name != "score_row"} == {"bfloat16"}
+    _, both = all_precisions_engine
+    for graph in ("decoder", "vision"):  # half of fp32's bytes, give or take the fp32 head row and alignment
+        ratio = (engine / f"{graph}.bf16.weights").stat().st_size / (both / f"{graph}.fp32.weights").stat().st_size
+        assert 0.49 < ratio < 0.52, (graph, ratio)
+    fig = m.variants["bf16"].validation
+    assert fig["query_kendall_tau_mean"] >= 0.9 and fig["long"]["kendall_tau"] >= 0.9, fig
+
+    groups = validate.validation_groups(3, 5, int(rng.integers(1 << 30)))
+    pairs = [(q, d) for q, docs in groups for d in docs]
+    own = Reranker(engine)  # auto: the engine's only variant
+    got = own.score(pairs, batch_size=4)
+    assert own.last_stats["precision"] == "bf16"
+    np.testing.assert_array_equal(got, Reranker(both, precision="bf16").score(pairs, batch_size=4))
+    with pytest.raises(EngineError, match="no fp32 variant"):
+        Reranker(engine, precision="fp32")
+
+
 def test_kept_weights_as_8bit_blocks_with_fp32_arithmetic(tiny_checkpoints, tmp_path, rng):
     """Kept weights (--int8-keep) stay fp32 MatMuls by default and become MatMulNBits with 8-bit
     weights and fp32 arithmetic with --int8-kept int8-weights. The operator against numpy: its

@@ -1,8 +1,9 @@
 """torch backend: the engine's graph modules run eagerly in PyTorch (sdpa attention), in fp32
 or bf16, on the CPU (bf16 is fast where oneDNN has AMX or AVX512-BF16 kernels) or on CUDA.
 
-Weights come from the engine itself: the fp32 variant's weight files, read tensor by tensor
-and converted to the run dtype, so the engine directory is all it needs. Needs torch
+Weights come from the engine itself, read tensor by tensor and converted to the run dtype, so
+the engine directory is all it needs: the bf16 variant's own bfloat16 files where the export
+wrote them (an engine without fp32), else the fp32 variant's. Needs torch
 (``pip install gmr_fast[export]`` or a CUDA build of torch).
 """
 
@@ -20,11 +21,13 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def read_tensor(directory: str, file: str, entry: dict) -> np.ndarray:
+    """One tensor of a weight file; bfloat16 entries come back as their raw 16-bit words (int16),
+    numpy having no bfloat16 (``_load`` views them as torch.bfloat16)."""
     buf = np.empty(entry["length"], np.uint8)
     with open(f"{directory}/{file}", "rb") as f:
         f.seek(entry["offset"])
         f.readinto(memoryview(buf))
-    return buf.view(entry["dtype"]).reshape(entry["shape"])
+    return buf.view(np.int16 if entry["dtype"] == "bfloat16" else entry["dtype"]).reshape(entry["shape"])
 
 
 class TorchBackend:
@@ -41,9 +44,11 @@ class TorchBackend:
 
         if precision not in DTYPES:
             raise BackendError(f"the torch backend runs fp32 or bf16, not {precision}")
-        if "fp32" not in manifest.variants:
-            raise BackendError("the torch backend reads the fp32 variant's weights, and this engine has none; "
-                               "re-export with --dtype fp32 (or a list including it)")
+        own = manifest.variants.get(precision)
+        source = own if own is not None and own.weights else manifest.variants.get("fp32")
+        if source is None:
+            raise BackendError(f"the torch backend runs {precision} over that variant's weights or the fp32 "
+                               f"variant's, and this engine has neither; re-export with --dtype {precision}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError(f"device {device!r} requested but torch sees no CUDA device")
         if num_threads and device == "cpu":
@@ -54,7 +59,7 @@ class TorchBackend:
         self.torch, self.device, self.precision = torch, torch.device(device), precision
         self.dtype = getattr(torch, DTYPES[precision])
         self.dims = manifest.decoder
-        weights = manifest.variants["fp32"].weights
+        weights = source.weights
         with torch.device("meta"):
             self.decoder = ScoreDecoder(manifest.decoder)
             self.vision = VisionEncoder(VisionDims.from_dict(manifest.vision))
@@ -88,11 +93,14 @@ class TorchBackend:
         out_in = {f"{name}.weight" for name in projs} if bf16_cpu else set()
         with torch.no_grad():
             for name, p in params.items():
-                value = torch.from_numpy(read_tensor(engine_dir, weight_file.file, weight_file.tensors[name]))
+                entry = weight_file.tensors[name]
+                value = torch.from_numpy(read_tensor(engine_dir, weight_file.file, entry))
+                if entry["dtype"] == "bfloat16":
+                    value = value.view(torch.bfloat16)
                 dtype = torch.float32 if name == "score_row" else self.dtype  # the head stays fp32
                 if name in out_in:  # one copy: converted and laid out [out, in] together
-                    value = value.t()
-                    p.data = value.to(device=self.device, dtype=dtype, memory_format=torch.contiguous_format).t()
+                    stored = torch.empty(value.shape[::-1], dtype=dtype, device=self.device)
+                    p.data = stored.copy_(value.t()).t()
                 else:
                     p.data = value.to(device=self.device, dtype=dtype)
             for name, value in buffers.items():
