@@ -27,14 +27,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import in_child, machine, write  # noqa: E402
 
 
-def child_export(checkpoint: str, engine: str, keep: list, alpha: float) -> dict:
+def child_export(checkpoint: str, engine: str, keep: list, alpha: float, activations: str = "tensor") -> dict:
     from export.engine_export import ExportOptions, export_engine
     from export.validate import Criterion
 
     low = Criterion()
     low.min_query_tau = low.min_long_tau = low.min_mean_top10 = low.min_top10 = -1.0
     m = export_engine(checkpoint, engine, ExportOptions(dtypes=("int8",), int8_keep=tuple(keep), int8_smooth=alpha,
-                                                        criterion=low, force=True))
+                                                        int8_activations=activations, criterion=low, force=True))
     v = m.variants["int8"]
     return {"int8_weight_bytes": v.details["weight_bytes"], "smoothed": v.details.get("smoothed"),
             "calibration_seconds": m.validation.get("calibration_seconds"),
@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--alphas", default="0,0.5")
     p.add_argument("--work", default="/tmp/gmr_bench/int8_smooth")
     p.add_argument("--no-outliers", action="store_true", help="only the checkpoint as given")
+    p.add_argument("--kinds", default="plain,outliers", help="which checkpoints: plain (as given), outliers (its copy)")
+    p.add_argument("--activations", default="tensor",
+                   help="comma-separated int8 activation scales to export with: tensor, row (--int8-activations)")
     p.add_argument("--no-speed", action="store_true", help="skip the pairs/s runs")
     p.add_argument("--repeat", type=int, default=2, help="timed scorings per engine (best counts)")
     p.add_argument("--out", default="benchmarks/results/int8_smooth_cpu.json")
@@ -60,8 +63,9 @@ def main(argv=None) -> int:
     alphas = [float(x) for x in a.alphas.split(",")]
     work = pathlib.Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    checkpoints = {"plain": a.checkpoint}
-    if not a.no_outliers:
+    kinds = ["plain"] if a.no_outliers else a.kinds.split(",")
+    checkpoints = {"plain": a.checkpoint} if "plain" in kinds else {}
+    if "outliers" in kinds:
         outliers = work / "checkpoint-outliers"
         if not (outliers / "outliers.json").exists():
             from export.outliers import add_outlier_channels
@@ -74,12 +78,13 @@ def main(argv=None) -> int:
     engines = {}
     for kind, checkpoint in checkpoints.items():
         for alpha in alphas:
-            key = f"{kind}_alpha{alpha:g}"
-            engines[key] = str(work / f"engine-{key}")
-            doc["exports"][key] = in_child("int8_smooth:child_export", checkpoint, engines[key], keep, alpha,
-                                           timeout=4 * 3600)
-            print(key, doc["exports"][key], flush=True)
-            write(a.out, doc)
+            for act in a.activations.split(","):
+                key = f"{kind}_alpha{alpha:g}" + ("" if act == "tensor" else f"_{act}")
+                engines[key] = str(work / f"engine-{key}")
+                doc["exports"][key] = in_child("int8_smooth:child_export", checkpoint, engines[key], keep, alpha, act,
+                                               timeout=4 * 3600)
+                print(key, doc["exports"][key], flush=True)
+                write(a.out, doc)
     if not a.no_speed:
         for key, engine in engines.items():
             row = in_child("real_size:child_reranker", engine, "int8", "text", True, a.repeat)
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
     for key, e in doc["exports"].items():
         v, kind = e["validation"], key.split("_alpha")[0]
         speed = doc["scoring"].get(key, {}).get("pairs_per_s")
-        print(f"| {kind} | {key.split('_alpha')[1]} | {v['query_kendall_tau_mean']:.3f} "
+        print(f"| {kind} | {key.split('_alpha')[1].replace('_', ', ')} | {v['query_kendall_tau_mean']:.3f} "
               f"| {v['long']['kendall_tau']:.3f} "
               f"| {v['top10_overlap_mean']:.3f} / {v['top10_overlap_min']:.2f} | {v['max_abs_diff']:.3g} "
               f"| {e['calibration_seconds'] or 0:.0f} | {'' if speed is None else f'{speed:.2f}'} |")
