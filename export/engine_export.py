@@ -143,21 +143,16 @@ class _Builder:
         loaded from fp32 weight files bit for bit, at half the disk and load time."""
         import torch
 
-        from gmr_fast.graphs.decoder import ScoreDecoder
-        from gmr_fast.graphs.vision import VisionDims, VisionEncoder
-
         started, weight_files = time.perf_counter(), {}
         for graph in ("vision", "decoder"):
-            with torch.device("meta"):
-                module = (ScoreDecoder(self.dims) if graph == "decoder"
-                          else VisionEncoder(VisionDims.from_dict(self.vision)))
+            module = self._module(graph)[0]  # on the meta device: names and shapes only
             sources = self.sources[graph]
             writer = graphs.WeightWriter(self.dir / f"{graph}.bf16.weights")
             try:
                 for name, param in module.named_parameters():
                     if name not in sources:
                         raise ExportError(f"the {graph} module has a parameter {name!r} with no checkpoint source")
-                    value = np.ascontiguousarray(self.reader.resolve(sources[name]), np.float32)
+                    value = self.reader.resolve(sources[name])  # contiguous fp32
                     if tuple(value.shape) != tuple(param.shape):
                         raise ExportError(f"{graph} parameter {name}: checkpoint gives shape {value.shape}, "
                                           f"the module expects {tuple(param.shape)}")
