@@ -57,7 +57,7 @@ def workload(kind: str, seed: int = 0) -> tuple[list, str]:
 
 
 def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "auto", int8_kept: str = "fp32",
-                 int8_keep: list | None = None, int8_smooth: float = 0.5) -> dict:
+                 int8_keep: list | None = None, int8_smooth: float | None = None) -> dict:
     import logging
 
     from export.engine_export import ExportOptions, export_engine
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--int8-kept", default="fp32", help="the full-depth export's --int8-kept (fp32 | int8-weights)")
     p.add_argument("--int8-keep", help="the full-depth export's --int8-keep, comma-separated globs (default: the "
                                        "export escalates through its fallback lists, one export attempt each)")
-    p.add_argument("--int8-smooth", type=float, default=0.5, help="the full-depth export's --int8-smooth (alpha)")
+    p.add_argument("--int8-smooth", type=float, help="the full-depth export's --int8-smooth (alpha)")
     p.add_argument("--score", action="store_true",
                    help="after the full-depth export, score the text workload with it and with HF in --hf-dtypes "
                         "(list only those that fit: GMR-7B in fp32 needs 33 GB), ranking compared with the first")

@@ -43,13 +43,16 @@ def main(argv=None) -> int:
                         help="what the kept weights become: fp32, or 8-bit weights with fp32 activations and "
                              "arithmetic (MatMulNBits: a quarter of fp32's bytes, slower on few rows; it may rank "
                              "below the bar where fp32 passes, as at GMR-7B's full depth)")
-    parser.add_argument("--int8-activations", default="tensor", choices=["tensor", "row"],
+    parser.add_argument("--int8-activations", choices=["tensor", "row"],
                         help="int8 activation scales: one per tensor (DynamicQuantizeMatMul, fastest on AMX) or one "
-                             "per token (MatMulInteger U8S8: a pair's score does not depend on what shares its batch)")
-    parser.add_argument("--int8-smooth", type=float, default=0.5, metavar="ALPHA",
-                        help="SmoothQuant scale migration for the int8 MatMuls with this alpha (default 0.5): input "
-                             "ranges are calibrated on pairs apart from the validation set and activation outlier "
-                             "channels move into the weights (export/calibrate.py); 0 turns it off")
+                             "per token (MatMulInteger U8S8: a pair's score does not depend on what shares its "
+                             "batch); default: per tensor, with one per-token attempt when per tensor fails with the "
+                             "first layer and the merger kept (export.engine_export.int8_attempts)")
+    parser.add_argument("--int8-smooth", type=float, metavar="ALPHA",
+                        help="SmoothQuant scale migration for the int8 MatMuls with this alpha (default 0.5 with "
+                             "per-tensor activations, 0.8 with per-token ones): input ranges are calibrated on pairs "
+                             "apart from the validation set and activation outlier channels move into the weights "
+                             "(export/calibrate.py); 0 turns it off")
     parser.add_argument("--accept-fp32-rel-error", type=float, help="override the fp32 bar (max error / score spread)")
     parser.add_argument("--accept-min-tau", type=float, help="override the reduced-precision per-query Kendall tau bar")
     parser.add_argument("--accept-long-tau", type=float, help="override the long group's Kendall tau bar")

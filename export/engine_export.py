@@ -48,6 +48,31 @@ REQUIRED_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json")
 # validation escalates through these when ranking agreement is not reached
 INT8_FALLBACKS = ((), ("layers.0.*", "merger.*"), ("*.down.weight", "merger.*", "layers.0.*"),
                   ("*.down.weight", "merger.*", "layers.0.*", "blocks.*", "patch_embed.*"))
+# SmoothQuant's alpha for each activation scheme when none is given: measured on a GMR-3B-width
+# checkpoint given outlier channels (results/int8_smooth_row_epyc_zen5.json), per-tensor scales
+# rank best at 0.5 (per-query tau 0.887 against 0.847 at 0.8) and per-token ones at 0.8 (0.926
+# against 0.889; long group 0.848 against 0.788)
+INT8_ALPHA = {"tensor": 0.5, "row": 0.8}
+
+
+def int8_attempts(keep: tuple[str, ...] | None, activations: str | None,
+                  alpha: float | None) -> list[tuple[tuple[str, ...], str, float]]:
+    """The int8 builds validation tries in turn, as (kept patterns, activation scales, alpha),
+    until one ranks within the criterion. A given keep-list or activation scheme is the only one
+    tried. Otherwise per-tensor scales (the fastest kernel: DynamicQuantizeMatMul, 2.7x per-token
+    MatMulInteger on AMX, 1.2x on AVX512-VNNI; benchmarks/int8_kernels.py) climb INT8_FALLBACKS,
+    with one per-token attempt after the first keep-list fails: per-token scales are what lets a
+    long image share a batch (one scale per tensor spans all its tokens), and keeping every
+    ``down`` in fp32 (the next level) costs more than they do. Measured on the Zen 5 at GMR-3B
+    width, 6 layers: per-tensor was refused at every level; per-token passed at the first keep-list
+    (README, "Export")."""
+    keeps = [tuple(keep)] if keep is not None else [tuple(k) for k in INT8_FALLBACKS]
+    schemes = [activations] if activations is not None else ["tensor"]
+    out = []
+    for level, k in enumerate(keeps):
+        for act in schemes + (["row"] if activations is None and keep is None and level == 1 else []):
+            out.append((k, act, INT8_ALPHA[act] if alpha is None else alpha))
+    return out
 
 
 @dataclass
@@ -63,15 +88,18 @@ class ExportOptions:
     reference: str = "auto"  # hf | streamed | auto (hf when its fp32 weights fit in memory)
     criterion: validate.Criterion = field(default_factory=validate.Criterion)
     int8_keep: tuple[str, ...] | None = None  # glob patterns of weights kept fp32 (None: escalate as needed)
-    int8_activations: str = "tensor"  # tensor (DynamicQuantizeMatMul) | row (per-token scales, MatMulInteger U8S8)
+    # tensor (DynamicQuantizeMatMul) | row (per-token scales, MatMulInteger U8S8) | None: as
+    # int8_attempts escalates (per tensor first)
+    int8_activations: str | None = None
     # what the kept weights become: fp32, or int8-weights (MatMulNBits, 8-bit weights, fp32
     # activations and arithmetic: export/quantize.py; a quarter of the bytes, slower at few rows)
     int8_kept: str = "fp32"
     # SmoothQuant's alpha for the int8 MatMuls (export/calibrate.py): activation outlier channels
     # migrate into the weights from ranges measured on a calibration set; 0 turns it off. On by
     # default: never worse in what was measured, and int8 collapses without it where a checkpoint
-    # has outlier channels (README "Export", benchmarks/int8_smooth.py)
-    int8_smooth: float = 0.5
+    # has outlier channels (README "Export", benchmarks/int8_smooth.py). None: INT8_ALPHA's for
+    # the activation scheme of each attempt
+    int8_smooth: float | None = None
     num_threads: int | None = None
 
 
@@ -264,7 +292,7 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     for name, tid in (("yes", prompts.yes_id), ("no", prompts.no_id)):
         if tid >= dims.vocab_size:
             raise CheckpointError(f"the {name} token id {tid} is outside the model's vocabulary ({dims.vocab_size})")
-    if not 0 <= options.int8_smooth < 1:
+    if options.int8_smooth is not None and not 0 <= options.int8_smooth < 1:
         raise ConfigError(f"int8_smooth (SmoothQuant's alpha) must be in [0, 1), not {options.int8_smooth}")
     started = time.perf_counter()
 
@@ -285,7 +313,7 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     gc.collect()
     reference_seconds = time.perf_counter() - ref_started
     ranges, calibration = {}, {}
-    if "int8" in dtypes and options.int8_smooth > 0:
+    if "int8" in dtypes and options.int8_smooth != 0:
         cal_started = time.perf_counter()
         cal_pairs = calibrate.calibration_pairs(options.seed)
         ranges = calibrate.activation_ranges(checkpoint, gmr, vision, cal_pairs, gmr.default_instruction)
@@ -297,19 +325,20 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         builder = _Builder(checkpoint, family, dims, vision, prompts.yes_id, prompts.no_id, tmp)
-        if options.int8_activations not in ("tensor", "row"):
+        if options.int8_activations not in (None, "tensor", "row"):
             raise ConfigError(f"int8_activations must be tensor or row, not {options.int8_activations!r}")
-        builder.activations = options.int8_activations
+        int8_plan = int8_attempts(options.int8_keep, options.int8_activations, options.int8_smooth)
         if options.int8_kept not in quantize.KEPT:
             raise ConfigError(f"int8_kept must be one of {', '.join(quantize.KEPT)}, not {options.int8_kept!r}")
         builder.kept = options.int8_kept
-        builder.smooth, builder.alpha = ranges, (options.int8_smooth if ranges else 0.0)
+        builder.smooth = ranges
+        keep, builder.activations, alpha = int8_plan[0]
+        builder.alpha = alpha if ranges else 0.0
         variants: dict[str, Variant] = {}
         for precision in ("fp32", "int8"):
             if precision in dtypes:
                 log.info("writing the %s graphs", precision)
-                keep = options.int8_keep if options.int8_keep is not None else INT8_FALLBACKS[0]
-                variants[precision] = builder.build(precision, tuple(keep) if precision == "int8" else ())
+                variants[precision] = builder.build(precision, keep if precision == "int8" else ())
         if "bf16" in dtypes and "fp32" in variants:  # no extra disk: the fp32 files, converted when loaded
             variants["bf16"] = Variant("bf16", "torch", {}, dict(variants["fp32"].weights), {},
                                        {"weights": "the fp32 variant's, converted to bfloat16 when loaded"})
@@ -332,11 +361,13 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
         sizes = [len(docs) for _, docs in groups]
         validated, refused = {}, {}
         for precision in list(variants):
-            attempts = [options.int8_keep] if (precision != "int8" or options.int8_keep is not None) else list(INT8_FALLBACKS)
-            for attempt, keep in enumerate(attempts):
+            attempts = int8_plan if precision == "int8" else [None]
+            for attempt, plan in enumerate(attempts):
                 if precision == "int8" and attempt > 0:
-                    log.info("int8 below the ranking criterion; keeping %s out of it (as %s) and rebuilding",
-                             list(keep), options.int8_kept)
+                    keep, builder.activations, alpha = plan
+                    builder.alpha = alpha if ranges else 0.0
+                    log.info("int8 below the ranking criterion; rebuilding it with %s kept out (as %s), activations "
+                             "quantized per %s", list(keep), options.int8_kept, builder.activations)
                     for f in list(variants["int8"].weights.values()) + list(variants["int8"].graphs.values()):
                         (tmp / f.file).unlink(missing_ok=True)
                     variants["int8"] = builder.build("int8", tuple(keep))
