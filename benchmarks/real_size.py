@@ -57,7 +57,8 @@ def workload(kind: str, seed: int = 0) -> tuple[list, str]:
 
 
 def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "auto", int8_kept: str = "fp32",
-                 int8_keep: list | None = None, int8_smooth: float | None = None) -> dict:
+                 int8_keep: list | None = None, int8_smooth: float | None = None,
+                 int8_activations: str | None = None) -> dict:
     import logging
 
     from export.engine_export import ExportOptions, export_engine
@@ -66,6 +67,7 @@ def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "a
     start = time.perf_counter()
     m = export_engine(checkpoint, engine, ExportOptions(dtypes=tuple(dtypes), force=True, reference=reference,
                                                         int8_kept=int8_kept, int8_smooth=int8_smooth,
+                                                        int8_activations=int8_activations,
                                                         int8_keep=None if int8_keep is None else tuple(int8_keep)))
     return {"export_seconds": time.perf_counter() - start,
             "variants": {p: {"weight_bytes": v.details.get("weight_bytes"),
@@ -73,7 +75,7 @@ def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "a
                                                                               "query_kendall_tau_mean",
                                                                               "top10_overlap_mean", "seconds", "long")},
                              "details": {k: v.details.get(k) for k in ("kept_fp32_patterns", "build_seconds",
-                                                                       "smooth_alpha", "smoothed")}}
+                                                                       "activations", "smooth_alpha", "smoothed")}}
                          for p, v in m.variants.items()},
             "refused": m.validation.get("refused", {}), "int8_kept": int8_kept,
             "reference": m.validation.get("reference"), "reference_seconds": m.validation.get("reference_seconds"),
@@ -206,6 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--int8-keep", help="the full-depth export's --int8-keep, comma-separated globs (default: the "
                                        "export escalates through its fallback lists, one export attempt each)")
     p.add_argument("--int8-smooth", type=float, help="the full-depth export's --int8-smooth (alpha)")
+    p.add_argument("--int8-activations", choices=["tensor", "row"], help="the full-depth export's --int8-activations")
     p.add_argument("--score", action="store_true",
                    help="after the full-depth export, score the text workload with it and with HF in --hf-dtypes "
                         "(list only those that fit: GMR-7B in fp32 needs 33 GB), ranking compared with the first")
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
             reused = reused_export(engine, a.dtypes.split(",")) if a.reuse else None
             doc["full_export"] = reused or in_child(
                 "real_size:child_export", str(ckpt), str(engine), a.dtypes.split(","), a.reference, a.int8_kept,
-                a.int8_keep.split(",") if a.int8_keep else None, a.int8_smooth, timeout=6 * 3600)
+                a.int8_keep.split(",") if a.int8_keep else None, a.int8_smooth, a.int8_activations, timeout=6 * 3600)
         except RuntimeError as e:  # e.g. the only variant asked for was refused: the reason is the result
             doc["full_export"] = {"error": str(e)[-2000:]}
             write(a.out, doc)

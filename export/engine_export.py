@@ -366,8 +366,9 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
                 if precision == "int8" and attempt > 0:
                     keep, builder.activations, alpha = plan
                     builder.alpha = alpha if ranges else 0.0
-                    log.info("int8 below the ranking criterion; rebuilding it with %s kept out (as %s), activations "
-                             "quantized per %s", list(keep), options.int8_kept, builder.activations)
+                    log.info("int8 below the ranking criterion; rebuilding it with %s kept out (as %s), activation "
+                             "scales per %s, alpha %s", list(keep), options.int8_kept,
+                             "token" if builder.activations == "row" else "tensor", builder.alpha)
                     for f in list(variants["int8"].weights.values()) + list(variants["int8"].graphs.values()):
                         (tmp / f.file).unlink(missing_ok=True)
                     variants["int8"] = builder.build("int8", tuple(keep))
