@@ -67,10 +67,9 @@ def int8_attempts(keep: tuple[str, ...] | None, activations: str | None,
     width, 6 layers: per-tensor was refused at every level; per-token passed at the first keep-list
     (README, "Export")."""
     keeps = [tuple(keep)] if keep is not None else [tuple(k) for k in INT8_FALLBACKS]
-    schemes = [activations] if activations is not None else ["tensor"]
     out = []
-    for level, k in enumerate(keeps):
-        for act in schemes + (["row"] if activations is None and keep is None and level == 1 else []):
+    for level, k in enumerate(keeps):  # level 1 is only reached when no keep-list was given
+        for act in [activations] if activations else (["tensor", "row"] if level == 1 else ["tensor"]):
             out.append((k, act, INT8_ALPHA[act] if alpha is None else alpha))
     return out
 
@@ -332,8 +331,14 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
             raise ConfigError(f"int8_kept must be one of {', '.join(quantize.KEPT)}, not {options.int8_kept!r}")
         builder.kept = options.int8_kept
         builder.smooth = ranges
-        keep, builder.activations, alpha = int8_plan[0]
-        builder.alpha = alpha if ranges else 0.0
+
+        def plan_int8(plan) -> tuple[str, ...]:
+            """The builder set for one int8 attempt; returns its kept patterns."""
+            keep, builder.activations, alpha = plan
+            builder.alpha = alpha if ranges else 0.0
+            return keep
+
+        keep = plan_int8(int8_plan[0])
         variants: dict[str, Variant] = {}
         for precision in ("fp32", "int8"):
             if precision in dtypes:
@@ -364,14 +369,13 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
             attempts = int8_plan if precision == "int8" else [None]
             for attempt, plan in enumerate(attempts):
                 if precision == "int8" and attempt > 0:
-                    keep, builder.activations, alpha = plan
-                    builder.alpha = alpha if ranges else 0.0
+                    keep = plan_int8(plan)
                     log.info("int8 below the ranking criterion; rebuilding it with %s kept out (as %s), activation "
                              "scales per %s, alpha %s", list(keep), options.int8_kept,
                              "token" if builder.activations == "row" else "tensor", builder.alpha)
                     for f in list(variants["int8"].weights.values()) + list(variants["int8"].graphs.values()):
                         (tmp / f.file).unlink(missing_ok=True)
-                    variants["int8"] = builder.build("int8", tuple(keep))
+                    variants["int8"] = builder.build("int8", keep)
                     manifest = _with_variants(manifest, variants)
                     manifest.save(tmp)
                 t = time.perf_counter()
