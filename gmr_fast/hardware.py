@@ -138,6 +138,7 @@ def torch_fp32_gemm_is_avx2_only() -> bool:
     """torch's fp32 matrix multiply is MKL's (the CPU wheel's BLAS), and MKL runs its AVX2 code on
     AMD processors whatever they have: on an AMD EPYC (Zen 5) with AVX-512 it ran a GMR-3B MLP GEMM
     at 211-218 GOP/s against onnxruntime's (MLAS, AVX-512) 437-464
-    (benchmarks/results/int8_kernels_epyc_zen5.json). On AVX2-only processors both run AVX2."""
+    (benchmarks/results/int8_kernels_epyc_zen5.json) and oneDNN's 431-500. On AVX2-only processors
+    all run AVX2. Where this holds the torch backend multiplies fp32 with oneDNN (backends.torch)."""
     info = cpu_info()
     return info["vendor"] == "AuthenticAMD" and "avx512f" in info["flags"]

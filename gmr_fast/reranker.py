@@ -251,13 +251,12 @@ def hardware_order(device: str, have: tuple | None = None) -> list[tuple[str, st
 # 1e-5; on a toy engine (hidden 64) eager torch's per-operator overhead dominates and it is
 # 0.7-0.8x, so narrower engines stay on onnxruntime. 1,536 is the narrowest real Qwen-VL decoder
 # (Qwen2-VL-2B). Without torch, or with onnxruntime providers or backend options given, fp32
-# stays on onnxruntime; so it does on AMD processors with AVX-512, where torch's fp32 GEMM (MKL)
-# runs AVX2 code and onnxruntime's AVX-512 (hardware.torch_fp32_gemm_is_avx2_only): there
-# onnxruntime's fp32 measured 1.64x torch's on text and 1.58x on images at GMR-3B width (README "Precision").
+# stays on onnxruntime. On AMD processors with AVX-512, where torch's own fp32 GEMM (MKL) runs
+# AVX2 code, the torch backend multiplies with oneDNN instead (backends.torch): there torch measured
+# 1.21x onnxruntime's fp32 on text and 1.37x on images at GMR-3B width (fp32_backends_epyc_zen5.json;
+# with MKL it was 0.57x and 0.70x).
 FP32_TORCH_MIN_HIDDEN = 1536
 FP32_ON_TORCH = "fp32 on torch at this width: real tokens only, sdpa attention (README \"Precision\")"
-FP32_STAYS_ON_ONNXRUNTIME = ("fp32 on onnxruntime: torch's fp32 GEMM (MKL) runs AVX2 code on AMD processors, "
-                             "onnxruntime's AVX-512 (README \"Precision\")")
 
 
 def choose_precision(manifest, precision: str, backend: str | None, device: str,
@@ -295,10 +294,7 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
     if (backend is None and chosen == "fp32" and run_on == "onnxruntime" and not device.startswith("cuda")
             and not onnxruntime_options and manifest.decoder.hidden_size >= FP32_TORCH_MIN_HIDDEN
             and _torch_available()):
-        if hardware.torch_fp32_gemm_is_avx2_only():
-            why = f"{why}; {FP32_STAYS_ON_ONNXRUNTIME}"
-        else:
-            run_on, why = "torch", f"{why}; {FP32_ON_TORCH}"
+        run_on, why = "torch", f"{why}; {FP32_ON_TORCH}"
     if chosen == "int8" and run_on != "onnxruntime":
         raise BackendError("int8 engines run on the onnxruntime backend")
     if chosen == "bf16" and run_on != "torch":
@@ -341,8 +337,9 @@ class Reranker:
         self.choice = {"precision": self.precision, "backend": backend, "device": options.device, "reason": why,
                        "lanes": self.lanes, "threads_per_lane": self.backend_threads, "lanes_reason": lanes_why,
                        "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
-        if hasattr(self.backend, "malloc"):
-            self.choice["malloc"] = self.backend.malloc
+        for key in ("malloc", "gemm"):  # torch backend
+            if hasattr(self.backend, key):
+                self.choice[key] = getattr(self.backend, key)
         self._limits = self._memory_limits()
         self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._cache_lock = threading.Lock()

@@ -227,18 +227,24 @@ def test_backend_and_precision_errors(exported_engines):
 def test_torch_backend_matches_onnxruntime_and_reference(family, exported_engines, references, rng):
     """The torch backend runs projections and MLPs on real tokens only (padding dropped, laid out
     again for attention): equal to onnxruntime's padded graph and to HF, whole prompts and
-    shared prefixes, padded on either side. fp32 throughout: 1e-4 as for every fp32 path."""
+    shared prefixes, padded on either side, with its fp32 projections on either GEMM (torch's
+    default, MKL on the CPU wheel, or oneDNN's on packed weights, which it takes on AMD processors
+    with AVX-512).
+    fp32 throughout: 1e-4 as for every fp32 path (the two GEMMs differ in summation order only)."""
     _, engine = exported_engines[family]
     pairs = _pairs(rng, 8) + _grouped(rng, 2, 4)
     expected = references[family].score(pairs)
     ort_scores = Reranker(engine, backend="onnxruntime").score(pairs)
     for side in ("left", "right"):
-        for share in (True, False):
-            r = Reranker(engine, backend="torch", padding_side=side, share_prefix=share)
+        for share, gemm in ((True, "onednn"), (False, "blas")):
+            r = Reranker(engine, backend="torch", padding_side=side, share_prefix=share, backend_options={"gemm": gemm})
             torch_scores = r.score(pairs)
             assert r.backend.decoder.unpad and r.last_stats["padding_efficiency"] < 1.0  # there was padding to skip
-            assert np.abs(torch_scores - ort_scores).max() <= 1e-4, (side, share)
-            assert np.abs(torch_scores - expected).max() <= 1e-4, (side, share)
+            assert r.choice["gemm"] == ("onednn" if gemm == "onednn" else "torch default")
+            projs = [m for m in (*r.backend.decoder.modules(), *r.backend.vision.modules()) if hasattr(m, "packed")]
+            assert projs and all((m.packed is not None) == (gemm == "onednn") for m in projs)
+            assert np.abs(torch_scores - ort_scores).max() <= 1e-4, (side, share, gemm)
+            assert np.abs(torch_scores - expected).max() <= 1e-4, (side, share, gemm)
 
 
 def test_reduced_precisions_keep_the_ranking(all_precisions_engine, references, rng):

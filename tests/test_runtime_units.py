@@ -284,12 +284,12 @@ def test_fp32_runs_on_torch_at_real_widths_where_torch_imports_and_nothing_asks_
 
     m = _Manifest({"fp32": 1.0})
     monkeypatch.setattr(rr, "_torch_available", lambda: True)
-    # an AMD processor with AVX-512: torch's fp32 GEMM is MKL's AVX2 code there, onnxruntime's is AVX-512
-    monkeypatch.setattr(hardware, "torch_fp32_gemm_is_avx2_only", lambda: True)
-    chosen, backend, why = rr.choose_precision(m, "fp32", None, "cpu")
-    assert backend == "onnxruntime" and "MKL" in why
+    # an AMD processor with AVX-512 too: the torch backend multiplies with oneDNN there, not MKL's AVX2 code
+    for amd_avx512 in (True, False):
+        monkeypatch.setattr(hardware, "torch_fp32_gemm_is_avx2_only", lambda: amd_avx512)
+        chosen, backend, why = rr.choose_precision(m, "fp32", None, "cpu")
+        assert backend == "torch" and "sdpa" in why
     assert rr.choose_precision(m, "fp32", "torch", "cpu")[1] == "torch"  # named
-    monkeypatch.setattr(hardware, "torch_fp32_gemm_is_avx2_only", lambda: False)
     assert rr.choose_precision(m, "auto", None, "cpu")[1] == "torch"
     assert rr.choose_precision(m, "fp32", None, "cpu")[1] == "torch"
     assert rr.choose_precision(m, "fp32", "onnxruntime", "cpu")[1] == "onnxruntime"  # named

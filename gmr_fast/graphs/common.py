@@ -20,10 +20,16 @@ class Proj(nn.Module):
         # the output (measured at the vision tower's [5,840 x 1,280] x [1,280 x 6,840] in bf16 on
         # a Zen 5: 147 ms against 166). Exports keep MatMul + Add (the quantizer rewrites MatMuls).
         self.fused = False
+        # The torch backend sets this on a CPU: the weight in oneDNN's own blocked layout, multiplied
+        # by oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``) without the reorder of a plain
+        # weight on every call (gmr_fast.backends.torch).
+        self.packed = None
 
     def forward(self, x):
         if x.dtype != self.weight.dtype:  # an fp32 stream into bf16 weights (graphs.decoder, fp32_stream)
             x = x.to(self.weight.dtype)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.fused:
             return F.linear(x, self.weight.t(), self.bias)
         y = torch.matmul(x, self.weight)
