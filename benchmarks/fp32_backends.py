@@ -9,9 +9,11 @@ measurement behind running fp32 on torch by default when torch is importable
 - ``--real``: a GMR-width engine (benchmarks/real_size.py builds one), its text and image
   workloads.
 
-Each measurement runs in its own process (peak RSS its own); the two backends alternate over
-``--rounds`` because this VM's speed drifts over minutes, and the median is reported. Scores of
-the two backends are compared (they must agree to fp32 noise).
+Contenders: onnxruntime, torch as it chooses its fp32 GEMM (oneDNN on AMD processors with
+AVX-512, where MKL runs AVX2 code; MKL elsewhere), and torch held to MKL (``gemm=blas``). Each
+measurement runs in its own process (peak RSS its own); the contenders alternate over
+``--rounds`` because this VM's speed drifts over minutes, and the median is reported. Every
+contender's scores are compared with onnxruntime's (they must agree to fp32 noise).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import numpy as np  # noqa: E402
 
 from common import in_child, machine, write  # noqa: E402
 
-BACKENDS = ("onnxruntime", "torch")
+# contender -> (backend, backend options): torch with its default fp32 GEMM choice (oneDNN where MKL
+# runs AVX2 code on an AVX-512 CPU) and torch held to MKL's (F.linear), to show that choice
+CONTENDERS = {"onnxruntime": ("onnxruntime", {}), "torch": ("torch", {}), "torch_mkl": ("torch", {"gemm": "blas"})}
 
 
 def calls(kind: str) -> list[list]:
@@ -45,17 +49,18 @@ def calls(kind: str) -> list[list]:
     return [workload(kind)[0]]
 
 
-def child(engine: str, backend: str, kind: str) -> dict:
+def child(engine: str, contender: str, kind: str) -> dict:
     from gmr_fast import Reranker
 
-    r = Reranker(engine, precision="fp32", backend=backend)
+    backend, options = CONTENDERS[contender]
+    r = Reranker(engine, precision="fp32", backend=backend, backend_options=options)
     work = calls(kind)
     r.score(work[0][:2])  # warm-up
     start = time.perf_counter()
     scores = [r.score(c) for c in work]
     t = time.perf_counter() - start
     n = sum(len(c) for c in work)
-    return {"pairs": n, "calls": len(work), "seconds": t, "pairs_per_s": n / t,
+    return {"pairs": n, "calls": len(work), "seconds": t, "pairs_per_s": n / t, "gemm": r.choice.get("gemm"),
             "scores": np.concatenate(scores).tolist()}
 
 
@@ -70,28 +75,32 @@ def main(argv=None) -> int:
             ([(a.real, "text"), (a.real, "image")] if a.real else [])
     rows = []
     for engine, kind in cases:
-        runs = {b: [] for b in BACKENDS}
+        runs = {b: [] for b in CONTENDERS}
         for _ in range(a.rounds):
-            for b in BACKENDS:
+            for b in CONTENDERS:
                 runs[b].append(in_child("fp32_backends:child", engine, b, kind))
         row = {"engine": engine, "workload": kind, "pairs": runs["torch"][0]["pairs"],
                "calls": runs["torch"][0]["calls"]}
-        for b in BACKENDS:
+        ref = np.array(runs["onnxruntime"][0]["scores"])
+        for b in CONTENDERS:
             row[b] = {"pairs_per_s": float(np.median([r["pairs_per_s"] for r in runs[b]])),
                       "pairs_per_s_rounds": [r["pairs_per_s"] for r in runs[b]],
-                      "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs[b])}
-        ref, got = np.array(runs["onnxruntime"][0]["scores"]), np.array(runs["torch"][0]["scores"])
-        row["max_abs_score_difference"] = float(np.abs(ref - got).max())
+                      "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs[b]), "gemm": runs[b][0]["gemm"],
+                      "max_abs_score_difference": float(np.abs(ref - np.array(runs[b][0]["scores"])).max())}
+        row["max_abs_score_difference"] = row["torch"]["max_abs_score_difference"]
         row["score_std"] = float(ref.std())
         row["torch_vs_onnxruntime"] = row["torch"]["pairs_per_s"] / row["onnxruntime"]["pairs_per_s"]
+        row["torch_mkl_vs_onnxruntime"] = row["torch_mkl"]["pairs_per_s"] / row["onnxruntime"]["pairs_per_s"]
         print(row, flush=True)
         rows.append(row)
     write(a.out, {"machine": machine(), "command": " ".join(sys.argv), "rows": rows})
-    print("| engine | workload | onnxruntime pairs/s | torch pairs/s | torch / onnxruntime | peak RSS ort / torch GB |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | workload | onnxruntime pairs/s | torch pairs/s (GEMM) | torch / onnxruntime "
+          "| torch on MKL pairs/s | torch on MKL / onnxruntime | peak RSS ort / torch GB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {pathlib.Path(r['engine']).name} | {r['workload']} | {r['onnxruntime']['pairs_per_s']:.2f} | "
-              f"{r['torch']['pairs_per_s']:.2f} | {r['torch_vs_onnxruntime']:.2f}x | "
+              f"{r['torch']['pairs_per_s']:.2f} ({r['torch']['gemm']}) | {r['torch_vs_onnxruntime']:.2f}x | "
+              f"{r['torch_mkl']['pairs_per_s']:.2f} | {r['torch_mkl_vs_onnxruntime']:.2f}x | "
               f"{r['onnxruntime']['peak_rss_bytes'] / 2**30:.1f} / {r['torch']['peak_rss_bytes'] / 2**30:.1f} |")
     return 0
 
