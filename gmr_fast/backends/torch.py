@@ -60,7 +60,6 @@ class TorchBackend:
         self.dtype = getattr(torch, DTYPES[precision])
         self.dims = manifest.decoder
         self.onednn = self._use_onednn(gemm)
-        self.gemm = "onednn" if self.onednn else "torch default"  # reported in Reranker.choice
         weights = source.weights
         with torch.device("meta"):
             self.decoder = ScoreDecoder(manifest.decoder)
@@ -75,6 +74,11 @@ class TorchBackend:
         self.decoder.fp32_stream = precision == "bf16"
         for layer in self.decoder.layers:
             layer.attn_dtype = self.dtype
+
+    @property
+    def gemm(self) -> str:
+        """Which GEMM the projections run (reported in Reranker.choice)."""
+        return "onednn" if self.onednn else "torch default"
 
     def _use_onednn(self, gemm: str) -> bool:
         """Whether the projections run oneDNN's GEMM on weights packed once into its own layout
