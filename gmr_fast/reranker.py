@@ -299,6 +299,9 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
         raise BackendError("int8 engines run on the onnxruntime backend")
     if chosen == "bf16" and run_on != "torch":
         raise BackendError("bf16 runs on the torch backend (onnxruntime has no bf16 GEMM on CPU)")
+    if not variant.graphs and run_on != "torch":
+        raise BackendError(f"this engine's {chosen} variant has no ONNX graphs ({variant.details.get('weights', '')}); "
+                           f"it runs on the torch backend")
     return chosen, run_on, why
 
 

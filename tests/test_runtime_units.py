@@ -213,9 +213,10 @@ def test_unit_tests_run_without_torch():
 class _Manifest:
     """The two things choose_precision reads from an engine: its variants and their figures."""
 
-    def __init__(self, taus: dict, hidden_size: int = 2048):
+    def __init__(self, taus: dict, hidden_size: int = 2048, torch_only: tuple = ("bf16",)):
         self.taus = taus
         self.decoder = type("D", (), {"hidden_size": hidden_size})()
+        self.torch_only = torch_only  # variants with no ONNX graphs (bf16; fp32 over bf16 weight files)
 
     @property
     def precisions(self):
@@ -224,8 +225,10 @@ class _Manifest:
     def variant(self, precision):
         if precision not in self.taus:
             raise errors.EngineError(f"no {precision} variant")
-        backend = "torch" if precision == "bf16" else "onnxruntime"
-        return type("V", (), {"backend": backend, "validation": {"query_kendall_tau_mean": self.taus[precision]}})()
+        torch_only = precision in self.torch_only
+        return type("V", (), {"backend": "torch" if torch_only else "onnxruntime", "details": {},
+                              "graphs": {} if torch_only else {"decoder": None, "vision": None},
+                              "validation": {"query_kendall_tau_mean": self.taus[precision]}})()
 
 
 @pytest.mark.parametrize("cpu, taus, expected", [
@@ -298,6 +301,12 @@ def test_fp32_runs_on_torch_at_real_widths_where_torch_imports_and_nothing_asks_
     monkeypatch.setattr(rr, "_torch_available", lambda: False)
     chosen, backend, why = rr.choose_precision(m, "auto", None, "cpu")
     assert (chosen, backend) == ("fp32", "onnxruntime") and "torch" not in why
+    # fp32 over the bf16 weight files of a bf16 checkpoint: no graphs, torch only (named or not)
+    over = _Manifest({"bf16": 0.95, "fp32": 1.0}, torch_only=("bf16", "fp32"))
+    assert rr.choose_precision(over, "fp32", None, "cpu")[1] == "torch"
+    assert rr.choose_precision(over, "fp32", None, "cpu", onnxruntime_options=True)[1] == "torch"
+    with pytest.raises(errors.BackendError, match="no ONNX graphs"):
+        rr.choose_precision(over, "fp32", "onnxruntime", "cpu")
 
 
 @pytest.mark.parametrize("vendor, flags, expected", [("AuthenticAMD", "avx2 avx512f", True),

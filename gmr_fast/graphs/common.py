@@ -24,8 +24,23 @@ class Proj(nn.Module):
         # by oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``) without the reorder of a plain
         # weight on every call (gmr_fast.backends.torch).
         self.packed = None
+        # The torch backend sets this to "onednn" or "linear" for fp32 arithmetic over bf16 weights
+        # (an engine exported from a bf16 checkpoint, whose values bf16 holds exactly): each call
+        # widens the weight to an fp32 [out, in] copy, freed after the GEMM, so the results are the
+        # fp32 model's at bf16's weight memory.
+        self.upcast = None
+
+    @property
+    def compute_dtype(self):
+        """The dtype this projection computes in (its input's)."""
+        return torch.float32 if self.upcast else self.weight.dtype
 
     def forward(self, x):
+        if self.upcast:
+            w = self.weight.t().float()  # [out, in] storage (gmr_fast.backends.torch): a contiguous copy
+            if self.upcast == "onednn":
+                return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+            return F.linear(x, w, self.bias)
         if x.dtype != self.weight.dtype:  # an fp32 stream into bf16 weights (graphs.decoder, fp32_stream)
             x = x.to(self.weight.dtype)
         if self.packed is not None:

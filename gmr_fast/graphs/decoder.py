@@ -171,6 +171,8 @@ class ScoreDecoder(nn.Module):
 
     def embed_tokens(self, input_ids, image_embeds):
         embeds = F.embedding(input_ids, self.embed)
+        # a bf16 table under fp32 arithmetic (Proj.upcast) widens the rows it gathered, exactly
+        embeds = _as(embeds, torch.promote_types(embeds.dtype, image_embeds.dtype))
         b, s = input_ids.shape
         # The k-th image pad (row-major) takes row k of image_embeds; row 0 of the table is a zero
         # row every other position points at.

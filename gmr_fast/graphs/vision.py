@@ -148,7 +148,7 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values, rot_pos_ids, full_gather, full_valid, full_inverse,
                 window_index=None, window_reverse=None, window_gather=None, window_valid=None, window_inverse=None):
         d = self.dims
-        dtype = self.patch_embed.weight.dtype
+        dtype = self.patch_embed.compute_dtype
         hidden = self.patch_embed(pixel_values.to(dtype))
         freqs = rot_pos_ids.float().unsqueeze(-1) * self.inv_freq  # [N, 2, d/4]: height and width
         freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
