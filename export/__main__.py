@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     parser.add_argument("--accept-long-tau", type=float, help="override the long group's Kendall tau bar")
     parser.add_argument("--accept-min-top10", type=float, help="override the reduced-precision mean top-10 overlap bar")
     parser.add_argument("--threads", type=int, help="threads for validation")
+    parser.add_argument("--no-fp32-over-bf16", dest="fp32_over_bf16", action="store_false",
+                        help="with bf16 and without fp32, from a bf16 checkpoint: do not add (nor validate) the fp32 "
+                             "variant that runs over the bf16 weight files")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (not available yet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
                             reference=args.reference, criterion=criterion, num_threads=args.threads,
                             int8_keep=tuple(p.strip() for p in args.int8_keep.split(",")) if args.int8_keep else None,
                             int8_activations=args.int8_activations, int8_kept=args.int8_kept,
-                            int8_smooth=args.int8_smooth)
+                            int8_smooth=args.int8_smooth, fp32_over_bf16=args.fp32_over_bf16)
     try:
         manifest = export_engine(args.checkpoint, args.out, options)
     except (CheckpointError, ConfigError) as e:

@@ -100,6 +100,10 @@ class ExportOptions:
     # the activation scheme of each attempt
     int8_smooth: float | None = None
     num_threads: int | None = None
+    # bf16 without fp32 from a checkpoint whose weights bf16 holds exactly (as released): also an
+    # fp32 variant on the torch backend over the same files (fp32 arithmetic, weights widened per
+    # call), validated by the fp32 criterion; False leaves it out (its validation runs at fp32 speed)
+    fp32_over_bf16: bool = True
 
 
 def check_checkpoint(checkpoint: pathlib.Path):
@@ -170,7 +174,7 @@ class _Builder:
         loaded from fp32 weight files bit for bit, at half the disk and load time."""
         import torch
 
-        started, weight_files = time.perf_counter(), {}
+        started, weight_files, exact = time.perf_counter(), {}, True
         for graph in ("vision", "decoder"):
             module = self._module(graph)[0]  # on the meta device: names and shapes only
             sources = self.sources[graph]
@@ -186,15 +190,17 @@ class _Builder:
                     if name == "score_row":
                         writer.add(name, value)
                     else:
-                        words = torch.from_numpy(value).to(torch.bfloat16).view(torch.int16).numpy()
-                        writer.add(name, words, dtype="bfloat16")
+                        rounded = torch.from_numpy(value).to(torch.bfloat16)
+                        exact = exact and bool(torch.equal(rounded.float(), torch.from_numpy(value)))
+                        writer.add(name, rounded.view(torch.int16).numpy(), dtype="bfloat16")
                     del value
             finally:
                 writer.close()
             weight_files[graph] = WeightFile(writer.path.name, writer.tensors)
         details = {"build_seconds": round(time.perf_counter() - started, 1),
                    "weight_bytes": sum(os.path.getsize(self.dir / w.file) for w in weight_files.values()),
-                   "weights": "bfloat16 (the fused head row fp32), written from the checkpoint"}
+                   "weights": "bfloat16 (the fused head row fp32), written from the checkpoint",
+                   "exact": exact}  # every value is the checkpoint's own (a bf16 checkpoint)
         return Variant("bf16", "torch", {}, weight_files, {}, details)
 
     def build(self, precision: str, keep: tuple[str, ...] = ()) -> Variant:
@@ -350,6 +356,10 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
         elif "bf16" in dtypes:  # without fp32 (GMR-7B: 30 GB of fp32 weights), bf16 files of its own
             log.info("writing the bf16 weights")
             variants["bf16"] = builder.build_bf16()
+            if variants["bf16"].details["exact"] and options.fp32_over_bf16:  # validated below, like any fp32
+                variants["fp32"] = Variant("fp32", "torch", {}, dict(variants["bf16"].weights), {}, {
+                    "weights": "the bf16 variant's files, which hold every weight of this checkpoint exactly; "
+                               "fp32 arithmetic, each weight widened per call"})
         shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
         reader = builder.reader
         manifest = Manifest(
@@ -398,7 +408,7 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
             if reason is not None:
                 message = (f"{precision} export failed validation: {reason} on {len(pairs)} pairs "
                            f"(Kendall tau {figures['kendall_tau']:.4f}, max |diff| {figures['max_abs_diff']:.3g})")
-                if precision == "fp32" or len(dtypes) == 1:
+                if precision in dtypes and (precision == "fp32" or len(dtypes) == 1):  # not fp32 over bf16
                     raise ExportError(message + "; override the criterion with --accept-* only if you know why")
                 # one reduced precision among several: the engine is written without it, and says why
                 log.warning("%s; the engine is written without it", message)

@@ -67,11 +67,12 @@ def _preprocessor(min_pixels: int, max_pixels: int) -> dict:
 
 def build_checkpoint(out_dir: os.PathLike, family: str = "qwen2_5_vl", seed: int = 0,
                      gmr: GmrConfig | None = None, cache_dir: os.PathLike | None = None, init_std: float | None = 0.08,
-                     **config_kwargs) -> pathlib.Path:
+                     dtype: str = "float32", **config_kwargs) -> pathlib.Path:
     """Writes a tiny random-weight GMR checkpoint (safetensors, tokenizer, preprocessor_config.json,
     gmr.json) to out_dir and returns it. ``init_std`` widens the matrices' random init so that
     untrained scores spread like a real model's (what parity tests want); ``None`` keeps
-    transformers' own initialisation (what training from scratch wants)."""
+    transformers' own initialisation (what training from scratch wants). ``dtype``: how the
+    weights are stored (bfloat16 as released checkpoints are)."""
     import torch
 
     out = pathlib.Path(out_dir)
@@ -86,7 +87,7 @@ def build_checkpoint(out_dir: os.PathLike, family: str = "qwen2_5_vl", seed: int
                     p.normal_(0.0, init_std)
     gmr = gmr or GmrConfig()
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     qwen_tokenizer.save_hf_tokenizer(out, tokenizer_json(cache_dir))
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor(gmr.min_pixels, gmr.max_pixels), indent=2))
     gmr.save(out)
