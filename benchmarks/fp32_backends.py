@@ -3,6 +3,7 @@ measurement behind running fp32 on torch by default when torch is importable
 (gmr_fast.reranker.FP32_ON_TORCH).
 
     python benchmarks/fp32_backends.py --tiny ENGINE --real ENGINE --out benchmarks/results/fp32_backends_cpu.json
+    python benchmarks/fp32_backends.py --real ENGINE --over-bf16 BF16_ENGINE --contenders torch,torch_bf16_weights
 
 - ``--tiny``: a small engine (the server benchmark's), Cohere-shaped requests of 20-50 text
   documents (benchmarks/serve.py), scored one request per call and sixteen per call;
@@ -10,10 +11,12 @@ measurement behind running fp32 on torch by default when torch is importable
   workloads.
 
 Contenders: onnxruntime, torch as it chooses its fp32 GEMM (oneDNN on AMD processors with
-AVX-512, where MKL runs AVX2 code; MKL elsewhere), and torch held to MKL (``gemm=blas``). Each
+AVX-512, where MKL runs AVX2 code; MKL elsewhere), torch held to MKL (``gemm=blas``), and with
+``--over-bf16`` torch's fp32 over the bf16 weight files of an engine exported from the same bf16
+checkpoint with ``--dtype bf16`` (each weight widened per call, graphs.common.Proj.upcast). Each
 measurement runs in its own process (peak RSS its own); the contenders alternate over
 ``--rounds`` because this VM's speed drifts over minutes, and the median is reported. Every
-contender's scores are compared with onnxruntime's (they must agree to fp32 noise).
+contender's scores are compared with the first contender's (they must agree to fp32 noise).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from common import in_child, machine, write  # noqa: E402
 
 # contender -> (backend, backend options): torch with its default fp32 GEMM choice (oneDNN where MKL
 # runs AVX2 code on an AVX-512 CPU) and torch held to MKL's (F.linear), to show that choice
-CONTENDERS = {"onnxruntime": ("onnxruntime", {}), "torch": ("torch", {}), "torch_mkl": ("torch", {"gemm": "blas"})}
+CONTENDERS = {"onnxruntime": ("onnxruntime", {}), "torch": ("torch", {}), "torch_mkl": ("torch", {"gemm": "blas"}),
+              "torch_bf16_weights": ("torch", {})}
 
 
 def calls(kind: str) -> list[list]:
@@ -68,6 +72,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", help="a small engine (requests of 20-50 documents)")
     p.add_argument("--real", help="a GMR-width engine (text and image workloads)")
+    p.add_argument("--over-bf16", help="a bf16-only engine of --real's checkpoint (its fp32 runs over bf16 files)")
+    p.add_argument("--contenders", default="onnxruntime,torch,torch_mkl,torch_bf16_weights")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/fp32_backends_cpu.json")
     a = p.parse_args(argv)
@@ -75,33 +81,36 @@ def main(argv=None) -> int:
             ([(a.real, "text"), (a.real, "image")] if a.real else [])
     rows = []
     for engine, kind in cases:
-        runs = {b: [] for b in CONTENDERS}
+        contenders = [b for b in a.contenders.split(",")
+                      if b != "torch_bf16_weights" or (a.over_bf16 and engine == a.real)]
+        runs = {b: [] for b in contenders}
         for _ in range(a.rounds):
-            for b in CONTENDERS:
-                runs[b].append(in_child("fp32_backends:child", engine, b, kind))
-        row = {"engine": engine, "workload": kind, "pairs": runs["torch"][0]["pairs"],
-               "calls": runs["torch"][0]["calls"]}
-        ref = np.array(runs["onnxruntime"][0]["scores"])
-        for b in CONTENDERS:
+            for b in contenders:
+                runs[b].append(in_child("fp32_backends:child", a.over_bf16 if b == "torch_bf16_weights" else engine,
+                                        b, kind))
+        first = runs[contenders[0]][0]
+        row = {"engine": engine, "workload": kind, "pairs": first["pairs"], "calls": first["calls"],
+               "reference": contenders[0]}
+        ref = np.array(first["scores"])
+        for b in contenders:
             row[b] = {"pairs_per_s": float(np.median([r["pairs_per_s"] for r in runs[b]])),
                       "pairs_per_s_rounds": [r["pairs_per_s"] for r in runs[b]],
                       "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs[b]), "gemm": runs[b][0]["gemm"],
                       "max_abs_score_difference": float(np.abs(ref - np.array(runs[b][0]["scores"])).max())}
-        row["max_abs_score_difference"] = row["torch"]["max_abs_score_difference"]
         row["score_std"] = float(ref.std())
-        row["torch_vs_onnxruntime"] = row["torch"]["pairs_per_s"] / row["onnxruntime"]["pairs_per_s"]
-        row["torch_mkl_vs_onnxruntime"] = row["torch_mkl"]["pairs_per_s"] / row["onnxruntime"]["pairs_per_s"]
+        for b in contenders[1:]:
+            row[f"{b}_vs_{contenders[0]}"] = row[b]["pairs_per_s"] / row[contenders[0]]["pairs_per_s"]
         print(row, flush=True)
         rows.append(row)
     write(a.out, {"machine": machine(), "command": " ".join(sys.argv), "rows": rows})
-    print("| engine | workload | onnxruntime pairs/s | torch pairs/s (GEMM) | torch / onnxruntime "
-          "| torch on MKL pairs/s | torch on MKL / onnxruntime | peak RSS ort / torch GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine | workload | contender (GEMM) | pairs/s | vs the first | max abs score diff | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {pathlib.Path(r['engine']).name} | {r['workload']} | {r['onnxruntime']['pairs_per_s']:.2f} | "
-              f"{r['torch']['pairs_per_s']:.2f} ({r['torch']['gemm']}) | {r['torch_vs_onnxruntime']:.2f}x | "
-              f"{r['torch_mkl']['pairs_per_s']:.2f} | {r['torch_mkl_vs_onnxruntime']:.2f}x | "
-              f"{r['onnxruntime']['peak_rss_bytes'] / 2**30:.1f} / {r['torch']['peak_rss_bytes'] / 2**30:.1f} |")
+        for b in (k for k in CONTENDERS if k in r):
+            ratio = r[b]["pairs_per_s"] / r[r["reference"]]["pairs_per_s"]
+            print(f"| {pathlib.Path(r['engine']).name} | {r['workload']} | {b} ({r[b]['gemm']}) | "
+                  f"{r[b]['pairs_per_s']:.2f} | {ratio:.2f}x | {r[b]['max_abs_score_difference']:.2g} | "
+                  f"{r[b]['peak_rss_bytes'] / 2**30:.1f} |")
     return 0
 
 

@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--score-workload", default="text", choices=["text", "image"],
                    help="the workload --score runs on the full-depth engine and HF")
     p.add_argument("--engine", help="the full-depth export's engine directory (default: WORK/SHAPE-full-engine)")
+    p.add_argument("--score-precision", help="the precision --score runs (default: the first of int8, bf16, fp32 "
+                                             "among --dtypes)")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/real_size_cpu.json")
     a = p.parse_args(argv)
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
             doc["bar"] = {"peak_rss_bytes": w["peak_rss_bytes"], "largest_variant_weight_bytes": weights,
                           "limit_bytes": 1.5 * weights + 2e9, "within": w["peak_rss_bytes"] <= 1.5 * weights + 2e9}
         if a.score:
-            precision = next(p for p in ("int8", "bf16", "fp32") if p in a.dtypes.split(","))
+            precision = a.score_precision or next(p for p in ("int8", "bf16", "fp32") if p in a.dtypes.split(","))
             doc["scoring"] = in_child("real_size:child_reranker", str(engine), precision, a.score_workload,
                                       timeout=6 * 3600)
             hf, doc["hf"] = {}, {}
