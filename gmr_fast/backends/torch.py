@@ -3,7 +3,9 @@ or bf16, on the CPU (bf16 is fast where oneDNN has AMX or AVX512-BF16 kernels) o
 
 Weights come from the engine itself, read tensor by tensor and converted to the run dtype, so
 the engine directory is all it needs: the bf16 variant's own bfloat16 files where the export
-wrote them (an engine without fp32), else the fp32 variant's. Needs torch
+wrote them (an engine without fp32), else the fp32 variant's. An fp32 variant over bfloat16 files
+(exported from a bf16 checkpoint) keeps its projections and embedding table in bf16 and computes
+in fp32 (``upcast``). Needs torch
 (``pip install gmr_fast[export]`` or a CUDA build of torch).
 """
 
