@@ -58,9 +58,10 @@ def main(argv=None) -> int:
     parser.add_argument("--accept-long-tau", type=float, help="override the long group's Kendall tau bar")
     parser.add_argument("--accept-min-top10", type=float, help="override the reduced-precision mean top-10 overlap bar")
     parser.add_argument("--threads", type=int, help="threads for validation")
-    parser.add_argument("--no-fp32-over-bf16", dest="fp32_over_bf16", action="store_false",
-                        help="with bf16 and without fp32, from a bf16 checkpoint: do not add (nor validate) the fp32 "
-                             "variant that runs over the bf16 weight files")
+    parser.add_argument("--fp32-over-bf16", action="store_true",
+                        help="with bf16 and without fp32, from a checkpoint stored in bf16: also an fp32 variant "
+                             "on the torch backend over the bf16 weight files (exact: bf16 holds every weight), "
+                             "validated as fp32; half fp32's weight memory and disk")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (not available yet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

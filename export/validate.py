@@ -35,6 +35,7 @@ the thresholds explicitly; the manifest records the figures and the thresholds u
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -166,5 +167,10 @@ def run_candidate(engine_dir, precision: str, groups: list[tuple], instruction: 
         out.append(reranker.score([(query, d) for d in documents], instruction=instruction))
         modes.append({**mode, "batches": reranker.last_stats["batches"], "shared_pairs": reranker.last_stats["shared_pairs"]})
     backend = reranker.choice["backend"]
+    # Free its weights before the next variant loads its own: a torch-backend Reranker can sit in a
+    # reference cycle (seen on the first one of a process), which ``del`` alone leaves alive. With
+    # two 15.5 GB variants of GMR-7B (bf16, then fp32 over the same files) that ran the export out
+    # of memory on a 24 GB machine (killed at 24.3 GB while loading the second).
     del reranker
+    gc.collect()
     return np.concatenate(out), [{**m, "backend": backend} for m in modes]

@@ -248,13 +248,14 @@ def test_torch_backend_matches_onnxruntime_and_reference(family, exported_engine
 
 
 def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(model_cache, tmp_path, rng):
-    """A checkpoint stored in bf16 (as GMR's are released) exported with --dtype bf16 alone also
-    gets an fp32 variant on the torch backend over the same files: bf16 holds every weight
-    exactly, and each projection widens its weight to fp32 per call, so the arithmetic is the fp32
-    model's at bf16's weight memory (GMR-7B in fp32 on a 24 GB machine). Against HF fp32 loading
-    the same checkpoint, on fresh pairs, whole prompts and shared prefixes, padded on either side,
-    on either GEMM: 1e-4 as for every fp32 path (only the summation order differs). The weights
-    stay bf16 in memory; an fp32 checkpoint gets no such variant (its bf16 rounding is not exact)."""
+    """A checkpoint stored in bf16 (as GMR's are released) exported with --dtype bf16
+    --fp32-over-bf16 also gets an fp32 variant on the torch backend over the same files: bf16
+    holds every weight exactly, and each projection widens its weight to fp32 per call, so the
+    arithmetic is the fp32 model's at bf16's weight memory (GMR-7B in fp32 on a 24 GB machine).
+    Against HF fp32 loading the same checkpoint, on fresh pairs, whole prompts and shared
+    prefixes, padded on either side, on either GEMM: 1e-4 as for every fp32 path (only the
+    summation order differs). The weights stay bf16 in memory. Without the option, no such
+    variant; an fp32 checkpoint never gets one (test_bf16_alone_stores_bf16_weights_of_its_own)."""
     import torch
 
     from export.engine_export import ExportOptions, export_engine
@@ -262,7 +263,7 @@ def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(model_c
     from export.reference import ReferenceScorer
 
     checkpoint = build_checkpoint(tmp_path / "ckpt", dtype="bfloat16", cache_dir=model_cache)
-    m = export_engine(checkpoint, tmp_path / "e", ExportOptions(dtypes=("bf16",)))
+    m = export_engine(checkpoint, tmp_path / "e", ExportOptions(dtypes=("bf16",), fp32_over_bf16=True))
     assert m.precisions == ("bf16", "fp32") and m.variants["fp32"].backend == "torch" and not m.variants["fp32"].graphs
     assert m.variants["fp32"].weights == m.variants["bf16"].weights and m.variants["bf16"].details["exact"]
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["decoder.bf16.weights", "manifest.json",
@@ -284,8 +285,8 @@ def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(model_c
         Reranker(tmp_path / "e", precision="fp32", backend="onnxruntime")
     single = Reranker(tmp_path / "e", precision="fp32")
     assert np.abs(np.array([single.score([p])[0] for p in pairs[:4]]) - expected[:4]).max() <= 1e-4
-    without = export_engine(checkpoint, tmp_path / "lean", ExportOptions(dtypes=("bf16",), fp32_over_bf16=False))
-    assert without.precisions == ("bf16",)
+    without = export_engine(checkpoint, tmp_path / "lean", ExportOptions(dtypes=("bf16",)))  # off by default
+    assert without.precisions == ("bf16",) and without.variants["bf16"].details["exact"]
 
 
 def test_reduced_precisions_keep_the_ranking(all_precisions_engine, references, rng):
