@@ -167,10 +167,10 @@ def run_candidate(engine_dir, precision: str, groups: list[tuple], instruction: 
         out.append(reranker.score([(query, d) for d in documents], instruction=instruction))
         modes.append({**mode, "batches": reranker.last_stats["batches"], "shared_pairs": reranker.last_stats["shared_pairs"]})
     backend = reranker.choice["backend"]
-    # Free its weights before the next variant loads its own: a torch-backend Reranker can sit in a
-    # reference cycle (seen on the first one of a process), which ``del`` alone leaves alive. With
-    # two 15.5 GB variants of GMR-7B (bf16, then fp32 over the same files) that ran the export out
-    # of memory on a 24 GB machine (killed at 24.3 GB while loading the second).
+    # Free its weights before the next variant loads its own, even from a reference cycle: the first
+    # ``import torch`` of a process, run inside a Reranker's constructor, keeps that constructor's
+    # frames (and so the Reranker) alive until the cyclic collector runs. GMR-7B's variants are
+    # 15.5 GB each on a 24 GB machine.
     del reranker
     gc.collect()
     return np.concatenate(out), [{**m, "backend": backend} for m in modes]
