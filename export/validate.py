@@ -167,10 +167,8 @@ def run_candidate(engine_dir, precision: str, groups: list[tuple], instruction: 
         out.append(reranker.score([(query, d) for d in documents], instruction=instruction))
         modes.append({**mode, "batches": reranker.last_stats["batches"], "shared_pairs": reranker.last_stats["shared_pairs"]})
     backend = reranker.choice["backend"]
-    # Free its weights before the next variant loads its own, even from a reference cycle: the first
-    # ``import torch`` of a process, run inside a Reranker's constructor, keeps that constructor's
-    # frames (and so the Reranker) alive until the cyclic collector runs. GMR-7B's variants are
-    # 15.5 GB each on a 24 GB machine.
+    # Free its weights before the next variant loads its own (GMR-7B's are 15.5 GB each on a 24 GB
+    # machine), even if a reference cycle holds it (gmr_fast.backends.torch._first_import_apart).
     del reranker
     gc.collect()
     return np.concatenate(out), [{**m, "backend": backend} for m in modes]

@@ -37,6 +37,7 @@ class TorchBackend:
 
     def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
                  attention: str = "sdpa", gemm: str = "auto"):
+        _first_import_apart()
         try:
             import torch
         except ImportError:
@@ -194,6 +195,29 @@ class TorchBackend:
             first = int(np.argmax(batch.attention_mask[r] > 0))
             out.append(present[:, :, r, :, first:first + int(n)].clone())
         return out
+
+
+def _first_import_apart() -> None:
+    """Imports torch and the graph modules on a thread of their own the first time. torch's first
+    import leaves some of its module frames in a reference cycle, and a finished frame keeps its
+    caller's: run under ``Reranker(...)``, that cycle held the Reranker, weights and all, after
+    ``del`` until Python's cyclic collector ran (found with gc's DEBUG_SAVEALL). A fresh thread's
+    frames have no caller of ours. An ImportError is left to the import that follows."""
+    import sys
+    import threading
+
+    if "gmr_fast.graphs.vision" in sys.modules:
+        return
+
+    def run():
+        try:
+            from ..graphs import decoder, vision  # noqa: F401  (imports torch)
+        except ImportError:
+            pass
+
+    thread = threading.Thread(target=run, name="gmr_fast-import-torch")
+    thread.start()
+    thread.join()
 
 
 def _onednn_linear_runs(torch, dtype) -> bool:
