@@ -268,6 +268,7 @@ class _Builder:
                    "weight_bytes": sum(os.path.getsize(self.dir / w.file) for w in weight_files.values())}
         if precision == "int8":
             details.update(kept_fp32_patterns=list(keep), kept_fp32=sorted(kept), kept_as=self.kept,
+                           int8_weight_max=quantize.QGEMM_WEIGHT_MAX,
                            activations=self.activations, smooth_alpha=self.alpha, smoothed=len(set(smoothed)),
                            int8="int8 weights per output column; activations quantized per "
                                 + ("row (MatMulInteger U8S8)" if self.activations == "row" else "tensor (DynamicQuantizeMatMul)")

@@ -134,6 +134,63 @@ def torch_bf16_speedup() -> float | None:
     return fp32 / max(bf16, 1e-9)
 
 
+# The int8 probe's shape: the bf16 probe's (a GMR-3B projection over 512 tokens, 4.3 GOP).
+INT8_PROBE_SHAPE = BF16_PROBE_SHAPE
+
+
+@functools.lru_cache(maxsize=None)
+def onnxruntime_int8_speedup() -> float | None:
+    """How many times faster onnxruntime multiplies matrices in int8 than in fp32 on this CPU:
+    best of five runs of ``DynamicQuantizeMatMul`` (int8 weights per column, activations
+    quantized per call: the int8 engines' operator) against ``MatMul`` in fp32 at
+    INT8_PROBE_SHAPE, interleaved, after a warm-up, on ``hardware_threads()`` threads; None without the onnx
+    package. The instruction flag does not tell: QGEMM's AVX2 kernels ran GMR-3B's MLP GEMMs at
+    1.1-1.3x fp32 on an AMD EPYC of family 23 (AVX2 only), against 1.9-2.6x on AVX512-VNNI and
+    9-11x on AMX (benchmarks/results/int8_kernels_*.json). Measured once per process."""
+    try:
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from .preprocess import hardware_threads
+
+    m, k, n = INT8_PROBE_SHAPE
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32) / k ** 0.5
+    scale = np.maximum(np.abs(w).max(0), 1e-12) / 127.0
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+
+    def session(node, inits):
+        graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(a, name) for name, a in inits.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = min(model.ir_version, 9)  # what onnxruntime >= 1.18 reads
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = hardware_threads()
+        opts.log_severity_level = 3
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    sessions = (session(helper.make_node("MatMul", ["x", "w"], ["y"]), {"w": w}),
+                session(helper.make_node("DynamicQuantizeMatMul", ["x", "q", "s", "z"], ["y"], domain="com.microsoft"),
+                        {"q": q, "s": scale.astype(np.float32), "z": np.zeros(n, np.int8)}))
+    times = [[], []]
+    for rep in range(6):  # interleaved, so that a load elsewhere slows both alike; the first is a warm-up
+        for s, t in zip(sessions, times):
+            start = time.perf_counter()
+            s.run(None, {"x": x})
+            if rep:
+                t.append(time.perf_counter() - start)
+    fp32, int8 = min(times[0]), min(times[1])
+    return fp32 / max(int8, 1e-9)
+
+
 def torch_fp32_gemm_is_avx2_only() -> bool:
     """torch's fp32 matrix multiply is MKL's (the CPU wheel's BLAS), and MKL runs its AVX2 code on
     AMD processors whatever they have: on an AMD EPYC (Zen 5) with AVX-512 it ran a GMR-3B MLP GEMM

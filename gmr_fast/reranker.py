@@ -219,15 +219,29 @@ def ranking_figure(manifest, precision: str) -> float | None:
 # sides (Zen 5: 3.2-4.9x; an AMX Xeon with its tiles refused: 0.45-0.5x).
 BF16_MIN_GEMM_SPEEDUP = 1.5
 
+# int8 goes before fp32 without AMX only where onnxruntime's int8 GEMM measures at least this
+# many times its fp32 one here (hardware.onnxruntime_int8_speedup). End to end an int8 engine keeps
+# 0.6-0.9 of its GEMM lead (activations quantized per call; attention, norms and the vision
+# tower's small GEMMs gain less): on AVX512-VNNI a 2.1-3.1x GEMM gave 1.7-1.9x gmr fp32 at GMR-3B
+# width (real_size_vnni.json), on an AMD Zen 5 a 2.1-2.3x GEMM (per-token) gave 1.6x
+# (real_size_int8_row_epyc_zen5.json);
+# below 1.5x the gain is gone, while the ranking cost is not. An AMD EPYC of family 23 (AVX2 only)
+# measured 1.1-1.3x at the GEMM (int8_kernels_epyc_zen2.json). AMX (9-11x) is not probed.
+INT8_MIN_GEMM_SPEEDUP = 1.5
+INT8_SATURATES = ("its weights use 8 bits, which onnxruntime's int8 kernel saturates on a CPU without VNNI "
+                  "(re-export: weights now use 7, export.quantize.QGEMM_WEIGHT_MAX)")
+
 
 def hardware_order(device: str, have: tuple | None = None) -> list[tuple[str, str]]:
     """[(precision, why)], fastest first for this processor (measured rules, README "Precision"):
     on CUDA bf16; on CPUs with usable AMX bf16 (torch on oneDNN's AMX tiles: at GMR-3B width as
     fast as int8 end to end, benchmarks/real_size.py), and on CPUs with AVX512-BF16 where torch's
     bf16 GEMM measures at least BF16_MIN_GEMM_SPEEDUP times its fp32 one (AMD Zen 5: 3.2-3.8x,
-    real_size_epyc_zen5.json), bf16 first; then int8 wherever onnxruntime has an int8 GEMM
-    (AVX512-VNNI, AVX-VNNI, AVX2: 1.7-1.8x fp32 end to end without AMX, real_size_vnni.json);
-    fp32 last. ``have``: the engine's variants, when known (the bf16 probe runs only for one with bf16)."""
+    real_size_epyc_zen5.json), bf16 first; then int8 on AMX, and elsewhere where onnxruntime's
+    int8 GEMM (AVX512-VNNI, AVX-VNNI, AVX2) measures at least INT8_MIN_GEMM_SPEEDUP times its fp32
+    one (AVX512-VNNI: 1.7-1.9x fp32 end to end, real_size_vnni.json; an AVX2-only AMD EPYC: not
+    faster, int8_kernels_epyc_zen2.json); fp32 last. ``have``: the engine's variants, when known
+    (each probe runs only for an engine with that variant)."""
     if device.startswith("cuda"):
         return [("bf16", "CUDA device")]
     order = []
@@ -238,9 +252,32 @@ def hardware_order(device: str, have: tuple | None = None) -> list[tuple[str, st
         speedup = hardware.torch_bf16_speedup()
         if speedup is not None and speedup >= BF16_MIN_GEMM_SPEEDUP:
             order.append(("bf16", f"torch bf16 GEMMs (AVX512-BF16) measured {speedup:.1f}x fp32 on this CPU"))
-    if hardware.int8_kernel():
-        order.append(("int8", f"onnxruntime int8 GEMMs use {hardware.int8_kernel()} on this CPU"))
+    kernel = hardware.int8_kernel()
+    if kernel == "AMX":
+        order.append(("int8", "onnxruntime int8 GEMMs use AMX on this CPU"))
+    elif kernel and (have is None or "int8" in have):
+        speedup = hardware.onnxruntime_int8_speedup()
+        if speedup is None:  # no onnx package to build the probe: the flag alone
+            order.append(("int8", f"onnxruntime int8 GEMMs use {kernel} on this CPU (not measured: no onnx package)"))
+        elif speedup >= INT8_MIN_GEMM_SPEEDUP:
+            order.append(("int8", f"onnxruntime int8 GEMMs ({kernel}) measured {speedup:.1f}x fp32 on this CPU"))
     return order + [("fp32", "fp32")]
+
+
+def _int8_passed_over(manifest) -> str | None:
+    """Why ``auto`` must not run this engine's int8 variant on this CPU, if so: weights over 7 bits
+    (engines exported before QGEMM_WEIGHT_MAX) where onnxruntime's int8 kernel saturates (no VNNI:
+    export.quantize), or an int8 GEMM measured too slow to gain (INT8_MIN_GEMM_SPEEDUP)."""
+    kernel = hardware.int8_kernel()
+    if "int8" not in manifest.precisions or not kernel or kernel == "AMX":
+        return None
+    if kernel == "AVX2" and manifest.variant("int8").details.get("int8_weight_max", 127) > 64:
+        return (f"int8 passed over: {INT8_SATURATES}")
+    speedup = hardware.onnxruntime_int8_speedup()
+    if speedup is None or speedup >= INT8_MIN_GEMM_SPEEDUP:
+        return None
+    return (f"int8 passed over: onnxruntime's int8 GEMM ({kernel}) measured {speedup:.1f}x fp32 on this CPU "
+            f"(< {INT8_MIN_GEMM_SPEEDUP})")
 
 
 # fp32 runs on the torch backend at real widths when torch is importable and no backend was
@@ -275,9 +312,10 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
             raise BackendError("device cuda runs the bf16 variant, which this engine lacks; re-export with --dtype bf16")
         chosen, why = "bf16", "CUDA device"
     else:
-        order = ([(p, why) for p, why in hardware_order(device, have) if p in have]
+        note = _int8_passed_over(manifest)
+        order = ([(p, why) for p, why in hardware_order(device, have) if p in have and not (p == "int8" and note)]
                  or [(have[0], "the engine's only variant")])
-        passed = []
+        passed = [note] if note else []
         for p, why in order:
             tau = ranking_figure(manifest, p) if p != "fp32" else None
             if p == "fp32":
@@ -295,6 +333,10 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
             and not onnxruntime_options and manifest.decoder.hidden_size >= FP32_TORCH_MIN_HIDDEN
             and _torch_available()):
         run_on, why = "torch", f"{why}; {FP32_ON_TORCH}"
+    if (chosen == "int8" and hardware.int8_kernel() == "AVX2"
+            and variant.details.get("int8_weight_max", 127) > 64):
+        log.warning("gmr_fast: this engine's int8 variant: %s", INT8_SATURATES)
+        why = f"{why}; {INT8_SATURATES}"
     if chosen == "int8" and run_on != "onnxruntime":
         raise BackendError("int8 engines run on the onnxruntime backend")
     if chosen == "bf16" and run_on != "torch":

@@ -64,6 +64,17 @@ def test_int8_and_bf16_variants(all_precisions_engine):
     assert "DynamicQuantizeMatMul" in ops
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert any(i.name == "embed.int8" for i in int8)  # the embedding table is stored as int8 rows too
+    # GEMM weights within 7 bits, which no int8 kernel saturates (export.quantize.QGEMM_WEIGHT_MAX);
+    # the embedding rows are no GEMM operand and keep 8
+    assert m.variants["int8"].details["int8_weight_max"] == 64
+    for graph_name, wf in m.variants["int8"].weights.items():
+        blob = (engine / wf.file).read_bytes()
+        peaks = {name: int(np.abs(np.frombuffer(blob, np.int8, t["length"], t["offset"]).astype(np.int16)).max())
+                 for name, t in wf.tensors.items() if t["dtype"] == "int8"}
+        gemm = {n: v for n, v in peaks.items() if n != "embed.int8"}
+        assert gemm and max(gemm.values()) == 64, (graph_name, peaks)
+        if "embed.int8" in peaks:
+            assert peaks["embed.int8"] == 127
     for precision in ("int8", "bf16"):
         fig = m.variants[precision].validation
         assert fig["query_kendall_tau_mean"] >= 0.9 and fig["top10_overlap_mean"] >= 0.9, (precision, fig)

@@ -213,8 +213,9 @@ def test_unit_tests_run_without_torch():
 class _Manifest:
     """The two things choose_precision reads from an engine: its variants and their figures."""
 
-    def __init__(self, taus: dict, hidden_size: int = 2048, torch_only: tuple = ("bf16",)):
+    def __init__(self, taus: dict, hidden_size: int = 2048, torch_only: tuple = ("bf16",), int8_weight_max: int = 64):
         self.taus = taus
+        self.int8_weight_max = int8_weight_max  # 127: an engine exported before 7-bit weights
         self.decoder = type("D", (), {"hidden_size": hidden_size})()
         self.torch_only = torch_only  # variants with no ONNX graphs (bf16; fp32 over bf16 weight files)
 
@@ -226,7 +227,8 @@ class _Manifest:
         if precision not in self.taus:
             raise errors.EngineError(f"no {precision} variant")
         torch_only = precision in self.torch_only
-        return type("V", (), {"backend": "torch" if torch_only else "onnxruntime", "details": {},
+        details = {"int8_weight_max": self.int8_weight_max} if precision == "int8" else {}
+        return type("V", (), {"backend": "torch" if torch_only else "onnxruntime", "details": details,
                               "graphs": {} if torch_only else {"decoder": None, "vision": None},
                               "validation": {"query_kendall_tau_mean": self.taus[precision]}})()
 
@@ -245,8 +247,14 @@ class _Manifest:
     ("bf16-fast", {"fp32": 1.0, "int8": 0.99, "bf16": 0.95}, "int8"),
     ("bf16-slow", {"fp32": 1.0, "int8": 0.99, "bf16": 0.995}, "int8"),
     ("bf16-slow", {"fp32": 1.0, "int8": 0.93, "bf16": 0.995}, "fp32"),
+    # without AMX int8 goes before fp32 only where onnxruntime's int8 GEMM measured >= 1.5x its
+    # fp32 one (AVX512-VNNI: 2.1-3.1x; an AVX2-only AMD EPYC of family 23: 1.1-1.3x)
+    ("avx2-fast", {"fp32": 1.0, "int8": 0.99}, "int8"),
+    ("avx2-slow", {"fp32": 1.0, "int8": 0.99, "bf16": 0.995}, "fp32"),
+    ("avx2-slow", {"fp32": 1.0, "int8": 0.93}, "fp32"),
     # no fp32 to fall back on: the fastest variant, said so
     ("vnni", {"int8": 0.91}, "int8"),
+    ("avx2-slow", {"int8": 0.91}, "int8"),
     ("amx", {"int8": 0.91, "bf16": 0.95}, "bf16"),
 ])
 def test_auto_takes_the_fastest_variant_that_ranks_like_fp32(monkeypatch, cpu, taus, expected):
@@ -254,14 +262,20 @@ def test_auto_takes_the_fastest_variant_that_ranks_like_fp32(monkeypatch, cpu, t
     from gmr_fast import reranker as rr
 
     flags = {"amx": {"avx2", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16", "avx512_bf16"},
-             "vnni": {"avx2", "avx512_vnni"}}.get(cpu, {"avx2", "avx512_vnni", "avx512_bf16"})
+             "vnni": {"avx2", "avx512_vnni"}, "avx2-fast": {"avx2"}, "avx2-slow": {"avx2"}
+             }.get(cpu, {"avx2", "avx512_vnni", "avx512_bf16"})
     monkeypatch.setattr(hardware, "has", lambda f: f in flags)
 
     def probe():  # the GEMM probe runs only where the flag alone cannot tell
         assert cpu.startswith("bf16-"), cpu
         return {"bf16-fast": 3.5, "bf16-slow": 0.5}[cpu]
 
+    def int8_probe():  # AMX's int8 GEMM is not probed
+        assert cpu != "amx", cpu
+        return {"avx2-slow": 1.2}.get(cpu, 2.5)
+
     monkeypatch.setattr(hardware, "torch_bf16_speedup", probe)
+    monkeypatch.setattr(hardware, "onnxruntime_int8_speedup", int8_probe)
     monkeypatch.setattr(hardware, "torch_fp32_gemm_is_avx2_only", lambda: False)
     monkeypatch.setattr(rr, "_torch_available", lambda: True)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
@@ -273,12 +287,42 @@ def test_auto_takes_the_fastest_variant_that_ranks_like_fp32(monkeypatch, cpu, t
         assert f"{taus[expected]:.3f} >= 0.98" in why
     if expected == "fp32":
         assert "passed over" in why
+    if cpu == "avx2-slow" and "int8" in taus and "fp32" in taus:  # the measurement is the reason
+        assert "int8 passed over: onnxruntime's int8 GEMM (AVX2) measured 1.2x fp32" in why, why
     if "fp32" not in taus:
         assert "fp32 is absent" in why
     # asking overrides the rule; CUDA runs bf16
     assert rr.choose_precision(_Manifest(taus), "int8", None, "cpu")[0] == "int8"
     if "bf16" in taus:
         assert rr.choose_precision(_Manifest(taus), "auto", None, "cuda")[0] == "bf16"
+
+
+@pytest.mark.parametrize("flags, passed_over", [({"avx2"}, True), ({"avx2", "avx512_vnni"}, False),
+                                                 ({"avx2", "avx_vnni"}, False), ({"avx2", "amx_tile", "amx_int8"}, False)])
+def test_auto_passes_over_8_bit_int8_weights_where_the_int8_kernel_saturates(monkeypatch, caplog, flags, passed_over):
+    """An int8 engine exported before weights took 7 bits (int8_weight_max absent: 127) saturates
+    onnxruntime's U8S8 kernel without VNNI (export.quantize.QGEMM_WEIGHT_MAX): ``auto`` runs fp32
+    there even when the int8 GEMM is fast and the validated tau qualifies (the validation may have
+    run on a VNNI machine), and asking for int8 runs it with a warning. VNNI and AMX accumulate in
+    int32: int8 as before."""
+    import logging
+
+    from gmr_fast import hardware
+    from gmr_fast import reranker as rr
+
+    monkeypatch.setattr(hardware, "has", lambda f: f in flags)
+    monkeypatch.setattr(hardware, "onnxruntime_int8_speedup", lambda: 2.5)
+    monkeypatch.setattr(hardware, "torch_fp32_gemm_is_avx2_only", lambda: False)
+    monkeypatch.setattr(rr, "_torch_available", lambda: True)
+    old, new = _Manifest({"fp32": 1.0, "int8": 0.99}, int8_weight_max=127), _Manifest({"fp32": 1.0, "int8": 0.99})
+    chosen, _, why = rr.choose_precision(old, "auto", None, "cpu")
+    assert chosen == ("fp32" if passed_over else "int8"), why
+    assert ("saturates" in why) == passed_over, why
+    assert rr.choose_precision(new, "auto", None, "cpu")[0] == "int8"  # 7-bit weights: int8 everywhere
+    with caplog.at_level(logging.WARNING, logger="gmr_fast"):
+        chosen, _, why = rr.choose_precision(old, "int8", None, "cpu")
+    assert chosen == "int8" and ("saturates" in why) == passed_over
+    assert any("saturates" in r.getMessage() for r in caplog.records) == passed_over
 
 
 def test_fp32_runs_on_torch_at_real_widths_where_torch_imports_and_nothing_asks_for_onnxruntime(monkeypatch):
