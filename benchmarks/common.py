@@ -36,7 +36,8 @@ def machine() -> dict:
             "flags": info["flags"], "amx_usable": info["amx_usable"],
             "isa_limit": {k: os.environ[k] for k in ("GMR_BENCH_DENY_AMX", "ONEDNN_MAX_CPU_ISA")
                                                              if k in os.environ},
-            "int8_kernel": hardware.int8_kernel(), "bf16_kernel": hardware.bf16_kernel(), "memory_bytes": mem,
+            "int8_kernel": hardware.int8_kernel(), "bf16_kernel": hardware.bf16_kernel(),
+            "int8_gemm_speedup": hardware.onnxruntime_int8_speedup(), "memory_bytes": mem,
             "python": platform.python_version(), "versions": versions,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

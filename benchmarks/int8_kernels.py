@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--isa", default="native", choices=sorted(ISA_LIMITS),
                    help="run as on a processor without AMX (common.ISA_LIMITS)")
+    p.add_argument("--paths", help="comma-separated contenders to run (default: all); on a CPU without bf16 hardware "
+                                   "torch_bf16 runs below 1 GOP/s, so time it apart at fewer --tokens")
     p.add_argument("--out", default="benchmarks/results/int8_kernels_cpu.json")
     a = p.parse_args(argv)
     apply_isa(a.isa)
@@ -118,12 +120,14 @@ def main(argv=None) -> int:
         w = (rng.standard_normal((k, n), dtype=np.float32) * 0.02).astype(np.float32)
         exact = x.astype(np.float64) @ w.astype(np.float64)
         for name, fn in contenders(w, k, n, a.threads).items():
+            if a.paths and name not in a.paths.split(","):
+                continue
             t = best_of(lambda: fn(x))
             err = float(np.linalg.norm(fn(x) - exact) / np.linalg.norm(exact))
             rows.append({"shape": f"{a.tokens}x{k}x{n}", "path": name, "seconds": t,
                          "gop_per_s": 2 * a.tokens * k * n / t / 1e9, "relative_error": err})
             print(f"{rows[-1]['shape']:>18} {name:>24} {rows[-1]['gop_per_s']:8.0f} GOP/s  error {err:.2e}", flush=True)
-    write(a.out, {"machine": machine(), "threads": a.threads, "results": rows})
+    write(a.out, {"machine": machine(), "threads": a.threads, "command": " ".join(sys.argv), "results": rows})
     return 0
 
 

@@ -141,7 +141,7 @@ def reused_export(engine: pathlib.Path, dtypes: list[str]) -> dict | None:
 
 
 def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[str], reuse: bool = False,
-              hf_dtypes: tuple = ("fp32", "bf16")) -> dict:
+              hf_dtypes: tuple = ("fp32", "bf16"), dtypes: list[str] | None = None, int8: tuple = ()) -> dict:
     from export.factory import build_shape_checkpoint
 
     shape, layers, vision_layers = spec.split(":")
@@ -149,17 +149,17 @@ def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[
     if not (ckpt / "model.safetensors.index.json").exists():
         build_shape_checkpoint(ckpt, shape, int(layers), int(vision_layers))
     engine = work / f"{ckpt.name}-engine"
-    dtypes = sorted({p.split("-")[0] for p in precisions if p != "auto"} | {"fp32", "int8", "bf16"})
+    dtypes = sorted({p.split("-")[0] for p in precisions if p != "auto"} | set(dtypes or ("fp32", "int8", "bf16")))
     export = reused_export(engine, dtypes) if reuse else None
-    if export is None:
-        export = in_child("real_size:child_export", str(ckpt), str(engine), dtypes)
+    if export is None:  # int8: (--int8-kept, --int8-keep, --int8-smooth, --int8-activations)
+        export = in_child("real_size:child_export", str(ckpt), str(engine), dtypes, "auto", *int8, timeout=6 * 3600)
     print(json.dumps({"shape": spec, "export": {k: v for k, v in export.items()}}), flush=True)
     out = {"shape": shape, "decoder_layers": int(layers), "vision_layers": int(vision_layers), "export": export,
            "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")), "workloads": {}}
     for kind in kinds:
         rows = {}
         for dtype in hf_dtypes:
-            rows[f"hf_{dtype}"] = in_child("real_size:child_hf", str(ckpt), dtype, kind)
+            rows[f"hf_{dtype}"] = in_child("real_size:child_hf", str(ckpt), dtype, kind, timeout=6 * 3600)
         have = set(json.loads((engine / "manifest.json").read_text())["variants"])
         for precision in precisions:  # "bf16-whole": that precision with shared prefixes off
             base, _, whole = precision.partition("-")
@@ -167,7 +167,8 @@ def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[
                 print(json.dumps({"shape": spec, "workload": kind, "method": f"gmr_{precision}",
                                   "skipped": "not in the engine: the export refused it"}), flush=True)
                 continue
-            rows[f"gmr_{precision}"] = in_child("real_size:child_reranker", str(engine), base, kind, not whole)
+            rows[f"gmr_{precision}"] = in_child("real_size:child_reranker", str(engine), base, kind, not whole,
+                                               timeout=6 * 3600)
         ref = rows["hf_fp32"]["scores"]
         fastest_hf = max(rows[f"hf_{dtype}"]["pairs_per_s"] for dtype in hf_dtypes)
         for name, row in rows.items():
@@ -202,7 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--hf-dtypes", default="fp32,bf16",
                    help="HF baselines (fp32 always: it is the reference); 'vs HF fastest' is over these")
     p.add_argument("--full-export", help="a shape to build at full depth and export (--dtypes), recording the export")
-    p.add_argument("--dtypes", default="fp32", help="variants of the full-depth export")
+    p.add_argument("--dtypes", help="variants to export: of the full-depth export (default fp32), or of --shapes' "
+                                    "engines besides the --precisions named (default fp32,int8,bf16; on a CPU "
+                                    "without bf16 hardware bf16's validation runs at a tenth of fp32's speed)")
     p.add_argument("--reference", default="auto", help="the full-depth export's reference (auto | hf | streamed)")
     p.add_argument("--int8-kept", default="fp32", help="the full-depth export's --int8-kept (fp32 | int8-weights)")
     p.add_argument("--int8-keep", help="the full-depth export's --int8-keep, comma-separated globs (default: the "
@@ -229,6 +232,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     doc = {"machine": machine(), "command": " ".join(sys.argv)}
     if a.full_export:
+        a.dtypes = a.dtypes or "fp32"
         from export.factory import build_shape_checkpoint
 
         ckpt = work / f"{a.full_export}-full"
@@ -273,8 +277,10 @@ def main(argv=None) -> int:
             doc["scoring"].pop("scores", None)
         print(json.dumps(doc, indent=1))
     else:
+        int8 = (a.int8_kept, a.int8_keep.split(",") if a.int8_keep else None, a.int8_smooth, a.int8_activations)
         doc["shapes"] = [run_shape(s, work, a.precisions.split(","), a.workloads.split(","), a.reuse,
-                                 tuple(dict.fromkeys(["fp32"] + a.hf_dtypes.split(",")))) for s in a.shapes.split(",")]
+                                   tuple(dict.fromkeys(["fp32"] + a.hf_dtypes.split(","))),
+                                   a.dtypes.split(",") if a.dtypes else None, int8) for s in a.shapes.split(",")]
         print(table(doc))
     write(a.out, doc)
     return 0
