@@ -232,6 +232,12 @@ INT8_SATURATES = ("its weights use 8 bits, which onnxruntime's int8 kernel satur
                   "(re-export: weights now use 7, export.quantize.QGEMM_WEIGHT_MAX)")
 
 
+def _int8_saturates(variant) -> bool:
+    """An int8 variant whose weights exceed |q| <= 64 (exported before QGEMM_WEIGHT_MAX: 127) on a
+    CPU whose int8 kernel sums pairs of products in int16 (no VNNI: hardware.int8_kernel "AVX2")."""
+    return hardware.int8_kernel() == "AVX2" and variant.details.get("int8_weight_max", 127) > 64
+
+
 def hardware_order(device: str, have: tuple | None = None) -> list[tuple[str, str]]:
     """[(precision, why)], fastest first for this processor (measured rules, README "Precision"):
     on CUDA bf16; on CPUs with usable AMX bf16 (torch on oneDNN's AMX tiles: at GMR-3B width as
@@ -271,8 +277,8 @@ def _int8_passed_over(manifest) -> str | None:
     kernel = hardware.int8_kernel()
     if "int8" not in manifest.precisions or not kernel or kernel == "AMX":
         return None
-    if kernel == "AVX2" and manifest.variant("int8").details.get("int8_weight_max", 127) > 64:
-        return (f"int8 passed over: {INT8_SATURATES}")
+    if _int8_saturates(manifest.variant("int8")):
+        return f"int8 passed over: {INT8_SATURATES}"
     speedup = hardware.onnxruntime_int8_speedup()
     if speedup is None or speedup >= INT8_MIN_GEMM_SPEEDUP:
         return None
@@ -333,8 +339,7 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
             and not onnxruntime_options and manifest.decoder.hidden_size >= FP32_TORCH_MIN_HIDDEN
             and _torch_available()):
         run_on, why = "torch", f"{why}; {FP32_ON_TORCH}"
-    if (chosen == "int8" and hardware.int8_kernel() == "AVX2"
-            and variant.details.get("int8_weight_max", 127) > 64):
+    if chosen == "int8" and _int8_saturates(variant):
         log.warning("gmr_fast: this engine's int8 variant: %s", INT8_SATURATES)
         why = f"{why}; {INT8_SATURATES}"
     if chosen == "int8" and run_on != "onnxruntime":

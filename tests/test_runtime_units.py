@@ -298,7 +298,8 @@ def test_auto_takes_the_fastest_variant_that_ranks_like_fp32(monkeypatch, cpu, t
 
 
 @pytest.mark.parametrize("flags, passed_over", [({"avx2"}, True), ({"avx2", "avx512_vnni"}, False),
-                                                 ({"avx2", "avx_vnni"}, False), ({"avx2", "amx_tile", "amx_int8"}, False)])
+                                                 ({"avx2", "avx_vnni"}, False),
+                                                 ({"avx2", "amx_tile", "amx_int8"}, False)])
 def test_auto_passes_over_8_bit_int8_weights_where_the_int8_kernel_saturates(monkeypatch, caplog, flags, passed_over):
     """An int8 engine exported before weights took 7 bits (int8_weight_max absent: 127) saturates
     onnxruntime's U8S8 kernel without VNNI (export.quantize.QGEMM_WEIGHT_MAX): ``auto`` runs fp32
