@@ -5,8 +5,8 @@ Every ``MatMul`` of a traced graph whose second operand is a 2-D weight becomes
 output column (7 bits of it: QGEMM_WEIGHT_MAX), the activation quantized to uint8 per tensor at
 run time, and onnxruntime's QGEMM (U8S8) picks AMX, AVX512-VNNI, AVX-VNNI or AVX2 for the
 processor it runs on. The decoder's token embedding table (the largest tensor of a small model)
-is stored as int8 rows with one scale per row and dequantized after the lookup. Weights named by ``keep`` keep their activations
-in fp32: with ``kept="fp32"`` they stay fp32 MatMuls; with ``kept="int8-weights"`` they become
+is stored as int8 rows with one scale per row and dequantized after the lookup. Weights named
+by ``keep`` keep their activations in fp32: with ``kept="fp32"`` they stay fp32 MatMuls; with ``kept="int8-weights"`` they become
 ``com.microsoft.MatMulNBits`` with 8-bit weights (one scale per block of 32 along K) and
 ``accuracy_level`` 0, i.e. fp32 activations and fp32 arithmetic on weights dequantized block by
 block: a quarter of fp32's bytes and only the weights' rounding as error (5e-3 of the largest
