@@ -4,16 +4,16 @@ Every ``MatMul`` of a traced graph whose second operand is a 2-D weight becomes
 ``com.microsoft.DynamicQuantizeMatMul``: the weight stored as int8 with one symmetric scale per
 output column (7 bits of it: QGEMM_WEIGHT_MAX), the activation quantized to uint8 per tensor at
 run time, and onnxruntime's QGEMM (U8S8) picks AMX, AVX512-VNNI, AVX-VNNI or AVX2 for the
-processor it runs on. The decoder's token embedding table (the largest tensor of a small model)
-is stored as int8 rows with one scale per row and dequantized after the lookup. Weights named
-by ``keep`` keep their activations in fp32: with ``kept="fp32"`` they stay fp32 MatMuls; with ``kept="int8-weights"`` they become
-``com.microsoft.MatMulNBits`` with 8-bit weights (one scale per block of 32 along K) and
-``accuracy_level`` 0, i.e. fp32 activations and fp32 arithmetic on weights dequantized block by
-block: a quarter of fp32's bytes and only the weights' rounding as error (5e-3 of the largest
-output), none of the activation quantization that the outlier-sensitive layers cannot take. It
-dequantizes the whole weight on every call, so it nears fp32's speed only on thousands of rows
-(Zen 5, GMR-3B MLP shapes: 351-417 GOP/s against fp32's 417-437 at 4,096 rows, 5 against 39 at
-8): a memory option (README "Precision").
+processor it runs on. The decoder's token embedding table (the largest tensor of a small model) is
+stored as int8 rows with one scale per row and dequantized after the lookup. Weights named by
+``keep`` keep their activations in fp32: with ``kept="fp32"`` they stay fp32 MatMuls; with
+``kept="int8-weights"`` they become ``com.microsoft.MatMulNBits`` with 8-bit weights (one scale
+per block of 32 along K) and ``accuracy_level`` 0, i.e. fp32 activations and fp32 arithmetic on
+weights dequantized block by block: a quarter of fp32's bytes and only the weights' rounding as
+error (5e-3 of the largest output), none of the activation quantization that the outlier-sensitive
+layers cannot take. It dequantizes the whole weight on every call, so it nears fp32's speed only
+on thousands of rows (Zen 5, GMR-3B MLP shapes: 351-417 GOP/s against fp32's 417-437 at 4,096
+rows, 5 against 39 at 8): a memory option (README "Precision").
 
 The values are produced while the weight file is streamed (``quantized_value``), one tensor at
 a time, from the fp32 tensor the checkpoint gives.
