@@ -309,19 +309,27 @@ def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(model_c
 
 
 def test_reduced_precisions_keep_the_ranking(all_precisions_engine, references, rng):
-    """int8 (onnxruntime) and bf16 (torch) against the fp32 reference: ranking agreement, the
-    criterion the export validated them with. Four queries of 30 documents: this random-weight
-    engine's scores have many near ties, and with two queries of 20 the mean per-query tau of bf16
-    ranged 0.905-0.99 over 60 draws (and 0.88 in one test run); with 4 x 30 it ranged 0.961-0.99."""
+    """int8 (onnxruntime) and bf16 (torch) against the fp32 reference, by the export's measures:
+    mean per-query Kendall tau and top-10 overlap (scores of different queries are never compared).
+    Four queries of 30 documents. This random-weight engine's scores have many near ties and its
+    int8 error is ~0.4 of the score spread, so the bars come from 120 draws (AMD EPYC, AVX2;
+    with 7-bit weights int8's GEMMs are exact integer arithmetic on every int8 kernel, so its
+    draws barely depend on the CPU): per-query tau int8 0.844-0.953 (mean 0.908, sd 0.022), bf16
+    0.950-0.996 (0.974, 0.010); top-10 overlap int8 0.85-1.0 (0.931, 0.031), bf16 0.925-1.0.
+    The export's own bar (0.9) would fail a third of int8's draws; 0.8 is 4-5 sd below the
+    means. What it still catches, measured on this engine with one int8 scale corrupted (20
+    draws): layer 0's attention output scale halved, tau 0.48-0.69; layer 1's gate/up scales
+    permuted, 0.61-0.75. A subtler fault (one layer's MLP output scaled 1.25x: 0.81-0.91) is
+    within int8's own noise on toy widths, and is left to the kernel-level and real-width tests."""
     from export.validate import compare
 
     _, engine = all_precisions_engine
     pairs = _grouped(rng, 4, 30)
     expected = references["qwen2_5_vl"].score(pairs)
-    for precision in ("int8", "bf16"):
+    for precision, bar in (("int8", 0.8), ("bf16", 0.9)):
         reranker = Reranker(engine, precision=precision)
         fig = compare(expected, reranker.score(pairs), [30, 30, 30, 30])
-        assert fig["kendall_tau"] >= 0.9 and fig["top10_overlap_mean"] >= 0.8, (precision, fig)
+        assert fig["query_kendall_tau_mean"] >= bar and fig["top10_overlap_mean"] >= 0.8, (precision, fig)
         assert reranker.last_stats["precision"] == precision
     auto = Reranker(engine)
     from gmr_fast.reranker import AUTO_MIN_TAU, hardware_order, ranking_figure
