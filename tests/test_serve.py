@@ -40,19 +40,23 @@ def free_port() -> int:
 
 
 class ThreadServer:
-    def __init__(self, app):
+    """uvicorn on a free loopback port in a thread. Entering waits until /health says ready (200),
+    or, with ``ready=False`` (an engine that cannot load), until the server answers at all."""
+
+    def __init__(self, app, ready: bool = True):
         import uvicorn
 
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.ready = ready
 
     def __enter__(self):
         self.thread.start()
         url = f"http://127.0.0.1:{self.port}"
         for _ in range(600):
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if httpx.get(url + "/health", timeout=2).status_code == 200 or not self.ready:
                     break
             except httpx.HTTPError:
                 pass
@@ -272,9 +276,12 @@ def test_existing_client_libraries(server):
 
 def test_not_ready_and_failed_engine(tmp_path):
     app = build_app(ServerOptions(engine=str(tmp_path / "missing")), RerankerOptions())
-    with ThreadServer(app) as url:
-        time.sleep(0.5)
-        r = httpx.get(url + "/health")
+    with ThreadServer(app, ready=False) as url:
+        for _ in range(100):  # "still loading" until the load has failed: a few ms here
+            r = httpx.get(url + "/health")
+            if "failed to load" in r.json()["error"]["message"]:
+                break
+            time.sleep(0.1)
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
         assert httpx.post(url + "/v2/rerank", json={"query": "q", "documents": ["d"]}).status_code == 503
 
