@@ -93,6 +93,41 @@ def tiny_checkpoints(model_cache):
     return {family: cached_checkpoint(family, cache_dir=model_cache) for family in ("qwen2_vl", "qwen2_5_vl")}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trace_each_graph_once():
+    """The suite exports the same few graph modules some thirty times, and torch.onnx's tracing
+    is about half of each tiny export (~12 s a graph on a slow 2-core CPU). Tracing is
+    deterministic in the module's code, its dims and the example inputs, so within a session each
+    distinct module is traced once and every export gets its own copy (``Model.clone``: an
+    export fills the copy's initializers in place). The code is part of the key: every class in
+    the module tree with the identity of each of its attributes, so a monkeypatched method (the
+    broken graphs of test_real_width.py) is traced afresh. Exports run in subprocesses (the CLI
+    tests) trace as always."""
+    try:
+        from export import graphs
+    except ImportError:  # torch blocked: nothing here exports
+        yield
+        return
+    real, traced = graphs.trace, {}
+
+    def code(module) -> tuple:
+        classes = sorted({type(m) for m in module.modules()}, key=lambda c: (c.__module__, c.__qualname__))
+        return tuple((c.__module__, c.__qualname__, tuple(sorted((k, id(v)) for k, v in vars(c).items())))
+                     for c in classes)
+
+    def trace(module, args, input_names, output_names, dynamic_shapes):
+        key = (code(module), repr(getattr(module, "dims", None)),
+               tuple((tuple(a.shape), str(a.dtype)) for a in args), tuple(input_names), tuple(output_names),
+               repr(dynamic_shapes))
+        if key not in traced:
+            traced[key] = real(module, args, input_names, output_names, dynamic_shapes)
+        return traced[key].clone()
+
+    graphs.trace = trace
+    yield
+    graphs.trace = real
+
+
 @pytest.fixture(scope="session")
 def exported_engines(tiny_checkpoints, tmp_path_factory):
     """fp32 engines of both tiny checkpoints, exported (and validated) once per session."""

@@ -50,8 +50,8 @@ def _digest(pairs) -> str:
 
 @pytest.fixture
 def cached_reference(monkeypatch, reference_cache):
-    """The HF reference of a checkpoint is computed once and reused by the broken exports below
-    (each export would otherwise recompute it): the graphs change, the reference does not."""
+    """The HF reference of a checkpoint is computed once per pair and reused by the broken exports
+    below (each export would otherwise recompute it): the graphs change, the reference does not."""
     real = engine_export.ReferenceScorer
 
     class Cached:
@@ -59,11 +59,13 @@ def cached_reference(monkeypatch, reference_cache):
             self.args = (checkpoint, kwargs)
 
         def score(self, pairs, instruction=None, batch_size=8):
-            key = (str(self.args[0]), _digest(pairs))
-            if key not in reference_cache:
-                reference_cache[key] = real(self.args[0], **self.args[1]).score(pairs, instruction=instruction,
-                                                                                batch_size=batch_size)
-            return reference_cache[key]
+            keys = [(str(self.args[0]), instruction, _digest([pair])) for pair in pairs]
+            missing = [i for i, key in enumerate(keys) if key not in reference_cache]
+            if missing:  # per pair: the broken exports validate on a subset of the accepted export's pairs
+                scores = real(self.args[0], **self.args[1]).score([pairs[i] for i in missing],
+                                                                  instruction=instruction, batch_size=batch_size)
+                reference_cache.update((keys[i], s) for i, s in zip(missing, scores))
+            return np.array([reference_cache[key] for key in keys])
 
     monkeypatch.setattr(engine_export, "ReferenceScorer", Cached)
 
@@ -126,8 +128,12 @@ def _break(monkeypatch, how: str) -> None:
 @pytest.mark.parametrize("how", ["no_causal_mask", "positions_shifted", "mrope_axes_swapped", "yes_no_swapped"])
 def test_broken_graphs_are_refused_at_real_width(released, tmp_path, cached_reference, monkeypatch, how):
     _break(monkeypatch, how)
+    # the short groups alone (no long group: half the validation time). Their images (28-140 px,
+    # grids up to 5 x 5, most not square) suffice: the subtlest break, the M-RoPE axes swapped,
+    # measured 0.018 of the score spread on them against fp32's bar of 0.001 (fixed seed)
     with pytest.raises(ExportError, match="fp32 export failed validation"):
-        export_engine(released, tmp_path / "engine", ExportOptions(dtypes=("fp32",), validation_queries=3))
+        export_engine(released, tmp_path / "engine", ExportOptions(dtypes=("fp32",), validation_queries=3,
+                                                                   validation_long_documents=0))
     assert not (tmp_path / "engine").exists()
 
 
