@@ -393,9 +393,10 @@ class Reranker:
         self._limits = self._memory_limits()
         self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
-        # at most ``lanes`` decoder runs (and vision runs) at once: the memory budget is per lane
-        self._decoder_lock = threading.BoundedSemaphore(self.lanes)
-        self._vision_lock = threading.BoundedSemaphore(self.lanes)
+        # at most ``lanes`` engine runs at once, vision and decoder counted together: the
+        # activation budget is per lane, and the next step's vision run (prepared on a worker
+        # thread) beside this step's decoder run would hold both budgets' activations at once
+        self._run_lock = threading.BoundedSemaphore(self.lanes)
         self._stats_lock = threading.Lock()
         self.last_stats: dict[str, Any] = {}
         self.totals = collections.Counter()
@@ -470,7 +471,7 @@ class Reranker:
             pixels, grid = patchify([images[k].decoded for k in run_keys], sizes, spec, self.num_threads)
             batch = VisionBatch(pixels, grid, self.family.vision_feeds(grid, spec), run_keys,
                                 np.array([spec.visual_tokens(*images[k].size) for k in run_keys], np.int64))
-            with self._vision_lock:
+            with self._run_lock:
                 embeds = self.backend.encode_images(batch)
             for key, e in zip(run_keys, embeds):
                 store[key] = e
@@ -641,7 +642,7 @@ class Reranker:
         """One step on the backend: a prefix step stores its rows' keys/values in ``kv`` (None
         returned); a scoring step (suffix steps read ``kv``) returns (rows, scores, padded)."""
         if step.kind == "prefix":
-            with self._decoder_lock:
+            with self._run_lock:
                 values = self.backend.prefill(batch, embeds)
             with lock:
                 kv.update(zip((int(k) for k in step.rows), values))
@@ -649,7 +650,7 @@ class Reranker:
         if step.kind == "suffix":
             with lock:
                 batch.past = [kv[k] for k in batch.past]
-        with self._decoder_lock:
+        with self._run_lock:
             scores = np.asarray(self.backend.score(batch, embeds), np.float32)
         return batch.rows, scores, batch.padded_tokens
 

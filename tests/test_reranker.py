@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -437,3 +438,39 @@ def test_reranker_is_safe_to_share_between_threads(exported_engines, rng, lanes)
     for got, want in zip(results, expected):
         assert np.abs(got - want).max() <= 1e-5
     assert reranker.totals["calls"] == 3 * len(calls)
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_vision_and_decoder_runs_share_the_lanes(exported_engines, rng, lanes):
+    """The activation budget is per lane, so at most ``lanes`` engine runs (vision or decoder)
+    may be alive at once: the next step's vision run, prepared on a worker thread, waits for the
+    decoder run in flight (before 1 Dec both ran together, and 50 image documents at GMR-3B width
+    peaked 2 GB higher). Each run is held open a moment so that an overlap could not slip by."""
+    _, engine = exported_engines["qwen2_5_vl"]
+    reranker = Reranker(engine, max_batch_size=2, num_threads=2, lanes=lanes, image_cache_size=0)
+    alive, most, lock = [0], [0], threading.Lock()
+
+    def held(run):
+        def wrapper(*args, **kwargs):
+            with lock:
+                alive[0] += 1
+                most[0] = max(most[0], alive[0])
+            try:
+                time.sleep(0.05)
+                return run(*args, **kwargs)
+            finally:
+                with lock:
+                    alive[0] -= 1
+        return wrapper
+
+    for name in ("encode_images", "score", "prefill"):
+        setattr(reranker.backend, name, held(getattr(reranker.backend, name)))
+    pairs = [(_text(rng, 1, 6), {"image": _image(rng)}) for _ in range(6)] + _grouped(rng, 2, 4)
+    calls = [pairs, list(reversed(pairs))]
+    threads = [threading.Thread(target=reranker.score, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reranker.totals["calls"] == 2
+    assert 1 <= most[0] <= lanes, (most[0], lanes)
