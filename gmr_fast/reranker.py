@@ -611,7 +611,7 @@ class Reranker:
         """Runs ``plan``'s steps in order, yielding ``(rows, scores, padded_tokens)`` per scoring
         batch (rows index the planned pairs). A scoring batch for which ``skip(rows)`` is true is
         not computed, nor are the prefixes only it needed. While the backend runs one step, a
-        worker thread prepares the next."""
+        worker thread prepares the next; its vision runs wait for the run in flight (``_run_lock``)."""
         steps = plan.schedule.steps
         needed_waves = {s.wave for s in steps if s.kind == "suffix" and (skip is None or not skip(s.rows))}
         active = [i for i, s in enumerate(steps)
