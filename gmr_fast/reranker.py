@@ -487,12 +487,25 @@ class Reranker:
 
     # ------------------------------------------------------------------ public API
     def plan(self, pairs: Sequence[tuple[Any, Any]], *, instruction: str | Sequence[str] | None = None,
-             batch_size: int | None = None, labels: Sequence[str] | None = None) -> ScorePlan:
+             batch_size: int | None = None, labels: Sequence[str] | None = None,
+             max_length: int | Sequence[int | None] | None = None) -> ScorePlan:
         """Everything about scoring ``pairs`` that is known before any pixel work: prompts (each
         distinct image decoded once to learn its grid), per-pair failures, the prefix split and
         the steps the scheduler orders. ``instruction`` is one string for all pairs or one per
-        pair; ``labels`` name the pairs in error messages (default ``"pair <index>"``)."""
+        pair; ``labels`` name the pairs in error messages (default ``"pair <index>"``);
+        ``max_length`` (one for all pairs or one per pair, None for the engine's) caps a pair's
+        prompt below the reranker's max_length, its document text cut to fit as always (a
+        server's per-request limit: vLLM's truncate_prompt_tokens)."""
         pairs = list(pairs)
+        if max_length is None or isinstance(max_length, (int, np.integer)):
+            max_lengths = [max_length] * len(pairs)
+        else:
+            max_lengths = list(max_length)
+            if len(max_lengths) != len(pairs):
+                raise ConfigError(f"got {len(max_lengths)} max_length values for {len(pairs)} pairs")
+        for n in set(max_lengths) - {None}:
+            if not 1 <= int(n) <= self.gmr.max_length:
+                raise ConfigError(f"max_length {n}: expected 1 to this reranker's max_length {self.gmr.max_length}")
         if instruction is None or isinstance(instruction, str):
             instructions = [instruction or self.instruction] * len(pairs)
         else:
@@ -537,7 +550,8 @@ class Reranker:
                 tokens = iter(self.spec.visual_tokens(*images[k].size) for k in keys)
                 qn = next(tokens) if q.has_image else 0
                 dn = next(tokens) if d.has_image else 0
-                prompt = self.prompts.encode(instructions[i], q, d, qn, dn, where=labels[i], tokenized=tokenized[i])
+                prompt = self.prompts.encode(instructions[i], q, d, qn, dn, max_length=max_lengths[i], where=labels[i],
+                                             tokenized=tokenized[i])
             except (ImageError, PromptError) as e:
                 errors[i] = e
                 prompts.append(None)

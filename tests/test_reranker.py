@@ -212,6 +212,30 @@ def test_over_long_pairs_are_truncated_and_flagged(exported_engines, rng):
     assert np.isfinite(scores[:2]).all() and np.isnan(scores[2]) and 2 in scores.errors
 
 
+def test_a_per_pair_max_length_caps_prompts_as_the_option_does(exported_engines):
+    """``plan(max_length=...)`` (the server's per-request cap) cuts a pair's document text exactly
+    as ``Reranker(max_length=...)`` does: the same prompt ids and, the same graphs running them,
+    the same scores (1e-5: fp32 through batches of different composition). A pair without a cap
+    keeps the engine's limit; a cap outside 1..max_length or a list of the wrong length is an error."""
+    _, engine = exported_engines["qwen2_5_vl"]
+    reranker, capped = Reranker(engine, max_length=300), Reranker(engine, max_length=90)
+    pairs = [("q", "long " * 1000), ("q", "short"), ("what is it", "word " * 200)]
+    plan = reranker.plan(pairs, max_length=[90, 90, None])
+    expected = capped.plan(pairs)
+    for i in range(2):
+        np.testing.assert_array_equal(plan.prompts[i].ids, expected.prompts[i].ids)
+    assert len(plan.prompts[0].ids) <= 90 and len(plan.prompts[2].ids) > 90
+    assert plan.truncated.tolist() == [True, False, False]
+    scores = np.full(3, np.nan, np.float32)
+    for rows, values, _ in reranker.run(plan):
+        scores[rows] = values
+    assert np.abs(scores[:2] - capped.score(pairs[:2])).max() <= 1e-5
+    assert abs(scores[2] - reranker.score(pairs[2:])[0]) <= 1e-5
+    for bad, msg in [(0, "max_length 0"), (301, "max_length 301"), ([90], "1 max_length values for 3 pairs")]:
+        with pytest.raises(gmr_fast.ConfigError, match=msg):
+            reranker.plan(pairs, max_length=bad)
+
+
 def test_backend_and_precision_errors(exported_engines):
     _, engine = exported_engines["qwen2_vl"]
     with pytest.raises(gmr_fast.ConfigError, match="backend must be one of"):
