@@ -203,6 +203,43 @@ def test_rerank_in_tei_shape(server, reference):
         assert r.status_code == status and r.json()["error"]["field"] == field, r.text
 
 
+def test_per_request_truncation(server, reference, engine, images):
+    """Cohere's ``max_tokens_per_doc`` keeps each document's first N text tokens (an image stays);
+    vLLM's ``truncate_prompt_tokens`` caps every whole prompt at k tokens by cutting the document's
+    text at its end, as ``Reranker(max_length=k)`` does; -1 is the engine's own limit, a k above it
+    or below 1 is refused (400), and a k the query alone overflows names text_1 (422). Raw scores
+    within 1e-5: the same fp32 graphs over batches of different composition."""
+    url, _ = server
+    long = "the quick brown fox jumps over the lazy dog " * 20  # 180 tokens, one per word
+    cut = " ".join(long.split()[:6])
+    docs = [long, "short doc", {"text": long, "image": "file://a.png"}]
+    r = post(url, "/v2/rerank", {"query": "a fox", "documents": docs, "max_tokens_per_doc": 6, "raw_scores": True})
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    expected = reference.score([("a fox", cut), ("a fox", "short doc"),
+                                ("a fox", {"text": cut, "image": str(images / "a.png")})])
+    assert np.abs(np.array([got[i] for i in range(3)]) - expected).max() <= 1e-5
+    whole = post(url, "/v2/rerank", {"query": "a fox", "documents": docs}).json()
+    assert whole["meta"]["tokens"]["input_tokens"] - r.json()["meta"]["tokens"]["input_tokens"] >= 2 * (180 - 6) - 4
+
+    k, pairs = 120, [("a fox", long), ("a fox", "short doc")]
+    capped = Reranker(engine, max_batch_tokens=2048, max_length=k)
+    r = post(url, "/score", {"text_1": "a fox", "text_2": [long, "short doc"], "truncate_prompt_tokens": k,
+                             "raw_scores": True})
+    assert r.status_code == 200, r.text
+    assert [d["score"] for d in r.json()["data"]] == pytest.approx(capped.score(pairs).tolist(), abs=1e-5)
+    one = post(url, "/score", {"text_1": "a fox", "text_2": long, "truncate_prompt_tokens": k}).json()
+    assert k - 4 <= one["usage"]["prompt_tokens"] <= k
+    same = post(url, "/score", {"text_1": "a fox", "text_2": [long, "short doc"], "truncate_prompt_tokens": -1,
+                                "raw_scores": True}).json()
+    assert [d["score"] for d in same["data"]] == pytest.approx(reference.score(pairs).tolist(), abs=1e-5)
+    for value in (0, 401, -2):
+        bad = post(url, "/score", {"text_1": "a fox", "text_2": long, "truncate_prompt_tokens": value})
+        assert bad.status_code == 400 and bad.json()["error"]["field"] == "truncate_prompt_tokens", bad.text
+    over = post(url, "/score", {"text_1": "a fox", "text_2": ["d", "e"], "truncate_prompt_tokens": 5})
+    assert over.status_code == 422 and over.json()["error"]["field"] == "text_1", over.text
+
+
 @pytest.mark.parametrize("body,status,field,index", [
     ({"query": "q"}, 400, "documents", None),
     ({"query": "q", "documents": []}, 400, "documents", None),
@@ -237,6 +274,10 @@ def test_malformed_body_auth_and_size_limits(server):
     assert httpx.get(url + "/info").status_code == 401
     info = httpx.get(url + "/info", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert info["family"] == "qwen2_5_vl" and info["running"]["precision"] and info["limits"]["max_documents"] == 50
+    assert httpx.get(url + "/v1/models").status_code == 401
+    models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["gmr"]
+    assert models["data"][0]["max_model_len"] == 400 and models["data"][0]["created"] <= time.time()
 
 
 def test_concurrent_requests_share_batches_and_equal_reranker_scores(server, reference, rng):

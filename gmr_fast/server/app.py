@@ -51,6 +51,7 @@ class ServerState:
     reranker: object = None
     queue: BatchQueue | None = None
     load_error: str | None = None
+    loaded_at: float = 0.0  # when the engine was ready (unix time)
 
 
 def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
@@ -62,7 +63,8 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
             from ..reranker import Reranker
 
             state.reranker = Reranker(state.engine_dir, state.reranker_options)
-            state.queue = BatchQueue(state.reranker, metrics, max_queue_pairs=state.max_queue)
+            state.loaded_at = time.time()
+            state.queue = BatchQueue(state.reranker, metrics, max_queue_pairs=state.max_queue)  # ready from here
             log.info("engine ready: %s", state.reranker.choice)
         except Exception as e:  # noqa: BLE001 - reported by /health and every request (503)
             state.load_error = f"{type(e).__name__}: {e}"
@@ -152,11 +154,12 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
             raise NotReady("the engine is still loading; retry shortly")
         return state.queue
 
-    async def run(request: Request, pairs, instruction, labels, refuse_truncation: bool = False
-                  ) -> tuple[np.ndarray, int]:
+    async def run(request: Request, pairs, instruction, labels, refuse_truncation: bool = False,
+                  max_length: int | None = None, query_field: str = "query") -> tuple[np.ndarray, int]:
         queue = ready()
         loop = asyncio.get_running_loop()
-        job = Job(pairs, instruction, labels, loop, loop.create_future(), refuse_truncation=refuse_truncation)
+        job = Job(pairs, instruction, labels, loop, loop.create_future(), refuse_truncation=refuse_truncation,
+                  max_length=max_length)
         queue.submit(job)
         while not job.future.done():  # free the queued work if the client goes away
             await asyncio.wait({job.future}, timeout=0.25)
@@ -166,14 +169,20 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
         try:
             return job.future.result(), job.tokens
         except (ImageError, PromptError) as e:
-            raise _name(e, labels) from None
+            raise _name(e, labels, query_field) from None
         except Truncated as e:
             raise RequestError(413, "too_large", str(e), e.label.split("[")[0], e.index) from None
 
-    async def rerank(request: Request, body: RerankRequest, version: int):
-        query, documents = await asyncio.to_thread(rerank_pairs, body, policy, state.max_documents)
+    def rerank_items(body: RerankRequest):
+        query, documents = rerank_pairs(body, policy, state.max_documents)
         if body.max_tokens_per_doc:
             documents = [_truncated(state, d, body.max_tokens_per_doc) for d in documents]
+        return query, documents
+
+    async def rerank(request: Request, body: RerankRequest, version: int):
+        ready()
+        # images decoded from base64 and texts tokenized off the event loop
+        query, documents = await asyncio.to_thread(rerank_items, body)
         labels = [f"documents[{i}]" for i in range(len(documents))]
         scores, tokens = await run(request, [(query, d) for d in documents], body.instruction, labels)
         values = scores if body.raw_scores else _sigmoid(scores)
@@ -216,11 +225,10 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
         return await rerank(request, _validated(RerankRequest, body), 2)
 
     async def score(request: Request, body: ScoreRequest):
+        limit = _prompt_limit(body.truncate_prompt_tokens, ready().reranker.gmr.max_length)
         pairs = await asyncio.to_thread(score_pairs, body, policy, state.max_documents)
-        if body.truncate_prompt_tokens:
-            pairs = [(q, _truncated(state, d, body.truncate_prompt_tokens)) for q, d in pairs]
         labels = [f"text_2[{i}]" for i in range(len(pairs))]
-        scores, tokens = await run(request, pairs, body.instruction, labels)
+        scores, tokens = await run(request, pairs, body.instruction, labels, max_length=limit, query_field="text_1")
         values = scores if body.raw_scores else _sigmoid(scores)
         return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                 "model": body.model or state.model_name,
@@ -252,6 +260,15 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
                 "limits": {"max_documents": state.max_documents, "max_queue_pairs": state.max_queue,
                            "max_body_bytes": state.max_body_bytes,
                            "max_batch_tokens": r.options.max_batch_tokens}}
+
+    @app.get("/v1/models")
+    async def models():
+        """The served model in OpenAI's list shape, as vLLM and Infinity answer it (clients such as
+        LiteLLM list models before calling)."""
+        r = ready().reranker
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(state.loaded_at),
+                                            "owned_by": "gmr_fast", "root": state.engine_dir,
+                                            "max_model_len": r.gmr.max_length}]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -294,14 +311,28 @@ def _truncated(state: ServerState, item, max_tokens: int):
     return Item(text=item.text[:tok.offsets[max_tokens - 1][1]], image=item.image)
 
 
-def _name(e: GmrError, labels: list[str]) -> RequestError:
-    """A pair's error as a 422 naming the request field and index ("documents[3] ..." labels)."""
+def _prompt_limit(value: int | None, max_length: int) -> int | None:
+    """vLLM's ``truncate_prompt_tokens`` as a cap on each prompt's tokens: k keeps every prompt
+    within k tokens by cutting its document's text at the end (gmr_fast never cuts the
+    instruction, the query or an image, and the yes/no position is the prompt's last), -1 or
+    absent the engine's own limit. As vLLM, a k above the engine's limit is refused (400)."""
+    if value is None or value == -1:
+        return None
+    if not 1 <= value <= max_length:
+        raise RequestError(400, "malformed", f"truncate_prompt_tokens {value}: expected -1 or 1 to the engine's "
+                                             f"max_length {max_length}", "truncate_prompt_tokens")
+    return value
+
+
+def _name(e: GmrError, labels: list[str], query_field: str = "query") -> RequestError:
+    """A pair's error as a 422 naming the request field and index ("documents[3] ..." labels);
+    ``query_field`` is the field that holds the query (``text_1`` in vLLM's shape)."""
     message = str(e)
     if "without any document text" in message:  # the query (and instruction, images) alone do not fit
-        return RequestError(422, "invalid_input", "query: " + message.split(": ", 1)[-1], "query")
+        return RequestError(422, "invalid_input", f"{query_field}: " + message.split(": ", 1)[-1], query_field)
     for i, label in enumerate(labels):
         if message.startswith(label + " query"):
-            return RequestError(422, "invalid_input", "query" + message[len(label) + len(" query"):], "query")
+            return RequestError(422, "invalid_input", query_field + message[len(label) + len(" query"):], query_field)
         if message.startswith(label + " ") or message.startswith(label + ":"):
             field = label.split("[")[0]
             return RequestError(422, "invalid_input", message, field, i)

@@ -63,6 +63,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     tokens: int = 0  # decoder tokens attributed to this job (its prompt tokens)
     refuse_truncation: bool = False  # a pair whose document text had to be cut fails the job (Truncated)
+    max_length: int | None = None  # the request's cap on a prompt's tokens (vLLM's truncate_prompt_tokens)
 
 
 class BatchQueue:
@@ -175,13 +176,15 @@ class BatchQueue:
                     _resolve(job, exception=e)
 
     def _plan(self, jobs: list[Job]) -> "_Round":
-        pairs, instructions, labels, owner = [], [], [], []
+        pairs, instructions, labels, owner, limits = [], [], [], [], []
         for j, job in enumerate(jobs):
             pairs += job.pairs
             instructions += [job.instruction] * len(job.pairs)
             labels += job.labels
             owner += [j] * len(job.pairs)
-        plan = self.reranker.plan(pairs, instruction=instructions, labels=labels)
+            limits += [job.max_length] * len(job.pairs)
+        plan = self.reranker.plan(pairs, instruction=instructions, labels=labels,
+                                  max_length=limits if any(n is not None for n in limits) else None)
         r = _Round(jobs, plan, np.array(owner, np.int64),
                    np.concatenate([[0], np.cumsum([len(job.pairs) for job in jobs])]).astype(np.int64))
         for i in sorted(plan.errors):  # the first failing pair of a job fails that job, now

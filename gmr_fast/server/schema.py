@@ -89,7 +89,7 @@ class ScoreRequest(BaseModel):
     model: str | None = None
     text_1: Union[str, Content, list[Union[str, Content]]]
     text_2: Union[str, Content, list[Union[str, Content]]]
-    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # app._prompt_limit: -1 or 1..max_length
     raw_scores: bool = False
     instruction: str | None = None
 
