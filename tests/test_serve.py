@@ -131,6 +131,30 @@ def test_rerank_v1_v2_and_documents(server, reference):
     assert raw["meta"]["tokens"]["input_tokens"] > 0
 
 
+def test_document_objects_with_fields_of_their_own(server, reference):
+    """Cohere v1 document objects: fields besides text are kept and given back as sent; without
+    ``rank_fields`` the text is ranked, with one field that field's value, with several their
+    ``name: value`` lines in the order given. A document with none of them fails its request."""
+    url, _ = server
+    q = "what is a cat?"
+    docs = [{"title": "Cats", "text": "cats are small", "id": 7}, {"title": "Markets", "text": "the stock market fell"},
+            "plain string"]
+    for fields, texts in [(None, ["cats are small", "the stock market fell"]), (["title"], ["Cats", "Markets"]),
+                          (["title", "text"], ["title: Cats\ntext: cats are small",
+                                               "title: Markets\ntext: the stock market fell"])]:
+        body = {"query": q, "documents": docs, "return_documents": True, "raw_scores": True}
+        r = post(url, "/v1/rerank", body if fields is None else {**body, "rank_fields": fields})
+        assert r.status_code == 200, r.text
+        got = {x["index"]: x for x in r.json()["results"]}
+        expected = reference.score([(q, t) for t in texts + ["plain string"]])
+        assert np.abs(np.array([got[i]["relevance_score"] for i in range(3)]) - expected).max() <= 1e-5, fields
+        assert [got[i]["document"] for i in range(3)] == docs[:2] + [{"text": "plain string"}]
+    for bad, index in [({"query": q, "documents": ["ok", {"title": "x"}], "rank_fields": ["author"]}, 1),
+                       ({"query": q, "documents": [{"title": {"nested": 1}}], "rank_fields": ["title"]}, 0)]:
+        r = post(url, "/v1/rerank", bad)
+        assert r.status_code == 400 and r.json()["error"]["index"] == index, r.text
+
+
 def test_image_documents_and_queries(server, reference, images, rng):
     url, _ = server
     data = png(rng)

@@ -1,9 +1,10 @@
 """Request bodies in the shapes rerank clients speak, parsed at the edge into plain pairs.
 
 - Cohere rerank (``/v1/rerank``, ``/v2/rerank``): ``{model?, query, documents, top_n?,
-  return_documents?, max_tokens_per_doc?}``; a document (and the query) is a string, or as in
+  return_documents?, max_tokens_per_doc?, rank_fields?}``; a document (and the query) is a string, or as in
   Jina's multimodal reranker API an object ``{"text"?, "image"?}`` (v1's ``{"text": ...}``
-  documents are the text-only case).
+  documents are the text-only case; a document object may carry fields of its own, which v1's
+  ``rank_fields`` names to rank on).
 - vLLM's ``/score``: ``{model?, text_1, text_2}``, each a string, a list of strings, or
   multimodal content ``{"content": [{"type": "text", ...}, {"type": "image_url", ...}]}``.
 
@@ -55,6 +56,13 @@ class Content(BaseModel):
     content: list[ContentPart]
 
 
+class Document(Multimodal):
+    """A Cohere document object: ``text`` and/or ``image``, plus any fields of the caller's own,
+    which ``rank_fields`` may name and ``return_documents`` gives back as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 Side = Union[str, Multimodal]
 
 
@@ -62,7 +70,8 @@ class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields of their own (rank_fields, ...)
     model: str | None = None
     query: Side
-    documents: list[Side]
+    documents: list[Union[str, Document]]
+    rank_fields: list[str] | None = Field(None, min_length=1)  # Cohere v1: the object fields read, in order
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = False
     max_tokens_per_doc: int | None = Field(None, ge=1)
@@ -134,13 +143,34 @@ class ImagePolicy:
         return data
 
 
-def _item(value: Side, policy: ImagePolicy, field: str, index: int | None) -> Item:
+def _item(value: Side, policy: ImagePolicy, field: str, index: int | None, rank_fields: list[str] | None = None
+          ) -> Item:
     if isinstance(value, str):
         return Item(text=value)
-    if value.text is None and value.image is None:
-        raise RequestError(400, "malformed", "needs 'text' and/or 'image'", field, index)
+    text = value.text if rank_fields is None else _ranked_text(value, rank_fields, field, index)
+    if text is None and value.image is None:
+        raise RequestError(400, "malformed", "needs 'text' and/or 'image'" if rank_fields is None else
+                           f"has none of rank_fields {rank_fields} and no 'image'", field, index)
     image = policy.resolve(value.image, field, index) if value.image is not None else None
-    return Item(text=value.text or "", image=image)
+    return Item(text=text or "", image=image)
+
+
+def _ranked_text(value: Document, rank_fields: list[str], field: str, index: int | None) -> str | None:
+    """The text a document object is ranked on under Cohere v1's ``rank_fields``: one field's
+    value as it is; several as ``name: value`` lines in the order given (the YAML-like form Cohere
+    recommends for structured documents), fields the object lacks left out. Values must be
+    strings or numbers."""
+    fields = {"text": value.text, **(value.model_extra or {})}
+    present = [(name, fields[name]) for name in rank_fields if fields.get(name) is not None]
+    for name, v in present:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise RequestError(400, "malformed", f"rank field {name!r} must be a string or a number, got "
+                                                 f"{type(v).__name__}", field, index)
+    if not present:
+        return None
+    if len(rank_fields) == 1:
+        return str(present[0][1])
+    return "\n".join(f"{name}: {v}" for name, v in present)
 
 
 def _content_item(value: Union[str, Content], policy: ImagePolicy, field: str, index: int | None) -> Item:
@@ -172,7 +202,7 @@ def rerank_pairs(req: RerankRequest, policy: ImagePolicy, max_documents: int) ->
         raise RequestError(413, "too_large", f"{len(req.documents)} documents; this server takes at most {max_documents} "
                                              "per request", "documents")
     query = _item(req.query, policy, "query", None)
-    return query, [_item(d, policy, "documents", i) for i, d in enumerate(req.documents)]
+    return query, [_item(d, policy, "documents", i, req.rank_fields) for i, d in enumerate(req.documents)]
 
 
 def tei_pairs(req: TEIRerankRequest, max_documents: int) -> tuple[Item, list[Item]]:
@@ -210,7 +240,9 @@ def score_pairs(req: ScoreRequest, policy: ImagePolicy, max_documents: int) -> l
 
 
 def echo_document(value: Side) -> Any:
-    """What ``return_documents`` gives back: Cohere's ``{"text": ...}``, images as sent."""
+    """What ``return_documents`` gives back: Cohere's ``{"text": ...}``; an object as sent, its
+    own fields and images included."""
     if isinstance(value, str):
         return {"text": value}
-    return {k: v for k, v in (("text", value.text), ("image", value.image)) if v is not None}
+    return {k: v for k, v in (("text", value.text), ("image", value.image), *(value.model_extra or {}).items())
+            if v is not None}
