@@ -730,14 +730,16 @@ class Reranker:
 
     def score(self, pairs: Sequence[tuple[Any, Any]], *, instruction: str | Sequence[str] | None = None,
               normalize: bool = False, batch_size: int | None = None, show_progress_bar: bool | None = None,
-              on_error: Literal["raise", "nan"] = "raise") -> Scores:
+              on_error: Literal["raise", "nan"] = "raise", max_length: int | None = None) -> Scores:
         """Relevance of each (query, document) pair, in input order: logit(yes) - logit(no), or
         with ``normalize=True`` its sigmoid, P(yes). ``on_error="nan"`` scores a pair whose image
-        or length fails as NaN and records the error in ``result.errors``."""
+        or length fails as NaN and records the error in ``result.errors``. ``max_length`` caps
+        this call's prompts below the reranker's own (FlagEmbedding's ``compute_score(...,
+        max_length=)``); only document text is ever cut."""
         if on_error not in ("raise", "nan"):
             raise ConfigError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
         start_time = time.perf_counter()
-        plan = self.plan(pairs, instruction=instruction, batch_size=batch_size)
+        plan = self.plan(pairs, instruction=instruction, batch_size=batch_size, max_length=max_length)
         if plan.errors and on_error == "raise":
             raise plan.errors[min(plan.errors)]
         result = np.full(plan.size, np.nan, np.float32)
@@ -774,12 +776,14 @@ class Reranker:
         return scored_tokens / padded if padded else 1.0
 
     def rank(self, query: Any, documents: Sequence[Any], *, instruction: str | None = None, top_k: int | None = None,
-             return_documents: bool = False, normalize: bool = False) -> list[RankResult]:
-        """Documents sorted by score, best first (ties keep input order)."""
+             return_documents: bool = False, normalize: bool = False, max_length: int | None = None
+             ) -> list[RankResult]:
+        """Documents sorted by score, best first (ties keep input order); ``max_length`` as in ``score``."""
         documents = list(documents)
         if not documents:
             return []
-        scores = self.score([(query, d) for d in documents], instruction=instruction, normalize=normalize)
+        scores = self.score([(query, d) for d in documents], instruction=instruction, normalize=normalize,
+                            max_length=max_length)
         order = sorted(range(len(documents)), key=lambda i: (-scores[i] if not math.isnan(scores[i]) else math.inf, i))
         if top_k is not None:
             order = order[:max(0, int(top_k))]

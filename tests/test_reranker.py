@@ -213,9 +213,9 @@ def test_over_long_pairs_are_truncated_and_flagged(exported_engines, rng):
 
 
 def test_a_per_pair_max_length_caps_prompts_as_the_option_does(exported_engines):
-    """``plan(max_length=...)`` (the server's per-request cap) cuts a pair's document text exactly
-    as ``Reranker(max_length=...)`` does: the same prompt ids and, the same graphs running them,
-    the same scores (1e-5: fp32 through batches of different composition). A pair without a cap
+    """``plan(max_length=...)`` (the server's per-request cap) and ``score``/``rank``'s per-call
+    one cut a pair's document text exactly as ``Reranker(max_length=...)`` does: the same prompt
+    ids and, the same graphs running them, the same scores (1e-5: fp32 through batches of different composition). A pair without a cap
     keeps the engine's limit; a cap outside 1..max_length or a list of the wrong length is an error."""
     _, engine = exported_engines["qwen2_5_vl"]
     reranker, capped = Reranker(engine, max_length=300), Reranker(engine, max_length=90)
@@ -231,6 +231,10 @@ def test_a_per_pair_max_length_caps_prompts_as_the_option_does(exported_engines)
         scores[rows] = values
     assert np.abs(scores[:2] - capped.score(pairs[:2])).max() <= 1e-5
     assert abs(scores[2] - reranker.score(pairs[2:])[0]) <= 1e-5
+    per_call = reranker.score(pairs, max_length=90)  # the same cap for every pair of a call
+    assert np.abs(per_call - capped.score(pairs)).max() <= 1e-5 and per_call.truncated.tolist() == [True, False, True]
+    assert [r.index for r in reranker.rank("q", ["long " * 1000, "short"], max_length=90)] == \
+        [r.index for r in capped.rank("q", ["long " * 1000, "short"])]
     for bad, msg in [(0, "max_length 0"), (301, "max_length 301"), ([90], "1 max_length values for 3 pairs")]:
         with pytest.raises(gmr_fast.ConfigError, match=msg):
             reranker.plan(pairs, max_length=bad)
