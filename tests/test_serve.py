@@ -129,6 +129,8 @@ def test_rerank_v1_v2_and_documents(server, reference):
     assert {x["index"]: x["relevance_score"] for x in raw["results"]} == pytest.approx(dict(enumerate(expected.tolist())),
                                                                                         abs=1e-5)
     assert raw["meta"]["tokens"]["input_tokens"] > 0
+    assert raw["usage"]["total_tokens"] == raw["meta"]["tokens"]["input_tokens"]
+    assert raw["model"] == "gmr"  # Jina's and vLLM's response fields, beside Cohere's
 
 
 def test_document_objects_with_fields_of_their_own(server, reference):

@@ -196,7 +196,9 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
         meta = {"api_version": {"version": str(version)}, "billed_units": {"search_units": math.ceil(len(documents) / 100)}}
         if version == 2:
             meta["tokens"] = {"input_tokens": tokens}
-        return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+        # Cohere's body, plus the model and usage that Jina's and vLLM's rerank responses carry
+        return {"id": str(uuid.uuid4()), "model": body.model or state.model_name, "results": results, "meta": meta,
+                "usage": {"total_tokens": tokens}}
 
     @app.post("/v1/rerank")
     async def rerank_v1(request: Request, body: RerankRequest):
