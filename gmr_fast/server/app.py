@@ -181,7 +181,7 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
 
     async def rerank(request: Request, body: RerankRequest, version: int):
         ready()
-        # images decoded from base64 and texts tokenized off the event loop
+        # base64 images decoded and max_tokens_per_doc's tokenizing done off the event loop
         query, documents = await asyncio.to_thread(rerank_items, body)
         labels = [f"documents[{i}]" for i in range(len(documents))]
         scores, tokens = await run(request, [(query, d) for d in documents], body.instruction, labels)

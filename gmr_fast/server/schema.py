@@ -67,7 +67,7 @@ Side = Union[str, Multimodal]
 
 
 class RerankRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields of their own (rank_fields, ...)
+    model_config = ConfigDict(extra="ignore")  # clients send fields of their own (max_chunks_per_doc, ...)
     model: str | None = None
     query: Side
     documents: list[Union[str, Document]]
@@ -244,5 +244,5 @@ def echo_document(value: Side) -> Any:
     own fields and images included."""
     if isinstance(value, str):
         return {"text": value}
-    return {k: v for k, v in (("text", value.text), ("image", value.image), *(value.model_extra or {}).items())
-            if v is not None}
+    own = {k: v for k, v in (("text", value.text), ("image", value.image)) if v is not None}
+    return {**own, **(value.model_extra or {})}  # the caller's own fields exactly as sent, nulls included
