@@ -95,8 +95,7 @@ def processor_prompt(gmr: GmrConfig, image_processor, instruction: str, query: A
             images.append(pil)
             text = "<|vision_start|>" + "<|image_pad|>" * (int(np.prod(grid)) // merge ** 2) + "<|vision_end|>" + text
         sides.append(text)
-    prompt = (gmr.prompt_template.replace("{system}", gmr.system_prompt).replace("{instruction}", instruction)
-              .replace("{query}", sides[0]).replace("{document}", sides[1]))
+    prompt = gmr.fill(instruction=instruction, query=sides[0], document=sides[1])
     return prompt, images
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ GMR_MIN_PIXELS = 4 * 28 * 28
 GMR_MAX_PIXELS = 1280 * 28 * 28
 GMR_MAX_LENGTH = 3200
 FORMAT_VERSION = 1
+_SLOT = re.compile(r"\{(system|instruction|query|document)\}")
 
 
 @dataclass
@@ -88,6 +90,14 @@ class GmrConfig:
                            f"({'4' if key == 'min_pixels' else '1280'}*28*28), which is what is used; to use the "
                            f"file's value instead, write a gmr.json beside the weights with \"{key}\": {int(theirs)}")
         return out
+
+    def fill(self, template: str | None = None, **sides: str) -> str:
+        """``template`` (default ``prompt_template``) with its slots filled in one pass, as the
+        model's chat template builds the prompt: text a slot brings in is never searched for slots
+        itself (a query that says "{document}" keeps those words). ``sides`` gives instruction,
+        query and document; ``{system}`` is ``system_prompt``."""
+        values = {"system": self.system_prompt, **sides}
+        return _SLOT.sub(lambda m: values[m.group(1)], self.prompt_template if template is None else template)
 
     def instruction_for(self, task: str | None = None) -> str:
         return self.task_instructions.get(task, self.default_instruction) if task else self.default_instruction

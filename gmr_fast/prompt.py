@@ -109,19 +109,12 @@ class PromptBuilder:
 
     def render(self, instruction: str, query: Item, document: Item) -> str:
         """The prompt text with one <|image_pad|> per image."""
-        return (self.config.prompt_template
-                .replace("{system}", self.config.system_prompt)
-                .replace("{instruction}", instruction)
-                .replace("{query}", self._side(query))
-                .replace("{document}", self._side(document)))
+        return self.config.fill(instruction=instruction, query=self._side(query), document=self._side(document))
 
     def render_prefix(self, instruction: str, query: Item) -> str:
         """The part of the prompt before the document slot: what every document of one
         (instruction, query) shares."""
-        return (self._prefix_template
-                .replace("{system}", self.config.system_prompt)
-                .replace("{instruction}", instruction)
-                .replace("{query}", self._side(query)))
+        return self.config.fill(self._prefix_template, instruction=instruction, query=self._side(query))
 
     @property
     def prefix_has_query(self) -> bool:

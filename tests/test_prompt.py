@@ -170,3 +170,16 @@ def test_gmr_json_defaults_and_errors(tmp_path, caplog):
         GmrConfig(prompt_template="{system}{instruction}{document}")
     GmrConfig(max_length=512, training={"objective": "sft"}).save(tmp_path)
     assert GmrConfig.load(tmp_path).max_length == 512
+
+
+def test_slot_names_in_user_text_stay_literal(setup):
+    """The template's slots are filled in one pass, as the model's chat template builds the
+    prompt: a query, instruction or document that contains "{document}" keeps it."""
+    builder, _, hf_tok = setup
+    system = builder.config.system_prompt
+    instruction, query, document = "use {query} here", "what is {document}?", "see {instruction} and {system}"
+    text = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<Instruct>: {instruction}<Query>:{query}\n"
+            f"<Document>:{document}<|im_end|>\n<|im_start|>assistant\n")
+    assert builder.render(instruction, as_item(query, "q"), as_item(document, "d")) == text
+    got = _ours(builder, instruction, query, document, max_length=100000)
+    assert got.ids.tolist() == hf_tok(text, add_special_tokens=False)["input_ids"]
