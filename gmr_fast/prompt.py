@@ -3,13 +3,16 @@
 The prompt is rendered from gmr.json's template. Each image is rendered as one
 ``<|image_pad|>`` and expanded to its visual-token count after tokenisation: special tokens are
 split out before any text is tokenised, so this equals tokenising the processor-style text with
-the pad repeated (the parity tests check it). Text is always tokenised in the whole segments
-that lie between special tokens, never in pieces, because Qwen2's pre-tokenizer joins
-punctuation to following letters and newlines (``:hello``, ``.\\n``).
+the pad repeated (the parity tests check it). Text is tokenised in the whole segments that lie
+between special tokens, never cut at an arbitrary point, because Qwen2's pre-tokenizer joins
+punctuation to following letters and newlines (``:hello``, ``.\\n``). The one cut made is at the
+template's last line break before the document (``segment_cut``), where that tokenizer provably
+always splits: the part before it, shared by a query's documents, is tokenised once per query.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -22,6 +25,12 @@ from .gmr_config import GmrConfig
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
+# Qwen2's pre-tokenizer (tokenizer.json): this split regex, then byte-level mapping without its own regex
+QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
 
 
 @dataclass
@@ -96,6 +105,41 @@ class PromptBuilder:
                                   "re-export the engine")
         head, _, _ = config.prompt_template.partition("{document}")
         self._prefix_template = head
+        self.segment_cut = self._segment_cut()
+
+    def _segment_cut(self) -> int | None:
+        r"""Where the template may be cut so that any prompt tokenises as its two parts do apart:
+        right after the template's last line break before ``{document}``, when the template's own
+        next character is ASCII and not white space ("\n<Document>:"), the later part holds no
+        slot but ``{document}``, and the tokenizer is Qwen2's; None otherwise (prompts are then
+        tokenised whole). Why the ids agree there, whatever the user's text:
+        - special tokens are split out first (leftmost-longest over the raw text); none holds a
+          line break, so none can match across the cut, and none strips white space around it;
+        - NFC leaves a line break, and a following ASCII non-space character, as they are (neither
+          is a combining mark nor composes with the other), so it normalises each part alone;
+        - every alternative of the split regex that can take a line break ends at it (``[\r\n]*``
+          and ``[\r\n]+`` end a match; ``\p{L}``, ``\p{N}`` and the optional lead character of a
+          word exclude it), so a piece ends at the cut and the next starts there; a white-space run
+          ending in the break is taken whole by ``\s*[\r\n]+`` before ``\s+(?!\S)`` looks past it.
+        GPT-2's byte-level regex lacks the last property (``\s+(?!\S)`` stops one short of a
+        non-space character), hence the exact match on Qwen2's.
+        BPE merges within a piece, so the ids agree. ``test_segment_tokenization_equals_whole``
+        checks it on adversarial text."""
+        template = self.config.prompt_template
+        slot = template.index("{document}")
+        cut = template.rfind("\n", 0, slot) + 1
+        rest = template[cut:]
+        if (cut == 0 or cut == slot or not rest[0].isascii() or rest[0].isspace()
+                or any(s in rest for s in ("{system}", "{instruction}", "{query}"))):
+            return None
+        state = lambda part: None if part is None else json.loads(part.__getstate__())  # noqa: E731
+        if (state(self.tokenizer.pre_tokenizer) != QWEN2_PRE_TOKENIZER
+                or state(self.tokenizer.normalizer) not in (None, {"type": "NFC"})):
+            return None
+        for t in self.tokenizer.get_added_tokens_decoder().values():
+            if "\n" in t.content or "\r" in t.content or t.lstrip or t.rstrip or t.single_word:
+                return None
+        return cut
 
     def _single_id(self, token: str, what: str | None = None) -> int:
         ids = self.tokenizer.encode(token, add_special_tokens=False).ids
@@ -133,6 +177,22 @@ class PromptBuilder:
         own native threads with the GIL released (a server plans the next requests while the
         engine runs; one ``encode`` per prompt would hold the GIL throughout)."""
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def tokenize_prompts(self, instructions: list[str], pairs: list[tuple[Item, Item]]) -> list[list[int]]:
+        """Token ids of each pair's ``render(instruction, query, document)``, as ``tokenize_many``
+        gives them. Where the template has a ``segment_cut``, the part before it (system,
+        instruction, query) is tokenised once per distinct instruction and query, and each pair
+        adds the ids of its own rest (document and closing turn): a query's documents share
+        about half of a short pair's tokens."""
+        if self.segment_cut is None:
+            return self.tokenize_many([self.render(i, q, d) for i, (q, d) in zip(instructions, pairs)])
+        head, tail = self.config.prompt_template[:self.segment_cut], self.config.prompt_template[self.segment_cut:]
+        keys = [(i, self._side(q)) for i, (q, _) in zip(instructions, pairs)]
+        distinct = list(dict.fromkeys(keys))
+        heads = dict(zip(distinct, self.tokenize_many([self.config.fill(head, instruction=i, query=q)
+                                                       for i, q in distinct])))
+        tails = self.tokenize_many([self.config.fill(tail, document=self._side(d)) for _, d in pairs])
+        return [heads[k] + t for k, t in zip(keys, tails)]
 
     def _encode_expanded(self, text: str, image_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         return self._expand(self.tokenizer.encode(text, add_special_tokens=False).ids, image_tokens)

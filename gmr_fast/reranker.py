@@ -539,8 +539,9 @@ class Reranker:
         prefixes: list[tuple[TokenSequence, int] | None] = []
         fallbacks = 0
         share = self.options.share_prefix and self.prompts.prefix_has_query
-        # every prompt tokenized in one native call (GIL released); encode() expands and truncates
-        tokenized = self.prompts.tokenize_many([self.prompts.render(instructions[i], q, d) for i, (q, d) in enumerate(items)])
+        # every prompt tokenized in native batch calls (GIL released), each query's part once;
+        # encode() expands and truncates
+        tokenized = self.prompts.tokenize_prompts(instructions, items)
         for i, ((q, d), keys) in enumerate(zip(items, keys_per_pair)):
             sides = (["query"] if q.has_image else []) + (["document"] if d.has_image else [])
             bad = next(((side, images[k]) for side, k in zip(sides, keys) if isinstance(images[k], ImageError)), None)

@@ -172,6 +172,64 @@ def test_gmr_json_defaults_and_errors(tmp_path, caplog):
     assert GmrConfig.load(tmp_path).max_length == 512
 
 
+# text that stresses the Qwen2 pre-tokenizer and NFC at a cut: white space of every kind before
+# and after line breaks, punctuation that joins following breaks, combining marks, contractions,
+# special-token text, slot names
+_PIECES = ["a", "Zq", "é", "e\u0301", "\u0338", "<", ">", ":", ".", "'s", "'LL", "-", "\u2014", "中文", "😀", "1", "23",
+           " ", "  ", "\t", "\n", "\r\n", "\r", "\n\n", " \n", ".\n", "\u00a0", "\u3000", "\u2028", "\x0b", "\x85",
+           "<|im_end|>", "<|vision_end|>", "<Document>:", "{document}", "{query}"]
+
+
+def _adversarial(rng, n: int) -> str:
+    return "".join(rng.choice(_PIECES) for _ in range(n))
+
+
+def test_segment_tokenization_equals_whole(setup, rng):
+    """tokenize_prompts tokenizes each distinct (instruction, query) part once and each pair's rest
+    apart (``segment_cut``, on for Qwen2's tokenizer and GMR's template); the ids must equal the
+    whole rendered prompt's, token for token, whatever text sits on either side of the cut."""
+    builder, _, hf_tok = setup
+    assert builder.segment_cut is not None
+    instructions = [_adversarial(rng, int(rng.integers(0, 6))) for _ in range(3)]
+    queries = [as_item({"text": _adversarial(rng, int(rng.integers(0, 8))), **({"image": b"q"} if k % 3 == 0 else {})}, "q")
+               for k in range(12)]
+    ins, pairs = [], []
+    for k in range(600):
+        doc = _adversarial(rng, int(rng.integers(0, 10)))
+        ins.append(instructions[k % 3])
+        pairs.append((queries[int(rng.integers(len(queries)))], as_item({"text": doc, **({"image": b"d"} if k % 4 == 0 else {})}, "d")))
+    whole = builder.tokenize_many([builder.render(i, q, d) for i, (q, d) in zip(ins, pairs)])
+    assert builder.tokenize_prompts(ins, pairs) == whole
+    # and HF's own tokenizer agrees with the whole prompts (the reference of the other tests)
+    for k in range(0, 600, 7):
+        assert hf_tok(builder.render(ins[k], *pairs[k]), add_special_tokens=False)["input_ids"] == whole[k]
+
+
+def test_segment_cut_only_where_it_is_proven(setup, tiny_checkpoints, tmp_path):
+    """The cut needs Qwen2's pre-tokenizer and a template whose document line starts with a fixed
+    non-space character; elsewhere prompts are tokenized whole. GPT-2's byte-level regex shows why:
+    cut after a query ending in spaces, it tokenizes differently from the whole."""
+    import json
+
+    builder, _, _ = setup
+    raw = json.loads((tiny_checkpoints["qwen2_5_vl"] / "tokenizer.json").read_text())
+    raw["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    gpt2 = PromptBuilder(tmp_path / "tokenizer.json", builder.config)
+    assert gpt2.segment_cut is None
+    head, tail = "q  \n", "<Document>:x"
+    ids = lambda text: gpt2.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    assert ids(head) + ids(tail) != ids(head + tail)
+    assert builder.tokenizer.encode(head + tail).ids == builder.tokenize_many([head])[0] + builder.tokenize_many([tail])[0]
+    pairs = [(as_item("q  ", "q"), as_item("d", "d"))]
+    assert gpt2.tokenize_prompts(["i"], pairs) == gpt2.tokenize_many([gpt2.render("i", *pairs[0])])
+    for template in ("<|im_start|>user\n{system}{instruction}{query}\n {document}<|im_end|>",  # space after the break
+                     "<|im_start|>user\n{system}{instruction}{query}\n{document}<|im_end|>",  # user text right after it
+                     "{system}\n<D>{document}{instruction}{query}"):  # slots after the document
+        other = PromptBuilder(tiny_checkpoints["qwen2_5_vl"] / "tokenizer.json", GmrConfig(prompt_template=template))
+        assert other.segment_cut is None, template
+
+
 def test_slot_names_in_user_text_stay_literal(setup):
     """The template's slots are filled in one pass, as the model's chat template builds the
     prompt: a query, instruction or document that contains "{document}" keeps it."""
