@@ -8,7 +8,6 @@ import asyncio
 import base64
 import concurrent.futures
 import io
-import json
 import os
 import signal
 import socket
