@@ -183,8 +183,7 @@ class BatchQueue:
             labels += job.labels
             owner += [j] * len(job.pairs)
             limits += [job.max_length] * len(job.pairs)
-        plan = self.reranker.plan(pairs, instruction=instructions, labels=labels,
-                                  max_length=limits if any(n is not None for n in limits) else None)
+        plan = self.reranker.plan(pairs, instruction=instructions, labels=labels, max_length=limits)
         r = _Round(jobs, plan, np.array(owner, np.int64),
                    np.concatenate([[0], np.cumsum([len(job.pairs) for job in jobs])]).astype(np.int64))
         for i in sorted(plan.errors):  # the first failing pair of a job fails that job, now
