@@ -47,6 +47,7 @@ from .schedule import Limits, Schedule, Sequence as TokenSequence, VisionBatch, 
 
 log = logging.getLogger("gmr_fast")
 MiB = 1 << 20
+IMAGE_PRECISIONS = ("auto", "fp32", "same")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class RerankerOptions:
 
     precision: str = option("auto", "auto (the fastest variant for this processor that ranked like fp32 at "
                                     "export), fp32, int8 or bf16", determinism=True, choices=("auto",) + PRECISIONS)
+    image_precision: str = option("auto", "pairs with an image under bf16: fp32 (computed over the same bf16 "
+                                          "weights, which must hold the fp32 model exactly), same (bf16 too) or auto "
+                                          "(fp32 where auto chose bf16 on a CPU and the engine allows it)",
+                                  determinism=True, choices=IMAGE_PRECISIONS)
     backend: str | None = option(None, "onnxruntime or torch (default: what the precision runs on)", determinism=True,
                                  choices=("onnxruntime", "torch"))
     device: str = option("cpu", "cpu, or cuda[:N] for the torch backend", determinism=True)
@@ -82,6 +87,7 @@ class RerankerOptions:
 
     def validate(self) -> None:
         check_choice("precision", self.precision, ("auto",) + PRECISIONS)
+        check_choice("image_precision", self.image_precision, IMAGE_PRECISIONS)
         if self.backend is not None:
             check_choice("backend", self.backend, ("onnxruntime", "torch"))
         check_choice("padding_side", self.padding_side, ("left", "right"))
@@ -172,6 +178,7 @@ class ScorePlan:
     prefixes: list  # [(TokenSequence, next position)]
     schedule: Schedule
     boundary_fallbacks: int  # pairs whose document merged with the prefix's last token
+    exact: set = dataclasses.field(default_factory=set)  # pairs scored in fp32 beside bf16 (image_precision)
 
     @property
     def truncated(self) -> np.ndarray:
@@ -352,6 +359,54 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
     return chosen, run_on, why
 
 
+# Why ``auto`` runs pairs with an image in fp32 when it chose bf16 on a CPU: at GMR-3B width bf16
+# ranked the image workload at Kendall tau 0.976-0.9798 against fp32 on the AMX Xeon and 0.968 on
+# an AMD Zen 5, below AUTO_MIN_TAU, while text stayed at 0.988-0.992 on both; the error is bf16
+# rounding of every GEMM's activations, which no cheaper placement removed (README "What is not
+# done"). fp32 over the bf16 files ran images at 0.52 pairs/s on the
+# Zen 5 (HF bf16 0.26 on that workload), so the default stays ahead of HF's fastest dtype there.
+IMAGES_IN_FP32 = ("pairs with an image run fp32 over the same bf16 weights: bf16 ranked images at tau 0.968-0.9798 "
+                  f"< {AUTO_MIN_TAU} against fp32 at GMR-3B width on the CPUs measured (README \"Precision\")")
+
+
+def bf16_holds_fp32(manifest) -> bool:
+    """Whether fp32 arithmetic over this engine's bf16 weights is its validated fp32 model: an
+    fp32 variant over the bf16 variant's own files (``--fp32-over-bf16``), or fp32 files of a
+    checkpoint stored entirely in bf16 (as GMR is released), which bf16 then holds exactly (the
+    torch backend checks every value it keeps in bf16 as it loads)."""
+    have = manifest.precisions
+    if "bf16" not in have or "fp32" not in have:
+        return False
+    fp32, bf16 = manifest.variant("fp32"), manifest.variant("bf16")
+    if fp32.weights and fp32.weights == bf16.weights and all(
+            e["dtype"] == "bfloat16" for w in fp32.weights.values() for n, e in w.tensors.items()
+            if n != "score_row" and len(e["shape"]) == 2):
+        return True
+    return set(manifest.source.get("stored_dtypes") or {"?": 0}) == {"BF16"}
+
+
+def choose_image_precision(manifest, requested: str, precision: str, backend: str, device: str,
+                           image_precision: str) -> tuple[str | None, str]:
+    """(precision of pairs with an image, why): "fp32" routes them to fp32 over the same bf16
+    weights (the torch backend's ``exact_images``), None leaves every pair in ``precision``.
+    ``image_precision`` "fp32" asks for it (an error where it cannot hold), "same" refuses it,
+    "auto" takes it where ``auto`` chose bf16 on a CPU and the engine allows it (IMAGES_IN_FP32)."""
+    if image_precision == "same" or precision != "bf16":
+        if image_precision == "fp32":
+            raise ConfigError(f"image_precision fp32 runs beside bf16; the precision here is {precision}")
+        return None, "the same as every pair"
+    possible = backend == "torch" and bf16_holds_fp32(manifest)
+    if image_precision == "fp32":
+        if not possible:
+            raise ConfigError("image_precision fp32 needs the torch backend and an engine whose bf16 weights hold its "
+                              "fp32 model (a bf16 checkpoint exported with --dtype bf16 --fp32-over-bf16, or with "
+                              "fp32 and bf16)")
+        return "fp32", "pairs with an image run fp32 over the same bf16 weights (requested)"
+    if requested == "auto" and possible and not device.startswith("cuda"):
+        return "fp32", IMAGES_IN_FP32
+    return None, "the same as every pair"
+
+
 def _torch_available() -> bool:
     import importlib.util
 
@@ -378,13 +433,19 @@ class Reranker:
         self.num_threads = int(options.num_threads or hardware_threads())
         self.precision, backend, why = choose_precision(m, options.precision, options.backend, options.device,
                                                          bool(options.providers or options.backend_options))
+        self.image_precision, image_why = choose_image_precision(m, options.precision, self.precision, backend,
+                                                                 options.device, options.image_precision)
+        if self.image_precision:
+            why = f"{why}; {image_why}"
         self.lanes, lanes_why = choose_lanes(options.lanes, backend, options.device, self.num_threads)
         self.backend_threads = max(1, self.num_threads // self.lanes)
         log.info("gmr_fast: %s on %s (%s); %d lane(s) of %d thread(s) (%s)", self.precision, backend, why, self.lanes,
                  self.backend_threads, lanes_why)
+        backend_options = dict(options.backend_options, **({"exact_images": True} if self.image_precision else {}))
         self.backend = create_backend(backend, self.engine_dir, m, self.precision, self.backend_threads, options.providers,
-                                      options.device, **options.backend_options)
-        self.choice = {"precision": self.precision, "backend": backend, "device": options.device, "reason": why,
+                                      options.device, **backend_options)
+        self.choice = {"precision": self.precision, "image_precision": self.image_precision or self.precision,
+                       "backend": backend, "device": options.device, "reason": why,
                        "lanes": self.lanes, "threads_per_lane": self.backend_threads, "lanes_reason": lanes_why,
                        "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
         for key in ("malloc", "gemm"):  # torch backend
@@ -539,6 +600,7 @@ class Reranker:
         prefixes: list[tuple[TokenSequence, int] | None] = []
         fallbacks = 0
         share = self.options.share_prefix and self.prompts.prefix_has_query
+        route, exact = self.image_precision == "fp32", set()
         # every prompt tokenized in native batch calls (GIL released), each query's part once;
         # encode() expands and truncates
         tokenized = self.prompts.tokenize_prompts(instructions, items)
@@ -560,8 +622,10 @@ class Reranker:
             prompts.append(prompt)
             spans = [self._span(a, b, k, images) for (a, b), k in zip(prompt.image_spans, keys)]
             qkey = keys[0] if q.has_image else None
+            if route and (q.has_image or d.has_image):  # its batches run fp32 (image_precision)
+                exact.add(i)
             if share:
-                pkey = (instructions[i], q.text, qkey)
+                pkey = (instructions[i], q.text, qkey, i in exact)
                 if pkey not in prefix_ids:
                     prefix_ids[pkey] = len(prefixes)
                     enc = self.prompts.encode_prefix(instructions[i], q, qn)
@@ -593,8 +657,9 @@ class Reranker:
         schedule = plan_steps({i: len(s) for i, s in whole.items()}, {i: (k, len(s)) for i, (k, s) in split.items()},
                               [len(p[0]) if p else 0 for p in prefixes], decode, limits["prefix"],
                               self.manifest.decoder.kv_bytes_per_token,
-                              self.options.kv_budget_mb * MiB / self.lanes)  # lanes: two waves may be alive
-        return ScorePlan(len(pairs), prompts, errors, images, whole, split, prefixes, schedule, fallbacks)
+                              self.options.kv_budget_mb * MiB / self.lanes,  # lanes: two waves may be alive
+                              exact)
+        return ScorePlan(len(pairs), prompts, errors, images, whole, split, prefixes, schedule, fallbacks, exact)
 
     def _prepare(self, plan: ScorePlan, index: int, store: dict):
         """The decoder batch of step ``index`` and the embeddings of its images (worker thread)."""
@@ -616,6 +681,7 @@ class Reranker:
         else:
             seqs = [plan.whole[int(p)] for p in step.rows]
             batch = build_decoder_batch(step.rows, seqs, pad, left, kind="whole")
+        batch.exact = step.exact
         keys = list(dict.fromkeys(batch.image_keys))
         if keys:
             self._encode(keys, plan.images, store)
@@ -759,7 +825,8 @@ class Reranker:
                  "decoder_tokens": plan.decoder_tokens, "padded_tokens": int(padded),
                  "padding_efficiency": self._padding_efficiency(plan, padded),
                  "prefixes": len({k for k, _ in plan.suffixes.values()}), "shared_pairs": len(plan.suffixes),
-                 "boundary_fallbacks": plan.boundary_fallbacks, "seconds": seconds, **self.choice}
+                 "boundary_fallbacks": plan.boundary_fallbacks, "exact_pairs": len(plan.exact), "seconds": seconds,
+                 **self.choice}
         with self._stats_lock:
             self.last_stats = stats
             self.totals.update({"calls": 1, "pairs": plan.size, "scored": scored, "decoder_tokens": plan.decoder_tokens})

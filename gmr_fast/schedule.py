@@ -13,7 +13,9 @@ Prefixes are taken in waves whose keys/values fit ``max_kv_bytes``; a wave's pre
 first, then its suffix steps, then its keys/values are released. Within a kind, rows are sorted
 by length and packed by the native scheduler under a token budget, a batch-size cap, length
 buckets (``min_fill``) and an activation-memory estimate that counts attention scores, not only
-tokens. Everything here depends only on lengths, so the same inputs always give the same steps.
+tokens. Pairs marked ``exact`` (and the prefixes they continue) never share a batch with the
+others: their batches run in fp32 where the rest run bf16 (Reranker ``image_precision``).
+Everything here depends only on lengths, so the same inputs always give the same steps.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Step:
     kind: str  # "prefix" | "suffix" | "whole"
     rows: np.ndarray  # int64: prefix indices (prefix steps) or pair indices (the others)
     wave: int = -1  # prefix wave of prefix / suffix steps
+    exact: bool = False  # runs in fp32 beside bf16 steps (Reranker image_precision)
 
 
 @dataclass
@@ -83,14 +86,24 @@ class Schedule:
 
 
 def plan(whole: dict[int, int], suffixes: dict[int, tuple[int, int]], prefix_lengths: list[int],
-         decode_limits: Limits, prefix_limits: Limits, kv_bytes_per_token: int, max_kv_bytes: float) -> Schedule:
+         decode_limits: Limits, prefix_limits: Limits, kv_bytes_per_token: int, max_kv_bytes: float,
+         exact: frozenset | set = frozenset()) -> Schedule:
     """``whole``: pair -> prompt length; ``suffixes``: pair -> (prefix, suffix length);
-    ``prefix_lengths[k]``: tokens of prefix k. Prefixes are numbered in first-use order."""
+    ``prefix_lengths[k]``: tokens of prefix k. Prefixes are numbered in first-use order.
+    ``exact``: pairs whose batches run apart (all pairs of a prefix must agree)."""
     steps: list[Step] = []
     releases: dict[int, list[int]] = {}
     by_prefix: dict[int, list[int]] = {}
     for pair, (k, _) in sorted(suffixes.items()):
         by_prefix.setdefault(k, []).append(pair)
+    exact_prefix = {k: pairs[0] in exact for k, pairs in by_prefix.items()}
+    if any((p in exact) != exact_prefix[k] for k, pairs in by_prefix.items() for p in pairs):
+        raise ValueError("a prefix's pairs must all be exact or all not")
+
+    def modes(items: np.ndarray, is_exact) -> list[tuple[bool, np.ndarray]]:
+        flags = np.array([bool(is_exact(int(i))) for i in items], bool)
+        return [(m, items[flags == m]) for m in (False, True) if (flags == m).any()]
+
     order = sorted(by_prefix)
     wave, start = 0, 0
     while start < len(order):
@@ -98,20 +111,21 @@ def plan(whole: dict[int, int], suffixes: dict[int, tuple[int, int]], prefix_len
         while end < len(order) and (end == start or kv + prefix_lengths[order[end]] * kv_bytes_per_token <= max_kv_bytes):
             kv += prefix_lengths[order[end]] * kv_bytes_per_token
             end += 1
-        prefixes = np.array(order[start:end], np.int64)
-        for batch in prefix_limits.pack(np.array([prefix_lengths[k] for k in prefixes])):
-            steps.append(Step("prefix", prefixes[batch], wave))
-        pairs = np.array([p for k in prefixes for p in by_prefix[int(k)]], np.int64)
-        lengths = np.array([suffixes[int(p)][1] for p in pairs], np.int64)
-        context = np.array([prefix_lengths[suffixes[int(p)][0]] for p in pairs], np.int64)
-        for batch in decode_limits.pack(lengths, context):
-            steps.append(Step("suffix", pairs[batch], wave))
-        releases[len(steps) - 1] = [int(k) for k in prefixes]
+        for mode, prefixes in modes(np.array(order[start:end], np.int64), exact_prefix.get):
+            for batch in prefix_limits.pack(np.array([prefix_lengths[k] for k in prefixes])):
+                steps.append(Step("prefix", prefixes[batch], wave, mode))
+        all_pairs = np.array([p for k in order[start:end] for p in by_prefix[int(k)]], np.int64)
+        for mode, pairs in modes(all_pairs, exact.__contains__):
+            lengths = np.array([suffixes[int(p)][1] for p in pairs], np.int64)
+            context = np.array([prefix_lengths[suffixes[int(p)][0]] for p in pairs], np.int64)
+            for batch in decode_limits.pack(lengths, context):
+                steps.append(Step("suffix", pairs[batch], wave, mode))
+        releases[len(steps) - 1] = [int(k) for k in order[start:end]]
         wave, start = wave + 1, end
     if whole:
-        pairs = np.array(sorted(whole), np.int64)
-        for batch in decode_limits.pack(np.array([whole[int(p)] for p in pairs]), np.ones(len(pairs), np.int64)):
-            steps.append(Step("whole", pairs[batch]))
+        for mode, pairs in modes(np.array(sorted(whole), np.int64), exact.__contains__):
+            for batch in decode_limits.pack(np.array([whole[int(p)] for p in pairs]), np.ones(len(pairs), np.int64)):
+                steps.append(Step("whole", pairs[batch], exact=mode))
     return Schedule(steps, releases)
 
 
@@ -130,6 +144,7 @@ class DecoderBatch:
     past: list | None = None  # suffix batches: the prefixes' keys/values (backend objects), distinct
     past_index: np.ndarray | None = None  # int64 [B]: row -> position in ``past``
     past_lengths: np.ndarray | None = None  # int64 [len(past)]: tokens of each prefix
+    exact: bool = False  # run in fp32 beside a bf16 decoder (backends.torch exact_images)
 
     @property
     def padded_tokens(self) -> int:

@@ -31,7 +31,7 @@ from .jobs import JobError, Journal, Progress, Stats, Task, chunk_bounds, run_ta
 from .manifest import load_manifest
 from .options import add_arguments, fingerprint, from_args, option
 from .prompt import Item
-from .reranker import RerankerOptions, choose_precision
+from .reranker import RerankerOptions, choose_image_precision, choose_precision
 from .suite import (Dataset, InputError, PathRefused, Record, find_datasets, load_dataset, read_jsonl,
                     resolve_image, trec_order)
 
@@ -113,11 +113,16 @@ class _Job:
         ro = self.reranker_options
         precision, backend, why = choose_precision(manifest, ro.precision, ro.backend, ro.device,
                                                    bool(ro.providers or ro.backend_options))
+        images, image_why = choose_image_precision(manifest, ro.precision, precision, backend, ro.device,
+                                                   ro.image_precision)
+        if images:
+            why = f"{why}; {image_why}"
         # everything that changes which pairs are scored or the exact bits of a score: a resumed
-        # job must match (the precision as resolved on this machine, not "auto")
+        # job must match (the precisions as resolved on this machine, not "auto")
         self.settings = {"engine_sha256": self.engine_sha, **fingerprint(self.options), **fingerprint(ro),
-                         "precision": precision, "backend": backend}
-        self.choice = {"precision": precision, "backend": backend, "reason": why}
+                         "precision": precision, "image_precision": images or precision, "backend": backend}
+        self.choice = {"precision": precision, "image_precision": images or precision, "backend": backend,
+                       "reason": why}
         if args.ray:
             self.choice.update(ray=args.ray, workers=args.workers, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus)
         self._reranker = None

@@ -22,6 +22,7 @@ pytest.importorskip("torch")
 
 import gmr_fast  # noqa: E402
 from gmr_fast import ImageError, PromptError, Reranker  # noqa: E402
+from gmr_fast.manifest import load_manifest  # noqa: E402
 from gmr_fast import reranker as reranker_module  # noqa: E402
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -295,7 +296,22 @@ def test_a_torch_backend_reranker_is_freed_by_del_even_when_it_imported_torch(ex
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(model_cache, tmp_path, rng):
+@pytest.fixture(scope="module")
+def bf16_checkpoint(model_cache, tmp_path_factory):
+    """A tiny checkpoint stored in bf16 (as GMR is released), exported twice: ``--dtype bf16
+    --fp32-over-bf16`` ("over": one set of bf16 files) and ``--dtype fp32,bf16`` ("pair": fp32
+    files, which bf16 holds exactly)."""
+    from export.engine_export import ExportOptions, export_engine
+    from export.factory import build_checkpoint
+
+    root = tmp_path_factory.mktemp("bf16_ckpt")
+    checkpoint = build_checkpoint(root / "ckpt", dtype="bfloat16", cache_dir=model_cache)
+    over = export_engine(checkpoint, root / "over", ExportOptions(dtypes=("bf16",), fp32_over_bf16=True))
+    export_engine(checkpoint, root / "pair", ExportOptions(dtypes=("fp32", "bf16")))
+    return checkpoint, over, {"over": root / "over", "pair": root / "pair"}
+
+
+def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(bf16_checkpoint, tmp_path, rng):
     """A checkpoint stored in bf16 (as GMR's are released) exported with --dtype bf16
     --fp32-over-bf16 also gets an fp32 variant on the torch backend over the same files: bf16
     holds every weight exactly, and each projection widens its weight to fp32 per call, so the
@@ -307,21 +323,19 @@ def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(model_c
     import torch
 
     from export.engine_export import ExportOptions, export_engine
-    from export.factory import build_checkpoint
     from export.reference import ReferenceScorer
 
-    checkpoint = build_checkpoint(tmp_path / "ckpt", dtype="bfloat16", cache_dir=model_cache)
-    m = export_engine(checkpoint, tmp_path / "e", ExportOptions(dtypes=("bf16",), fp32_over_bf16=True))
+    checkpoint, m, engines = bf16_checkpoint
     assert m.precisions == ("bf16", "fp32") and m.variants["fp32"].backend == "torch" and not m.variants["fp32"].graphs
     assert m.variants["fp32"].weights == m.variants["bf16"].weights and m.variants["bf16"].details["exact"]
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["decoder.bf16.weights", "manifest.json",
+    assert sorted(p.name for p in engines["over"].iterdir()) == ["decoder.bf16.weights", "manifest.json",
                                                                "tokenizer.json", "vision.bf16.weights"]
     assert m.variants["fp32"].validation["max_rel_error"] <= m.validation["criterion"]["fp32_max_rel_error"]
 
     pairs = _pairs(rng, 8) + _grouped(rng, 2, 4)
     expected = ReferenceScorer(checkpoint).score(pairs)
     for side, share, gemm in (("left", True, "onednn"), ("right", False, "blas")):
-        r = Reranker(tmp_path / "e", precision="fp32", padding_side=side, share_prefix=share,
+        r = Reranker(engines["over"], precision="fp32", padding_side=side, share_prefix=share,
                      backend_options={"gemm": gemm})
         got = r.score(pairs)
         assert r.choice["backend"] == "torch" and r.choice["gemm"].endswith("bf16 weights widened per call")
@@ -330,11 +344,88 @@ def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(model_c
         assert r.backend.decoder.embed.dtype == torch.bfloat16
         assert np.abs(got - expected).max() <= 1e-4, (side, share, gemm)
     with pytest.raises(gmr_fast.BackendError, match="no ONNX graphs"):
-        Reranker(tmp_path / "e", precision="fp32", backend="onnxruntime")
-    single = Reranker(tmp_path / "e", precision="fp32")
+        Reranker(engines["over"], precision="fp32", backend="onnxruntime")
+    single = Reranker(engines["over"], precision="fp32")
     assert np.abs(np.array([single.score([p])[0] for p in pairs[:4]]) - expected[:4]).max() <= 1e-4
     without = export_engine(checkpoint, tmp_path / "lean", ExportOptions(dtypes=("bf16",)))  # off by default
     assert without.precisions == ("bf16",) and without.variants["bf16"].details["exact"]
+
+
+def _has_image(pair) -> bool:
+    return any(isinstance(side, dict) and "image" in side for side in pair)
+
+
+@pytest.mark.parametrize("engine", ["over", "pair"])
+def test_images_run_fp32_beside_bf16_over_one_weight_set(bf16_checkpoint, engine, rng):
+    """``image_precision="fp32"`` beside bf16: pairs with an image (query, document or both) run
+    a second decoder and the vision tower in fp32 over the very bf16 tensors the bf16 decoder
+    uses (one weight set: GMR's released weights are bf16, so this is the fp32 model), text pairs
+    run bf16. On either engine form (bf16 files; fp32 files of a bf16 checkpoint), both padding
+    sides, shared prefixes or not, one or two lanes: image pairs equal HF fp32 within 1e-4 (the
+    fp32 criterion: only summation order differs), and text pairs equal, bit for bit, a bf16
+    reranker on the same GEMM path scoring them alone (the same batches and kernels; "blas"
+    because the shared weights are not packed for oneDNN)."""
+    import torch
+
+    from export.reference import ReferenceScorer
+
+    checkpoint, _, engines = bf16_checkpoint
+    pairs = _pairs(rng, 12) + _grouped(rng, 3, 8)
+    image = np.array([_has_image(p) for p in pairs])
+    text_pairs = [p for p, im in zip(pairs, image) if not im]
+    expected = ReferenceScorer(checkpoint).score(pairs)
+    for side, share, lanes in (("left", True, 1), ("right", False, 1), ("left", True, 2)):
+        r = Reranker(engines[engine], precision="bf16", image_precision="fp32", padding_side=side,
+                     share_prefix=share, lanes=lanes)
+        got = r.score(pairs)
+        assert r.choice["image_precision"] == "fp32" and "pairs with an image run fp32" in r.choice["reason"]
+        assert r.last_stats["exact_pairs"] == image.sum()
+        assert np.abs(got - expected)[image].max() <= 1e-4, (side, share, lanes)
+        bf16 = Reranker(engines[engine], precision="bf16", image_precision="same", padding_side=side,
+                        share_prefix=share, lanes=lanes, backend_options={"gemm": "blas"})
+        assert np.array_equal(got[~image], bf16.score(text_pairs)), (side, share, lanes)
+        assert np.abs(got - expected)[~image].max() > 1e-4  # text really ran bf16
+        # one weight set: the fp32 decoder widens the bf16 decoder's own tensors
+        dec, exact = r.backend.decoder, r.backend.exact_decoder
+        assert exact.embed.data_ptr() == dec.embed.data_ptr() and dec.embed.dtype == torch.bfloat16
+        for (name, a), (_, b) in zip(dec.named_modules(), exact.named_modules()):
+            if hasattr(a, "upcast"):
+                assert a.weight.data_ptr() == b.weight.data_ptr() and a.weight.dtype == torch.bfloat16, name
+                assert b.upcast and not a.upcast and a.packed is None, name
+        assert all(m.upcast for m in r.backend.vision.modules() if hasattr(m, "upcast"))
+    single = Reranker(engines[engine], precision="bf16", image_precision="fp32")
+    some = [i for i in range(len(pairs)) if image[i]][:3]
+    assert np.abs(np.array([single.score([pairs[i]])[0] for i in some]) - expected[some]).max() <= 1e-4
+
+
+def test_auto_runs_images_in_fp32_only_where_it_chose_bf16_and_the_weights_allow(bf16_checkpoint,
+                                                                                  all_precisions_engine, monkeypatch):
+    """``image_precision="auto"`` routes image pairs to fp32 only where ``auto`` chose bf16 on a
+    CPU over weights that hold the fp32 model; asking for it elsewhere is a clear error; and the
+    backend refuses fp32 over bf16 copies of weights bf16 does not hold (an fp32 checkpoint)."""
+    from gmr_fast.backends.torch import TorchBackend
+    from gmr_fast.reranker import IMAGES_IN_FP32, bf16_holds_fp32, choose_image_precision
+
+    _, over, engines = bf16_checkpoint
+    fp32_manifest, fp32_engine = all_precisions_engine
+    assert bf16_holds_fp32(over) and bf16_holds_fp32(load_manifest(engines["pair"]))
+    assert not bf16_holds_fp32(fp32_manifest)
+    assert choose_image_precision(over, "auto", "bf16", "torch", "cpu", "auto") == ("fp32", IMAGES_IN_FP32)
+    for args in (("bf16", "bf16", "torch", "cpu"), ("auto", "bf16", "torch", "cuda"), ("auto", "fp32", "torch", "cpu")):
+        assert choose_image_precision(over, *args, "auto")[0] is None, args
+    assert choose_image_precision(over, "auto", "bf16", "torch", "cpu", "same")[0] is None
+    assert choose_image_precision(fp32_manifest, "auto", "bf16", "torch", "cpu", "auto")[0] is None
+    with pytest.raises(gmr_fast.ConfigError, match="hold its fp32 model"):
+        Reranker(fp32_engine, precision="bf16", image_precision="fp32")
+    with pytest.raises(gmr_fast.ConfigError, match="runs beside bf16"):
+        Reranker(engines["over"], precision="fp32", image_precision="fp32")
+    with pytest.raises(gmr_fast.BackendError, match="not bf16 values"):
+        TorchBackend(str(fp32_engine), fp32_manifest, "bf16", 1, exact_images=True)
+    # auto choosing bf16 (as on an AMX or Zen 5 CPU) takes the routing with it
+    monkeypatch.setattr(reranker_module, "choose_precision", lambda *a, **k: ("bf16", "torch", "bf16 first here"))
+    r = Reranker(engines["over"])
+    assert r.image_precision == "fp32" and r.backend.exact_decoder is not None and IMAGES_IN_FP32 in r.choice["reason"]
+    assert Reranker(engines["over"], image_precision="same").backend.exact_decoder is None
 
 
 def test_reduced_precisions_keep_the_ranking(all_precisions_engine, references, rng):

@@ -93,6 +93,35 @@ def test_plan_waves_keep_prefix_memory_bounded():
     assert not alive  # every wave released
 
 
+def test_plan_keeps_exact_pairs_and_their_prefixes_apart():
+    """Pairs marked exact (image pairs run fp32 beside bf16) never share a batch with the others,
+    nor do their prefixes; the unmarked plan is the one without the argument; a prefix whose
+    pairs disagree is refused."""
+    prefix_lengths = [300, 40, 300, 60]
+    suffixes = {p: (p % 4, 20 + 3 * p) for p in range(40)}
+    whole = {40: 300, 41: 20, 42: 64, 43: 90}
+    exact = {p for p in suffixes if p % 4 in (1, 2)} | {41, 43}
+    decode = Limits(4096, 32, 0.0)
+    schedule = plan(whole, suffixes, prefix_lengths, decode, decode, 1000, 700 * 1000, exact)
+    seen = []
+    for step in schedule.steps:
+        rows = [int(r) for r in step.rows]
+        if step.kind == "prefix":
+            assert all((k in (1, 2)) == step.exact for k in rows), step
+        else:
+            assert all((p in exact) == step.exact for p in rows), step
+            seen += rows
+    assert sorted(seen) == sorted(list(suffixes) + list(whole))
+    assert {s.exact for s in schedule.steps if s.kind == "whole"} == {True, False}
+    plain = plan(whole, suffixes, prefix_lengths, decode, decode, 1000, 700 * 1000)
+    assert not any(s.exact for s in plain.steps)
+    same = plan(whole, suffixes, prefix_lengths, decode, decode, 1000, 700 * 1000, set())
+    assert [(s.kind, s.rows.tolist(), s.wave) for s in same.steps] == [(s.kind, s.rows.tolist(), s.wave)
+                                                                       for s in plain.steps]
+    with pytest.raises(ValueError, match="all be exact or all not"):
+        plan(whole, suffixes, prefix_lengths, decode, decode, 1000, 700 * 1000, {0})
+
+
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
 def test_batch_builder_positions_both_padding_sides_and_continuations(left, rng):
     seqs, refs, starts = [], [], []

@@ -5,7 +5,9 @@ Weights come from the engine itself, read tensor by tensor and converted to the 
 the engine directory is all it needs: the bf16 variant's own bfloat16 files where the export
 wrote them (an engine without fp32), else the fp32 variant's. An fp32 variant over bfloat16 files
 (exported from a bf16 checkpoint) keeps its projections and embedding table in bf16 and computes
-in fp32 (``upcast``). Needs torch
+in fp32 (``upcast``). With ``exact_images`` a bf16 backend keeps a second decoder in fp32 over the same
+bf16 weights for the batches that carry images (``DecoderBatch.exact``), and its vision tower
+runs fp32 the same way (Reranker: ``image_precision``). Needs torch
 (``pip install gmr_fast[export]`` or a CUDA build of torch).
 """
 
@@ -36,7 +38,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
-                 attention: str = "sdpa", gemm: str = "auto"):
+                 attention: str = "sdpa", gemm: str = "auto", exact_images: bool = False):
         _first_import_apart()
         try:
             import torch
@@ -62,7 +64,14 @@ class TorchBackend:
         self.torch, self.device, self.precision = torch, torch.device(device), precision
         self.dtype = getattr(torch, DTYPES[precision])
         self.dims = manifest.decoder
-        self.onednn = self._use_onednn(gemm)
+        if exact_images and precision != "bf16":
+            raise BackendError("exact_images: image batches run fp32 beside a bf16 decoder; the precision is "
+                               f"{precision}")
+        # Shared weights leave no room for oneDNN's packed copies: with exact_images the bf16
+        # projections run F.linear on their plain [out, in] bf16 weights, which the fp32 decoder
+        # widens per call (measured on a Zen 5, GMR-3B MLP shapes: packing is 1.02-1.08x faster at
+        # 300-3,000 rows and 1.5-1.6x at 8, the last layer's few rows).
+        self.onednn = self._use_onednn(gemm, precision) and not exact_images
         weights = source.weights
         # fp32 over bfloat16 weight files (export: the fp32 variant of a bf16 checkpoint, validated
         # by the fp32 criterion): the projections and the embedding table stay bf16 in memory and
@@ -71,27 +80,44 @@ class TorchBackend:
         # 1,300-4,000 rows (3 ms to widen, the rest oneDNN reordering a plain weight), half its memory.
         self.upcast = precision == "fp32" and any(e["dtype"] == "bfloat16" for w in weights.values()
                                                   for e in w.tensors.values())
+        upcast = ("onednn" if self._use_onednn(gemm, "fp32") else "linear") if exact_images else (
+            ("onednn" if self.onednn else "linear") if self.upcast else None)
         with torch.device("meta"):
             self.decoder = ScoreDecoder(manifest.decoder)
             self.vision = VisionEncoder(VisionDims.from_dict(manifest.vision))
-        for module, graph in ((self.decoder, "decoder"), (self.vision, "vision")):
-            self._load(module, engine_dir, weights[graph])
-            module.sdpa = attention == "sdpa"
-            module.eval()
-        self.decoder.unpad = True  # projections and MLPs on real tokens only (graphs.decoder)
-        # bf16: the residual stream, the norms and RoPE in fp32; projections and attention in bf16
-        # (graphs.decoder, fp32_stream)
-        self.decoder.fp32_stream = precision == "bf16"
-        for layer in self.decoder.layers:
-            layer.attn_dtype = self.dtype
+            self.exact_decoder = ScoreDecoder(manifest.decoder) if exact_images else None
+        # with exact_images the vision tower only ever serves image batches: fp32 over bf16 weights
+        self._load(self.vision, engine_dir, weights["vision"], torch.float32 if exact_images else self.dtype,
+                   upcast, exact=exact_images)
+        self._load(self.decoder, engine_dir, weights["decoder"], self.dtype, upcast if self.upcast else None,
+                   exact=exact_images)
+        if exact_images:  # the same bf16 projection weights and embedding table, fp32 arithmetic
+            shared = {n: p.data for n, p in self.decoder.named_parameters() if p.dtype == torch.bfloat16
+                      and (n == "embed" or n.endswith(".weight") and p.dim() == 2)}
+            self._load(self.exact_decoder, engine_dir, weights["decoder"], torch.float32, upcast, shared=shared)
+        for module in (self.decoder, self.vision, self.exact_decoder):
+            if module is not None:
+                module.sdpa = attention == "sdpa"
+                module.eval()
+        for decoder, dtype in ((self.decoder, self.dtype), (self.exact_decoder, torch.float32)):
+            if decoder is None:
+                continue
+            decoder.unpad = True  # projections and MLPs on real tokens only (graphs.decoder)
+            # bf16: the residual stream, the norms and RoPE in fp32; projections and attention in
+            # bf16 (graphs.decoder, fp32_stream)
+            decoder.fp32_stream = dtype == torch.bfloat16
+            for layer in decoder.layers:
+                layer.attn_dtype = dtype
 
     @property
     def gemm(self) -> str:
         """Which GEMM the projections run (reported in Reranker.choice)."""
         gemm = "onednn" if self.onednn else "torch default"
+        if self.exact_decoder is not None:
+            return f"{gemm}; image batches fp32, bf16 weights widened per call"
         return f"{gemm}, bf16 weights widened per call" if self.upcast else gemm
 
-    def _use_onednn(self, gemm: str) -> bool:
+    def _use_onednn(self, gemm: str, precision: str) -> bool:
         """Whether the projections run oneDNN's GEMM on weights packed once into its own layout
         (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what inductor uses)
         instead of F.linear. ``gemm``: auto, onednn or blas (F.linear). auto takes oneDNN on a CPU
@@ -105,17 +131,23 @@ class TorchBackend:
 
         if gemm not in ("auto", "onednn", "blas"):
             raise BackendError(f"torch backend option gemm={gemm!r}: expected auto, onednn or blas")
-        wanted = gemm == "onednn" or (gemm == "auto" and (self.precision == "bf16"
+        wanted = gemm == "onednn" or (gemm == "auto" and (precision == "bf16"
                                                           or hardware.torch_fp32_gemm_is_avx2_only()))
         if self.device.type != "cpu" or not wanted:
             return False
-        if _onednn_linear_runs(self.torch, self.dtype):
+        if _onednn_linear_runs(self.torch, getattr(self.torch, DTYPES[precision])):
             return True
         if gemm == "onednn":
-            raise BackendError(f"gemm=onednn: this torch build's oneDNN does not run {self.precision} here")
+            raise BackendError(f"gemm=onednn: this torch build's oneDNN does not run {precision} here")
         return False
 
-    def _load(self, module, engine_dir: str, weight_file) -> None:
+    def _load(self, module, engine_dir: str, weight_file, dtype, upcast: str | None, exact: bool = False,
+              shared: dict | None = None) -> None:
+        """Fills ``module``'s parameters from ``weight_file``, computing in ``dtype``. ``upcast``
+        ("onednn" or "linear"): fp32 arithmetic over bf16 projection weights and embedding table
+        (Proj.upcast). ``exact``: a bf16 copy made of fp32 values must hold them exactly (fp32
+        over bf16 weights is then the fp32 model), else BackendError. ``shared``: tensors of
+        another module over the same file, taken as they are (no second copy)."""
         from ..graphs.common import Proj
 
         torch = self.torch
@@ -131,30 +163,38 @@ class TorchBackend:
         # at 8 rows (the last layer's few tokens); MKL's fp32 GEMM measured the same either way.
         # Proj still computes x @ weight: the weight is a transposed view of [out, in] storage.
         # Packed for oneDNN (``self.onednn``) no layout matters: the packing reads the strided view.
-        # Widened per call (self.upcast), a weight is kept [out, in] too: its fp32 copy is then the
+        # Widened per call (upcast), a weight is kept [out, in] too: its fp32 copy is then the
         # contiguous [out, in] operand both GEMMs take.
-        bf16_plain = self.upcast or (self.precision == "bf16" and self.device.type == "cpu" and not self.onednn)
+        bf16_plain = upcast or exact or (dtype == torch.bfloat16 and self.device.type == "cpu" and not self.onednn)
+        big = {f"{name}.weight" for name in projs} | {"embed"}  # what fp32 over bf16 keeps in bf16
         out_in = {f"{name}.weight" for name in projs} if bf16_plain else set()
-        kept_bf16 = out_in | {"embed"} if self.upcast else set()  # everything else is small: fp32
+        kept_bf16 = out_in | {"embed"} if upcast else set()  # everything else is small: fp32
         with torch.no_grad():
             for name, p in params.items():
+                if shared is not None and name in shared:
+                    p.data = shared[name]
+                    continue
                 entry = weight_file.tensors[name]
-                value = torch.from_numpy(read_tensor(engine_dir, weight_file.file, entry))
+                raw = read_tensor(engine_dir, weight_file.file, entry)
+                value = torch.from_numpy(raw)
                 if entry["dtype"] == "bfloat16":
                     value = value.view(torch.bfloat16)
-                dtype = (torch.float32 if name == "score_row"  # the head stays fp32
-                         else value.dtype if name in kept_bf16 else self.dtype)
+                target = (torch.float32 if name == "score_row"  # the head stays fp32
+                          else torch.bfloat16 if name in kept_bf16 else dtype)
+                if exact and name in big and entry["dtype"] != "bfloat16" and not _bf16_exact(raw):
+                    raise BackendError(f"{name}: the engine's fp32 weights are not bf16 values, so fp32 over bf16 "
+                                       f"weights would not be the fp32 model (export from a bf16 checkpoint)")
                 if name in out_in:  # one copy: converted and laid out [out, in] together
-                    stored = torch.empty(value.shape[::-1], dtype=dtype, device=self.device)
+                    stored = torch.empty(value.shape[::-1], dtype=target, device=self.device)
                     p.data = stored.copy_(value.t()).t()
                 else:
-                    p.data = value.to(device=self.device, dtype=dtype)
+                    p.data = value.to(device=self.device, dtype=target)
             for name, value in buffers.items():
                 module.get_buffer(name).data = value.to(self.device)
         for proj in projs.values():
             proj.fused = True  # F.linear: the bias inside the GEMM (graphs.common.Proj)
-            if self.upcast and proj.weight.dtype == torch.bfloat16:
-                proj.upcast = "onednn" if self.onednn else "linear"
+            if upcast and proj.weight.dtype == torch.bfloat16:
+                proj.upcast = upcast
             elif self.onednn:  # the packed copy replaces the plain one (which keeps its dtype for Proj)
                 proj.packed = torch.ops.mkldnn._reorder_linear_weight(proj.weight.t(), None)
                 proj.weight.data = proj.weight.new_empty(0)
@@ -170,17 +210,22 @@ class TorchBackend:
 
     def _run(self, batch: DecoderBatch, images: list, kv_rows: np.ndarray):
         torch, d = self.torch, self.dims
+        decoder, dtype = self.decoder, self.dtype
+        if batch.exact and self.exact_decoder is not None:
+            decoder, dtype = self.exact_decoder, torch.float32
+        elif images and self.exact_decoder is not None:
+            raise BackendError("an image batch not marked exact reached the bf16 decoder (exact_images)")
 
         def zeros(shape, kind):
-            return torch.zeros(shape, dtype=self.dtype if kind == "float" else torch.int64, device=self.device)
+            return torch.zeros(shape, dtype=dtype if kind == "float" else torch.int64, device=self.device)
 
         def copy(kv, k, past, n):
             kv[:, :, k, :, :n] = past
 
         past_kv, past_mask, past_index = past_tensors(batch, d.num_layers, d.num_kv_heads, d.head_dim, zeros, copy)
-        embeds = torch.cat(images) if images else torch.zeros(0, d.hidden_size, dtype=self.dtype, device=self.device)
+        embeds = torch.cat(images) if images else torch.zeros(0, d.hidden_size, dtype=dtype, device=self.device)
         with torch.inference_mode():
-            return self.decoder(self._t(batch.input_ids), self._t(batch.attention_mask), self._t(batch.position_ids),
+            return decoder(self._t(batch.input_ids), self._t(batch.attention_mask), self._t(batch.position_ids),
                                 embeds, past_kv, self._t(np.asarray(past_mask)), self._t(np.asarray(past_index)),
                                 self._t(kv_rows))
 
@@ -218,6 +263,13 @@ def _first_import_apart() -> None:
     thread = threading.Thread(target=run, name="gmr_fast-import-torch")
     thread.start()
     thread.join()
+
+
+def _bf16_exact(values: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """Whether every fp32 value is a bf16 value (its low 16 bits zero), read in chunks so that a
+    1.2 GB embedding table needs no second full-size array."""
+    words = values.reshape(-1).view(np.uint32)
+    return not any(np.any(words[i:i + chunk] & 0xFFFF) for i in range(0, words.size, chunk))
 
 
 def _onednn_linear_runs(torch, dtype) -> bool:
