@@ -311,15 +311,18 @@ def bf16_checkpoint(model_cache, tmp_path_factory):
     return checkpoint, over, {"over": root / "over", "pair": root / "pair"}
 
 
-def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(bf16_checkpoint, tmp_path, rng):
+def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(bf16_checkpoint, tmp_path, rng, monkeypatch):
     """A checkpoint stored in bf16 (as GMR's are released) exported with --dtype bf16
     --fp32-over-bf16 also gets an fp32 variant on the torch backend over the same files: bf16
     holds every weight exactly, and each projection widens its weight to fp32 per call, so the
     arithmetic is the fp32 model's at bf16's weight memory (GMR-7B in fp32 on a 24 GB machine).
     Against HF fp32 loading the same checkpoint, on fresh pairs, whole prompts and shared
     prefixes, padded on either side, on either GEMM: 1e-4 as for every fp32 path (only the
-    summation order differs). The weights stay bf16 in memory. Without the option, no such
-    variant; an fp32 checkpoint never gets one (test_bf16_alone_stores_bf16_weights_of_its_own)."""
+    summation order differs). The weights stay bf16 in memory. Widened a few output rows at a
+    time (as GMR-7B's large weights are: graphs.common.UPCAST_CHUNK_BYTES, forced down here to
+    1-8 rows), the scores stay within 1e-5 of the whole-weight run (the same dot products, other GEMM
+    shapes). Without the option, no such variant; an fp32 checkpoint never gets one
+    (test_bf16_alone_stores_bf16_weights_of_its_own)."""
     import torch
 
     from export.engine_export import ExportOptions, export_engine
@@ -343,6 +346,13 @@ def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(bf16_ch
         assert projs and all(m.upcast and m.weight.dtype == torch.bfloat16 for m in projs)
         assert r.backend.decoder.embed.dtype == torch.bfloat16
         assert np.abs(got - expected).max() <= 1e-4, (side, share, gemm)
+        from gmr_fast.graphs import common
+
+        with monkeypatch.context() as m:
+            narrowest = min(p.weight.shape[0] for p in projs)
+            m.setattr(common, "UPCAST_CHUNK_BYTES", 8 * 4 * narrowest)  # 1-8 output rows a chunk
+            assert all(p.weight.shape[1] > 8 for p in projs)
+            assert np.abs(r.score(pairs) - got).max() <= 1e-5, (side, share, gemm)
     with pytest.raises(gmr_fast.BackendError, match="no ONNX graphs"):
         Reranker(engines["over"], precision="fp32", backend="onnxruntime")
     single = Reranker(engines["over"], precision="fp32")

@@ -7,6 +7,14 @@ from torch import nn
 from torch.nn import functional as F
 
 
+# fp32 over bf16 weights (Proj.upcast) widens a weight this many bytes of fp32 at a time. Whole,
+# GMR-7B's gate_up is a 543 MB fp32 copy per call, and oneDNN's reorder of that plain weight
+# another as large: 1.1 GB of transients, each a block the kept heap (gmr_fast.memory) must find
+# room for again on every call. 64 MiB leaves the GEMMs at least 4,096 outputs wide at GMR-3B's
+# hidden size (2,048) and 4,681 at GMR-7B's (3,584).
+UPCAST_CHUNK_BYTES = 64 << 20
+
+
 class Proj(nn.Module):
     """``x @ weight (+ bias)`` with ``weight`` of shape [in, out]: a MatMul in the exported graph
     whose second operand is an initializer, which is what weight quantization rewrites."""
@@ -27,7 +35,8 @@ class Proj(nn.Module):
         # The torch backend sets this to "onednn" or "linear" for fp32 arithmetic over bf16 weights
         # (an engine exported from a bf16 checkpoint, whose values bf16 holds exactly): each call
         # widens the weight to an fp32 [out, in] copy, freed after the GEMM, so the results are the
-        # fp32 model's at bf16's weight memory.
+        # fp32 model's at bf16's weight memory. The copy is made UPCAST_CHUNK_BYTES of output rows
+        # at a time (below).
         self.upcast = None
 
     @property
@@ -35,12 +44,27 @@ class Proj(nn.Module):
         """The dtype this projection computes in (its input's)."""
         return torch.float32 if self.upcast else self.weight.dtype
 
+    def _widened(self, x, rows: slice):
+        """x times the fp32 copy of the weight's output rows ``rows`` (+ their bias)."""
+        w = self.weight.t()[rows].float()  # [out, in] storage (gmr_fast.backends.torch): a contiguous copy
+        b = None if self.bias is None else self.bias[rows]
+        if self.upcast == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return F.linear(x, w, b)
+
     def forward(self, x):
         if self.upcast:
-            w = self.weight.t().float()  # [out, in] storage (gmr_fast.backends.torch): a contiguous copy
-            if self.upcast == "onednn":
-                return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-            return F.linear(x, w, self.bias)
+            out, fan_in = self.weight.shape[1], self.weight.shape[0]
+            step = max(1, UPCAST_CHUNK_BYTES // (4 * fan_in))
+            if out <= step:
+                return self._widened(x, slice(None))
+            # Output rows a chunk at a time into one result: the live fp32 copy (and oneDNN's
+            # reorder of it) is one chunk's, not the whole weight's, and every output element is
+            # still one fp32 dot product over the whole input.
+            y = x.new_empty(*x.shape[:-1], out)
+            for start in range(0, out, step):
+                y[..., start:start + step] = self._widened(x, slice(start, start + step))
+            return y
         if x.dtype != self.weight.dtype:  # an fp32 stream into bf16 weights (graphs.decoder, fp32_stream)
             x = x.to(self.weight.dtype)
         if self.packed is not None:
