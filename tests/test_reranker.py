@@ -403,7 +403,9 @@ def test_images_run_fp32_beside_bf16_over_one_weight_set(bf16_checkpoint, engine
                 assert a.weight.data_ptr() == b.weight.data_ptr() and a.weight.dtype == torch.bfloat16, name
                 assert b.upcast and not a.upcast and a.packed is None, name
         assert all(m.upcast for m in r.backend.vision.modules() if hasattr(m, "upcast"))
-    single = Reranker(engines[engine], precision="bf16", image_precision="fp32")
+    # one pair at a time; gemm=onednn names the fp32 decoder's GEMM (bf16's shared weights stay plain)
+    single = Reranker(engines[engine], precision="bf16", image_precision="fp32", backend_options={"gemm": "onednn"})
+    assert single.backend.decoder.layers[0].q.packed is None
     some = [i for i in range(len(pairs)) if image[i]][:3]
     assert np.abs(np.array([single.score([pairs[i]])[0] for i in some]) - expected[some]).max() <= 1e-4
 

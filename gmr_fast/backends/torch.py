@@ -71,7 +71,7 @@ class TorchBackend:
         # projections run F.linear on their plain [out, in] bf16 weights, which the fp32 decoder
         # widens per call (measured on a Zen 5, GMR-3B MLP shapes: packing is 1.02-1.08x faster at
         # 300-3,000 rows and 1.5-1.6x at 8, the last layer's few rows).
-        self.onednn = self._use_onednn(gemm, precision) and not exact_images
+        self.onednn = not exact_images and self._use_onednn(gemm, precision)  # gemm then names the fp32 GEMM
         weights = source.weights
         # fp32 over bfloat16 weight files (export: the fp32 variant of a bf16 checkpoint, validated
         # by the fp32 criterion): the projections and the embedding table stay bf16 in memory and
