@@ -382,7 +382,7 @@ def bf16_holds_fp32(manifest) -> bool:
             e["dtype"] == "bfloat16" for w in fp32.weights.values() for n, e in w.tensors.items()
             if n != "score_row" and len(e["shape"]) == 2):
         return True
-    return set(manifest.source.get("stored_dtypes") or {"?": 0}) == {"BF16"}
+    return set(manifest.source.get("stored_dtypes") or ()) == {"BF16"}
 
 
 def choose_image_precision(manifest, requested: str, precision: str, backend: str, device: str,
