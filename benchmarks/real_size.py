@@ -57,17 +57,20 @@ def workload(kind: str, seed: int = 0) -> tuple[list, str]:
 
 def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "auto", int8_kept: str = "fp32",
                  int8_keep: list | None = None, int8_smooth: float | None = None,
-                 int8_activations: str | None = None) -> dict:
+                 int8_activations: str | None = None, fp32_over_bf16: bool = False,
+                 validation: tuple | None = None) -> dict:
     import logging
 
     from export.engine_export import ExportOptions, export_engine
 
     logging.basicConfig(level=logging.INFO)
     start = time.perf_counter()
+    sizes = dict(zip(("validation_queries", "validation_documents", "validation_long_documents"), validation or ()))
     m = export_engine(checkpoint, engine, ExportOptions(dtypes=tuple(dtypes), force=True, reference=reference,
                                                         int8_kept=int8_kept, int8_smooth=int8_smooth,
                                                         int8_activations=int8_activations,
-                                                        int8_keep=None if int8_keep is None else tuple(int8_keep)))
+                                                        int8_keep=None if int8_keep is None else tuple(int8_keep),
+                                                        fp32_over_bf16=fp32_over_bf16, **sizes))
     return {"export_seconds": time.perf_counter() - start,
             "variants": {p: {"weight_bytes": v.details.get("weight_bytes"),
                              "validation": {k: v.validation.get(k) for k in ("max_rel_error", "kendall_tau",
@@ -79,6 +82,7 @@ def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "a
             "refused": m.validation.get("refused", {}), "int8_kept": int8_kept,
             "reference": m.validation.get("reference"), "reference_seconds": m.validation.get("reference_seconds"),
             "calibration_seconds": m.validation.get("calibration_seconds"),
+            "validation_pairs": m.validation.get("pairs"), "fp32_over_bf16": fp32_over_bf16,
             "engine_bytes": sum(f.stat().st_size for f in pathlib.Path(engine).iterdir())}
 
 
@@ -211,6 +215,11 @@ def main(argv=None) -> int:
                                        "export escalates through its fallback lists, one export attempt each)")
     p.add_argument("--int8-smooth", type=float, help="the full-depth export's --int8-smooth (alpha)")
     p.add_argument("--int8-activations", choices=["tensor", "row"], help="the full-depth export's --int8-activations")
+    p.add_argument("--fp32-over-bf16", action="store_true",
+                   help="the full-depth export's --fp32-over-bf16 (fp32 over bf16 weight files; with --dtypes fp32 "
+                        "alone, no bf16 variant)")
+    p.add_argument("--validation", help="the full-depth export's validation set as QUERIES,DOCUMENTS,LONG_DOCUMENTS "
+                                        "(default the export's 4,20,12)")
     p.add_argument("--score", action="store_true",
                    help="after the full-depth export, score the text workload with it and with HF in --hf-dtypes "
                         "(list only those that fit: GMR-7B in fp32 needs 33 GB), ranking compared with the first")
@@ -245,7 +254,8 @@ def main(argv=None) -> int:
             reused = reused_export(engine, a.dtypes.split(",")) if a.reuse else None
             doc["full_export"] = reused or in_child(
                 "real_size:child_export", str(ckpt), str(engine), a.dtypes.split(","), a.reference, a.int8_kept,
-                a.int8_keep.split(",") if a.int8_keep else None, a.int8_smooth, a.int8_activations, timeout=6 * 3600)
+                a.int8_keep.split(",") if a.int8_keep else None, a.int8_smooth, a.int8_activations, a.fp32_over_bf16,
+                [int(n) for n in a.validation.split(",")] if a.validation else None, timeout=6 * 3600)
         except RuntimeError as e:  # e.g. the only variant asked for was refused: the reason is the result
             doc["full_export"] = {"error": str(e)[-2000:]}
             write(a.out, doc)

@@ -59,9 +59,10 @@ def main(argv=None) -> int:
     parser.add_argument("--accept-min-top10", type=float, help="override the reduced-precision mean top-10 overlap bar")
     parser.add_argument("--threads", type=int, help="threads for validation")
     parser.add_argument("--fp32-over-bf16", action="store_true",
-                        help="with bf16 and without fp32, from a checkpoint stored in bf16: also an fp32 variant "
-                             "on the torch backend over the bf16 weight files (exact: bf16 holds every weight), "
-                             "validated as fp32; half fp32's weight memory and disk")
+                        help="from a checkpoint stored in bf16: the fp32 variant runs on the torch backend over "
+                             "bf16 weight files (exact: bf16 holds every weight), validated as fp32; half fp32's "
+                             "weight memory and disk. With --dtype bf16 it is added beside bf16 over the same "
+                             "files; with --dtype fp32 alone, no bf16 variant is built or validated")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (not available yet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

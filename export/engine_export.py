@@ -100,12 +100,15 @@ class ExportOptions:
     # the activation scheme of each attempt
     int8_smooth: float | None = None
     num_threads: int | None = None
-    # bf16 without fp32 from a checkpoint whose weights bf16 holds exactly (as released): also an
-    # fp32 variant on the torch backend over the same files (fp32 arithmetic, weights widened per
-    # call), validated by the fp32 criterion. Off by default: its validation runs at fp32 speed and
-    # memory (GMR-7B at full depth peaked at 21.9 GB scoring text in fp32 over bf16 files against
-    # bf16's 17.8, close to a 24 GB machine's limit), and the export of GMR-7B with it on has not
-    # completed on such a machine yet (README "What is not done")
+    # From a checkpoint whose weights bf16 holds exactly (as released; anything else is an
+    # ExportError): the fp32 variant runs on the torch backend over bf16 weight files (fp32
+    # arithmetic, each weight widened per call), validated by the fp32 criterion, instead of fp32
+    # ONNX graphs and weights: half the disk and weight memory (GMR-7B: 15.5 GB against 30). With
+    # bf16 (without fp32 listed, it is added) the two share the files; with fp32 alone no bf16
+    # variant is written or validated (on CPUs without bf16 hardware its validation runs at a
+    # tenth of fp32's speed). Off by default: GMR-7B at full depth peaked at 21.9 GB scoring text
+    # this way on a Zen 5 (oneDNN, whole weights widened) and its export with bf16 ran out of
+    # memory on a 24 GB machine (README "Real widths")
     fp32_over_bf16: bool = False
 
 
@@ -177,7 +180,7 @@ class _Builder:
         loaded from fp32 weight files bit for bit, at half the disk and load time."""
         import torch
 
-        started, weight_files, exact = time.perf_counter(), {}, True
+        started, weight_files, exact, inexact = time.perf_counter(), {}, True, None
         for graph in ("vision", "decoder"):
             module = self._module(graph)[0]  # on the meta device: names and shapes only
             sources = self.sources[graph]
@@ -194,7 +197,8 @@ class _Builder:
                         writer.add(name, value)
                     else:
                         rounded = torch.from_numpy(value).to(torch.bfloat16)
-                        exact = exact and bool(torch.equal(rounded.float(), torch.from_numpy(value)))
+                        if exact and not torch.equal(rounded.float(), torch.from_numpy(value)):
+                            exact, inexact = False, f"{graph}.{name} (from {sources[name]})"
                         writer.add(name, rounded.view(torch.int16).numpy(), dtype="bfloat16")
                     del value
             finally:
@@ -204,6 +208,8 @@ class _Builder:
                    "weight_bytes": sum(os.path.getsize(self.dir / w.file) for w in weight_files.values()),
                    "weights": "bfloat16 (the fused head row fp32), written from the checkpoint",
                    "exact": exact}  # every value is the checkpoint's own (a bf16 checkpoint)
+        if inexact:
+            details["first_inexact"] = inexact
         return Variant("bf16", "torch", {}, weight_files, {}, details)
 
     def build(self, precision: str, keep: tuple[str, ...] = ()) -> Variant:
@@ -351,19 +357,25 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
         keep = plan_int8(int8_plan[0])
         variants: dict[str, Variant] = {}
         for precision in ("fp32", "int8"):
-            if precision in dtypes:
+            if precision in dtypes and not (precision == "fp32" and options.fp32_over_bf16):
                 log.info("writing the %s graphs", precision)
                 variants[precision] = builder.build(precision, keep if precision == "int8" else ())
         if "bf16" in dtypes and "fp32" in variants:  # no extra disk: the fp32 files, converted when loaded
             variants["bf16"] = Variant("bf16", "torch", {}, dict(variants["fp32"].weights), {},
                                        {"weights": "the fp32 variant's, converted to bfloat16 when loaded"})
-        elif "bf16" in dtypes:  # without fp32 (GMR-7B: 30 GB of fp32 weights), bf16 files of its own
+        elif "bf16" in dtypes or options.fp32_over_bf16:  # bf16 files (GMR-7B: 15.5 GB against fp32's 30)
             log.info("writing the bf16 weights")
-            variants["bf16"] = builder.build_bf16()
-            if variants["bf16"].details["exact"] and options.fp32_over_bf16:  # validated below, like any fp32
-                variants["fp32"] = Variant("fp32", "torch", {}, dict(variants["bf16"].weights), {}, {
-                    "weights": "the bf16 variant's files, which hold every weight of this checkpoint exactly; "
-                               "fp32 arithmetic, each weight widened per call"})
+            files = builder.build_bf16()
+            if "bf16" in dtypes:
+                variants["bf16"] = files
+            if options.fp32_over_bf16:  # fp32 arithmetic over them, validated below like any fp32
+                if not files.details["exact"]:
+                    raise ExportError(f"--fp32-over-bf16 needs a checkpoint whose weights are all bfloat16 values "
+                                      f"(as GMR is released); {files.details['first_inexact']} is not (stored "
+                                      f"dtypes {reader_dtypes(builder)}): export fp32 without the option")
+                variants["fp32"] = Variant("fp32", "torch", {}, dict(files.weights), {}, {
+                    "weights": "bf16 files, which hold every weight of this checkpoint exactly; fp32 arithmetic, "
+                               "each weight widened per call", "weight_bytes": files.details["weight_bytes"]})
         shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
         reader = builder.reader
         manifest = Manifest(
@@ -452,6 +464,10 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def reader_dtypes(builder) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(builder.reader.stored_dtypes.items()))
 
 
 def _with_variants(manifest: Manifest, variants: dict, validation: dict | None = None) -> Manifest:

@@ -116,6 +116,16 @@ def test_bf16_alone_stores_bf16_weights_of_its_own(tiny_checkpoints, all_precisi
         Reranker(engine, precision="fp32")
 
 
+def test_fp32_over_bf16_refuses_a_checkpoint_bf16_does_not_hold(tiny_checkpoints, tmp_path):
+    """--fp32-over-bf16 on a checkpoint of fp32 values (this random one) would not be the fp32
+    model: a clear error naming a weight bf16 does not hold, and no engine left behind."""
+    with pytest.raises(ExportError, match=r"--fp32-over-bf16 needs .* is not \(stored dtypes F32"):
+        export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e",
+                      ExportOptions(dtypes=("fp32",), fp32_over_bf16=True, validation_queries=1,
+                                    validation_documents=2, validation_long_documents=0))
+    assert not list(tmp_path.iterdir())
+
+
 def test_kept_weights_as_8bit_blocks_with_fp32_arithmetic(tiny_checkpoints, tmp_path, rng):
     """Kept weights (--int8-keep) stay fp32 MatMuls by default and become MatMulNBits with 8-bit
     weights and fp32 arithmetic with --int8-kept int8-weights. The operator against numpy: its

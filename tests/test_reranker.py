@@ -359,6 +359,18 @@ def test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model(bf16_ch
     assert np.abs(np.array([single.score([p])[0] for p in pairs[:4]]) - expected[:4]).max() <= 1e-4
     without = export_engine(checkpoint, tmp_path / "lean", ExportOptions(dtypes=("bf16",)))  # off by default
     assert without.precisions == ("bf16",) and without.variants["bf16"].details["exact"]
+    # --dtype fp32 --fp32-over-bf16: the same fp32 over the same kind of files, with no bf16
+    # variant built or validated (on a CPU without bf16 hardware that validation is the slow
+    # part): the same values and kernels as the "over" engine's fp32, so the same scores bit for bit
+    alone = export_engine(checkpoint, tmp_path / "alone", ExportOptions(dtypes=("fp32",), fp32_over_bf16=True))
+    assert alone.precisions == ("fp32",) and alone.variants["fp32"].backend == "torch"
+    over_bytes = bf16_checkpoint[1].variants["bf16"].details["weight_bytes"]
+    assert alone.variants["fp32"].details["weight_bytes"] == over_bytes
+    assert alone.variants["fp32"].validation["max_rel_error"] <= alone.validation["criterion"]["fp32_max_rel_error"]
+    assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == sorted(p.name for p in engines["over"].iterdir())
+    r = Reranker(tmp_path / "alone")  # auto: its only variant
+    np.testing.assert_array_equal(r.score(pairs), Reranker(engines["over"], precision="fp32").score(pairs))
+    assert r.last_stats["precision"] == "fp32" and r.choice["gemm"].endswith("bf16 weights widened per call")
 
 
 def _has_image(pair) -> bool:
