@@ -57,7 +57,7 @@ def workload(kind: str, seed: int = 0) -> tuple[list, str]:
 
 def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "auto", int8_kept: str = "fp32",
                  int8_keep: list | None = None, int8_smooth: float | None = None,
-                 int8_activations: str | None = None, fp32_over_bf16: bool = False,
+                 int8_activations: str | None = None, fp32_over_bf16: bool | None = None,
                  validation: tuple | None = None) -> dict:
     import logging
 
@@ -215,9 +215,9 @@ def main(argv=None) -> int:
                                        "export escalates through its fallback lists, one export attempt each)")
     p.add_argument("--int8-smooth", type=float, help="the full-depth export's --int8-smooth (alpha)")
     p.add_argument("--int8-activations", choices=["tensor", "row"], help="the full-depth export's --int8-activations")
-    p.add_argument("--fp32-over-bf16", action="store_true",
+    p.add_argument("--fp32-over-bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="the full-depth export's --fp32-over-bf16 (fp32 over bf16 weight files; with --dtypes fp32 "
-                        "alone, no bf16 variant)")
+                        "alone, no bf16 variant); default: the export's rule")
     p.add_argument("--validation", help="the full-depth export's validation set as QUERIES,DOCUMENTS,LONG_DOCUMENTS "
                                         "(default the export's 4,20,12)")
     p.add_argument("--score", action="store_true",

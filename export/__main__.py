@@ -58,11 +58,12 @@ def main(argv=None) -> int:
     parser.add_argument("--accept-long-tau", type=float, help="override the long group's Kendall tau bar")
     parser.add_argument("--accept-min-top10", type=float, help="override the reduced-precision mean top-10 overlap bar")
     parser.add_argument("--threads", type=int, help="threads for validation")
-    parser.add_argument("--fp32-over-bf16", action="store_true",
+    parser.add_argument("--fp32-over-bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="from a checkpoint stored in bf16: the fp32 variant runs on the torch backend over "
                              "bf16 weight files (exact: bf16 holds every weight), validated as fp32; half fp32's "
                              "weight memory and disk. With --dtype bf16 it is added beside bf16 over the same "
-                             "files; with --dtype fp32 alone, no bf16 variant is built or validated")
+                             "files; with --dtype fp32 alone, no bf16 variant is built or validated. Default: "
+                             "only where fp32's weights would not fit in memory (GMR-7B on a 24 GB machine)")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (not available yet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -106,10 +106,9 @@ class ExportOptions:
     # ONNX graphs and weights: half the disk and weight memory (GMR-7B: 15.5 GB against 30). With
     # bf16 (without fp32 listed, it is added) the two share the files; with fp32 alone no bf16
     # variant is written or validated (on CPUs without bf16 hardware its validation runs at a
-    # tenth of fp32's speed). Off by default: GMR-7B at full depth peaked at 21.9 GB scoring text
-    # this way on a Zen 5 (oneDNN, whole weights widened) and its export with bf16 ran out of
-    # memory on a 24 GB machine (README "Real widths")
-    fp32_over_bf16: bool = False
+    # tenth of fp32's speed). None: only where fp32 files would not fit in memory
+    # (engine_export.fp32_over_bf16)
+    fp32_over_bf16: bool | None = None
 
 
 def check_checkpoint(checkpoint: pathlib.Path):
@@ -320,6 +319,9 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     mode = options.reference
     if mode == "auto":
         mode = "hf" if fp32_bytes(checkpoint) + (3 << 30) < available_memory() else "streamed"
+    over_bf16, over_why = fp32_over_bf16(checkpoint, dtypes, options.fp32_over_bf16)
+    if over_bf16:
+        log.info("the fp32 variant runs on torch over bf16 weight files: %s", over_why)
     log.info("computing the fp32 reference (%s) on %d pairs", mode, len(pairs))
     ref_started = time.perf_counter()
     reference = ReferenceScorer(checkpoint, mode=mode, gmr=gmr, attn_implementation="sdpa")
@@ -357,25 +359,26 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
         keep = plan_int8(int8_plan[0])
         variants: dict[str, Variant] = {}
         for precision in ("fp32", "int8"):
-            if precision in dtypes and not (precision == "fp32" and options.fp32_over_bf16):
+            if precision in dtypes and not (precision == "fp32" and over_bf16):
                 log.info("writing the %s graphs", precision)
                 variants[precision] = builder.build(precision, keep if precision == "int8" else ())
         if "bf16" in dtypes and "fp32" in variants:  # no extra disk: the fp32 files, converted when loaded
             variants["bf16"] = Variant("bf16", "torch", {}, dict(variants["fp32"].weights), {},
                                        {"weights": "the fp32 variant's, converted to bfloat16 when loaded"})
-        elif "bf16" in dtypes or options.fp32_over_bf16:  # bf16 files (GMR-7B: 15.5 GB against fp32's 30)
+        elif "bf16" in dtypes or over_bf16:  # bf16 files (GMR-7B: 15.5 GB against fp32's 30)
             log.info("writing the bf16 weights")
             files = builder.build_bf16()
             if "bf16" in dtypes:
                 variants["bf16"] = files
-            if options.fp32_over_bf16:  # fp32 arithmetic over them, validated below like any fp32
+            if over_bf16:  # fp32 arithmetic over them, validated below like any fp32
                 if not files.details["exact"]:
                     raise ExportError(f"--fp32-over-bf16 needs a checkpoint whose weights are all bfloat16 values "
                                       f"(as GMR is released); {files.details['first_inexact']} is not (stored "
                                       f"dtypes {reader_dtypes(builder)}): export fp32 without the option")
                 variants["fp32"] = Variant("fp32", "torch", {}, dict(files.weights), {}, {
                     "weights": "bf16 files, which hold every weight of this checkpoint exactly; fp32 arithmetic, "
-                               "each weight widened per call", "weight_bytes": files.details["weight_bytes"]})
+                               "each weight widened per call", "weight_bytes": files.details["weight_bytes"],
+                    "over_bf16": over_why})
         shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
         reader = builder.reader
         manifest = Manifest(
@@ -464,6 +467,28 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fp32_over_bf16(checkpoint: pathlib.Path, dtypes: tuple[str, ...], requested: bool | None) -> tuple[bool, str]:
+    """(whether the fp32 variant runs on torch over bf16 weight files, why). True or False when
+    asked; None (the default) chooses it where fp32 is exported from a checkpoint stored in bf16
+    (as released: bf16 holds every weight, so this is the fp32 model) whose fp32 weights would
+    not fit in this machine's available memory with 3 GB for activations, the rule that streams
+    the reference too. GMR-7B's fp32 files are 30 GB, and their onnxruntime validation cannot
+    load on a 24 GB machine; fp32 over its 15.5 GB of bf16 files was accepted there at a 19.5 GB
+    peak (README "Real widths"). GMR-3B's fp32 (15 GB) fits and keeps its ONNX graphs."""
+    if requested is not None:
+        if requested and "fp32" not in dtypes and "bf16" not in dtypes:
+            raise ConfigError("--fp32-over-bf16 is about the fp32 variant: --dtype must list fp32 or bf16")
+        return bool(requested), "requested" if requested else ""
+    if "fp32" not in dtypes:
+        return False, ""
+    stored = CheckpointReader(checkpoint).stored_dtypes
+    need, have = fp32_bytes(checkpoint) + (3 << 30), available_memory()
+    if set(stored) != {"BF16"} or need <= have:
+        return False, ""
+    return True, (f"auto: the checkpoint is stored in bf16 and its fp32 weights with 3 GB for activations "
+                  f"({need / 1e9:.1f} GB) exceed this machine's available memory ({have / 1e9:.1f} GB)")
 
 
 def reader_dtypes(builder) -> str:
