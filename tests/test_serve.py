@@ -290,6 +290,7 @@ def test_malformed_body_auth_and_size_limits(server):
     r = httpx.post(url + "/v2/rerank", content=b"{not json", headers={"Authorization": f"Bearer {KEY}",
                                                                       "content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "malformed"
+    assert r.json()["error"]["field"] == "body" and "at character 1" in r.json()["error"]["message"], r.text
     assert post(url, "/v2/rerank", {"query": "q", "documents": ["d"]}, key=None).status_code == 401
     assert post(url, "/v2/rerank", {"query": "q", "documents": ["d"]}, key="wrong").status_code == 401
     assert httpx.post(url + "/v2/rerank", json={"query": "q", "documents": ["d"]}, headers={"X-API-Key": KEY}).status_code == 200

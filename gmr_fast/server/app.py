@@ -112,12 +112,13 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(x) for x in first.get("loc", [])]
         loc = loc[1:] if loc[:1] == ["body"] else loc
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset): name the body, not the offset
+            reason = (first.get("ctx") or {}).get("error", "")
+            at = f" at character {loc[0]}" if loc and loc[0].isdigit() else ""
+            return error(400, "malformed", f"the body is not valid JSON{at}" + (f" ({reason})" if reason else ""),
+                         "body")
         index = next((int(x) for x in loc[1:2] if x.isdigit()), None)
-        kind = "malformed"
-        message = first.get("msg", "malformed request")
-        if first.get("type") == "json_invalid":
-            message = "the body is not valid JSON"
-        return error(400, kind, message, loc[0] if loc else None, index)
+        return error(400, "malformed", first.get("msg", "malformed request"), loc[0] if loc else None, index)
 
     @app.exception_handler(GmrError)
     async def on_gmr(request, exc: GmrError):
