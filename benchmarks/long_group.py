@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     from export import validate
-    from export.reference import ReferenceScorer, available_memory, fp32_bytes
+    from export.reference import ReferenceScorer, fp32_memory
     from gmr_fast import Reranker, load_manifest
 
     manifest = load_manifest(a.engine)
@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     instruction = manifest.gmr.default_instruction
     mode = a.reference
     if mode == "auto":
-        mode = "hf" if fp32_bytes(pathlib.Path(a.checkpoint)) + (3 << 30) < available_memory() else "streamed"
+        need, have = fp32_memory(pathlib.Path(a.checkpoint))
+        mode = "hf" if need < have else "streamed"
     t = time.perf_counter()
     reference = ReferenceScorer(a.checkpoint, mode=mode, gmr=manifest.gmr, attn_implementation="sdpa")
     expected = np.asarray(reference.score(pairs, instruction=instruction, batch_size=4))

@@ -38,7 +38,7 @@ from gmr_fast.prompt import PromptBuilder
 
 from . import calibrate, graphs, quantize, validate
 from .checkpoint import CheckpointReader
-from .reference import ReferenceScorer, available_memory, family_of, fp32_bytes
+from .reference import ReferenceScorer, family_of, fp32_memory
 
 log = logging.getLogger("gmr_fast.export")
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its passes log every deduplicated constant at INFO
@@ -316,10 +316,11 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     if long:
         groups.append(validate.long_group(options.validation_long_documents, options.seed))
     pairs = [(q, d) for q, docs in groups for d in docs]
+    memory = fp32_memory(checkpoint)  # (need, have), read once for both choices below
     mode = options.reference
     if mode == "auto":
-        mode = "hf" if fp32_bytes(checkpoint) + (3 << 30) < available_memory() else "streamed"
-    over_bf16, over_why = fp32_over_bf16(checkpoint, dtypes, options.fp32_over_bf16)
+        mode = "hf" if memory[0] < memory[1] else "streamed"
+    over_bf16, over_why = fp32_over_bf16(checkpoint, dtypes, options.fp32_over_bf16, memory)
     if over_bf16:
         log.info("the fp32 variant runs on torch over bf16 weight files: %s", over_why)
     log.info("computing the fp32 reference (%s) on %d pairs", mode, len(pairs))
@@ -469,14 +470,16 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def fp32_over_bf16(checkpoint: pathlib.Path, dtypes: tuple[str, ...], requested: bool | None) -> tuple[bool, str]:
+def fp32_over_bf16(checkpoint: pathlib.Path, dtypes: tuple[str, ...], requested: bool | None,
+                   memory: tuple[int, int] | None = None) -> tuple[bool, str]:
     """(whether the fp32 variant runs on torch over bf16 weight files, why). True or False when
     asked; None (the default) chooses it where fp32 is exported from a checkpoint stored in bf16
     (as released: bf16 holds every weight, so this is the fp32 model) whose fp32 weights would
     not fit in this machine's available memory with 3 GB for activations, the rule that streams
     the reference too. GMR-7B's fp32 files are 30 GB, and their onnxruntime validation cannot
     load on a 24 GB machine; fp32 over its 15.5 GB of bf16 files was accepted there at a 19.5 GB
-    peak (README "Real widths"). GMR-3B's fp32 (15 GB) fits and keeps its ONNX graphs."""
+    peak (README "Real widths"). GMR-3B's fp32 (15 GB) fits and keeps its ONNX graphs.
+    ``memory`` is ``reference.fp32_memory(checkpoint)`` where the caller has it already."""
     if requested is not None:
         if requested and "fp32" not in dtypes and "bf16" not in dtypes:
             raise ConfigError("--fp32-over-bf16 is about the fp32 variant: --dtype must list fp32 or bf16")
@@ -484,8 +487,8 @@ def fp32_over_bf16(checkpoint: pathlib.Path, dtypes: tuple[str, ...], requested:
     if "fp32" not in dtypes:
         return False, ""
     stored = CheckpointReader(checkpoint).stored_dtypes
-    need, have = fp32_bytes(checkpoint) + (3 << 30), available_memory()
-    if set(stored) != {"BF16"} or need <= have:
+    need, have = memory or fp32_memory(checkpoint)
+    if set(stored) != {"BF16"} or need < have:  # fits: the same comparison that loads the reference whole
         return False, ""
     return True, (f"auto: the checkpoint is stored in bf16 and its fp32 weights with 3 GB for activations "
                   f"({need / 1e9:.1f} GB) exceed this machine's available memory ({have / 1e9:.1f} GB)")

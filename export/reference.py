@@ -107,6 +107,14 @@ def fp32_bytes(checkpoint: os.PathLike) -> int:
     return sum(t.nbytes // DTYPES[t.dtype][1] * 4 for t in reader.tensors.values())
 
 
+def fp32_memory(checkpoint: os.PathLike) -> tuple[int, int]:
+    """(bytes the checkpoint's fp32 weights need with 3 GB for a run's activations, bytes available
+    now). The one rule for what fits in fp32: where need < have the export's reference loads the HF
+    model whole, else it streams the decoder, and a bf16-stored checkpoint's fp32 variant runs over
+    bf16 files (``engine_export.fp32_over_bf16``)."""
+    return fp32_bytes(checkpoint) + (3 << 30), available_memory()
+
+
 def available_memory() -> int:
     try:
         with open("/proc/meminfo") as f:

@@ -381,18 +381,22 @@ def test_fp32_runs_over_bf16_files_by_default_only_where_fp32_would_not_fit(bf16
     asking for it without fp32 or bf16 is a ConfigError. (The variant it then builds is the one
     test_fp32_over_the_bf16_files_of_a_bf16_checkpoint_is_the_fp32_model exports.)"""
     from export import engine_export
-    from export.reference import fp32_bytes
+    from export import reference as reference_module
+    from export.reference import fp32_bytes, fp32_memory
 
     bf16, fp32 = bf16_checkpoint[0], tiny_checkpoints["qwen2_5_vl"]
-    need = fp32_bytes(bf16) + (3 << 30)
-    monkeypatch.setattr(engine_export, "available_memory", lambda: need - 1)
+    need = fp32_memory(bf16)[0]
+    assert need == fp32_bytes(bf16) + (3 << 30)
+    monkeypatch.setattr(reference_module, "available_memory", lambda: need - 1)
     on, why = engine_export.fp32_over_bf16(bf16, ("fp32", "int8", "bf16"), None)
     assert on and why.startswith("auto: the checkpoint is stored in bf16"), why
     assert engine_export.fp32_over_bf16(bf16, ("fp32",), False) == (False, "")
     assert engine_export.fp32_over_bf16(bf16, ("bf16",), None) == (False, "")  # no fp32 asked for
     assert engine_export.fp32_over_bf16(fp32, ("fp32",), None) == (False, "")  # fp32 values: not exact
-    monkeypatch.setattr(engine_export, "available_memory", lambda: need)
+    monkeypatch.setattr(reference_module, "available_memory", lambda: need + 1)
     assert engine_export.fp32_over_bf16(bf16, ("fp32",), None) == (False, "")  # fits: ONNX fp32 as ever
+    # need == have does not fit, as for the reference, which loads whole only where need < have
+    assert engine_export.fp32_over_bf16(bf16, ("fp32",), None, (need, need))[0]
     assert engine_export.fp32_over_bf16(bf16, ("fp32",), True) == (True, "requested")
     with pytest.raises(gmr_fast.ConfigError, match="must list fp32 or bf16"):
         engine_export.fp32_over_bf16(bf16, ("int8",), True)
