@@ -846,13 +846,16 @@ class Reranker:
     def rank(self, query: Any, documents: Sequence[Any], *, instruction: str | None = None, top_k: int | None = None,
              return_documents: bool = False, normalize: bool = False, max_length: int | None = None
              ) -> list[RankResult]:
-        """Documents sorted by score, best first (ties keep input order); ``max_length`` as in ``score``."""
+        """Documents sorted by score, best first (ties keep input order); ``max_length`` as in ``score``.
+        ``top_k`` keeps the best k (None: all; 0: none, nothing is scored)."""
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
+            raise ConfigError(f"top_k must be None or a whole number >= 0, got {top_k!r}")
         documents = list(documents)
-        if not documents:
+        if not documents or top_k == 0:
             return []
         scores = self.score([(query, d) for d in documents], instruction=instruction, normalize=normalize,
                             max_length=max_length)
         order = sorted(range(len(documents)), key=lambda i: (-scores[i] if not math.isnan(scores[i]) else math.inf, i))
         if top_k is not None:
-            order = order[:max(0, int(top_k))]
+            order = order[:int(top_k)]
         return [RankResult(i, float(scores[i]), documents[i] if return_documents else None) for i in order]

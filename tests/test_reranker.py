@@ -176,6 +176,10 @@ def test_normalize_rank_and_empty(exported_engines):
     assert all(math.isclose(r.score, float(raw[r.index]), rel_tol=1e-6) for r in ranked)
     assert reranker.rank("cat", []) == [] and len(reranker.score([])) == 0
     assert all(r.document is None for r in reranker.rank("cat", docs))
+    assert reranker.rank("cat", docs, top_k=0) == [] and len(reranker.rank("cat", docs, top_k=9)) == len(docs)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(gmr_fast.ConfigError, match="top_k must be None or a whole number"):
+            reranker.rank("cat", docs, top_k=bad)
 
 
 @pytest.mark.parametrize("bad,msg", [(None, "pair 1 document: is None"), ({}, "pair 1 document: needs"),
