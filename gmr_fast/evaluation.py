@@ -110,11 +110,12 @@ def report_markdown(report: dict) -> str:
              f"first stage **{_pct(report['mrb_average']['first_stage'])}**, reranked "
              f"**{_pct(report['mrb_average']['reranked'])}**", "",
              "## Datasets", "",
-             f"| dataset | task | queries | pairs | failed | truncated | {head} |",
-             "|---|---|---|---|---|---|" + "---|" * len(metrics)]
+             f"| dataset | task | queries | pairs | failed | malformed rows | truncated | {head} |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(metrics)]
     for name, d in report["datasets"].items():
         cells = " | ".join(f"{_pct(d['first_stage'][m])} / {_pct(d['reranked'][m])}" for m in metrics)
-        lines.append(f"| {name} | {d['task']} | {d['queries']} | {d['pairs']} | {d['failed']} | {d['truncated']} | {cells} |")
+        lines.append(f"| {name} | {d['task']} | {d['queries']} | {d['pairs']} | {d['failed']} | "
+                     f"{d.get('malformed_rows', 0)} | {d['truncated']} | {cells} |")
     for title, key, label in (("Tasks", "tasks", "task"), ("Categories", "categories", "category")):
         lines += ["", f"## {title}", "", f"| {label} | datasets | {head} |", "|---|---|" + "---|" * len(metrics)]
         for name, g in report[key].items():

@@ -167,17 +167,22 @@ def _dataset_tasks(ds: Dataset, top_k: int, instruction: str | None) -> tuple[li
     tasks, sizes = [], []
     resolved: dict[str, tuple[Item | None, str | None]] = {}
 
-    def side(rec: Record, kind: str):
-        key = f"{kind}:{rec.id}"
+    def side(rec: Record | None, kind: str, rid: str):
+        key = f"{kind}:{rid}"
         if key not in resolved:
-            resolved[key] = _item((rec.text, rec.image), ds.root, f"{kind} {rec.id!r}")
+            if rec is None:  # a candidate whose document row is missing or unreadable (listed in problems)
+                resolved[key] = None, f"{kind} {rid!r}: not in corpus.jsonl"
+            elif rec.error is not None:  # a malformed row: its pairs fail, naming file and line
+                resolved[key] = None, f"{kind} {rid!r}: {rec.error}"
+            else:
+                resolved[key] = _item((rec.text, rec.image), ds.root, f"{kind} {rid!r}")
         return resolved[key]
 
     for qid in ds.query_order():
         cands = ds.candidates[qid][:top_k]
-        q, q_err = side(ds.queries[qid], "query")
+        q, q_err = side(ds.queries[qid], "query", qid)
         for rank, (docid, _) in enumerate(cands, 1):
-            d, d_err = side(ds.corpus[docid], "document")
+            d, d_err = side(ds.corpus.get(docid), "document", docid)
             tasks.append(Task((qid, docid), q, d, instruction or ds.instruction,
                               {"qid": qid, "docid": docid, "first_stage_rank": rank},
                               f"query {qid!r} / document {docid!r}", q_err or d_err))
@@ -227,9 +232,9 @@ def run_suite(job: _Job) -> int:
         out_dir = os.path.join(a.out, ds.name)
         os.makedirs(out_dir, exist_ok=True)
         tasks, sizes = _dataset_tasks(ds, a.top_k, a.instruction)
-        key = lambda row: (row["qid"], row["docid"])  # noqa: E731
-        scores = Journal(os.path.join(out_dir, "scores.jsonl"), key)
-        errors = Journal(os.path.join(out_dir, "errors.jsonl"), key)
+        scores = Journal(os.path.join(out_dir, "scores.jsonl"), _suite_key)
+        errors = Journal(os.path.join(out_dir, "errors.jsonl"), _suite_key)
+        _record_problems(errors, [(os.path.relpath(e.path, ds.root), e) for e in ds.problems])
         stats = Stats(pairs=len(tasks))
         left = sum(1 for t in tasks if t.key not in scores.done and t.key not in errors.done)
         progress = Progress(left, job.progress_enabled, f"{ds.name}: ")
@@ -240,7 +245,7 @@ def run_suite(job: _Job) -> int:
             progress.close()
             scores.close()
             errors.close()
-        run_stats[ds.name] = stats.as_dict()
+        run_stats[ds.name] = {**stats.as_dict(), "malformed_rows": len(ds.problems)}
 
         run = _reranked_run(ds, a.top_k, scores.rows)
         run_path = os.path.join(out_dir, "run.trec")
@@ -251,8 +256,10 @@ def run_suite(job: _Job) -> int:
         fs_means, _ = evaluate(judged, first_stage, metrics)
         rr_means, per_query = evaluate(judged, run, metrics)
         total_scored += len(scores.rows)
+        failed = sum(1 for r in errors.rows if "qid" in r)
         per_dataset[ds.name] = {"task": ds.task, "category": ds.category, "queries": len(per_query),
-                                "pairs": len(tasks), "scored": len(scores.rows), "failed": len(errors.rows),
+                                "pairs": len(tasks), "scored": len(scores.rows), "failed": failed,
+                                "malformed_rows": len(errors.rows) - failed,
                                 "truncated": sum(1 for r in scores.rows if r.get("truncated")),
                                 "first_stage": fs_means, "reranked": rr_means}
 
@@ -265,6 +272,24 @@ def run_suite(job: _Job) -> int:
     if total_scored == 0:
         raise JobError("nothing could be scored: every pair failed (see errors.jsonl in each dataset's output)")
     return 0
+
+
+def _suite_key(row: dict):
+    """A pair's row is keyed by (qid, docid); a malformed input line's by its file and line."""
+    return (row["qid"], row["docid"]) if "qid" in row else ("input", row["file"], row["line"])
+
+
+def _record_problems(errors: Journal, problems: list[tuple[str, InputError]]) -> None:
+    """Malformed input lines, each an error row ``{"file", "line", "error"}`` (once: a resumed job
+    finds them in the journal), warned about on stderr."""
+    rows = [{"file": name, "line": e.line, "error": str(e)} for name, e in problems]
+    new = [r for r in rows if ("input", r["file"], r["line"]) not in errors.done]
+    if new:
+        errors.append(new)
+    for r in rows[:5]:
+        print(f"gmr_fast.score: skipped malformed input: {r['error']}", file=sys.stderr)
+    if len(rows) > 5:
+        print(f"gmr_fast.score: ... and {len(rows) - 5} more malformed lines (see the errors file)", file=sys.stderr)
 
 
 def _write_run_json(job: _Job, path: str, started: float, run_stats: dict) -> None:
@@ -296,37 +321,48 @@ def _side(value, path: str, n: int, name: str) -> tuple[str | None, str | None]:
     raise InputError(path, f"'{name}' must be a string or {{\"text\", \"image\"}}, got {json.dumps(value)[:80]}", n)
 
 
-def _pairs_tasks(path: str, image_root: str) -> list[Task]:
-    tasks, seen = [], {}
-    for n, row in read_jsonl(path):
+def _pairs_tasks(path: str, image_root: str) -> tuple[list[Task], list[InputError]]:
+    """The rows as tasks, and the lines that cannot be one. A malformed row with a usable, unique
+    id is a task that fails (its error row carries the id); a line without one (not JSON, no id,
+    an id seen before) is listed, to be recorded by line."""
+    tasks, seen, problems = [], {}, []
+    for n, row in read_jsonl(path, problems):
         rid = row.get("id")
         if not isinstance(rid, str) or not rid:
-            raise InputError(path, f"'id' must be a non-empty string, got {rid!r}", n)
+            problems.append(InputError(path, f"'id' must be a non-empty string, got {rid!r}", n))
+            continue
         if rid in seen:
-            raise InputError(path, f"duplicate id {rid!r} (first on line {seen[rid]})", n)
+            problems.append(InputError(path, f"duplicate id {rid!r} (first on line {seen[rid]})", n))
+            continue
         seen[rid] = n
-        for name in ("query", "document"):
-            if name not in row:
-                raise InputError(path, f"row {rid!r} has no '{name}'", n)
-        instruction = row.get("instruction")
-        if instruction is not None and not isinstance(instruction, str):
-            raise InputError(path, "'instruction' must be a string", n)
-        q, q_err = _item(_side(row["query"], path, n, "query"), image_root, f"row {rid!r} query")
-        d, d_err = _item(_side(row["document"], path, n, "document"), image_root, f"row {rid!r} document")
+        try:
+            for name in ("query", "document"):
+                if name not in row:
+                    raise InputError(path, f"row {rid!r} has no '{name}'", n)
+            instruction = row.get("instruction")
+            if instruction is not None and not isinstance(instruction, str):
+                raise InputError(path, "'instruction' must be a string", n)
+            q, q_err = _item(_side(row["query"], path, n, "query"), image_root, f"row {rid!r} query")
+            d, d_err = _item(_side(row["document"], path, n, "document"), image_root, f"row {rid!r} document")
+        except InputError as e:
+            tasks.append(Task(rid, None, None, None, {"id": rid}, f"row {rid!r}", str(e)))
+            continue
         tasks.append(Task(rid, q, d, instruction, {"id": rid}, f"row {rid!r}", q_err or d_err))
-    return tasks
+    return tasks, problems
 
 
 def run_pairs(job: _Job) -> int:
     a = job.args
     image_root = a.image_root or os.path.dirname(os.path.abspath(a.input))
-    tasks = _pairs_tasks(a.input, image_root)
+    tasks, problems = _pairs_tasks(a.input, image_root)
     stem = a.output[:-len(".jsonl")] if a.output.endswith(".jsonl") else a.output
     os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
     job.check_job_file(f"{stem}.job.json", a.resume, f"--output {a.output}")
     started = time.time()
-    key = lambda row: row["id"]  # noqa: E731
+    # a pair's row is keyed by its id; a line that is not a usable row by its line number
+    key = lambda row: row["id"] if "id" in row else ("input", row["file"], row["line"])  # noqa: E731
     scores, errors = Journal(a.output, key), Journal(f"{stem}.errors.jsonl", key)
+    _record_problems(errors, [(os.path.basename(a.input), e) for e in problems])
     stats = Stats(pairs=len(tasks))
     left = sum(1 for t in tasks if t.key not in scores.done and t.key not in errors.done)
     progress = Progress(left, job.progress_enabled)
@@ -337,10 +373,12 @@ def run_pairs(job: _Job) -> int:
         progress.close()
         scores.close()
         errors.close()
-    _write_run_json(job, f"{stem}.run.json", started, {"pairs": stats.as_dict()})
+    _write_run_json(job, f"{stem}.run.json", started, {"pairs": {**stats.as_dict(), "malformed_rows": len(problems)}})
     if not a.quiet:
-        print(f"{len(scores.rows)} scored, {len(errors.rows)} failed of {len(tasks)} pairs -> {a.output}", file=sys.stderr)
-    if tasks and not scores.rows:
+        failed = sum(1 for r in errors.rows if "id" in r)
+        print(f"{len(scores.rows)} scored, {failed} failed of {len(tasks)} pairs"
+              + (f", {len(problems)} malformed lines skipped" if problems else "") + f" -> {a.output}", file=sys.stderr)
+    if (tasks or problems) and not scores.rows:
         raise JobError(f"nothing could be scored: every pair failed (see {stem}.errors.jsonl)")
     return 0
 

@@ -2,9 +2,14 @@
 
 A suite is a directory of datasets; a dataset is a directory with ``dataset.json``,
 ``queries.jsonl``, ``corpus.jsonl``, ``qrels.tsv`` and ``candidates.trec``. Everything is read
-and checked before any scoring starts, so a malformed input stops the job with one message naming
-the file and line (``InputError``) instead of failing halfway through. Image paths are kept as
-written; ``resolve_image`` turns one into a file inside the dataset directory or refuses it.
+and checked before any scoring starts. A file that is missing or unusable as a whole (no
+dataset.json, an unknown task) stops the job there with one message naming it (``InputError``).
+A malformed *row* fails only itself: ``load_dataset`` keeps the others and lists each bad one
+(``Dataset.problems``, an ``InputError`` naming file and line) for the job to record. A query or
+document row that names its id but is otherwise malformed (or whose id is used twice) stays as a
+``Record`` with ``error`` set, so every pair that uses it fails with that message; a candidate
+whose document is not in the corpus stays in the first stage and fails as a pair. Image paths are
+kept as written; ``resolve_image`` turns one into a file inside the dataset directory or refuses it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Record:
     text: str | None
     image: str | None
     line: int
+    error: str | None = None  # the row is malformed (file:line: why): its pairs fail with this
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Dataset:
     # per query, (docid, first-stage score) in trec_eval's order: score descending, ties by docid
     # descending (trec_eval ignores the rank column; so do we)
     candidates: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    problems: list[InputError] = field(default_factory=list)  # malformed rows left out, file and line each
 
     @property
     def category(self) -> str:
@@ -75,88 +82,126 @@ def _lines(path: str):
                 yield n, raw
 
 
-def read_jsonl(path: str):
-    """Yields (line number, object) for each non-blank line; a bad line is an InputError."""
+def _refuse(problems: list[InputError] | None, error: InputError) -> None:
+    """A malformed line: raised where there is no ``problems`` list (a strict read), else listed."""
+    if problems is None:
+        raise error
+    problems.append(error)
+
+
+def read_jsonl(path: str, problems: list[InputError] | None = None):
+    """Yields (line number, object) for each non-blank line; a bad line is an InputError, raised,
+    or listed in ``problems`` and skipped."""
     for n, raw in _lines(path):
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw.rstrip("\r\n"))  # columns counted on this line
         except json.JSONDecodeError as e:
-            raise InputError(path, f"not valid JSON ({e.msg} at column {e.colno})", n) from None
+            _refuse(problems, InputError(path, f"not valid JSON ({e.msg} at column {e.colno})", n))
+            continue
         if not isinstance(obj, dict):
-            raise InputError(path, f"expected a JSON object, got {type(obj).__name__}", n)
+            _refuse(problems, InputError(path, f"expected a JSON object, got {type(obj).__name__}", n))
+            continue
         yield n, obj
 
 
-def _records(path: str) -> dict[str, Record]:
+def _records(path: str, problems: list[InputError] | None = None) -> dict[str, Record]:
+    """Queries or documents by id. With ``problems``, a malformed row whose id is usable stays as
+    a Record with ``error`` (its pairs fail), as do both rows of a duplicate id; a row without a
+    usable id is only listed."""
     out: dict[str, Record] = {}
-    for n, obj in read_jsonl(path):
+    for n, obj in read_jsonl(path, problems):
         rid = obj.get("id")
         if not isinstance(rid, str) or not rid:
-            raise InputError(path, f"'id' must be a non-empty string, got {rid!r}", n)
+            _refuse(problems, InputError(path, f"'id' must be a non-empty string, got {rid!r}", n))
+            continue
         if any(c.isspace() for c in rid):
-            raise InputError(path, f"id {rid!r} contains whitespace (it must fit a TREC run line)", n)
+            _refuse(problems, InputError(path, f"id {rid!r} contains whitespace (it must fit a TREC run line)", n))
+            continue
         text, image = obj.get("text"), obj.get("image")
-        if text is not None and not isinstance(text, str):
-            raise InputError(path, f"'text' must be a string, got {type(text).__name__}", n)
-        if image is not None and (not isinstance(image, str) or not image):
-            raise InputError(path, f"'image' must be a relative path string, got {image!r}", n)
-        if text is None and image is None:
-            raise InputError(path, f"{rid!r} has neither 'text' nor 'image'", n)
+        error = None
         if rid in out:
-            raise InputError(path, f"duplicate id {rid!r} (first on line {out[rid].line})", n)
+            error = InputError(path, f"duplicate id {rid!r} (first on line {out[rid].line})", n)
+        elif text is not None and not isinstance(text, str):
+            error = InputError(path, f"'text' must be a string, got {type(text).__name__}", n)
+        elif image is not None and (not isinstance(image, str) or not image):
+            error = InputError(path, f"'image' must be a relative path string, got {image!r}", n)
+        elif text is None and image is None:
+            error = InputError(path, f"{rid!r} has neither 'text' nor 'image'", n)
+        if error is not None:
+            _refuse(problems, error)
+            out[rid] = Record(rid, None, None, out[rid].line if rid in out else n, str(error))
+            continue
         out[rid] = Record(rid, text, image, n)
     return out
 
 
-def _read_qrels(path: str, queries: dict, corpus: dict) -> dict[str, dict[str, int]]:
+def _read_qrels(path: str, queries: dict, corpus: dict,
+                problems: list[InputError] | None = None) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     for n, raw in _lines(path):
         parts = raw.rstrip("\r\n").split("\t") if "\t" in raw else raw.split()
         if len(parts) == 4:  # TREC qrels: qid iter docid rel
             parts = [parts[0], parts[2], parts[3]]
         if len(parts) != 3:
-            raise InputError(path, f"expected query_id<TAB>doc_id<TAB>relevance, got {len(parts)} fields", n)
+            _refuse(problems, InputError(path, f"expected query_id<TAB>doc_id<TAB>relevance, got {len(parts)} fields",
+                                         n))
+            continue
         qid, docid, rel = (p.strip() for p in parts)
         try:
             value = int(rel)
         except ValueError:
             if n == 1 and not qrels:  # a header line
                 continue
-            raise InputError(path, f"relevance must be an integer, got {rel!r}", n) from None
+            _refuse(problems, InputError(path, f"relevance must be an integer, got {rel!r}", n))
+            continue
+        error = None
         if value < 0:
-            raise InputError(path, f"relevance must be >= 0, got {value}", n)
-        if qid not in queries:
-            raise InputError(path, f"unknown query id {qid!r} (not in queries.jsonl)", n)
-        if docid not in corpus:
-            raise InputError(path, f"unknown document id {docid!r} (not in corpus.jsonl)", n)
-        if docid in qrels.setdefault(qid, {}):
-            raise InputError(path, f"duplicate judgement for ({qid!r}, {docid!r})", n)
-        qrels[qid][docid] = value
+            error = f"relevance must be >= 0, got {value}"
+        elif qid not in queries:
+            error = f"unknown query id {qid!r} (not in queries.jsonl)"
+        elif docid not in corpus:
+            error = f"unknown document id {docid!r} (not in corpus.jsonl)"
+        elif docid in qrels.get(qid, {}):
+            error = f"duplicate judgement for ({qid!r}, {docid!r})"
+        if error:
+            _refuse(problems, InputError(path, error, n))
+            continue
+        qrels.setdefault(qid, {})[docid] = value
     return qrels
 
 
-def read_trec_run(path: str, queries: dict | None = None, corpus: dict | None = None) -> dict[str, dict[str, float]]:
-    """A TREC run (``qid Q0 docid rank score tag``) as {qid: {docid: score}}."""
+def read_trec_run(path: str, queries: dict | None = None, corpus: dict | None = None,
+                  problems: list[InputError] | None = None) -> dict[str, dict[str, float]]:
+    """A TREC run (``qid Q0 docid rank score tag``) as {qid: {docid: score}}. With ``problems``,
+    bad lines are listed and skipped, except a document missing from ``corpus``: that candidate
+    stays (its pair fails when scored)."""
     run: dict[str, dict[str, float]] = {}
     for n, raw in _lines(path):
         parts = raw.split()
         if len(parts) != 6:
-            raise InputError(path, f"expected 'qid Q0 docid rank score tag', got {len(parts)} fields", n)
+            _refuse(problems, InputError(path, f"expected 'qid Q0 docid rank score tag', got {len(parts)} fields", n))
+            continue
         qid, _, docid, rank, score, _ = parts
         try:
             int(rank)
             value = float(score)
         except ValueError:
-            raise InputError(path, f"rank must be an integer and score a number, got {rank!r} {score!r}", n) from None
+            _refuse(problems, InputError(path, f"rank must be an integer and score a number, got {rank!r} {score!r}",
+                                         n))
+            continue
+        error = None
         if value != value:
-            raise InputError(path, "score is NaN", n)
-        if queries is not None and qid not in queries:
-            raise InputError(path, f"unknown query id {qid!r} (not in queries.jsonl)", n)
-        if corpus is not None and docid not in corpus:
-            raise InputError(path, f"unknown document id {docid!r} (not in corpus.jsonl)", n)
-        if docid in run.setdefault(qid, {}):
-            raise InputError(path, f"duplicate candidate ({qid!r}, {docid!r})", n)
-        run[qid][docid] = value
+            error = "score is NaN"
+        elif queries is not None and qid not in queries:
+            error = f"unknown query id {qid!r} (not in queries.jsonl)"
+        elif corpus is not None and docid not in corpus and problems is None:
+            error = f"unknown document id {docid!r} (not in corpus.jsonl)"
+        elif docid in run.get(qid, {}):
+            error = f"duplicate candidate ({qid!r}, {docid!r})"
+        if error:
+            _refuse(problems, InputError(path, error, n))
+            continue
+        run.setdefault(qid, {})[docid] = value
     return run
 
 
@@ -187,11 +232,13 @@ def load_dataset(root: str) -> Dataset:
         raise InputError(meta_path, f"'name' must be a plain directory-safe string, got {name!r}")
     if instruction is not None and not isinstance(instruction, str):
         raise InputError(meta_path, f"'instruction' must be a string, got {type(instruction).__name__}")
-    queries = _records(os.path.join(root, "queries.jsonl"))
-    corpus = _records(os.path.join(root, "corpus.jsonl"))
-    qrels = _read_qrels(os.path.join(root, "qrels.tsv"), queries, corpus)
-    run = read_trec_run(os.path.join(root, "candidates.trec"), queries, corpus)
-    return Dataset(root, name, task, instruction, queries, corpus, qrels, {q: trec_order(d) for q, d in run.items()})
+    problems: list[InputError] = []  # malformed rows: each fails itself, the rest of the dataset stands
+    queries = _records(os.path.join(root, "queries.jsonl"), problems)
+    corpus = _records(os.path.join(root, "corpus.jsonl"), problems)
+    qrels = _read_qrels(os.path.join(root, "qrels.tsv"), queries, corpus, problems)
+    run = read_trec_run(os.path.join(root, "candidates.trec"), queries, corpus, problems)
+    return Dataset(root, name, task, instruction, queries, corpus, qrels, {q: trec_order(d) for q, d in run.items()},
+                   problems)
 
 
 def find_datasets(path: str, names: list[str] | None = None) -> list[str]:

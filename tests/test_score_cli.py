@@ -256,19 +256,11 @@ def _valid(tmp_path):
 
 
 @pytest.mark.parametrize("file,content,message", [
-    ("queries.jsonl", '{"id": "q0", "text": "a"}\n{"id": "q1", "text": \n', "queries.jsonl:2: not valid JSON"),
-    ("queries.jsonl", '{"id": "q0", "text": "a"}\n{"id": "q0", "text": "b"}\n', "queries.jsonl:2: duplicate id 'q0'"),
-    ("corpus.jsonl", '{"id": "d0", "text": "x"}\n{"id": "d1"}\n', "corpus.jsonl:2: 'd1' has neither"),
-    ("qrels.tsv", "query_id\tdoc_id\trelevance\nq0\td0\t1\nq9\td0\t1\n", "qrels.tsv:3: unknown query id 'q9'"),
-    ("qrels.tsv", "q0\td0\t1\nq0\td1\thigh\n", "qrels.tsv:2: relevance must be an integer"),
-    ("candidates.trec", "q0 Q0 d0 1 2.0 r\nq7 Q0 d1 2 1.0 r\n", "candidates.trec:2: unknown query id 'q7'"),
-    ("candidates.trec", "q0 Q0 d0 1 2.0 r\nq0 Q0 d9 2 1.0 r\n", "candidates.trec:2: unknown document id 'd9'"),
-    ("candidates.trec", "q0 Q0 d0 1 2.0 r\nq0 Q0 d0 2 1.0 r\n", "candidates.trec:2: duplicate candidate"),
-    ("candidates.trec", "q0 Q0 d0 1 2.0\n", "candidates.trec:1: expected 'qid Q0 docid rank score tag'"),
     ("dataset.json", '{"name": "ds", "task": "t2x"}', "dataset.json: 'task' must be one of"),
     ("dataset.json", None, "dataset.json: missing"),
+    ("queries.jsonl", None, "queries.jsonl: file not found"),
 ])
-def test_malformed_input_names_file_and_line(engine, tmp_path, capsys, file, content, message):
+def test_an_unusable_file_stops_the_job_before_anything_is_written(engine, tmp_path, capsys, file, content, message):
     root = _valid(tmp_path)
     if content is None:
         os.remove(os.path.join(root, file))
@@ -279,6 +271,62 @@ def test_malformed_input_names_file_and_line(engine, tmp_path, capsys, file, con
     assert message in err
     assert os.path.join("ds", file) in err
     assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+# (file, content, the malformed lines recorded as {file, line, error}, pairs that fail, pairs scored)
+MALFORMED_ROWS = [
+    ("queries.jsonl", '{"id": "q0", "text": "a"}\n{"id": "q1", "text": \n',
+     {("queries.jsonl", 2): "not valid JSON", ("candidates.trec", 3): "unknown query id 'q1'"}, {}, {"q0/d0", "q0/d1"}),
+    ("queries.jsonl", '{"id": "q0", "text": "a"}\n{"id": "q0", "text": "b"}\n{"id": "q1", "text": "b"}\n',
+     {("queries.jsonl", 2): "duplicate id 'q0'"},
+     {"q0/d0": "queries.jsonl:2: duplicate id 'q0'", "q0/d1": "duplicate id 'q0'"}, {"q1/d1"}),
+    ("corpus.jsonl", '{"id": "d0", "text": "x"}\n{"id": "d1"}\n',
+     {("corpus.jsonl", 2): "'d1' has neither"}, {"q0/d1": "corpus.jsonl:2: 'd1' has neither", "q1/d1": "neither"},
+     {"q0/d0"}),
+    ("corpus.jsonl", '{"id": "d0", "text": "x"}\n["d1"]\n{"id": "d1", "text": "y"}\n',
+     {("corpus.jsonl", 2): "expected a JSON object, got list"}, {}, {"q0/d0", "q0/d1", "q1/d1"}),
+    ("qrels.tsv", "query_id\tdoc_id\trelevance\nq0\td0\t1\nq9\td0\t1\n",
+     {("qrels.tsv", 3): "unknown query id 'q9'"}, {}, {"q0/d0", "q0/d1", "q1/d1"}),
+    ("qrels.tsv", "q0\td0\t1\nq0\td1\thigh\n",
+     {("qrels.tsv", 2): "relevance must be an integer"}, {}, {"q0/d0", "q0/d1", "q1/d1"}),
+    ("candidates.trec", "q0 Q0 d0 1 2.0 r\nq7 Q0 d1 2 1.0 r\n",
+     {("candidates.trec", 2): "unknown query id 'q7'"}, {}, {"q0/d0"}),
+    ("candidates.trec", "q0 Q0 d0 1 2.0 r\nq0 Q0 d9 2 1.0 r\n",
+     {}, {"q0/d9": "document 'd9': not in corpus.jsonl"}, {"q0/d0"}),
+    ("candidates.trec", "q0 Q0 d0 1 2.0 r\nq0 Q0 d0 2 1.0 r\n",
+     {("candidates.trec", 2): "duplicate candidate"}, {}, {"q0/d0"}),
+    ("candidates.trec", "q0 Q0 d0 1 2.0 r\nq0 Q0 d1 2 1.0\n",
+     {("candidates.trec", 2): "expected 'qid Q0 docid rank score tag'"}, {}, {"q0/d0"}),
+]
+
+
+@pytest.mark.parametrize("file,content,lines,failed,scored", MALFORMED_ROWS)
+def test_a_malformed_row_fails_only_itself_and_is_recorded_once(engine, tmp_path, capsys, file, content, lines,
+                                                                 failed, scored):
+    """A malformed line is recorded in errors.jsonl ({file, line, error}) and warned about; a
+    query or document row that names its id fails the pairs that use it; everything else is
+    scored, evaluated and resumable as ever."""
+    root = _valid(tmp_path)
+    open(os.path.join(root, file), "w").write(content)
+    out = tmp_path / "out"
+    code, err = run_cli("--engine", engine, "--data", tmp_path / "suite", "--out", out, capsys=capsys)
+    assert code == 0, err
+    rows = read_jsonl(out / "ds" / "errors.jsonl")
+    got_lines = {(r["file"], r["line"]): r["error"] for r in rows if "file" in r}
+    assert set(got_lines) == set(lines)
+    for where, message in lines.items():
+        assert message in got_lines[where] and f"{os.path.join('ds', where[0])}:{where[1]}: " in got_lines[where]
+        assert message in err  # warned on stderr too
+    got_failed = {f"{r['qid']}/{r['docid']}": r["error"] for r in rows if "qid" in r}
+    assert set(got_failed) == set(failed) and all(m in got_failed[k] for k, m in failed.items())
+    assert {f"{r['qid']}/{r['docid']}" for r in read_jsonl(out / "ds" / "scores.jsonl")} == scored
+    report = json.load(open(out / "report.json"))
+    assert report["datasets"]["ds"]["malformed_rows"] == len(lines)
+    assert report["datasets"]["ds"]["failed"] == len(failed) and report["datasets"]["ds"]["scored"] == len(scored)
+    assert {line.split()[2] for line in open(out / "ds" / "run.trec")} >= {k.split("/")[1] for k in scored}
+    before = (out / "ds" / "errors.jsonl").read_bytes()
+    assert run_cli("--engine", engine, "--data", tmp_path / "suite", "--out", out, "--resume")[0] == 0
+    assert (out / "ds" / "errors.jsonl").read_bytes() == before  # recorded once, nothing redone
 
 
 def test_pairs_mode(engine, tmp_path, capsys):
@@ -306,10 +354,28 @@ def test_pairs_mode(engine, tmp_path, capsys):
     before = out.read_bytes()
     assert run_cli("--engine", engine, "--input", src, "--output", out, "--resume")[0] == 0
     assert out.read_bytes().startswith(before) and [r["id"] for r in read_jsonl(out)][-1] == "r4"
-    # malformed rows: file and line
-    src.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0]) + "\n")
-    code, err = run_cli("--engine", engine, "--input", src, "--output", tmp_path / "o.jsonl", capsys=capsys)
-    assert code == 2 and "pairs.jsonl:2: duplicate id 'r0'" in err
-    src.write_text(json.dumps({"id": "x", "query": {"txt": "a"}, "document": "d"}) + "\n")
-    code, err = run_cli("--engine", engine, "--input", src, "--output", tmp_path / "o.jsonl", capsys=capsys)
-    assert code == 2 and "pairs.jsonl:1: 'query' must be" in err
+    # malformed rows fail only themselves: a row with a usable id by its id, any other line by its number
+    src.write_text("\n".join([json.dumps(rows[0]), json.dumps(rows[0]),
+                              json.dumps({"id": "x", "query": {"txt": "a"}, "document": "d"}),
+                              '{"id": "y", "query": ', "[1, 2]", json.dumps({"query": "q", "document": "d"}),
+                              json.dumps({"id": "z", "query": "q"}), json.dumps(rows[2])]) + "\n")
+    o = tmp_path / "o.jsonl"
+    code, err = run_cli("--engine", engine, "--input", src, "--output", o, capsys=capsys)
+    assert code == 0 and "pairs.jsonl:2: duplicate id 'r0'" in err
+    assert [r["id"] for r in read_jsonl(o)] == ["r0", "r2"]
+    errors = read_jsonl(tmp_path / "o.errors.jsonl")
+    by_id = {r["id"]: r["error"] for r in errors if "id" in r}
+    assert "pairs.jsonl:3: 'query' must be" in by_id["x"] and "pairs.jsonl:7: row 'z' has no 'document'" in by_id["z"]
+    by_line = {r["line"]: r["error"] for r in errors if "id" not in r}
+    assert sorted(by_line) == [2, 4, 5, 6] and all(r.get("file") == "pairs.jsonl" for r in errors if "id" not in r)
+    assert "not valid JSON" in by_line[4] and "expected a JSON object, got list" in by_line[5]
+    assert "'id' must be a non-empty string" in by_line[6]
+    before = (tmp_path / "o.errors.jsonl").read_bytes()
+    assert run_cli("--engine", engine, "--input", src, "--output", o, "--resume")[0] == 0
+    assert (tmp_path / "o.errors.jsonl").read_bytes() == before and len(read_jsonl(o)) == 2
+    run_json = json.load(open(tmp_path / "o.run.json"))
+    assert run_json["sessions"][0]["datasets"]["pairs"]["malformed_rows"] == 4
+    # nothing usable at all: exit code 2
+    src.write_text("not json\n")
+    code, err = run_cli("--engine", engine, "--input", src, "--output", tmp_path / "o2.jsonl", capsys=capsys)
+    assert code == 2 and "nothing could be scored" in err
