@@ -287,9 +287,13 @@ def test_bad_training_data(tiny_checkpoints, tmp_path, capsys, caplog):
     assert "skipped 2 malformed group(s) of 32" in caplog.text
     assert run_train(*args, "--out", tmp_path / "o2", "--max-bad-fraction", 0.01) == 2
     assert "2 of 32 groups are malformed" in capsys.readouterr().err
+    # a missing image fails its group like a malformed one: skipped within the bad fraction, refused above it
+    data.write_text("\n".join([json.dumps(good)] * 30 + [json.dumps({**good, "positive": {"image": "nope.png"}})]) + "\n")
+    assert run_train(*args, "--out", tmp_path / "o3", "--max-bad-fraction", 0.1) == 0
+    assert "d.jsonl:31: malformed group skipped (image" in caplog.text and "nope.png' does not exist" in caplog.text
     data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "positive": {"image": "nope.png"}}) + "\n")
-    assert run_train(*args, "--out", tmp_path / "o3") == 2
-    assert "d.jsonl:2: group's image" in capsys.readouterr().err
+    assert run_train(*args, "--out", tmp_path / "o4") == 2
+    assert "1 of 2 groups are malformed (lines [2]" in capsys.readouterr().err
 
 
 def test_features_match_the_runtime_prompt(tiny_checkpoints):

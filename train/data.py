@@ -73,13 +73,14 @@ def load_groups(path: str, max_bad_fraction: float = 0.05) -> list[Group]:
                     raise ValueError("'instruction' must be a string")
                 group = Group(n, instruction, _side(obj["query"], root, "'query'"), _side(obj["positive"], root, "'positive'"),
                               [_side(x, root, f"negative {i}") for i, x in enumerate(negatives)])
+                missing = [x.image for x in (group.query, group.positive, *group.negatives)
+                           if x.image is not None and not os.path.isfile(x.image)]
+                if missing:  # a missing file fails its group only, counted against the bad fraction like the rest
+                    raise ValueError(f"image {missing[0]!r} does not exist")
             except (json.JSONDecodeError, ValueError) as e:
                 bad.append(n)
                 log.warning("%s:%d: malformed group skipped (%s)", path, n, e)
                 continue
-            for item in (group.query, group.positive, *group.negatives):
-                if item.image is not None and not os.path.isfile(item.image):
-                    raise TrainDataError(f"{path}:{n}: group's image {item.image!r} does not exist")
             groups.append(group)
     if total and len(bad) / total > max_bad_fraction:
         raise TrainDataError(f"{path}: {len(bad)} of {total} groups are malformed (lines {bad[:10]}...), more than the "
