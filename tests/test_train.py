@@ -2,6 +2,7 @@
 writes (accepted by the exporter), resume, torchrun DDP equivalence, bad input."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -294,6 +295,16 @@ def test_bad_training_data(tiny_checkpoints, tmp_path, capsys, caplog):
     data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "positive": {"image": "nope.png"}}) + "\n")
     assert run_train(*args, "--out", tmp_path / "o4") == 2
     assert "1 of 2 groups are malformed (lines [2]" in capsys.readouterr().err
+    # an image that exists but does not decode: its group is skipped when first used, the step trains on the rest
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data.write_text("\n".join([json.dumps(good)] * 3 + [json.dumps({**good, "negatives": [{"image": "bad.png"}]})])
+                    + "\n")
+    assert run_train(*args, "--out", tmp_path / "o5", "--max-bad-fraction", 0.3) == 0
+    assert "d.jsonl:4: group skipped" in caplog.text and "bad.png" in caplog.text
+    metrics = [json.loads(x) for x in open(tmp_path / "o5" / "metrics.jsonl")]
+    assert metrics and all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics if "loss" in m)
+    assert run_train(*args, "--out", tmp_path / "o6") == 2  # above the bad fraction (0.05), as at load
+    assert "1 of 4 groups have an image that does not decode" in capsys.readouterr().err
 
 
 def test_features_match_the_runtime_prompt(tiny_checkpoints):

@@ -59,9 +59,13 @@ class FeatureBuilder:
         while len(self._cache) > max(self.cache_size, len(paths)):
             self._cache.popitem(last=False)
 
+    def decode(self, paths: list[str], where: str) -> None:
+        """Decodes the images not cached yet (and caches them); ImageError names ``where``."""
+        self._images(paths, {p: where for p in paths})
+
     def pixels(self, paths: list[str], where: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches and grids of images (paths), in order, through the same cache and spec."""
-        self._images(paths, {p: where for p in paths})
+        self.decode(paths, where)
         return (torch.from_numpy(np.concatenate([self._cache[p][0] for p in paths])),
                 torch.from_numpy(np.stack([self._cache[p][1] for p in paths]).astype(np.int64)))
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gmr_fast.errors import GmrError
+from gmr_fast.errors import GmrError, ImageError
 from gmr_fast.gmr_config import GmrConfig
 from gmr_fast.options import add_arguments, fingerprint, from_args, option
 from gmr_fast.progress import Progress
@@ -123,6 +123,7 @@ class Trainer:
         if args.max_length:
             self.gmr.max_length = args.max_length
         self.groups = load_groups(args.data, args.max_bad_fraction)
+        self.skipped: set[int] = set()  # groups with an image that does not decode (found when first used)
         per_step = args.batch_size * args.grad_accum * self.world
         self.steps_per_epoch = len(self.groups) // per_step
         if self.steps_per_epoch == 0:
@@ -249,6 +250,30 @@ class Trainer:
         return [chunk[(m * self.world + self.rank) * a.batch_size:(m * self.world + self.rank + 1) * a.batch_size]
                 for m in range(a.grad_accum)]
 
+    def decodes(self, g: int, items) -> bool:
+        """Whether every image of ``items`` (group ``g``'s, as this step uses them) decodes. A group
+        with one that does not is skipped from then on, warned about once with its line, as a
+        malformed line is at load; the micro-batch trains on the rest."""
+        if g in self.skipped:
+            return False
+        paths = [x.image for x in items if x.has_image]
+        try:
+            self.features.decode(paths, f"{self.args.data}:{self.groups[g].line}")
+        except ImageError as e:
+            self.skipped.add(g)
+            log.warning("%s:%d: group skipped: %s", self.args.data, self.groups[g].line, e)
+            if len(self.skipped) > self.args.max_bad_fraction * len(self.groups):  # the load-time policy, kept
+                raise TrainDataError(f"{self.args.data}: {len(self.skipped)} of {len(self.groups)} groups have an "
+                                     f"image that does not decode, more than the allowed fraction "
+                                     f"{self.args.max_bad_fraction}; fix the data or raise --max-bad-fraction") from None
+            return False
+        return True
+
+    def zero_loss(self) -> torch.Tensor:
+        """A zero loss that still touches every parameter (a micro-batch with nothing to learn from
+        takes part in the step, and in a distributed one's gradient reduction)."""
+        return sum(p.sum() * 0.0 for p in self.params)
+
     def align_loss(self, indices: list[int]) -> torch.Tensor:
         """Contrastive alignment of a vision tower trained from scratch with the word embeddings
         (CLIP-style, the text side a fixed bag of word embeddings): for each group whose query or
@@ -260,12 +285,14 @@ class Trainer:
         images, captions = [], []
         for g in indices:
             group = self.groups[g]
+            if not self.decodes(g, (group.query, group.positive)):
+                continue
             for image, text in ((group.query, group.positive), (group.positive, group.query)):
                 if image.has_image and text.text:
                     images.append(image.image)
                     captions.append(text.text)
-        if len(images) < 2:  # nothing to contrast in this micro-batch: a zero loss that still touches the graph
-            return sum(p.sum() * 0.0 for p in self.params)
+        if len(images) < 2:  # nothing to contrast in this micro-batch
+            return self.zero_loss()
         pixels, grid = self.features.pixels(images, f"{self.args.data}")
         ids = [self.features.prompts.tokenizer.encode(c, add_special_tokens=False).ids for c in captions]
         width = max(len(x) for x in ids)
@@ -293,10 +320,14 @@ class Trainer:
         for g in indices:
             group = self.groups[g]
             docs = [group.positive, *sample_negatives(group, a.negatives, a.seed, epoch, g)]
+            if not self.decodes(g, (group.query, *docs)):
+                continue
             instruction = group.instruction or self.gmr.default_instruction
             rows += [(instruction, group.query, d) for d in docs]
             labels += [f"{a.data}:{group.line}"] * len(docs)
             sizes.append(len(docs))
+        if not sizes:  # every group of this micro-batch had an image that does not decode
+            return self.zero_loss()
         inputs = {k: v.to(self.device) for k, v in self.features.build(rows, labels).items()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.bf16):
             z_yes, z_no = self.module(**inputs)
