@@ -154,20 +154,23 @@ def _read_qrels(path: str, queries: dict, corpus: dict,
                 continue
             _refuse(problems, InputError(path, f"relevance must be an integer, got {rel!r}", n))
             continue
-        error = None
-        if value < 0:
-            error = f"relevance must be >= 0, got {value}"
-        elif qid not in queries:
-            error = f"unknown query id {qid!r} (not in queries.jsonl)"
-        elif docid not in corpus:
-            error = f"unknown document id {docid!r} (not in corpus.jsonl)"
-        elif docid in qrels.get(qid, {}):
+        error = f"relevance must be >= 0, got {value}" if value < 0 else _unknown(qid, docid, queries, corpus)
+        if not error and docid in qrels.get(qid, {}):
             error = f"duplicate judgement for ({qid!r}, {docid!r})"
         if error:
             _refuse(problems, InputError(path, error, n))
             continue
         qrels.setdefault(qid, {})[docid] = value
     return qrels
+
+
+def _unknown(qid: str, docid: str, queries: dict | None, corpus: dict | None) -> str | None:
+    """Why (qid, docid) names something not in queries.jsonl or corpus.jsonl (None: unchecked)."""
+    if queries is not None and qid not in queries:
+        return f"unknown query id {qid!r} (not in queries.jsonl)"
+    if corpus is not None and docid not in corpus:
+        return f"unknown document id {docid!r} (not in corpus.jsonl)"
+    return None
 
 
 def read_trec_run(path: str, queries: dict | None = None, corpus: dict | None = None,
@@ -189,14 +192,10 @@ def read_trec_run(path: str, queries: dict | None = None, corpus: dict | None = 
             _refuse(problems, InputError(path, f"rank must be an integer and score a number, got {rank!r} {score!r}",
                                          n))
             continue
-        error = None
-        if value != value:
-            error = "score is NaN"
-        elif queries is not None and qid not in queries:
-            error = f"unknown query id {qid!r} (not in queries.jsonl)"
-        elif corpus is not None and docid not in corpus and problems is None:
-            error = f"unknown document id {docid!r} (not in corpus.jsonl)"
-        elif docid in run.get(qid, {}):
+        # a candidate missing from the corpus stays when problems are listed: its pair fails instead
+        error = "score is NaN" if value != value else _unknown(qid, docid, queries, None if problems is not None
+                                                               else corpus)
+        if not error and docid in run.get(qid, {}):
             error = f"duplicate candidate ({qid!r}, {docid!r})"
         if error:
             _refuse(problems, InputError(path, error, n))
