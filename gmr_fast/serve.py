@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from .errors import ConfigError, GmrError
+from .manifest import load_manifest
 from .options import add_arguments, from_args, option
 from .reranker import RerankerOptions
 
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         reranker_options.validate()
         if options.max_documents < 1 or options.max_queue < 1 or options.max_body_mb < 1:
             raise ConfigError("--max-documents, --max-queue and --max-body-mb must be >= 1")
+        # what can be told at once (no engine there, a manifest this runtime refuses) ends the command
+        # now, not as a server that answers 503 forever; the weights still load in the background
+        load_manifest(options.engine)
         app = build_app(options, reranker_options)
     except GmrError as e:
         print(f"gmr_fast.serve: error: {e}", file=sys.stderr)

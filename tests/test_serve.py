@@ -341,6 +341,13 @@ def test_existing_client_libraries(server):
     assert {r.index for r in out.results} == {0, 1} and out.results[0].document.text in ("cats", "stocks")
 
 
+def test_the_command_refuses_a_directory_that_is_not_an_engine(tmp_path, capsys):
+    from gmr_fast.serve import main
+
+    assert main(["--engine", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "is not an engine directory (no manifest.json)" in capsys.readouterr().err
+
+
 def test_not_ready_and_failed_engine(tmp_path):
     app = build_app(ServerOptions(engine=str(tmp_path / "missing")), RerankerOptions())
     with ThreadServer(app, ready=False) as url:
