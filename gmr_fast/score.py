@@ -108,8 +108,8 @@ class _Job:
             self.reranker_options.num_threads = max(1, int(args.worker_cpus))
         self.reranker_options.validate()
         self.progress_enabled = not args.quiet and (args.progress or sys.stderr.isatty())
+        manifest = load_manifest(args.engine)  # first: it says what is wrong with a directory that is no engine
         self.engine_sha = _sha256(os.path.join(args.engine, "manifest.json"))
-        manifest = load_manifest(args.engine)
         ro = self.reranker_options
         precision, backend, why = choose_precision(manifest, ro.precision, ro.backend, ro.device,
                                                    bool(ro.providers or ro.backend_options))

@@ -379,3 +379,11 @@ def test_pairs_mode(engine, tmp_path, capsys):
     src.write_text("not json\n")
     code, err = run_cli("--engine", engine, "--input", src, "--output", tmp_path / "o2.jsonl", capsys=capsys)
     assert code == 2 and "nothing could be scored" in err
+
+
+def test_a_directory_that_is_not_an_engine_is_named(tmp_path, capsys):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(json.dumps({"id": "r0", "query": "q", "document": "d"}) + "\n")
+    code, err = run_cli("--engine", tmp_path / "missing", "--input", src, "--output", tmp_path / "o.jsonl", capsys=capsys)
+    assert code == 3 and "is not an engine directory (no manifest.json)" in err and "I/O error" not in err
+    assert not (tmp_path / "o.jsonl").exists()
