@@ -292,6 +292,8 @@ def test_bad_training_data(tiny_checkpoints, tmp_path, capsys, caplog):
     data.write_text("\n".join([json.dumps(good)] * 30 + [json.dumps({**good, "positive": {"image": "nope.png"}})]) + "\n")
     assert run_train(*args, "--out", tmp_path / "o3", "--max-bad-fraction", 0.1) == 0
     assert "d.jsonl:31: malformed group skipped (image" in caplog.text and "nope.png' does not exist" in caplog.text
+    assert run_train("--base-model", tmp_path / "none", *args[2:], "--out", tmp_path / "o0") == 2
+    assert "--base-model " + str(tmp_path / "none") + " is not a checkpoint directory" in capsys.readouterr().err
     data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "positive": {"image": "nope.png"}}) + "\n")
     assert run_train(*args, "--out", tmp_path / "o4") == 2
     assert "1 of 2 groups are malformed (lines [2]" in capsys.readouterr().err

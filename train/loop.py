@@ -439,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         p.error(f"{', '.join(missing)} required")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not os.path.isfile(os.path.join(args.base_model, "config.json")):
+        print(f"train: error: --base-model {args.base_model} is not a checkpoint directory (no config.json)",
+              file=sys.stderr)
+        return 2
     if os.path.exists(os.path.join(args.out, "gmr.json")):
         print(f"train: error: {args.out} already holds a finished checkpoint; choose a new --out", file=sys.stderr)
         return 2
