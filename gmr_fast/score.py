@@ -256,10 +256,9 @@ def run_suite(job: _Job) -> int:
         fs_means, _ = evaluate(judged, first_stage, metrics)
         rr_means, per_query = evaluate(judged, run, metrics)
         total_scored += len(scores.rows)
-        failed = sum(1 for r in errors.rows if "qid" in r)
         per_dataset[ds.name] = {"task": ds.task, "category": ds.category, "queries": len(per_query),
-                                "pairs": len(tasks), "scored": len(scores.rows), "failed": failed,
-                                "malformed_rows": len(errors.rows) - failed,
+                                "pairs": len(tasks), "scored": len(scores.rows),
+                                "failed": sum(1 for r in errors.rows if "qid" in r), "malformed_rows": len(ds.problems),
                                 "truncated": sum(1 for r in scores.rows if r.get("truncated")),
                                 "first_stage": fs_means, "reranked": rr_means}
 
