@@ -440,6 +440,10 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
                                for g in list(v.weights.values()) + list(v.graphs.values())):
                         (tmp / f.file).unlink(missing_ok=True)
                 continue
+            if precision == "bf16":
+                extra = _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long, expected, sizes)
+                if extra is not None:
+                    figures["bf16_gemm_images"] = extra
             validated[precision] = figures
         variants = {p: Variant(v.precision, v.backend, v.graphs, v.weights, validated[p], v.details)
                     for p, v in variants.items() if p in validated}
@@ -496,6 +500,38 @@ def fp32_over_bf16(checkpoint: pathlib.Path, dtypes: tuple[str, ...], requested:
 
 def reader_dtypes(builder) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(builder.reader.stored_dtypes.items()))
+
+
+def _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long: int, expected, sizes) -> dict | None:
+    """The accepted bf16 variant again with its image pairs under bf16-gemm (fp32 tensors, matrix
+    products on the bf16 hardware; gmr_fast.backends.torch.Bf16Gemm) and its text pairs in bf16, as
+    ``auto`` runs them on an AMX CPU, judged like a reduced precision. Recorded, not a condition of
+    the variant: ``auto`` takes bf16-gemm for images only where this figure reaches its own bar
+    (gmr_fast.reranker.choose_image_precision). Runs where it can: torch's oneDNN has bf16 kernels
+    on this CPU and the bf16 weights hold the fp32 model."""
+    from gmr_fast import hardware
+    from gmr_fast.reranker import bf16_holds_fp32
+
+    if hardware.bf16_kernel() is None or not bf16_holds_fp32(manifest):
+        return None
+    t = time.perf_counter()
+    got, _ = validate.run_candidate(tmp, "bf16", groups, gmr.default_instruction, options.num_threads, long=long,
+                                    image_precision="bf16-gemm")
+    short = len(expected) - (sizes[-1] if long else 0)
+    figures = {k: v for k, v in validate.compare(expected[:short], got[:short],
+                                                 sizes if short == len(expected) else sizes[:-1]).items()
+               if k in ("pairs", "kendall_tau", "query_kendall_tau_mean", "top10_overlap_mean", "top10_overlap_min",
+                        "max_rel_error")}
+    if long:
+        figures["long"] = {k: v for k, v in validate.compare(expected[-sizes[-1]:], got[-sizes[-1]:],
+                                                             sizes[-1:]).items()
+                           if k in ("pairs", "kendall_tau", "max_rel_error", "top10_overlap_mean")}
+    reason = validate.verdict("bf16", figures, options.criterion)
+    figures.update(seconds=round(time.perf_counter() - t, 1), accepted=reason is None,
+                   kernel=hardware.bf16_kernel(), **({"reason": reason} if reason else {}))
+    log.info("bf16 with image pairs under bf16-gemm: per-query tau %.4f (%s)", figures["query_kendall_tau_mean"],
+             "meets the criterion" if reason is None else reason)
+    return figures
 
 
 def _with_variants(manifest: Manifest, variants: dict, validation: dict | None = None) -> Manifest:

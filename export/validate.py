@@ -147,17 +147,18 @@ def verdict(precision: str, figures: dict, criterion: Criterion) -> str | None:
 
 
 def run_candidate(engine_dir, precision: str, groups: list[tuple], instruction: str, num_threads: int | None = None,
-                  device: str = "cpu", long: int = 0) -> tuple[np.ndarray, list[dict]]:
+                  device: str = "cpu", long: int = 0, **settings) -> tuple[np.ndarray, list[dict]]:
     """Scores every group with the Reranker, each group under one of MODES in turn (padding
     side x shared prefix) and small batch budgets, so many batch shapes are exercised; the last
-    ``long`` groups under LONG_MODE (whole prompts, the default budgets)."""
+    ``long`` groups under LONG_MODE (whole prompts, the default budgets). ``settings``: further
+    Reranker options (e.g. ``image_precision``)."""
     import dataclasses
 
     from gmr_fast.reranker import Reranker, RerankerOptions
 
     small = {"max_batch_tokens": 1024, "max_batch_size": 6}
     defaults = {k: getattr(RerankerOptions(), k) for k in small}
-    reranker = Reranker(engine_dir, precision=precision, num_threads=num_threads, device=device, **small)
+    reranker = Reranker(engine_dir, precision=precision, num_threads=num_threads, device=device, **small, **settings)
     out, modes = [], []
     for g, (query, documents) in enumerate(groups):
         is_long = g >= len(groups) - long

@@ -47,7 +47,7 @@ from .schedule import Limits, Schedule, Sequence as TokenSequence, VisionBatch, 
 
 log = logging.getLogger("gmr_fast")
 MiB = 1 << 20
-IMAGE_PRECISIONS = ("auto", "fp32", "same")
+IMAGE_PRECISIONS = ("auto", "fp32", "bf16-gemm", "same")
 
 
 @dataclass
@@ -57,8 +57,10 @@ class RerankerOptions:
     precision: str = option("auto", "auto (the fastest variant for this processor that ranked like fp32 at "
                                     "export), fp32, int8 or bf16", determinism=True, choices=("auto",) + PRECISIONS)
     image_precision: str = option("auto", "pairs with an image under bf16: fp32 (computed over the same bf16 "
-                                          "weights, which must hold the fp32 model exactly), same (bf16 too) or auto "
-                                          "(fp32 where auto chose bf16 on a CPU and the engine allows it)",
+                                          "weights, which must hold the fp32 model exactly), bf16-gemm (the same fp32 "
+                                          "tensors, matrix products on the CPU's bf16 hardware), same (bf16 too) or "
+                                          "auto (bf16-gemm where the export validated it and the CPU has AMX, else "
+                                          "fp32, where auto chose bf16 on a CPU and the engine allows it)",
                                   determinism=True, choices=IMAGE_PRECISIONS)
     backend: str | None = option(None, "onnxruntime or torch (default: what the precision runs on)", determinism=True,
                                  choices=("onnxruntime", "torch"))
@@ -365,6 +367,13 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # rounding of every GEMM's activations, which no cheaper placement removed (README "What is not
 # done"). fp32 over the bf16 files ran images at 0.52 pairs/s on the
 # Zen 5 (HF bf16 0.26 on that workload), so the default stays ahead of HF's fastest dtype there.
+# Why on a CPU with AMX they run bf16-gemm instead, where the export validated it: there bf16's
+# GEMM is 4-8x fp32's (1,300-2,750 against 290-340 GFLOP/s at GMR-3B shapes on an AMX Xeon,
+# README "Precision"), so fp32 images fall to HF bf16's speed (0.40 against 0.36 pairs/s on the
+# image workload), while bf16-gemm ran it at 0.63-0.72 pairs/s (1.9x HF bf16) ranking at tau 0.996.
+# Elsewhere (AVX512-BF16 without AMX) it is unmeasured, so fp32 stays the default there.
+IMAGES_BF16_GEMM = ("pairs with an image run fp32 over the same bf16 weights with every matrix product on the AMX "
+                    "bf16 hardware (bf16-gemm): fp32 runs at a quarter or less of bf16's GEMM speed on AMX")
 IMAGES_IN_FP32 = ("pairs with an image run fp32 over the same bf16 weights: bf16 ranked images at tau 0.968-0.9798 "
                   f"< {AUTO_MIN_TAU} against fp32 at GMR-3B width on the CPUs measured (README \"Precision\")")
 
@@ -385,24 +394,46 @@ def bf16_holds_fp32(manifest) -> bool:
     return set(manifest.source.get("stored_dtypes") or ()) == {"BF16"}
 
 
+def bf16_gemm_images_figures(manifest) -> dict | None:
+    """The export's validation of image pairs under bf16-gemm beside bf16 text pairs (the bf16
+    variant's ``validation.bf16_gemm_images``), if it ran."""
+    bf16 = manifest.variants.get("bf16")
+    figures = (bf16.validation or {}).get("bf16_gemm_images") if bf16 is not None else None
+    return figures if isinstance(figures, dict) else None
+
+
 def choose_image_precision(manifest, requested: str, precision: str, backend: str, device: str,
                            image_precision: str) -> tuple[str | None, str]:
-    """(precision of pairs with an image, why): "fp32" routes them to fp32 over the same bf16
-    weights (the torch backend's ``exact_images``), None leaves every pair in ``precision``.
-    ``image_precision`` "fp32" asks for it (an error where it cannot hold), "same" refuses it,
-    "auto" takes it where ``auto`` chose bf16 on a CPU and the engine allows it (IMAGES_IN_FP32)."""
+    """(how pairs with an image compute, why): "fp32" routes them to fp32 over the same bf16
+    weights (the torch backend's ``exact_images``), "bf16-gemm" to the same fp32 tensors with
+    every matrix product on the bf16 hardware (backends.torch.Bf16Gemm), None leaves every pair
+    in ``precision``. ``image_precision`` "fp32" or "bf16-gemm" asks for it (an error where it
+    cannot hold), "same" refuses it, "auto" takes one where ``auto`` chose bf16 on a CPU and the
+    engine allows it: bf16-gemm on a CPU with usable AMX when the export measured it ranking within
+    AUTO_MIN_TAU of fp32 (IMAGES_BF16_GEMM), else fp32 (IMAGES_IN_FP32)."""
+    routed = ("fp32", "bf16-gemm")
     if image_precision == "same" or precision != "bf16":
-        if image_precision == "fp32":
-            raise ConfigError(f"image_precision fp32 runs beside bf16; the precision here is {precision}")
+        if image_precision in routed:
+            raise ConfigError(f"image_precision {image_precision} runs beside bf16; the precision here is {precision}")
         return None, "the same as every pair"
     possible = backend == "torch" and bf16_holds_fp32(manifest)
-    if image_precision == "fp32":
+    if image_precision in routed:
         if not possible:
-            raise ConfigError("image_precision fp32 needs the torch backend and an engine whose bf16 weights hold its "
-                              "fp32 model (a bf16 checkpoint exported with --dtype bf16 --fp32-over-bf16, or with "
-                              "fp32 and bf16)")
-        return "fp32", "pairs with an image run fp32 over the same bf16 weights (requested)"
+            raise ConfigError(f"image_precision {image_precision} needs the torch backend and an engine whose bf16 "
+                              "weights hold its fp32 model (a bf16 checkpoint exported with --dtype bf16 "
+                              "--fp32-over-bf16, or with fp32 and bf16)")
+        if image_precision == "bf16-gemm" and (device != "cpu" or hardware.bf16_kernel() is None):
+            raise ConfigError("image_precision bf16-gemm runs on a CPU with bf16 matrix hardware (AMX or AVX512-BF16)")
+        how = "fp32" if image_precision == "fp32" else "fp32 with matrix products on the bf16 hardware"
+        return image_precision, f"pairs with an image run {how} over the same bf16 weights (requested)"
     if requested == "auto" and possible and not device.startswith("cuda"):
+        figures = bf16_gemm_images_figures(manifest)
+        tau = figures.get("query_kendall_tau_mean") if figures else None
+        if hardware.bf16_kernel() == "AMX" and tau is not None and tau >= AUTO_MIN_TAU:
+            return "bf16-gemm", f"{IMAGES_BF16_GEMM}; validated ranking tau {tau:.3f} >= {AUTO_MIN_TAU}"
+        if hardware.bf16_kernel() == "AMX":
+            return "fp32", (f"{IMAGES_IN_FP32}; bf16-gemm passed over: validated ranking tau "
+                            f"{'not measured by this export' if tau is None else round(tau, 3)}")
         return "fp32", IMAGES_IN_FP32
     return None, "the same as every pair"
 
@@ -441,7 +472,8 @@ class Reranker:
         self.backend_threads = max(1, self.num_threads // self.lanes)
         log.info("gmr_fast: %s on %s (%s); %d lane(s) of %d thread(s) (%s)", self.precision, backend, why, self.lanes,
                  self.backend_threads, lanes_why)
-        backend_options = dict(options.backend_options, **({"exact_images": True} if self.image_precision else {}))
+        backend_options = dict(options.backend_options,
+                               **({"exact_images": self.image_precision} if self.image_precision else {}))
         self.backend = create_backend(backend, self.engine_dir, m, self.precision, self.backend_threads, options.providers,
                                       options.device, **backend_options)
         self.choice = {"precision": self.precision, "image_precision": self.image_precision or self.precision,
@@ -600,7 +632,7 @@ class Reranker:
         prefixes: list[tuple[TokenSequence, int] | None] = []
         fallbacks = 0
         share = self.options.share_prefix and self.prompts.prefix_has_query
-        route, exact = self.image_precision == "fp32", set()
+        route, exact = self.image_precision is not None, set()
         # every prompt tokenized in native batch calls (GIL released), each query's part once;
         # encode() expands and truncates
         tokenized = self.prompts.tokenize_prompts(instructions, items)

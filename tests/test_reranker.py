@@ -467,6 +467,7 @@ def test_auto_runs_images_in_fp32_only_where_it_chose_bf16_and_the_weights_allow
     fp32_manifest, fp32_engine = all_precisions_engine
     assert bf16_holds_fp32(over) and bf16_holds_fp32(load_manifest(engines["pair"]))
     assert not bf16_holds_fp32(fp32_manifest)
+    monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")  # no AMX: fp32 alone
     assert choose_image_precision(over, "auto", "bf16", "torch", "cpu", "auto") == ("fp32", IMAGES_IN_FP32)
     for args in (("bf16", "bf16", "torch", "cpu"), ("auto", "bf16", "torch", "cuda"), ("auto", "fp32", "torch", "cpu")):
         assert choose_image_precision(over, *args, "auto")[0] is None, args
@@ -483,6 +484,94 @@ def test_auto_runs_images_in_fp32_only_where_it_chose_bf16_and_the_weights_allow
     r = Reranker(engines["over"])
     assert r.image_precision == "fp32" and r.backend.exact_decoder is not None and IMAGES_IN_FP32 in r.choice["reason"]
     assert Reranker(engines["over"], image_precision="same").backend.exact_decoder is None
+
+
+def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, rng):
+    """``image_precision="bf16-gemm"``: pairs with an image run the fp32 decoder and vision tower
+    over the bf16 weights with every matrix product on the bf16 hardware (oneDNN's bf16 fpmath:
+    inputs rounded to bf16, fp32 accumulation and output), text pairs bf16. Where this CPU has no
+    bf16 kernel it is a clear error. Where it has one: the setting is on during image runs only
+    and restored after; text pairs equal a bf16 reranker's bit for bit; image pairs differ from HF
+    fp32 by more than fp32's summation order (1e-4, the fp32 criterion: the products really ran
+    in bf16) and by less than the bf16 path does, on average (it rounds the same product inputs,
+    but never a product's output, attention's probabilities or the vision tower's activations)."""
+    import torch
+
+    from export.reference import ReferenceScorer
+    from gmr_fast import hardware
+
+    checkpoint, _, engines = bf16_checkpoint
+    if hardware.bf16_kernel() is None:
+        with pytest.raises(gmr_fast.ConfigError, match="bf16 matrix hardware"):
+            Reranker(engines["over"], precision="bf16", image_precision="bf16-gemm")
+        return
+    pairs = _pairs(rng, 12) + _grouped(rng, 3, 8)
+    image = np.array([_has_image(p) for p in pairs])
+    expected = ReferenceScorer(checkpoint).score(pairs)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    for engine, side, lanes in (("over", "left", 1), ("pair", "right", 2)):
+        r = Reranker(engines[engine], precision="bf16", image_precision="bf16-gemm", padding_side=side, lanes=lanes)
+        seen = []
+        forward = r.backend.exact_decoder.forward
+
+        def spy(*args, **kwargs):
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+            return forward(*args, **kwargs)
+
+        r.backend.exact_decoder.forward = spy
+        got = r.score(pairs)
+        assert r.choice["image_precision"] == "bf16-gemm" and "bf16 hardware" in r.choice["reason"]
+        assert r.last_stats["exact_pairs"] == image.sum() and seen and set(seen) == {"bf16"}
+        assert torch.backends.mkldnn.matmul.fp32_precision == before  # restored once no image run is in flight
+        bf16 = Reranker(engines[engine], precision="bf16", image_precision="same", padding_side=side, lanes=lanes,
+                        backend_options={"gemm": "blas"})
+        # text pairs alone: a bf16 score depends on what shares its batch, and image pairs never
+        # share a batch with text pairs here
+        assert np.array_equal(got[~image], bf16.score([p for p, im in zip(pairs, image) if not im])), (engine, side)
+        plain = bf16.score(pairs)
+        err, bf16_err = np.abs(got - expected)[image], np.abs(plain - expected)[image]
+        assert err.max() > 1e-4, (engine, err.max())
+        assert err.mean() < bf16_err.mean(), (engine, err.mean(), bf16_err.mean())
+
+
+def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(bf16_checkpoint, monkeypatch):
+    """``image_precision="auto"`` beside bf16 on a CPU: bf16-gemm where the CPU has usable AMX and
+    the export recorded it ranking within AUTO_MIN_TAU (the bf16 variant's
+    ``validation.bf16_gemm_images``), else fp32, saying why; the export records that figure
+    wherever this CPU has a bf16 kernel."""
+    import dataclasses
+
+    from gmr_fast import hardware
+    from gmr_fast.reranker import AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_IN_FP32, choose_image_precision
+
+    _, over, _ = bf16_checkpoint
+    figures = over.variants["bf16"].validation.get("bf16_gemm_images")
+    if hardware.bf16_kernel() is None:
+        assert figures is None
+    else:  # measured at export, as auto runs it: image pairs bf16-gemm, text pairs bf16
+        assert figures["pairs"] > 0 and 0.9 <= figures["query_kendall_tau_mean"] <= 1.0
+
+    def with_tau(tau):
+        bf16 = over.variants["bf16"]
+        validation = {k: v for k, v in bf16.validation.items() if k != "bf16_gemm_images"}
+        if tau is not None:
+            validation["bf16_gemm_images"] = {"query_kendall_tau_mean": tau}
+        variant = dataclasses.replace(bf16, validation=validation)
+        return dataclasses.replace(over, variants={**over.variants, "bf16": variant})
+
+    args = ("auto", "bf16", "torch", "cpu", "auto")
+    monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AMX")
+    assert choose_image_precision(with_tau(0.99), *args) == (
+        "bf16-gemm", f"{IMAGES_BF16_GEMM}; validated ranking tau 0.990 >= {AUTO_MIN_TAU}")
+    chosen, why = choose_image_precision(with_tau(0.97), *args)
+    assert chosen == "fp32" and why.startswith(IMAGES_IN_FP32) and "tau 0.97" in why
+    chosen, why = choose_image_precision(with_tau(None), *args)
+    assert chosen == "fp32" and "not measured by this export" in why
+    assert choose_image_precision(with_tau(0.99), "auto", "bf16", "torch", "cuda", "auto")[0] is None
+    monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
+    assert choose_image_precision(with_tau(0.99), *args) == ("fp32", IMAGES_IN_FP32)
+    with pytest.raises(gmr_fast.ConfigError, match="runs beside bf16"):
+        choose_image_precision(with_tau(0.99), "fp32", "fp32", "torch", "cpu", "bf16-gemm")
 
 
 def test_reduced_precisions_keep_the_ranking(all_precisions_engine, references, rng):
