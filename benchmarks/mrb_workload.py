@@ -70,11 +70,11 @@ def sample_indices(n: int, k: int) -> list[int]:
 
 
 def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool, sample: int,
-              lanes: int | None = None) -> dict:
+              lanes: int | None = None, image_precision: str = "auto") -> dict:
     from gmr_fast import Reranker
 
     pairs = task_pairs(task, queries, candidates)
-    r = Reranker(engine, share_prefix=share, lanes=lanes)
+    r = Reranker(engine, share_prefix=share, lanes=lanes, image_precision=image_precision)
     r.score(task_pairs(task, 1, 2, seed=99))  # warm-up on other pairs
     start = time.perf_counter()
     scores = r.score(pairs)
@@ -84,6 +84,7 @@ def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool
     return {"pairs": len(pairs), "seconds": t, "pairs_per_s": len(pairs) / t, "sample_scores": scores[idx].tolist(),
             "decoder_tokens_per_pair": stats["decoder_tokens"] / len(pairs),
             "prompt_tokens_per_pair": stats["prompt_tokens"] / len(pairs), "precision": stats["precision"],
+            "image_precision": r.choice["image_precision"], "exact_pairs": stats.get("exact_pairs"),
             "backend": stats["backend"], "shared_pairs": stats["shared_pairs"], "prefixes": stats["prefixes"],
             "boundary_fallbacks": stats["boundary_fallbacks"], "padding_efficiency": stats["padding_efficiency"],
             "malloc": r.choice.get("malloc"), "lanes": r.choice["lanes"], "threads_per_lane": r.choice["threads_per_lane"]}
@@ -187,6 +188,9 @@ def main(argv=None) -> int:
                    help="also time HF bf16's latency with gmr_fast's allocator setting (gmr_fast.memory)")
     p.add_argument("--one-lane", action="store_true",
                    help="also run gmr shared with lanes=1, to separate the gain of running batches side by side")
+    p.add_argument("--image-precisions", default="",
+                   help="more gmr rows (prefixes shared): the default engine with each image_precision named "
+                        "(fp32, bf16-gemm, same), beside auto's")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
     a = p.parse_args(argv)
@@ -210,6 +214,9 @@ def main(argv=None) -> int:
         for name, share in (("gmr_shared", True), ("gmr_not_shared", False)):
             rows[name] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, share,
                                   a.hf_sample)
+        for ip in filter(None, a.image_precisions.split(",")):
+            rows[f"gmr_shared_{ip}"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
+                                                True, a.hf_sample, None, ip)
         if a.one_lane:
             rows["gmr_shared_one_lane"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
                                                    True, a.hf_sample, 1)
