@@ -633,6 +633,14 @@ class Reranker:
         fallbacks = 0
         share = self.options.share_prefix and self.prompts.prefix_has_query
         route, exact = self.image_precision is not None, set()
+        # One precision per query (image_precision): a pair is routed when its query has an image
+        # or any pair of the same query (instruction, text, image) in this call has a document
+        # image. Mixed within one query's candidates, the text documents would share bf16's error
+        # of the query prefix and the image documents would not: an offset between the two that
+        # reorders them where scores are close (README "Precision").
+        routed_queries = {(instructions[i], q.text, keys[0] if q.has_image else None)
+                          for i, ((q, d), keys) in enumerate(zip(items, keys_per_pair))
+                          if route and (q.has_image or d.has_image)}
         # every prompt tokenized in native batch calls (GIL released), each query's part once;
         # encode() expands and truncates
         tokenized = self.prompts.tokenize_prompts(instructions, items)
@@ -654,7 +662,7 @@ class Reranker:
             prompts.append(prompt)
             spans = [self._span(a, b, k, images) for (a, b), k in zip(prompt.image_spans, keys)]
             qkey = keys[0] if q.has_image else None
-            if route and (q.has_image or d.has_image):  # its batches run fp32 (image_precision)
+            if (instructions[i], q.text, qkey) in routed_queries:  # its batches run as image pairs do
                 exact.add(i)
             if share:
                 pkey = (instructions[i], q.text, qkey, i in exact)

@@ -410,14 +410,24 @@ def _has_image(pair) -> bool:
     return any(isinstance(side, dict) and "image" in side for side in pair)
 
 
+def _routed(pairs) -> np.ndarray:
+    """The pairs ``image_precision`` routes: those whose query (text and image) has an image or
+    has an image document among these pairs (one precision per query)."""
+    def query(q):
+        return q if isinstance(q, str) else (q.get("text"), q["image"].tobytes() if "image" in q else None)
+
+    imaged = {query(q) for q, d in pairs if _has_image((q, d))}
+    return np.array([query(q) in imaged for q, _ in pairs])
+
+
 @pytest.mark.parametrize("engine", ["over", "pair"])
 def test_images_run_fp32_beside_bf16_over_one_weight_set(bf16_checkpoint, engine, rng):
-    """``image_precision="fp32"`` beside bf16: pairs with an image (query, document or both) run
-    a second decoder and the vision tower in fp32 over the very bf16 tensors the bf16 decoder
-    uses (one weight set: GMR's released weights are bf16, so this is the fp32 model), text pairs
-    run bf16. On either engine form (bf16 files; fp32 files of a bf16 checkpoint), both padding
+    """``image_precision="fp32"`` beside bf16: pairs with an image (query, document or both), and
+    every pair of a query that has one (one precision per query), run a second decoder and the
+    vision tower in fp32 over the very bf16 tensors the bf16 decoder uses (one weight set: GMR's
+    released weights are bf16, so this is the fp32 model), other pairs run bf16. On either engine form (bf16 files; fp32 files of a bf16 checkpoint), both padding
     sides, shared prefixes or not, one or two lanes: image pairs equal HF fp32 within 1e-4 (the
-    fp32 criterion: only summation order differs), and text pairs equal, bit for bit, a bf16
+    fp32 criterion: only summation order differs), and the other pairs equal, bit for bit, a bf16
     reranker on the same GEMM path scoring them alone (the same batches and kernels; "blas"
     because the shared weights are not packed for oneDNN)."""
     import torch
@@ -426,7 +436,8 @@ def test_images_run_fp32_beside_bf16_over_one_weight_set(bf16_checkpoint, engine
 
     checkpoint, _, engines = bf16_checkpoint
     pairs = _pairs(rng, 12) + _grouped(rng, 3, 8)
-    image = np.array([_has_image(p) for p in pairs])
+    image = _routed(pairs)  # the first grouped query is text, with text and image documents: all routed
+    assert image.sum() > sum(_has_image(p) for p in pairs)
     text_pairs = [p for p, im in zip(pairs, image) if not im]
     expected = ReferenceScorer(checkpoint).score(pairs)
     for side, share, lanes in (("left", True, 1), ("right", False, 1), ("left", True, 2)):
@@ -506,7 +517,7 @@ def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, r
             Reranker(engines["over"], precision="bf16", image_precision="bf16-gemm")
         return
     pairs = _pairs(rng, 12) + _grouped(rng, 3, 8)
-    image = np.array([_has_image(p) for p in pairs])
+    image = _routed(pairs)
     expected = ReferenceScorer(checkpoint).score(pairs)
     before = torch.backends.mkldnn.matmul.fp32_precision
     for engine, side, lanes in (("over", "left", 1), ("pair", "right", 2)):
