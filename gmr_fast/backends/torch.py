@@ -39,8 +39,8 @@ class Bf16Gemm:
     where the bf16 path also rounds every product's output and attention's probabilities.
 
     Measured on an Intel Xeon with AMX (GMR-3B width, 6 + 8 layers, 2 threads; README
-    "Precision"): the image workload at 0.63-0.72 pairs/s against fp32's 0.39 and bf16's 1.61-1.84, ranking
-    at Kendall tau 0.996 against fp32 where bf16 ranks at 0.968.
+    "Precision"): the image workload at 0.63-0.83 pairs/s against fp32's 0.38 and bf16's 1.61-1.90,
+    ranking at Kendall tau 0.996 against fp32 where bf16 ranks at 0.968.
 
     torch keeps that setting per process, not per thread, so it is switched on while at least one
     such run is in flight and restored when the last ends: a run holds it from start to finish.
