@@ -369,7 +369,7 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # Zen 5 (HF bf16 0.26 on that workload), so the default stays ahead of HF's fastest dtype there.
 # Why on a CPU with AMX they run bf16-gemm instead, where the export validated it: there bf16's
 # GEMM is 4-8x fp32's (1,300-2,750 against 290-340 GFLOP/s at GMR-3B shapes on an AMX Xeon,
-# README "Precision"), so fp32 images fall to HF bf16's speed (0.40 against 0.36 pairs/s on the
+# README "Precision"), so fp32 images fall to HF bf16's speed (0.38 against 0.34 pairs/s on the
 # image workload), while bf16-gemm ran it at 0.63-0.83 pairs/s (1.9-2.2x HF bf16) ranking at tau 0.996.
 # Elsewhere (AVX512-BF16 without AMX) it is unmeasured, so fp32 stays the default there.
 IMAGES_BF16_GEMM = ("pairs with an image run fp32 over the same bf16 weights with every matrix product on the AMX "

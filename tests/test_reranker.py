@@ -425,7 +425,8 @@ def test_images_run_fp32_beside_bf16_over_one_weight_set(bf16_checkpoint, engine
     """``image_precision="fp32"`` beside bf16: pairs with an image (query, document or both), and
     every pair of a query that has one (one precision per query), run a second decoder and the
     vision tower in fp32 over the very bf16 tensors the bf16 decoder uses (one weight set: GMR's
-    released weights are bf16, so this is the fp32 model), other pairs run bf16. On either engine form (bf16 files; fp32 files of a bf16 checkpoint), both padding
+    released weights are bf16, so this is the fp32 model), other pairs run bf16. On either engine
+    form (bf16 files; fp32 files of a bf16 checkpoint), both padding
     sides, shared prefixes or not, one or two lanes: image pairs equal HF fp32 within 1e-4 (the
     fp32 criterion: only summation order differs), and the other pairs equal, bit for bit, a bf16
     reranker on the same GEMM path scoring them alone (the same batches and kernels; "blas"
