@@ -411,15 +411,7 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
                 t = time.perf_counter()
                 got, modes = validate.run_candidate(tmp, precision, groups, gmr.default_instruction, options.num_threads,
                                                     long=long)
-                # fp32 is judged on every pair pooled; reduced precisions per query on the short
-                # groups, and on the long group apart (see export/validate.py)
-                short = len(expected) - (sizes[-1] if long and precision != "fp32" else 0)
-                figures = validate.compare(expected[:short], got[:short],
-                                           sizes if short == len(expected) else sizes[:-1])
-                if long:
-                    figures["long"] = {k: v for k, v in validate.compare(expected[-sizes[-1]:], got[-sizes[-1]:],
-                                                                         sizes[-1:]).items()
-                                       if k in ("pairs", "kendall_tau", "max_rel_error", "top10_overlap_mean")}
+                figures = _figures(precision, expected, got, sizes, long)
                 figures.update(seconds=round(time.perf_counter() - t, 1), modes=modes)
                 reason = validate.verdict(precision, figures, options.criterion)
                 log.info("%s: %s", precision, "accepted" if reason is None else reason)
@@ -502,6 +494,19 @@ def reader_dtypes(builder) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(builder.reader.stored_dtypes.items()))
 
 
+def _figures(precision: str, expected, got, sizes: list[int], long: int) -> dict:
+    """The validation figures of ``got`` against the reference: fp32 is judged on every pair
+    pooled; reduced precisions per query on the short groups, and on the long group apart (see
+    export/validate.py)."""
+    short = len(expected) - (sizes[-1] if long and precision != "fp32" else 0)
+    figures = validate.compare(expected[:short], got[:short], sizes if short == len(expected) else sizes[:-1])
+    if long:
+        figures["long"] = {k: v for k, v in validate.compare(expected[-sizes[-1]:], got[-sizes[-1]:],
+                                                             sizes[-1:]).items()
+                           if k in ("pairs", "kendall_tau", "max_rel_error", "top10_overlap_mean")}
+    return figures
+
+
 def _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long: int, expected, sizes) -> dict | None:
     """The accepted bf16 variant again with its image pairs under bf16-gemm (fp32 tensors, matrix
     products on the bf16 hardware; gmr_fast.backends.torch.Bf16Gemm) and its text pairs in bf16, as
@@ -517,15 +522,9 @@ def _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long: int, e
     t = time.perf_counter()
     got, _ = validate.run_candidate(tmp, "bf16", groups, gmr.default_instruction, options.num_threads, long=long,
                                     image_precision="bf16-gemm")
-    short = len(expected) - (sizes[-1] if long else 0)
-    figures = {k: v for k, v in validate.compare(expected[:short], got[:short],
-                                                 sizes if short == len(expected) else sizes[:-1]).items()
+    figures = {k: v for k, v in _figures("bf16", expected, got, sizes, long).items()
                if k in ("pairs", "kendall_tau", "query_kendall_tau_mean", "top10_overlap_mean", "top10_overlap_min",
-                        "max_rel_error")}
-    if long:
-        figures["long"] = {k: v for k, v in validate.compare(expected[-sizes[-1]:], got[-sizes[-1]:],
-                                                             sizes[-1:]).items()
-                           if k in ("pairs", "kendall_tau", "max_rel_error", "top10_overlap_mean")}
+                        "max_rel_error", "long")}
     reason = validate.verdict("bf16", figures, options.criterion)
     figures.update(seconds=round(time.perf_counter() - t, 1), accepted=reason is None,
                    kernel=hardware.bf16_kernel(), **({"reason": reason} if reason else {}))
