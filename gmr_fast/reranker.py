@@ -19,6 +19,7 @@ backend are chosen for the processor at hand unless given.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -490,6 +491,7 @@ class Reranker:
         # activation budget is per lane, and the next step's vision run (prepared on a worker
         # thread) beside this step's decoder run would hold both budgets' activations at once
         self._run_lock = threading.BoundedSemaphore(self.lanes)
+        self._wide_lock = threading.Lock()  # orders the callers that take every lane at once (_slot)
         self._stats_lock = threading.Lock()
         self.last_stats: dict[str, Any] = {}
         self.totals = collections.Counter()
@@ -541,9 +543,33 @@ class Reranker:
             results = [one(i) for i in range(len(keys))]
         return dict(zip(keys, results))
 
-    def _encode(self, keys: list[tuple], images: dict[tuple, _Image], store: dict) -> None:
+    @contextlib.contextmanager
+    def _slot(self, wide: bool = False):
+        """One engine run's turn: a lane (``_run_lock``), or with ``wide`` every lane, the run
+        then taking all of ``num_threads`` on the calling thread (a call of a single step, which
+        lanes cannot split). torch sets its thread count per thread (OpenMP's), so a lane's run
+        sets its own share first and a wide run restores it after."""
+        set_threads = getattr(self.backend, "set_threads", None)
+        if not wide or self.lanes == 1 or set_threads is None:
+            with self._run_lock:
+                if set_threads is not None:
+                    set_threads(self.backend_threads)
+                yield
+            return
+        with self._wide_lock:  # one wide caller gathers lanes at a time: no two hold some each
+            for _ in range(self.lanes):
+                self._run_lock.acquire()
+        try:
+            set_threads(self.num_threads)
+            yield
+        finally:
+            set_threads(self.backend_threads)
+            for _ in range(self.lanes):
+                self._run_lock.release()
+
+    def _encode(self, keys: list[tuple], images: dict[tuple, _Image], store: dict, wide: bool = False) -> None:
         """Embeddings of the distinct images ``keys`` into ``store``: the LRU cache first, then
-        vision runs packed under the vision limits (largest images first)."""
+        vision runs packed under the vision limits (largest images first); ``wide`` as ``_slot``."""
         todo = []
         with self._cache_lock:
             for key in keys:
@@ -564,7 +590,7 @@ class Reranker:
             pixels, grid = patchify([images[k].decoded for k in run_keys], sizes, spec, self.num_threads)
             batch = VisionBatch(pixels, grid, self.family.vision_feeds(grid, spec), run_keys,
                                 np.array([spec.visual_tokens(*images[k].size) for k in run_keys], np.int64))
-            with self._run_lock:
+            with self._slot(wide):
                 embeds = self.backend.encode_images(batch)
             for key, e in zip(run_keys, embeds):
                 store[key] = e
@@ -701,8 +727,9 @@ class Reranker:
                               exact)
         return ScorePlan(len(pairs), prompts, errors, images, whole, split, prefixes, schedule, fallbacks, exact)
 
-    def _prepare(self, plan: ScorePlan, index: int, store: dict):
-        """The decoder batch of step ``index`` and the embeddings of its images (worker thread)."""
+    def _prepare(self, plan: ScorePlan, index: int, store: dict, wide: bool = False):
+        """The decoder batch of step ``index`` and the embeddings of its images (worker thread;
+        ``wide`` as ``_slot``)."""
         step = plan.schedule.steps[index]
         left = self.options.padding_side == "left"
         pad = self.manifest.tokens.pad
@@ -724,7 +751,7 @@ class Reranker:
         batch.exact = step.exact
         keys = list(dict.fromkeys(batch.image_keys))
         if keys:
-            self._encode(keys, plan.images, store)
+            self._encode(keys, plan.images, store, wide)
         return batch, [store[k] for k in batch.image_keys]
 
     def run(self, plan: ScorePlan, *, skip: Callable[[np.ndarray], bool] | None = None
@@ -741,6 +768,12 @@ class Reranker:
         store: dict[tuple, Any] = {}
         if self.lanes > 1 and len(active) > 1:
             yield from self._run_lanes(plan, active, uses, store)
+            return
+        if self.lanes > 1 and active:  # one step: lanes cannot split it, so it takes every lane's threads
+            batch, embeds = self._prepare(plan, active[0], store, wide=True)
+            out = self._run_step(steps[active[0]], batch, embeds, {}, threading.Lock(), wide=True)
+            if out is not None:
+                yield out
             return
         kv: dict[int, Any] = {}
         lock = threading.Lock()
@@ -759,11 +792,12 @@ class Reranker:
                     yield out
                 self._release_images(plan, steps[index], uses, store, lock)
 
-    def _run_step(self, step, batch, embeds, kv: dict, lock: threading.Lock):
+    def _run_step(self, step, batch, embeds, kv: dict, lock: threading.Lock, wide: bool = False):
         """One step on the backend: a prefix step stores its rows' keys/values in ``kv`` (None
-        returned); a scoring step (suffix steps read ``kv``) returns (rows, scores, padded)."""
+        returned); a scoring step (suffix steps read ``kv``) returns (rows, scores, padded);
+        ``wide`` as ``_slot``."""
         if step.kind == "prefix":
-            with self._run_lock:
+            with self._slot(wide):
                 values = self.backend.prefill(batch, embeds)
             with lock:
                 kv.update(zip((int(k) for k in step.rows), values))
@@ -771,7 +805,7 @@ class Reranker:
         if step.kind == "suffix":
             with lock:
                 batch.past = [kv[k] for k in batch.past]
-        with self._run_lock:
+        with self._slot(wide):
             scores = np.asarray(self.backend.score(batch, embeds), np.float32)
         return batch.rows, scores, batch.padded_tokens
 

@@ -751,3 +751,49 @@ def test_vision_and_decoder_runs_share_the_lanes(exported_engines, rng, lanes):
         t.join()
     assert reranker.totals["calls"] == 2
     assert 1 <= most[0] <= lanes, (most[0], lanes)
+
+
+def test_a_single_step_call_takes_every_lane(exported_engines, references, rng):
+    """Lanes split a call's steps, not one step, so a call of a single step (one pair, or a few
+    in one batch) runs that step on every thread while holding every lane: no other run is alive
+    beside it. The steps of a larger call each run on their lane's share (torch's thread count is
+    per thread, so each run sets its own)."""
+    torch = pytest.importorskip("torch")
+    _, engine = exported_engines["qwen2_5_vl"]
+    reranker = Reranker(engine, backend="torch", num_threads=2, lanes=2, max_batch_size=2)
+    runs, alive, lock = [], [0], threading.Lock()
+
+    def held(run):
+        def wrapper(*args, **kwargs):
+            with lock:
+                alive[0] += 1
+            try:
+                time.sleep(0.05)
+                with lock:
+                    runs.append((torch.get_num_threads(), alive[0]))
+                return run(*args, **kwargs)
+            finally:
+                with lock:
+                    alive[0] -= 1
+        return wrapper
+
+    for name in ("encode_images", "score", "prefill"):
+        setattr(reranker.backend, name, held(getattr(reranker.backend, name)))
+    one = [(_text(rng, 1, 6), {"image": _image(rng)})]
+    got = reranker.score(one)
+    assert np.abs(got - references["qwen2_5_vl"].score(one)).max() <= 1e-4  # fp32 (toy width): the criterion
+    assert [threads for threads, _ in runs] == [2, 2]  # the image's vision run and the decoder run
+    runs.clear()
+    many = [(_text(rng, 1, 6), {"image": _image(rng)}) for _ in range(6)]
+    reranker.score(many)
+    assert len(runs) > 2 and {threads for threads, _ in runs} == {1}
+    # a single-step call beside a larger one: while it runs wide, nothing else runs
+    runs.clear()
+    threads = [threading.Thread(target=reranker.score, args=(c,)) for c in (many, one, one)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reranker.totals["calls"] == 5
+    assert all(n == 1 for threads, n in runs if threads == 2) and any(threads == 2 for threads, _ in runs)
+    assert max(n for _, n in runs) <= 2

@@ -252,6 +252,12 @@ class TorchBackend:
                 proj.packed = torch.ops.mkldnn._reorder_linear_weight(proj.weight.t(), None)
                 proj.weight.data = proj.weight.new_empty(0)
 
+    def set_threads(self, n: int) -> None:
+        """The threads this thread's next runs use: torch's count is OpenMP's, held per thread
+        (a thread that never sets it takes the process's last ``torch.set_num_threads``)."""
+        if self.device.type == "cpu" and self.torch.get_num_threads() != n:
+            self.torch.set_num_threads(int(n))
+
     def _t(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
