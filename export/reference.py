@@ -26,6 +26,7 @@ import numpy as np
 from gmr_fast.errors import CheckpointError
 from gmr_fast.families import FAMILIES, Family, get_family
 from gmr_fast.gmr_config import GmrConfig
+from gmr_fast.memory import available_memory
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -113,17 +114,6 @@ def fp32_memory(checkpoint: os.PathLike) -> tuple[int, int]:
     model whole, else it streams the decoder, and a bf16-stored checkpoint's fp32 variant runs over
     bf16 files (``engine_export.fp32_over_bf16``)."""
     return fp32_bytes(checkpoint) + (3 << 30), available_memory()
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
 
 
 class ReferenceScorer:

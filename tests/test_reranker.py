@@ -429,8 +429,9 @@ def test_images_run_fp32_beside_bf16_over_one_weight_set(bf16_checkpoint, engine
     form (bf16 files; fp32 files of a bf16 checkpoint), both padding
     sides, shared prefixes or not, one or two lanes: image pairs equal HF fp32 within 1e-4 (the
     fp32 criterion: only summation order differs), and the other pairs equal, bit for bit, a bf16
-    reranker on the same GEMM path scoring them alone (the same batches and kernels; "blas"
-    because the shared weights are not packed for oneDNN)."""
+    reranker on the same GEMM path scoring them alone (the same batches and kernels: oneDNN's on
+    the packed copy where the routed reranker keeps one beside the shared plain weights, else
+    "blas")."""
     import torch
 
     from export.reference import ReferenceScorer
@@ -448,8 +449,9 @@ def test_images_run_fp32_beside_bf16_over_one_weight_set(bf16_checkpoint, engine
         assert r.choice["image_precision"] == "fp32" and "pairs with an image run fp32" in r.choice["reason"]
         assert r.last_stats["exact_pairs"] == image.sum()
         assert np.abs(got - expected)[image].max() <= 1e-4, (side, share, lanes)
+        same_gemm = {"gemm": "auto" if r.backend.onednn else "blas"}
         bf16 = Reranker(engines[engine], precision="bf16", image_precision="same", padding_side=side,
-                        share_prefix=share, lanes=lanes, backend_options={"gemm": "blas"})
+                        share_prefix=share, lanes=lanes, backend_options=same_gemm)
         assert np.array_equal(got[~image], bf16.score(text_pairs)), (side, share, lanes)
         assert np.abs(got - expected)[~image].max() > 1e-4  # text really ran bf16
         # one weight set: the fp32 decoder widens the bf16 decoder's own tensors
@@ -458,13 +460,54 @@ def test_images_run_fp32_beside_bf16_over_one_weight_set(bf16_checkpoint, engine
         for (name, a), (_, b) in zip(dec.named_modules(), exact.named_modules()):
             if hasattr(a, "upcast"):
                 assert a.weight.data_ptr() == b.weight.data_ptr() and a.weight.dtype == torch.bfloat16, name
-                assert b.upcast and not a.upcast and a.packed is None, name
+                assert b.upcast and not a.upcast and (a.packed is not None) == r.backend.onednn, name
         assert all(m.upcast for m in r.backend.vision.modules() if hasattr(m, "upcast"))
-    # one pair at a time; gemm=onednn names the fp32 decoder's GEMM (bf16's shared weights stay plain)
-    single = Reranker(engines[engine], precision="bf16", image_precision="fp32", backend_options={"gemm": "onednn"})
+    # one pair at a time; gemm=onednn names the fp32 decoder's GEMM; no packed copy asked for
+    single = Reranker(engines[engine], precision="bf16", image_precision="fp32",
+                      backend_options={"gemm": "onednn", "packed_copy": "off"})
     assert single.backend.decoder.layers[0].q.packed is None
     some = [i for i in range(len(pairs)) if image[i]][:3]
     assert np.abs(np.array([single.score([pairs[i]])[0] for i in some]) - expected[some]).max() <= 1e-4
+
+
+def test_text_pairs_run_a_packed_copy_beside_the_shared_weights_where_memory_allows(bf16_checkpoint, rng,
+                                                                                   monkeypatch):
+    """With images routed, the bf16 decoder keeps a packed copy for oneDNN beside the plain
+    weights the fp32 decoder shares and widens (torch backend ``packed_copy``): ``auto`` where
+    this torch's oneDNN runs bf16 and all the weights with the copy take at most
+    PACKED_COPY_MEMORY_SHARE of the memory available, ``on`` where oneDNN runs bf16 (else a clear
+    error), ``off`` never. Text pairs then score as a bf16 reranker without routing does, bit for
+    bit (the same packed GEMM, the same batches)."""
+    import torch
+
+    from gmr_fast import memory
+    from gmr_fast.backends.torch import _onednn_linear_runs
+
+    _, _, engines = bf16_checkpoint
+    runs = _onednn_linear_runs(torch, torch.bfloat16)
+    pairs = _pairs(rng, 12) + _grouped(rng, 3, 6)
+    text = [p for p, routed in zip(pairs, _routed(pairs)) if not routed]
+    r = Reranker(engines["over"], precision="bf16", image_precision="fp32")
+    q, exact_q = r.backend.decoder.layers[0].q, r.backend.exact_decoder.layers[0].q
+    assert r.backend.onednn == runs and (q.packed is not None) == runs
+    assert q.weight.numel() > 0 and q.weight.data_ptr() == exact_q.weight.data_ptr()  # the plain weights stay shared
+    assert ("packed copy" in r.choice["gemm"]) == runs
+    plain = Reranker(engines["over"], precision="bf16", image_precision="same")  # packed wherever oneDNN runs bf16
+    assert np.array_equal(r.score(text), plain.score(text))
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
+    small = Reranker(engines["over"], precision="bf16", image_precision="fp32")
+    assert not small.backend.onednn and small.backend.decoder.layers[0].q.packed is None
+    off = Reranker(engines["over"], precision="bf16", image_precision="fp32", backend_options={"packed_copy": "off"})
+    assert off.backend.decoder.layers[0].q.packed is None
+    if runs:
+        forced = Reranker(engines["over"], precision="bf16", image_precision="fp32",
+                          backend_options={"packed_copy": "on"})
+        assert forced.backend.decoder.layers[0].q.packed is not None
+    else:
+        with pytest.raises(gmr_fast.BackendError, match="packed_copy=on"):
+            Reranker(engines["over"], precision="bf16", image_precision="fp32", backend_options={"packed_copy": "on"})
+    with pytest.raises(gmr_fast.BackendError, match="packed_copy"):
+        Reranker(engines["over"], precision="bf16", image_precision="fp32", backend_options={"packed_copy": "maybe"})
 
 
 def test_auto_runs_images_in_fp32_only_where_it_chose_bf16_and_the_weights_allow(bf16_checkpoint,
@@ -536,7 +579,7 @@ def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, r
         assert r.last_stats["exact_pairs"] == image.sum() and seen and set(seen) == {"bf16"}
         assert torch.backends.mkldnn.matmul.fp32_precision == before  # restored once no image run is in flight
         bf16 = Reranker(engines[engine], precision="bf16", image_precision="same", padding_side=side, lanes=lanes,
-                        backend_options={"gemm": "blas"})
+                        backend_options={"gemm": "auto" if r.backend.onednn else "blas"})
         # text pairs alone: a bf16 score depends on what shares its batch, and image pairs never
         # share a batch with text pairs here
         assert np.array_equal(got[~image], bf16.score([p for p, im in zip(pairs, image) if not im])), (engine, side)
