@@ -78,8 +78,9 @@ class RerankerOptions:
     num_threads: int | None = option(None, "threads for preprocessing and the backend (default: all cores)",
                                      determinism=True, aliases=("--threads",))
     lanes: int | None = option(None, "engine runs side by side (batches of one call, or concurrent calls), the "
-                                     "threads and memory budgets split between them (default: 2 for torch on a "
-                                     "CPU with AMX and 2+ threads, else 1)", determinism=True)
+                                     "threads and memory budgets split between them; on torch a call of a single "
+                                     "step takes every lane's threads (default: 2 for torch on a CPU with AMX and "
+                                     "2+ threads, else 1)", determinism=True)
     instruction: str | None = option(None, "default instruction (default: the engine's)", determinism=True)
     max_length: int | None = option(None, "longest prompt in tokens; longer documents are truncated (default: "
                                           "the engine's)", determinism=True)
