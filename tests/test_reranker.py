@@ -760,6 +760,30 @@ def test_reranker_is_safe_to_share_between_threads(exported_engines, rng, lanes)
     assert reranker.totals["calls"] == 3 * len(calls)
 
 
+def _hold_runs(backend, seen) -> None:
+    """Wraps ``backend``'s runs (vision, scoring, prefill): each is held open 50 ms, so that an
+    overlap could not slip by, and calls ``seen(alive)`` meanwhile, on the run's own thread, with
+    the number of runs alive (itself included)."""
+    alive, lock = [0], threading.Lock()
+
+    def held(run):
+        def wrapper(*args, **kwargs):
+            with lock:
+                alive[0] += 1
+            try:
+                time.sleep(0.05)
+                with lock:
+                    seen(alive[0])
+                return run(*args, **kwargs)
+            finally:
+                with lock:
+                    alive[0] -= 1
+        return wrapper
+
+    for name in ("encode_images", "score", "prefill"):
+        setattr(backend, name, held(getattr(backend, name)))
+
+
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_vision_and_decoder_runs_share_the_lanes(exported_engines, rng, lanes):
     """The activation budget is per lane, so at most ``lanes`` engine runs (vision or decoder)
@@ -768,23 +792,8 @@ def test_vision_and_decoder_runs_share_the_lanes(exported_engines, rng, lanes):
     peaked 2 GB higher). Each run is held open a moment so that an overlap could not slip by."""
     _, engine = exported_engines["qwen2_5_vl"]
     reranker = Reranker(engine, max_batch_size=2, num_threads=2, lanes=lanes, image_cache_size=0)
-    alive, most, lock = [0], [0], threading.Lock()
-
-    def held(run):
-        def wrapper(*args, **kwargs):
-            with lock:
-                alive[0] += 1
-                most[0] = max(most[0], alive[0])
-            try:
-                time.sleep(0.05)
-                return run(*args, **kwargs)
-            finally:
-                with lock:
-                    alive[0] -= 1
-        return wrapper
-
-    for name in ("encode_images", "score", "prefill"):
-        setattr(reranker.backend, name, held(getattr(reranker.backend, name)))
+    most = [0]
+    _hold_runs(reranker.backend, lambda alive: most.__setitem__(0, max(most[0], alive)))
     pairs = [(_text(rng, 1, 6), {"image": _image(rng)}) for _ in range(6)] + _grouped(rng, 2, 4)
     calls = [pairs, list(reversed(pairs))]
     threads = [threading.Thread(target=reranker.score, args=(c,)) for c in calls]
@@ -804,24 +813,8 @@ def test_a_single_step_call_takes_every_lane(exported_engines, references, rng):
     torch = pytest.importorskip("torch")
     _, engine = exported_engines["qwen2_5_vl"]
     reranker = Reranker(engine, backend="torch", num_threads=2, lanes=2, max_batch_size=2)
-    runs, alive, lock = [], [0], threading.Lock()
-
-    def held(run):
-        def wrapper(*args, **kwargs):
-            with lock:
-                alive[0] += 1
-            try:
-                time.sleep(0.05)
-                with lock:
-                    runs.append((torch.get_num_threads(), alive[0]))
-                return run(*args, **kwargs)
-            finally:
-                with lock:
-                    alive[0] -= 1
-        return wrapper
-
-    for name in ("encode_images", "score", "prefill"):
-        setattr(reranker.backend, name, held(getattr(reranker.backend, name)))
+    runs = []  # (threads of the run, runs alive)
+    _hold_runs(reranker.backend, lambda alive: runs.append((torch.get_num_threads(), alive)))
     one = [(_text(rng, 1, 6), {"image": _image(rng)})]
     got = reranker.score(one)
     assert np.abs(got - references["qwen2_5_vl"].score(one)).max() <= 1e-4  # fp32 (toy width): the criterion
