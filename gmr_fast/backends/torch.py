@@ -180,7 +180,7 @@ class TorchBackend:
         """Which GEMM the projections run (reported in Reranker.choice)."""
         gemm = "onednn" if self.onednn else "torch default"
         if self.exact_decoder is not None:
-            gemm = "onednn on a packed copy of the bf16 weights" if self.onednn else "torch default"
+            gemm = "onednn on a packed copy of the bf16 weights" if self.onednn else gemm
             how = "products on the bf16 hardware (oneDNN bf16 fpmath)" if self.exact_images == "bf16-gemm" else "fp32"
             return f"{gemm}; image batches fp32 tensors, {how}, bf16 weights widened per call"
         return f"{gemm}, bf16 weights widened per call" if self.upcast else gemm
@@ -281,9 +281,9 @@ class TorchBackend:
             proj.fused = True  # F.linear: the bias inside the GEMM (graphs.common.Proj)
             if upcast and proj.weight.dtype == torch.bfloat16:
                 proj.upcast = upcast
-            elif self.onednn:  # the packed copy replaces the plain one (which keeps its dtype for Proj),
+            elif self.onednn:  # the packed copy replaces the plain one (which keeps its dtype for Proj)
                 proj.packed = torch.ops.mkldnn._reorder_linear_weight(proj.weight.t(), None)
-                if not exact:  # unless the fp32 decoder of exact_images shares it (packed_copy)
+                if not exact:  # exact_images: the fp32 decoder shares the plain one (packed_copy)
                     proj.weight.data = proj.weight.new_empty(0)
 
     def set_threads(self, n: int) -> None:
