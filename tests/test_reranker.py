@@ -560,7 +560,9 @@ def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, r
         with pytest.raises(gmr_fast.ConfigError, match="bf16 matrix hardware"):
             Reranker(engines["over"], precision="bf16", image_precision="bf16-gemm")
         return
-    pairs = _pairs(rng, 12) + _grouped(rng, 3, 8)
+    # 60 more single pairs: the mean errors compared below differ by tens of percent, which some
+    # seeds' 20-odd image pairs alone did not resolve (one CI seed: 0.0034 against 0.0031)
+    pairs = _pairs(rng, 72) + _grouped(rng, 3, 8)
     image = _routed(pairs)
     expected = ReferenceScorer(checkpoint).score(pairs)
     before = torch.backends.mkldnn.matmul.fp32_precision
