@@ -433,9 +433,13 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
                         (tmp / f.file).unlink(missing_ok=True)
                 continue
             if precision == "bf16":
-                extra = _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long, expected, sizes)
-                if extra is not None:
-                    figures["bf16_gemm_images"] = extra
+                from gmr_fast.reranker import ROUTED_FIGURES
+
+                for mode, key in ROUTED_FIGURES.items():
+                    extra = _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long, expected, sizes,
+                                                       mode)
+                    if extra is not None:
+                        figures[key] = extra
             validated[precision] = figures
         variants = {p: Variant(v.precision, v.backend, v.graphs, v.weights, validated[p], v.details)
                     for p, v in variants.items() if p in validated}
@@ -507,11 +511,13 @@ def _figures(precision: str, expected, got, sizes: list[int], long: int) -> dict
     return figures
 
 
-def _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long: int, expected, sizes) -> dict | None:
-    """The accepted bf16 variant again with its image pairs under bf16-gemm (fp32 tensors, matrix
-    products on the bf16 hardware; gmr_fast.backends.torch.Bf16Gemm) and its text pairs in bf16, as
+def _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long: int, expected, sizes,
+                               mode: str = "bf16-gemm") -> dict | None:
+    """The accepted bf16 variant again with its image pairs under ``mode``: bf16-gemm (fp32
+    tensors, matrix products on the bf16 hardware; gmr_fast.backends.torch.Bf16Gemm) or
+    bf16-vision (that in the decoder, the vision tower bf16), and its text pairs in bf16, as
     ``auto`` runs them on an AMX CPU, judged like a reduced precision. Recorded, not a condition of
-    the variant: ``auto`` takes bf16-gemm for images only where this figure reaches its own bar
+    the variant: ``auto`` takes a mode for images only where its figure reaches its own bar
     (gmr_fast.reranker.choose_image_precision). Runs where it can: torch's oneDNN has bf16 kernels
     on this CPU and the bf16 weights hold the fp32 model."""
     from gmr_fast import hardware
@@ -521,14 +527,14 @@ def _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long: int, e
         return None
     t = time.perf_counter()
     got, _ = validate.run_candidate(tmp, "bf16", groups, gmr.default_instruction, options.num_threads, long=long,
-                                    image_precision="bf16-gemm")
+                                    image_precision=mode)
     figures = {k: v for k, v in _figures("bf16", expected, got, sizes, long).items()
                if k in ("pairs", "kendall_tau", "query_kendall_tau_mean", "top10_overlap_mean", "top10_overlap_min",
                         "max_rel_error", "long")}
     reason = validate.verdict("bf16", figures, options.criterion)
     figures.update(seconds=round(time.perf_counter() - t, 1), accepted=reason is None,
                    kernel=hardware.bf16_kernel(), **({"reason": reason} if reason else {}))
-    log.info("bf16 with image pairs under bf16-gemm: per-query tau %.4f (%s)", figures["query_kendall_tau_mean"],
+    log.info("bf16 with image pairs under %s: per-query tau %.4f (%s)", mode, figures["query_kendall_tau_mean"],
              "meets the criterion" if reason is None else reason)
     return figures
 

@@ -591,42 +591,97 @@ def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, r
         assert err.mean() < bf16_err.mean(), (engine, err.mean(), bf16_err.mean())
 
 
+def test_bf16_vision_images_run_the_vision_tower_in_bf16(bf16_checkpoint, rng):
+    """``image_precision="bf16-vision"``: pairs with an image run the vision tower of a bf16
+    reranker (bf16 weights and arithmetic, oneDNN's bf16 mode off) and the fp32 decoder over the
+    bf16 weights with its products on the bf16 hardware, as bf16-gemm's. So image scores equal,
+    bit for bit, bf16-gemm's decoder fed the widened outputs of a bf16 reranker's vision tower
+    (same batches: same options, one lane), and differ from HF fp32 by more than fp32's summation
+    order; text pairs equal a bf16 reranker's bit for bit. Where this CPU has no bf16 kernel it
+    is a clear error."""
+    import torch
+
+    from export.reference import ReferenceScorer
+    from gmr_fast import hardware
+
+    checkpoint, _, engines = bf16_checkpoint
+    if hardware.bf16_kernel() is None:
+        with pytest.raises(gmr_fast.ConfigError, match="bf16 matrix hardware"):
+            Reranker(engines["over"], precision="bf16", image_precision="bf16-vision")
+        return
+    pairs = _pairs(rng, 12) + _grouped(rng, 3, 8)
+    image = _routed(pairs)
+    expected = ReferenceScorer(checkpoint).score(pairs)
+    for engine, side in (("over", "left"), ("pair", "right")):
+        kw = dict(precision="bf16", padding_side=side, lanes=1)
+        r = Reranker(engines[engine], image_precision="bf16-vision", **kw)
+        assert {p.dtype for p in r.backend.vision.parameters()} == {torch.bfloat16}
+        seen = {"vision": [], "decoder": []}
+        for name, module in (("vision", r.backend.vision), ("decoder", r.backend.exact_decoder)):
+            def spy(*args, _forward=module.forward, _seen=seen[name], **kwargs):
+                _seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+                return _forward(*args, **kwargs)
+            module.forward = spy
+        got = r.score(pairs)
+        assert r.choice["image_precision"] == "bf16-vision" and "vision tower bf16" in r.choice["reason"]
+        assert r.last_stats["exact_pairs"] == image.sum()
+        assert set(seen["decoder"]) == {"bf16"} and seen["vision"] and "bf16" not in seen["vision"]
+        bf16 = Reranker(engines[engine], image_precision="same", **kw,
+                        backend_options={"gemm": "auto" if r.backend.onednn else "blas"})
+        gemm = Reranker(engines[engine], image_precision="bf16-gemm", **kw)
+        gemm.backend.encode_images = lambda batch: [e.float() for e in bf16.backend.encode_images(batch)]
+        assert np.array_equal(got[image], gemm.score(pairs)[image]), engine
+        assert np.array_equal(got[~image], bf16.score([p for p, im in zip(pairs, image) if not im])), (engine, side)
+        assert np.abs(got - expected)[image].max() > 1e-4, engine
+
+
 def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(bf16_checkpoint, monkeypatch):
-    """``image_precision="auto"`` beside bf16 on a CPU: bf16-gemm where the CPU has usable AMX and
-    the export recorded it ranking within AUTO_MIN_TAU (the bf16 variant's
-    ``validation.bf16_gemm_images``), else fp32, saying why; the export records that figure
-    wherever this CPU has a bf16 kernel."""
+    """``image_precision="auto"`` beside bf16 on a CPU: where the CPU has usable AMX, bf16-vision,
+    else bf16-gemm, the first the export recorded ranking within AUTO_MIN_TAU (the bf16 variant's
+    ``validation.bf16_vision_images`` and ``validation.bf16_gemm_images``), else fp32, saying
+    why; the export records both figures wherever this CPU has a bf16 kernel."""
     import dataclasses
 
     from gmr_fast import hardware
-    from gmr_fast.reranker import AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_IN_FP32, choose_image_precision
+    from gmr_fast.reranker import (AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_BF16_VISION, IMAGES_IN_FP32,
+                                   choose_image_precision)
 
     _, over, _ = bf16_checkpoint
-    figures = over.variants["bf16"].validation.get("bf16_gemm_images")
-    if hardware.bf16_kernel() is None:
-        assert figures is None
-    else:  # measured at export, as auto runs it: image pairs bf16-gemm, text pairs bf16
-        assert figures["pairs"] > 0 and 0.9 <= figures["query_kendall_tau_mean"] <= 1.0
+    for key in ("bf16_gemm_images", "bf16_vision_images"):
+        figures = over.variants["bf16"].validation.get(key)
+        if hardware.bf16_kernel() is None:
+            assert figures is None
+        else:  # measured at export, as auto runs it: image pairs so, text pairs bf16
+            assert figures["pairs"] > 0 and 0.9 <= figures["query_kendall_tau_mean"] <= 1.0, key
 
-    def with_tau(tau):
+    def with_tau(tau, vision=None):
         bf16 = over.variants["bf16"]
-        validation = {k: v for k, v in bf16.validation.items() if k != "bf16_gemm_images"}
-        if tau is not None:
-            validation["bf16_gemm_images"] = {"query_kendall_tau_mean": tau}
+        validation = {k: v for k, v in bf16.validation.items() if k not in ("bf16_gemm_images", "bf16_vision_images")}
+        for key, value in (("bf16_gemm_images", tau), ("bf16_vision_images", vision)):
+            if value is not None:
+                validation[key] = {"query_kendall_tau_mean": value}
         variant = dataclasses.replace(bf16, validation=validation)
         return dataclasses.replace(over, variants={**over.variants, "bf16": variant})
 
     args = ("auto", "bf16", "torch", "cpu", "auto")
     monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AMX")
-    assert choose_image_precision(with_tau(0.99), *args) == (
-        "bf16-gemm", f"{IMAGES_BF16_GEMM}; validated ranking tau 0.990 >= {AUTO_MIN_TAU}")
+    chosen, why = choose_image_precision(with_tau(0.99), *args)
+    assert chosen == "bf16-gemm"
+    assert why.startswith(f"{IMAGES_BF16_GEMM}; validated ranking tau 0.990 >= {AUTO_MIN_TAU}")
+    assert "bf16-vision passed over: validated ranking tau not measured by this export" in why
+    assert choose_image_precision(with_tau(0.99, vision=0.985), *args) == (
+        "bf16-vision", f"{IMAGES_BF16_VISION}; validated ranking tau 0.985 >= {AUTO_MIN_TAU}")
+    chosen, why = choose_image_precision(with_tau(0.99, vision=0.975), *args)
+    assert chosen == "bf16-gemm" and "bf16-vision passed over: validated ranking tau 0.975" in why
+    chosen, why = choose_image_precision(with_tau(0.97, vision=0.96), *args)
+    assert chosen == "fp32" and "bf16-vision passed over: validated ranking tau 0.96" in why
     chosen, why = choose_image_precision(with_tau(0.97), *args)
     assert chosen == "fp32" and why.startswith(IMAGES_IN_FP32) and "tau 0.97" in why
     chosen, why = choose_image_precision(with_tau(None), *args)
     assert chosen == "fp32" and "not measured by this export" in why
     assert choose_image_precision(with_tau(0.99), "auto", "bf16", "torch", "cuda", "auto")[0] is None
     monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
-    assert choose_image_precision(with_tau(0.99), *args) == ("fp32", IMAGES_IN_FP32)
+    assert choose_image_precision(with_tau(0.99, vision=0.99), *args) == ("fp32", IMAGES_IN_FP32)
     with pytest.raises(gmr_fast.ConfigError, match="runs beside bf16"):
         choose_image_precision(with_tau(0.99), "fp32", "fp32", "torch", "cpu", "bf16-gemm")
 

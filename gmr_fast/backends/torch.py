@@ -8,7 +8,8 @@ wrote them (an engine without fp32), else the fp32 variant's. An fp32 variant ov
 in fp32 (``upcast``). With ``exact_images`` a bf16 backend keeps a second decoder in fp32 over the same
 bf16 weights for the batches that carry images (``DecoderBatch.exact``), and its vision tower
 runs fp32 the same way (Reranker: ``image_precision``); ``exact_images="bf16-gemm"`` computes
-those batches' matrix products on the bf16 hardware with fp32 tensors in and out (``Bf16Gemm``).
+those batches' matrix products on the bf16 hardware with fp32 tensors in and out (``Bf16Gemm``);
+``exact_images="bf16-vision"`` does so in the decoder only, and runs the vision tower in bf16.
 Needs torch
 (``pip install gmr_fast[export]`` or a CUDA build of torch).
 """
@@ -37,7 +38,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # ``auto`` makes it only where all the weights with it take at most this share of the memory
 # available at load (GMR-3B on a 24 GB machine: 13 GB; GMR-7B: not).
 PACKED_COPY_MEMORY_SHARE = 0.7
-EXACT_IMAGES = ("fp32", "bf16-gemm")  # how the batches with an image compute beside bf16 (exact_images)
+EXACT_IMAGES = ("fp32", "bf16-gemm", "bf16-vision")  # how the batches with an image compute beside bf16
+FPMATH_DECODER = ("bf16-gemm", "bf16-vision")  # exact_images whose image batches' decoder runs Bf16Gemm
 
 
 class Bf16Gemm:
@@ -126,8 +128,8 @@ class TorchBackend:
         exact_images = "fp32" if exact_images is True else exact_images or None
         if exact_images is not None and exact_images not in EXACT_IMAGES:
             raise BackendError(f"exact_images={exact_images!r}: expected one of {', '.join(EXACT_IMAGES)}")
-        if exact_images == "bf16-gemm" and (device != "cpu" or not _onednn_linear_runs(torch, torch.bfloat16)):
-            raise BackendError("exact_images=bf16-gemm: fp32 products on the bf16 hardware need a CPU where "
+        if exact_images in FPMATH_DECODER and (device != "cpu" or not _onednn_linear_runs(torch, torch.bfloat16)):
+            raise BackendError(f"exact_images={exact_images}: fp32 products on the bf16 hardware need a CPU where "
                                "this torch build's oneDNN runs bf16 (AMX or AVX512-BF16)")
         self.exact_images = exact_images
         # Shared weights cannot be oneDNN's packed ones: with exact_images the bf16 projections keep
@@ -152,9 +154,15 @@ class TorchBackend:
             self.decoder = ScoreDecoder(manifest.decoder)
             self.vision = VisionEncoder(VisionDims.from_dict(manifest.vision))
             self.exact_decoder = ScoreDecoder(manifest.decoder) if exact_images else None
-        # with exact_images the vision tower only ever serves image batches: fp32 over bf16 weights
-        self._load(self.vision, engine_dir, weights["vision"], torch.float32 if exact_images else self.dtype,
-                   upcast, exact=exact_images)
+        # with exact_images the vision tower only ever serves image batches: fp32 over bf16 weights,
+        # except under bf16-vision, where it is the bf16 tower of a plain bf16 reranker, on its own
+        # (packed) weights, its outputs widened for the fp32 decoder (encode_images)
+        if exact_images == "bf16-vision":
+            self._load(self.vision, engine_dir, weights["vision"], self.dtype, None,
+                       onednn=self._use_onednn(gemm, precision))
+        else:
+            self._load(self.vision, engine_dir, weights["vision"], torch.float32 if exact_images else self.dtype,
+                       upcast, exact=exact_images)
         self._load(self.decoder, engine_dir, weights["decoder"], self.dtype, upcast if self.upcast else None,
                    exact=exact_images)
         if exact_images:  # the same bf16 projection weights and embedding table, fp32 arithmetic
@@ -181,8 +189,10 @@ class TorchBackend:
         gemm = "onednn" if self.onednn else "torch default"
         if self.exact_decoder is not None:
             gemm = "onednn on a packed copy of the bf16 weights" if self.onednn else gemm
-            how = "products on the bf16 hardware (oneDNN bf16 fpmath)" if self.exact_images == "bf16-gemm" else "fp32"
-            return f"{gemm}; image batches fp32 tensors, {how}, bf16 weights widened per call"
+            fpmath = self.exact_images in FPMATH_DECODER
+            how = "products on the bf16 hardware (oneDNN bf16 fpmath)" if fpmath else "fp32"
+            where = "in the decoder (vision tower bf16)" if self.exact_images == "bf16-vision" else "throughout"
+            return f"{gemm}; image batches fp32 tensors {where}, {how}, bf16 weights widened per call"
         return f"{gemm}, bf16 weights widened per call" if self.upcast else gemm
 
     def _use_onednn(self, gemm: str, precision: str) -> bool:
@@ -228,15 +238,17 @@ class TorchBackend:
         return sum(size.values()) + copy <= PACKED_COPY_MEMORY_SHARE * available_memory()
 
     def _load(self, module, engine_dir: str, weight_file, dtype, upcast: str | None, exact: bool = False,
-              shared: dict | None = None) -> None:
+              shared: dict | None = None, onednn: bool | None = None) -> None:
         """Fills ``module``'s parameters from ``weight_file``, computing in ``dtype``. ``upcast``
         ("onednn" or "linear"): fp32 arithmetic over bf16 projection weights and embedding table
         (Proj.upcast). ``exact``: a bf16 copy made of fp32 values must hold them exactly (fp32
         over bf16 weights is then the fp32 model), else BackendError. ``shared``: tensors of
-        another module over the same file, taken as they are (no second copy)."""
+        another module over the same file, taken as they are (no second copy). ``onednn``: whether
+        the projections run packed weights (default ``self.onednn``)."""
         from ..graphs.common import Proj
 
         torch = self.torch
+        onednn = self.onednn if onednn is None else onednn
         module.to_empty(device=self.device)
         params = dict(module.named_parameters())
         buffers = module.constant_buffers()
@@ -251,7 +263,7 @@ class TorchBackend:
         # Packed for oneDNN (``self.onednn``) no layout matters: the packing reads the strided view.
         # Widened per call (upcast), a weight is kept [out, in] too: its fp32 copy is then the
         # contiguous [out, in] operand both GEMMs take.
-        bf16_plain = upcast or exact or (dtype == torch.bfloat16 and self.device.type == "cpu" and not self.onednn)
+        bf16_plain = upcast or exact or (dtype == torch.bfloat16 and self.device.type == "cpu" and not onednn)
         big = {f"{name}.weight" for name in projs} | {"embed"}  # what fp32 over bf16 keeps in bf16
         out_in = {f"{name}.weight" for name in projs} if bf16_plain else set()
         kept_bf16 = out_in | {"embed"} if upcast else set()  # everything else is small: fp32
@@ -281,7 +293,7 @@ class TorchBackend:
             proj.fused = True  # F.linear: the bias inside the GEMM (graphs.common.Proj)
             if upcast and proj.weight.dtype == torch.bfloat16:
                 proj.upcast = upcast
-            elif self.onednn:  # the packed copy replaces the plain one (which keeps its dtype for Proj)
+            elif onednn:  # the packed copy replaces the plain one (which keeps its dtype for Proj)
                 proj.packed = torch.ops.mkldnn._reorder_linear_weight(proj.weight.t(), None)
                 if not exact:  # exact_images: the fp32 decoder shares the plain one (packed_copy)
                     proj.weight.data = proj.weight.new_empty(0)
@@ -296,16 +308,21 @@ class TorchBackend:
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def _math(self, exact: bool):
-        """The context an exact (image) run computes in: Bf16Gemm held for exact_images=bf16-gemm."""
-        if exact and self.exact_images == "bf16-gemm":
+        """The context an exact (image) run computes in: Bf16Gemm held for exact_images=bf16-gemm,
+        and for the decoder's runs under bf16-vision (its vision tower asks with ``exact=False``)."""
+        if exact and self.exact_images in FPMATH_DECODER:
             return Bf16Gemm.held(self.torch)
         return contextlib.nullcontext()
 
     def encode_images(self, batch: VisionBatch) -> list:
-        # with exact_images the vision tower serves image batches only, which are all exact
-        with self.torch.inference_mode(), self._math(self.exact_images is not None):
+        # with exact_images the vision tower serves image batches only, which are all exact; under
+        # bf16-vision it runs bf16 and its outputs reach the fp32 decoder widened (exactly)
+        vision_bf16 = self.exact_images == "bf16-vision"
+        with self.torch.inference_mode(), self._math(self.exact_images is not None and not vision_bf16):
             feeds = {k: self._t(v) for k, v in batch.feeds.items()}
             embeds = self.vision(self._t(batch.pixel_values), **feeds)
+            if vision_bf16:
+                embeds = embeds.float()
         return list(embeds.split([int(t) for t in batch.tokens]))
 
     def _run(self, batch: DecoderBatch, images: list, kv_rows: np.ndarray):
