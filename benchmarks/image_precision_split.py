@@ -1,0 +1,92 @@
+"""Where bf16's error on image pairs comes from: the vision tower or the decoder.
+
+On the MRB workload's t2i and it2it pairs (benchmarks/mrb_workload.py: documents with images of
+256-768 visual tokens), the default engine scores every pair in fp32 (the reference), then with
+image pairs computed four ways beside bf16 text pairs:
+
+- ``all bf16``: ``image_precision="same"``;
+- ``bf16-gemm``: the fp32 vision tower and decoder, every product on the bf16 hardware;
+- ``bf16-vision``: the vision tower in bf16, the decoder as bf16-gemm's;
+- ``decoder bf16``: the vision tower as bf16-gemm's, the decoder in bf16 (not a mode of the
+  Reranker: a bf16 reranker fed bf16-gemm's vision outputs, measured to split the error).
+
+For each: the mean per-query Kendall tau against fp32, the mean distance to fp32 of
+per-query-centred scores (a reranker only orders one query's candidates, so a shift common to a
+query is harmless; this distance is far less noisy than tau on random weights, whose scores crowd
+together), and pairs/s in one process, one after another (rough: this VM drifts).
+
+    python benchmarks/image_precision_split.py --queries 3 --candidates 16 \\
+        --out benchmarks/results/image_precision_split_amx.json
+
+Needs an engine of a bf16 checkpoint with fp32 and bf16 (mrb_workload.py makes it) and a CPU whose
+oneDNN runs bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import machine, write  # noqa: E402
+from mrb_workload import kendall, task_pairs  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", default="/tmp/gmr_bench/gmr-3b-L6-V8-engine")
+    p.add_argument("--queries", type=int, default=3)
+    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--tasks", default="t2i,it2it")
+    p.add_argument("--out", default="benchmarks/results/image_precision_split_cpu.json")
+    a = p.parse_args(argv)
+    from gmr_fast import Reranker
+
+    tasks = a.tasks.split(",")
+    pairs = {t: task_pairs(t, a.queries, a.candidates, seed=7) for t in tasks}
+
+    def run(r) -> dict:
+        out = {}
+        for t in tasks:
+            r.score(task_pairs(t, 1, 2, seed=99))  # warm-up on other pairs
+            start = time.perf_counter()
+            scores = np.asarray(r.score(pairs[t]), np.float64)
+            out[t] = (scores, time.perf_counter() - start)
+        return out
+
+    reference = run(Reranker(a.engine, precision="fp32"))
+    bf16 = Reranker(a.engine, precision="bf16", image_precision="same")
+    gemm = Reranker(a.engine, precision="bf16", image_precision="bf16-gemm")
+    vision = Reranker(a.engine, precision="bf16", image_precision="bf16-vision")
+    bf16_encode, gemm_encode = bf16.backend.encode_images, gemm.backend.encode_images
+    doc = {"machine": machine(), "engine": a.engine, "queries": a.queries, "candidates": a.candidates, "rows": {}}
+    contenders = [("all bf16", bf16), ("bf16-gemm", gemm), ("bf16-vision", vision), ("decoder bf16", bf16)]
+    for name, r in contenders:
+        if name == "decoder bf16":
+            r.backend.encode_images = lambda batch: [e.bfloat16() for e in gemm_encode(batch)]
+        got, row = run(r), {}
+        for t in tasks:
+            ref, theirs = reference[t][0], got[t][0]
+            cut = [slice(q * a.candidates, (q + 1) * a.candidates) for q in range(a.queries)]
+            row[t] = {"pairs_per_s": round(len(ref) / got[t][1], 3),
+                      "query_kendall_tau_mean": round(float(np.mean([kendall(ref[s], theirs[s]) for s in cut])), 4),
+                      "centred_mean_abs_diff": round(float(np.mean(
+                          [np.abs((ref[s] - ref[s].mean()) - (theirs[s] - theirs[s].mean())).mean() for s in cut])), 5),
+                      "reference_std": round(float(ref.std()), 4)}
+            print(name, t, row[t], flush=True)
+        doc["rows"][name] = row
+        if name == "decoder bf16":
+            r.backend.encode_images = bf16_encode
+    doc["fp32_pairs_per_s"] = {t: round(len(reference[t][0]) / reference[t][1], 3) for t in tasks}
+    write(a.out, doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
