@@ -381,7 +381,8 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # images of 256-768 tokens), the mean distance to fp32 of per-query-centred scores was 0.0106 and
 # 0.0111 all in bf16, 0.0069 and 0.0063 under bf16-gemm, 0.0080 and 0.0079 with only the vision
 # tower in bf16 (bf16-vision), 0.0098 and 0.0124 with only the decoder in bf16; and bf16-vision ran
-# 0.59 and 0.56 pairs/s against bf16-gemm's 0.42 and 0.41 (1.39x), all bf16 0.97 and 0.96.
+# 0.65 and 0.64 pairs/s against bf16-gemm's 0.45 and 0.38, all bf16 0.91 and 0.98
+# (benchmarks/image_precision_split.py; on the MRB workload 1.81x and 2.26x HF bf16, README).
 IMAGES_BF16_GEMM = ("pairs with an image run fp32 over the same bf16 weights with every matrix product on the AMX "
                     "bf16 hardware (bf16-gemm): fp32 runs at a quarter or less of bf16's GEMM speed on AMX")
 IMAGES_BF16_VISION = ("pairs with an image run the vision tower in bf16 and the decoder fp32 over the same bf16 "
