@@ -541,6 +541,22 @@ def test_auto_runs_images_in_fp32_only_where_it_chose_bf16_and_the_weights_allow
     assert Reranker(engines["over"], image_precision="same").backend.exact_decoder is None
 
 
+def _bf16_hardware_case(bf16_checkpoint, rng, mode: str, singles: int):
+    """For an ``image_precision`` that needs bf16 matrix hardware: None where this CPU has none
+    (after checking that asking for it is a clear error), else (engines, pairs, which are routed,
+    HF fp32's scores) for ``singles`` single pairs and 3 queries of 8 documents."""
+    from export.reference import ReferenceScorer
+    from gmr_fast import hardware
+
+    checkpoint, _, engines = bf16_checkpoint
+    if hardware.bf16_kernel() is None:
+        with pytest.raises(gmr_fast.ConfigError, match="bf16 matrix hardware"):
+            Reranker(engines["over"], precision="bf16", image_precision=mode)
+        return None
+    pairs = _pairs(rng, singles) + _grouped(rng, 3, 8)
+    return engines, pairs, _routed(pairs), ReferenceScorer(checkpoint).score(pairs)
+
+
 def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, rng):
     """``image_precision="bf16-gemm"``: pairs with an image run the fp32 decoder and vision tower
     over the bf16 weights with every matrix product on the bf16 hardware (oneDNN's bf16 fpmath:
@@ -552,19 +568,12 @@ def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, r
     but never a product's output, attention's probabilities or the vision tower's activations)."""
     import torch
 
-    from export.reference import ReferenceScorer
-    from gmr_fast import hardware
-
-    checkpoint, _, engines = bf16_checkpoint
-    if hardware.bf16_kernel() is None:
-        with pytest.raises(gmr_fast.ConfigError, match="bf16 matrix hardware"):
-            Reranker(engines["over"], precision="bf16", image_precision="bf16-gemm")
-        return
     # 60 more single pairs: the mean errors compared below differ by tens of percent, which some
     # seeds' 20-odd image pairs alone did not resolve (one CI seed: 0.0034 against 0.0031)
-    pairs = _pairs(rng, 72) + _grouped(rng, 3, 8)
-    image = _routed(pairs)
-    expected = ReferenceScorer(checkpoint).score(pairs)
+    case = _bf16_hardware_case(bf16_checkpoint, rng, "bf16-gemm", 72)
+    if case is None:
+        return
+    engines, pairs, image, expected = case
     before = torch.backends.mkldnn.matmul.fp32_precision
     for engine, side, lanes in (("over", "left", 1), ("pair", "right", 2)):
         r = Reranker(engines[engine], precision="bf16", image_precision="bf16-gemm", padding_side=side, lanes=lanes)
@@ -601,17 +610,10 @@ def test_bf16_vision_images_run_the_vision_tower_in_bf16(bf16_checkpoint, rng):
     is a clear error."""
     import torch
 
-    from export.reference import ReferenceScorer
-    from gmr_fast import hardware
-
-    checkpoint, _, engines = bf16_checkpoint
-    if hardware.bf16_kernel() is None:
-        with pytest.raises(gmr_fast.ConfigError, match="bf16 matrix hardware"):
-            Reranker(engines["over"], precision="bf16", image_precision="bf16-vision")
+    case = _bf16_hardware_case(bf16_checkpoint, rng, "bf16-vision", 12)
+    if case is None:
         return
-    pairs = _pairs(rng, 12) + _grouped(rng, 3, 8)
-    image = _routed(pairs)
-    expected = ReferenceScorer(checkpoint).score(pairs)
+    engines, pairs, image, expected = case
     for engine, side in (("over", "left"), ("pair", "right")):
         kw = dict(precision="bf16", padding_side=side, lanes=1)
         r = Reranker(engines[engine], image_precision="bf16-vision", **kw)
