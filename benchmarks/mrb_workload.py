@@ -182,6 +182,7 @@ def main(argv=None) -> int:
                         "fp32's (benchmarks/int8_kernels.py) and HF bf16 cannot be its fastest dtype")
     p.add_argument("--latency-requests", type=int, default=5)
     p.add_argument("--latency-hf", default="fp32,bf16", help="HF dtypes timed in the latency part")
+    p.add_argument("--latency-calls", default="rank50,one_image_pair", help="which calls the latency part times")
     p.add_argument("--latency-rounds", type=int, default=1,
                    help="alternate the contenders this many times (each round runs --latency-requests calls)")
     p.add_argument("--hf-kept-heap", action="store_true",
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
                                            for k, v in rows.items() if isinstance(v, dict)}}), flush=True)
     if a.latency_requests:
         lat = {}
-        for what in ("rank50", "one_image_pair"):
+        for what in a.latency_calls.split(","):
             runs = {"gmr": ("gmr", str(engine), what, a.latency_requests)}
             runs.update({f"hf_{d}": (f"hf_{d}", str(ckpt), what, a.latency_requests) for d in a.latency_hf.split(",")})
             if a.hf_kept_heap:
