@@ -48,7 +48,7 @@ from .schedule import Limits, Schedule, Sequence as TokenSequence, VisionBatch, 
 
 log = logging.getLogger("gmr_fast")
 MiB = 1 << 20
-IMAGE_PRECISIONS = ("auto", "fp32", "bf16-gemm", "bf16-vision", "same")
+IMAGE_PRECISIONS = ("auto", "fp32", "bf16x3", "bf16-gemm", "bf16-vision", "same")
 
 
 @dataclass
@@ -58,11 +58,13 @@ class RerankerOptions:
     precision: str = option("auto", "auto (the fastest variant for this processor that ranked like fp32 at "
                                     "export), fp32, int8 or bf16", determinism=True, choices=("auto",) + PRECISIONS)
     image_precision: str = option("auto", "pairs with an image under bf16: fp32 (computed over the same bf16 "
-                                          "weights, which must hold the fp32 model exactly), bf16-gemm (the same fp32 "
+                                          "weights, which must hold the fp32 model exactly), bf16x3 (the same fp32 "
+                                          "model, each product as three bf16 products on the CPU's bf16 hardware, "
+                                          "fp32-accurate), bf16-gemm (the same fp32 "
                                           "tensors, matrix products on the CPU's bf16 hardware), bf16-vision (the "
                                           "same in the decoder, the vision tower in bf16), same (bf16 too) or auto "
-                                          "(on a CPU with AMX, bf16-vision or else bf16-gemm where the export "
-                                          "validated it, else fp32, where auto chose bf16 on a CPU and the engine "
+                                          "(on a CPU with AMX, bf16-vision, bf16-gemm or bf16x3, the first the "
+                                          "export validated, else fp32, where auto chose bf16 on a CPU and the engine "
                                           "allows it)",
                                   determinism=True, choices=IMAGE_PRECISIONS)
     backend: str | None = option(None, "onnxruntime or torch (default: what the precision runs on)", determinism=True,
@@ -388,6 +390,9 @@ IMAGES_BF16_GEMM = ("pairs with an image run fp32 over the same bf16 weights wit
 IMAGES_BF16_VISION = ("pairs with an image run the vision tower in bf16 and the decoder fp32 over the same bf16 "
                       "weights with every matrix product on the AMX bf16 hardware (bf16-vision): most of bf16's "
                       "image error is the decoder's, most of bf16-gemm's extra time the vision tower's")
+IMAGES_BF16X3 = ("pairs with an image run fp32 over the same bf16 weights with each matrix product as three bf16 "
+                 "products on the AMX hardware (bf16x3: the fp32 model within ~2^-15 per product, no tensor rounded "
+                 "to bf16): fp32's own GEMM runs at a quarter or less of bf16's on AMX")
 IMAGES_IN_FP32 = ("pairs with an image run fp32 over the same bf16 weights: bf16 ranked images at tau 0.968-0.9798 "
                   f"< {AUTO_MIN_TAU} against fp32 at GMR-3B width on the CPUs measured (README \"Precision\")")
 
@@ -408,13 +413,13 @@ def bf16_holds_fp32(manifest) -> bool:
     return set(manifest.source.get("stored_dtypes") or ()) == {"BF16"}
 
 
-ROUTED_FIGURES = {"bf16-gemm": "bf16_gemm_images", "bf16-vision": "bf16_vision_images"}
+ROUTED_FIGURES = {"bf16-gemm": "bf16_gemm_images", "bf16-vision": "bf16_vision_images", "bf16x3": "bf16x3_images"}
 
 
 def bf16_gemm_images_figures(manifest, mode: str = "bf16-gemm") -> dict | None:
-    """The export's validation of image pairs under ``mode`` (bf16-gemm or bf16-vision) beside
-    bf16 text pairs (the bf16 variant's ``validation.bf16_gemm_images`` or
-    ``validation.bf16_vision_images``), if it ran."""
+    """The export's validation of image pairs under ``mode`` (bf16-gemm, bf16-vision or bf16x3)
+    beside bf16 text pairs (the bf16 variant's ``validation.bf16_gemm_images``,
+    ``validation.bf16_vision_images`` or ``validation.bf16x3_images``), if it ran."""
     bf16 = manifest.variants.get("bf16")
     figures = (bf16.validation or {}).get(ROUTED_FIGURES[mode]) if bf16 is not None else None
     return figures if isinstance(figures, dict) else None
@@ -425,13 +430,14 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
     """(how pairs with an image compute, why): "fp32" routes them to fp32 over the same bf16
     weights (the torch backend's ``exact_images``), "bf16-gemm" to the same fp32 tensors with
     every matrix product on the bf16 hardware (backends.torch.Bf16Gemm), "bf16-vision" to that in
-    the decoder with the vision tower in bf16, None leaves every pair in ``precision``.
-    ``image_precision`` "fp32", "bf16-gemm" or "bf16-vision" asks for it (an error where it cannot
+    the decoder with the vision tower in bf16, "bf16x3" to the fp32 model with each product as three
+    bf16 products (graphs.common.Proj "split3"), None leaves every pair in ``precision``.
+    ``image_precision`` "fp32", "bf16x3", "bf16-gemm" or "bf16-vision" asks for it (an error where it cannot
     hold), "same" refuses it, "auto" takes one where ``auto`` chose bf16 on a CPU and the engine
     allows it: on a CPU with usable AMX, bf16-vision (IMAGES_BF16_VISION), else bf16-gemm
-    (IMAGES_BF16_GEMM), the first the export measured ranking within AUTO_MIN_TAU of fp32; else
-    fp32 (IMAGES_IN_FP32)."""
-    routed = ("fp32", "bf16-gemm", "bf16-vision")
+    (IMAGES_BF16_GEMM), else bf16x3 (IMAGES_BF16X3), the first the export measured ranking within
+    AUTO_MIN_TAU of fp32; else fp32 (IMAGES_IN_FP32)."""
+    routed = ("fp32", "bf16x3", "bf16-gemm", "bf16-vision")
     if image_precision == "same" or precision != "bf16":
         if image_precision in routed:
             raise ConfigError(f"image_precision {image_precision} runs beside bf16; the precision here is {precision}")
@@ -445,7 +451,8 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
         if image_precision != "fp32" and (device != "cpu" or hardware.bf16_kernel() is None):
             raise ConfigError(f"image_precision {image_precision} runs on a CPU with bf16 matrix hardware "
                               "(AMX or AVX512-BF16)")
-        how = {"fp32": "fp32", "bf16-gemm": "fp32 with matrix products on the bf16 hardware",
+        how = {"fp32": "fp32", "bf16x3": "fp32 with each matrix product as three bf16 products (fp32-accurate)",
+               "bf16-gemm": "fp32 with matrix products on the bf16 hardware",
                "bf16-vision": "fp32 in the decoder with matrix products on the bf16 hardware, the vision tower "
                               "bf16,"}[image_precision]
         return image_precision, f"pairs with an image run {how} over the same bf16 weights (requested)"
@@ -453,7 +460,8 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
         if hardware.bf16_kernel() != "AMX":
             return "fp32", IMAGES_IN_FP32
         passed = []
-        for mode, why in (("bf16-vision", IMAGES_BF16_VISION), ("bf16-gemm", IMAGES_BF16_GEMM)):
+        for mode, why in (("bf16-vision", IMAGES_BF16_VISION), ("bf16-gemm", IMAGES_BF16_GEMM),
+                          ("bf16x3", IMAGES_BF16X3)):
             figures = bf16_gemm_images_figures(manifest, mode)
             tau = figures.get("query_kendall_tau_mean") if figures else None
             if tau is not None and tau >= AUTO_MIN_TAU:

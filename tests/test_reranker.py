@@ -557,6 +557,65 @@ def _bf16_hardware_case(bf16_checkpoint, rng, mode: str, singles: int):
     return engines, pairs, _routed(pairs), ReferenceScorer(checkpoint).score(pairs)
 
 
+def test_split_products_are_fp32_sums_of_bf16_rounded_inputs(rng):
+    """Proj "split" (image batches under bf16-gemm and bf16-vision): fp32 x times a packed bf16
+    weight as two bf16 GEMMs, equal to the exact products of bf16-rounded x (float64) within
+    2^-16 (the second GEMM's output rounding: |lo - (acc - hi)| <= 2^-8 |acc - hi| <= 2^-16 |acc|)
+    plus fp32 summation (4 sqrt(K) 2^-24, K the reduction size), in relative norm; so is the
+    widened fpmath GEMM it replaced (the same arithmetic), and one bf16 GEMM is not (its output
+    rounding, ~2^-9, is what the second one takes back). Fresh random inputs, 2-D and 3-D, with
+    and without bias. Where oneDNN runs no bf16 there is nothing to run it on (the backend refuses:
+    _bf16_hardware_case)."""
+    import torch
+
+    from gmr_fast import hardware
+    from gmr_fast.backends.torch import Bf16Gemm, _onednn_linear_runs
+    from gmr_fast.graphs.common import Proj
+
+    if not _onednn_linear_runs(torch, torch.bfloat16):
+        assert hardware.bf16_kernel() is None
+        return
+    for fan_in, fan_out, bias, shape in ((64, 96, True, (5,)), (2048, 512, False, (33,)), (1280, 384, True, (2, 9)),
+                                         (11008, 256, True, (17,))):
+        w = torch.from_numpy(rng.standard_normal((fan_out, fan_in), dtype=np.float32) * fan_in ** -0.5).bfloat16()
+        x = torch.from_numpy(rng.standard_normal((*shape, fan_in), dtype=np.float32))
+        b = torch.from_numpy(rng.standard_normal(fan_out, dtype=np.float32)) if bias else None
+        exact = x.bfloat16().double() @ w.double().t() + (b.double() if bias else 0)
+        proj = Proj(fan_in, fan_out, bias)
+        proj.weight.data = w.t()
+        if bias:
+            proj.bias.data = b
+        proj.upcast = "onednn"
+        with torch.inference_mode(), Bf16Gemm.held(torch):
+            widened = proj(x)
+        proj.upcast, proj.packed = "split", torch.ops.mkldnn._reorder_linear_weight(w, None)
+        with torch.inference_mode():
+            split = proj(x)
+            one = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), proj.packed, None, "none", [], "").double()
+        tol = 2 ** -16 + 4 * fan_in ** 0.5 * 2 ** -24
+
+        def rel(y):
+            return float((y.double() - exact).norm() / exact.norm())
+
+        assert split.dtype == torch.float32 and split.shape == exact.shape
+        assert rel(split) < tol and rel(widened) < tol, (fan_in, rel(split), rel(widened), tol)
+        assert rel(one + (b.double() if bias else 0)) > 10 * tol, (fan_in, rel(one))
+        # "split3" (bf16x3): x's own rounding taken back by a third GEMM, so it is the fp32 product:
+        # x = bf16(x) + bf16(rest) within 2^-16, the third product's rounding 2^-16 of the sum, and
+        # the two halves' 2^-16, so within 3 2^-16 plus fp32 summation of the float64 product of
+        # x itself, where "split" is 2^-8 off it (x's rounding)
+        proj.upcast = "split3"
+        with torch.inference_mode():
+            split3 = proj(x)
+        fp32 = x.double() @ w.double().t() + (b.double() if bias else 0)
+
+        def rel32(y):
+            return float((y.double() - fp32).norm() / fp32.norm())
+
+        assert split3.dtype == torch.float32 and rel32(split3) < 3 * 2 ** -16 + 4 * fan_in ** 0.5 * 2 ** -24
+        assert rel32(split) > 10 * rel32(split3), (fan_in, rel32(split), rel32(split3))
+
+
 def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, rng):
     """``image_precision="bf16-gemm"``: pairs with an image run the fp32 decoder and vision tower
     over the bf16 weights with every matrix product on the bf16 hardware (oneDNN's bf16 fpmath:
@@ -585,6 +644,12 @@ def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, r
             return forward(*args, **kwargs)
 
         r.backend.exact_decoder.forward = spy
+        # one copy of the decoder's weights, packed: the fp32 decoder multiplies the bf16 one's (Proj "split")
+        exact = {n: m for n, m in r.backend.exact_decoder.named_modules() if hasattr(m, "upcast")}
+        plain = {n: m for n, m in r.backend.decoder.named_modules() if hasattr(m, "upcast")}
+        assert exact and all(m.upcast == "split" and m.packed is plain[n].packed and plain[n].weight.numel() == 0
+                             for n, m in exact.items())
+        assert all(m.upcast == "split" for m in r.backend.vision.modules() if hasattr(m, "upcast"))
         got = r.score(pairs)
         assert r.choice["image_precision"] == "bf16-gemm" and "bf16 hardware" in r.choice["reason"]
         assert r.last_stats["exact_pairs"] == image.sum() and seen and set(seen) == {"bf16"}
@@ -598,6 +663,50 @@ def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, r
         err, bf16_err = np.abs(got - expected)[image], np.abs(plain - expected)[image]
         assert err.max() > 1e-4, (engine, err.max())
         assert err.mean() < bf16_err.mean(), (engine, err.mean(), bf16_err.mean())
+
+
+def test_bf16x3_images_are_the_fp32_model_on_the_bf16_hardware(bf16_checkpoint, rng):
+    """``image_precision="bf16x3"``: pairs with an image run the fp32 decoder and vision tower over
+    the bf16 decoder's packed weights, each projection three bf16 GEMMs (Proj "split3", within
+    ~3 2^-16 of the fp32 product), attention in fp32 (oneDNN's bf16 mode stays off). No tensor is
+    rounded to bf16 on the way, so nothing re-draws rounding noise layer after layer, and image
+    pairs equal HF fp32 within the export's fp32 criterion (max |diff| <= 1e-3 of the scores'
+    spread, validate.Criterion) and at least 10x closer on average than bf16-gemm's, which rounds
+    every product's input to bf16 (2^-8). Text pairs equal a bf16 reranker's bit for bit. Both
+    engine forms, both padding sides, one and two lanes. Where this CPU has no bf16 kernel it is
+    a clear error."""
+    import torch
+
+    case = _bf16_hardware_case(bf16_checkpoint, rng, "bf16x3", 12)
+    if case is None:
+        return
+    engines, pairs, image, expected = case
+    spread = float(expected.max() - expected.min())
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    for engine, side, lanes in (("over", "left", 1), ("pair", "right", 2)):
+        kw = dict(precision="bf16", padding_side=side, lanes=lanes)
+        r = Reranker(engines[engine], image_precision="bf16x3", **kw)
+        exact = {n: m for n, m in r.backend.exact_decoder.named_modules() if hasattr(m, "upcast")}
+        plain = {n: m for n, m in r.backend.decoder.named_modules() if hasattr(m, "upcast")}
+        assert exact and all(m.upcast == "split3" and m.packed is plain[n].packed for n, m in exact.items())
+        assert all(m.upcast == "split3" for m in r.backend.vision.modules() if hasattr(m, "upcast"))
+        seen = []
+        forward = r.backend.exact_decoder.forward
+
+        def spy(*args, **kwargs):
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+            return forward(*args, **kwargs)
+
+        r.backend.exact_decoder.forward = spy
+        got = r.score(pairs)
+        assert r.choice["image_precision"] == "bf16x3" and "three bf16 products" in r.choice["reason"]
+        assert r.last_stats["exact_pairs"] == image.sum() and seen and set(seen) == {before}
+        err = np.abs(got - expected)[image]
+        assert err.max() <= 1e-3 * spread, (engine, err.max(), spread)
+        gemm = Reranker(engines[engine], image_precision="bf16-gemm", **kw).score(pairs)
+        assert 10 * err.mean() < np.abs(gemm - expected)[image].mean(), (engine, err.mean())
+        bf16 = Reranker(engines[engine], image_precision="same", **kw)
+        assert np.array_equal(got[~image], bf16.score([p for p, im in zip(pairs, image) if not im])), (engine, side)
 
 
 def test_bf16_vision_images_run_the_vision_tower_in_bf16(bf16_checkpoint, rng):
@@ -639,27 +748,28 @@ def test_bf16_vision_images_run_the_vision_tower_in_bf16(bf16_checkpoint, rng):
 
 def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(bf16_checkpoint, monkeypatch):
     """``image_precision="auto"`` beside bf16 on a CPU: where the CPU has usable AMX, bf16-vision,
-    else bf16-gemm, the first the export recorded ranking within AUTO_MIN_TAU (the bf16 variant's
-    ``validation.bf16_vision_images`` and ``validation.bf16_gemm_images``), else fp32, saying
-    why; the export records both figures wherever this CPU has a bf16 kernel."""
+    else bf16-gemm, else bf16x3, the first the export recorded ranking within AUTO_MIN_TAU (the
+    bf16 variant's ``validation.bf16_vision_images``, ``validation.bf16_gemm_images`` and
+    ``validation.bf16x3_images``), else fp32, saying why; the export records the three figures
+    wherever this CPU has a bf16 kernel."""
     import dataclasses
 
     from gmr_fast import hardware
-    from gmr_fast.reranker import (AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_BF16_VISION, IMAGES_IN_FP32,
-                                   choose_image_precision)
+    from gmr_fast.reranker import (AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_BF16_VISION, IMAGES_BF16X3,
+                                   IMAGES_IN_FP32, ROUTED_FIGURES, choose_image_precision)
 
     _, over, _ = bf16_checkpoint
-    for key in ("bf16_gemm_images", "bf16_vision_images"):
+    for key in ROUTED_FIGURES.values():
         figures = over.variants["bf16"].validation.get(key)
         if hardware.bf16_kernel() is None:
             assert figures is None
         else:  # measured at export, as auto runs it: image pairs so, text pairs bf16
             assert figures["pairs"] > 0 and 0.9 <= figures["query_kendall_tau_mean"] <= 1.0, key
 
-    def with_tau(tau, vision=None):
+    def with_tau(tau, vision=None, x3=None):
         bf16 = over.variants["bf16"]
-        validation = {k: v for k, v in bf16.validation.items() if k not in ("bf16_gemm_images", "bf16_vision_images")}
-        for key, value in (("bf16_gemm_images", tau), ("bf16_vision_images", vision)):
+        validation = {k: v for k, v in bf16.validation.items() if k not in ROUTED_FIGURES.values()}
+        for key, value in (("bf16_gemm_images", tau), ("bf16_vision_images", vision), ("bf16x3_images", x3)):
             if value is not None:
                 validation[key] = {"query_kendall_tau_mean": value}
         variant = dataclasses.replace(bf16, validation=validation)
@@ -679,11 +789,15 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     assert chosen == "fp32" and "bf16-vision passed over: validated ranking tau 0.96" in why
     chosen, why = choose_image_precision(with_tau(0.97), *args)
     assert chosen == "fp32" and why.startswith(IMAGES_IN_FP32) and "tau 0.97" in why
+    chosen, why = choose_image_precision(with_tau(0.97, vision=0.96, x3=1.0), *args)
+    assert chosen == "bf16x3" and why.startswith(f"{IMAGES_BF16X3}; validated ranking tau 1.000 >= {AUTO_MIN_TAU}")
+    assert "bf16-vision passed over: validated ranking tau 0.96" in why and "bf16-gemm passed over" in why
+    assert choose_image_precision(with_tau(0.99, x3=1.0), *args)[0] == "bf16-gemm"
     chosen, why = choose_image_precision(with_tau(None), *args)
     assert chosen == "fp32" and "not measured by this export" in why
     assert choose_image_precision(with_tau(0.99), "auto", "bf16", "torch", "cuda", "auto")[0] is None
     monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
-    assert choose_image_precision(with_tau(0.99, vision=0.99), *args) == ("fp32", IMAGES_IN_FP32)
+    assert choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0), *args) == ("fp32", IMAGES_IN_FP32)
     with pytest.raises(gmr_fast.ConfigError, match="runs beside bf16"):
         choose_image_precision(with_tau(0.99), "fp32", "fp32", "torch", "cpu", "bf16-gemm")
 

@@ -10,6 +10,10 @@ bf16 weights for the batches that carry images (``DecoderBatch.exact``), and its
 runs fp32 the same way (Reranker: ``image_precision``); ``exact_images="bf16-gemm"`` computes
 those batches' matrix products on the bf16 hardware with fp32 tensors in and out (``Bf16Gemm``);
 ``exact_images="bf16-vision"`` does so in the decoder only, and runs the vision tower in bf16.
+Under those two the fp32 modules multiply the bf16 decoder's packed weights, each projection as
+two bf16 GEMMs (graphs.common.Proj "split"), so the weights are held once. ``exact_images="bf16x3"``
+runs the fp32 modules over those packed weights fp32-accurately: each projection three bf16 GEMMs
+(Proj "split3"), attention fp32.
 Needs torch
 (``pip install gmr_fast[export]`` or a CUDA build of torch).
 """
@@ -28,8 +32,9 @@ from ..schedule import DecoderBatch, VisionBatch
 from . import past_tensors
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-# With exact_images the bf16 decoder's projections share their plain [out, in] weights with the
-# fp32 decoder, which widens them per call, so they cannot be replaced by oneDNN's packed copies.
+# With exact_images="fp32" the bf16 decoder's projections share their plain [out, in] weights with
+# the fp32 decoder, which widens them per call, so they cannot be replaced by oneDNN's packed copies.
+# (Under bf16-gemm and bf16-vision the fp32 decoder multiplies the packed weights themselves.)
 # ``packed_copy`` keeps a packed copy for the bf16 decoder beside them: text pairs then multiply as
 # a bf16 reranker without image routing does. Measured on an Intel Xeon with AMX (GMR-3B width,
 # 6 layers, 2 lanes): rank(query, 50 text documents) 5.45 s against 6.14 s on the plain weights
@@ -38,8 +43,12 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # ``auto`` makes it only where all the weights with it take at most this share of the memory
 # available at load (GMR-3B on a 24 GB machine: 13 GB; GMR-7B: not).
 PACKED_COPY_MEMORY_SHARE = 0.7
-EXACT_IMAGES = ("fp32", "bf16-gemm", "bf16-vision")  # how the batches with an image compute beside bf16
+EXACT_IMAGES = ("fp32", "bf16-gemm", "bf16-vision", "bf16x3")  # how the batches with an image compute beside bf16
 FPMATH_DECODER = ("bf16-gemm", "bf16-vision")  # exact_images whose image batches' decoder runs Bf16Gemm
+# exact_images whose fp32 projections multiply the bf16 decoder's packed weights on the bf16 hardware
+# (graphs.common.Proj "split": two bf16 GEMMs, inputs rounded to bf16; "split3" under bf16x3: three,
+# the inputs' rounding taken back too, fp32-accurate)
+SPLIT_PRODUCTS = FPMATH_DECODER + ("bf16x3",)
 
 
 class Bf16Gemm:
@@ -48,7 +57,10 @@ class Bf16Gemm:
     of every product (projections, attention, in the decoder and the vision tower); each product
     rounds its two inputs to bf16 (exact for the weights, which are bf16 values here) and
     accumulates in fp32. So activations are rounded once per product and never stored in bf16,
-    where the bf16 path also rounds every product's output and attention's probabilities.
+    where the bf16 path also rounds every product's output and attention's probabilities. The
+    projections compute that same arithmetic as two bf16 GEMMs on packed weights (Proj "split",
+    faster than widening each weight for this mode: benchmarks/split_products.py); the mode is
+    held for the products that remain fp32 tensors (attention).
 
     Measured on an Intel Xeon with AMX (GMR-3B width, 6 + 8 layers, 2 threads; README
     "Precision"): the image workload at 0.63-0.83 pairs/s against fp32's 0.38 and bf16's 1.61-1.90,
@@ -102,6 +114,7 @@ class TorchBackend:
             import torch
         except ImportError:
             raise BackendError("the torch backend needs torch: pip install 'gmr_fast[export]'") from None
+        from ..graphs.common import Proj
         from ..graphs.decoder import ScoreDecoder
         from ..graphs.vision import VisionDims, VisionEncoder
 
@@ -128,7 +141,7 @@ class TorchBackend:
         exact_images = "fp32" if exact_images is True else exact_images or None
         if exact_images is not None and exact_images not in EXACT_IMAGES:
             raise BackendError(f"exact_images={exact_images!r}: expected one of {', '.join(EXACT_IMAGES)}")
-        if exact_images in FPMATH_DECODER and (device != "cpu" or not _onednn_linear_runs(torch, torch.bfloat16)):
+        if exact_images in SPLIT_PRODUCTS and (device != "cpu" or not _onednn_linear_runs(torch, torch.bfloat16)):
             raise BackendError(f"exact_images={exact_images}: fp32 products on the bf16 hardware need a CPU where "
                                "this torch build's oneDNN runs bf16 (AMX or AVX512-BF16)")
         self.exact_images = exact_images
@@ -138,7 +151,10 @@ class TorchBackend:
         # the plain ones (measured on a Zen 5, GMR-3B MLP shapes: packing is 1.02-1.08x faster at
         # 300-3,000 rows and 1.5-1.6x at 8, the last layer's few rows; 1.2-1.5x on the AMX Xeon).
         # gemm then names the fp32 GEMM.
-        self.onednn = (self._packed_copy(packed_copy, source.weights) if exact_images
+        # Under bf16-gemm, bf16-vision and bf16x3 the fp32 decoder multiplies the bf16 decoder's
+        # packed weights (Proj "split"), so there is one copy, packed, and packed_copy has nothing to decide.
+        split = exact_images in SPLIT_PRODUCTS
+        self.onednn = (True if split else self._packed_copy(packed_copy, source.weights) if exact_images
                        else self._use_onednn(gemm, precision))
         weights = source.weights
         # fp32 over bfloat16 weight files (export: the fp32 variant of a bf16 checkpoint, validated
@@ -148,8 +164,11 @@ class TorchBackend:
         # 1,300-4,000 rows (3 ms to widen, the rest oneDNN reordering a plain weight), half its memory.
         self.upcast = precision == "fp32" and any(e["dtype"] == "bfloat16" for w in weights.values()
                                                   for e in w.tensors.values())
-        upcast = ("onednn" if self._use_onednn(gemm, "fp32") else "linear") if exact_images else (
-            ("onednn" if self.onednn else "linear") if self.upcast else None)
+        if exact_images:
+            upcast = ("split3" if exact_images == "bf16x3" else "split" if split
+                      else "onednn" if self._use_onednn(gemm, "fp32") else "linear")
+        else:
+            upcast = ("onednn" if self.onednn else "linear") if self.upcast else None
         with torch.device("meta"):
             self.decoder = ScoreDecoder(manifest.decoder)
             self.vision = VisionEncoder(VisionDims.from_dict(manifest.vision))
@@ -164,11 +183,14 @@ class TorchBackend:
             self._load(self.vision, engine_dir, weights["vision"], torch.float32 if exact_images else self.dtype,
                        upcast, exact=exact_images)
         self._load(self.decoder, engine_dir, weights["decoder"], self.dtype, upcast if self.upcast else None,
-                   exact=exact_images)
+                   exact=exact_images, keep_plain=exact_images == "fp32")
         if exact_images:  # the same bf16 projection weights and embedding table, fp32 arithmetic
+            projs = {n: m for n, m in self.decoder.named_modules() if isinstance(m, Proj)}
             shared = {n: p.data for n, p in self.decoder.named_parameters() if p.dtype == torch.bfloat16
-                      and (n == "embed" or n.endswith(".weight") and p.dim() == 2)}
-            self._load(self.exact_decoder, engine_dir, weights["decoder"], torch.float32, upcast, shared=shared)
+                      and (n == "embed" or n.endswith(".weight") and n[:-len(".weight")] in projs)}
+            packs = {n: m.packed for n, m in projs.items()}
+            self._load(self.exact_decoder, engine_dir, weights["decoder"], torch.float32, upcast, shared=shared,
+                       packs=packs if split else None)
         for module in (self.decoder, self.vision, self.exact_decoder):
             if module is not None:
                 module.sdpa = attention == "sdpa"
@@ -187,12 +209,16 @@ class TorchBackend:
     def gemm(self) -> str:
         """Which GEMM the projections run (reported in Reranker.choice)."""
         gemm = "onednn" if self.onednn else "torch default"
+        if self.exact_images == "bf16x3":
+            return ("onednn on packed bf16 weights; image batches fp32 throughout, each projection three bf16 GEMMs "
+                    "on the same packed weights (inputs split in two bf16 halves, fp32 sums), attention fp32")
+        if self.exact_images in FPMATH_DECODER:
+            where = "in the decoder (vision tower bf16)" if self.exact_images == "bf16-vision" else "throughout"
+            return (f"onednn on packed bf16 weights; image batches fp32 tensors {where}, products on the bf16 "
+                    "hardware (two bf16 GEMMs per projection on the same packed weights, fp32 sums)")
         if self.exact_decoder is not None:
             gemm = "onednn on a packed copy of the bf16 weights" if self.onednn else gemm
-            fpmath = self.exact_images in FPMATH_DECODER
-            how = "products on the bf16 hardware (oneDNN bf16 fpmath)" if fpmath else "fp32"
-            where = "in the decoder (vision tower bf16)" if self.exact_images == "bf16-vision" else "throughout"
-            return f"{gemm}; image batches fp32 tensors {where}, {how}, bf16 weights widened per call"
+            return f"{gemm}; image batches fp32 tensors throughout, fp32, bf16 weights widened per call"
         return f"{gemm}, bf16 weights widened per call" if self.upcast else gemm
 
     def _use_onednn(self, gemm: str, precision: str) -> bool:
@@ -237,14 +263,17 @@ class TorchBackend:
                    if n.endswith(".weight") and len(e["shape"]) == 2)
         return sum(size.values()) + copy <= PACKED_COPY_MEMORY_SHARE * available_memory()
 
-    def _load(self, module, engine_dir: str, weight_file, dtype, upcast: str | None, exact: bool = False,
-              shared: dict | None = None, onednn: bool | None = None) -> None:
+    def _load(self, module, engine_dir: str, weight_file, dtype, upcast: str | None, exact: bool | str = False,
+              shared: dict | None = None, onednn: bool | None = None, keep_plain: bool = False,
+              packs: dict | None = None) -> None:
         """Fills ``module``'s parameters from ``weight_file``, computing in ``dtype``. ``upcast``
-        ("onednn" or "linear"): fp32 arithmetic over bf16 projection weights and embedding table
-        (Proj.upcast). ``exact``: a bf16 copy made of fp32 values must hold them exactly (fp32
-        over bf16 weights is then the fp32 model), else BackendError. ``shared``: tensors of
-        another module over the same file, taken as they are (no second copy). ``onednn``: whether
-        the projections run packed weights (default ``self.onednn``)."""
+        ("onednn", "linear", "split" or "split3"): fp32 arithmetic over bf16 projection weights and
+        embedding table (Proj.upcast; the splits pack them). ``exact``: a bf16 copy made of fp32 values must hold
+        them exactly (fp32 over bf16 weights is then the fp32 model), else BackendError. ``shared``:
+        tensors of another module over the same file, taken as they are (no second copy); ``packs``:
+        that module's packed weights, by projection, for the splits. ``onednn``: whether the
+        projections run packed weights (default ``self.onednn``); ``keep_plain``: the plain ones
+        stay beside them (exact_images=fp32 widens them)."""
         from ..graphs.common import Proj
 
         torch = self.torch
@@ -289,13 +318,18 @@ class TorchBackend:
                     p.data = value.to(device=self.device, dtype=target)
             for name, value in buffers.items():
                 module.get_buffer(name).data = value.to(self.device)
-        for proj in projs.values():
+        for name, proj in projs.items():
             proj.fused = True  # F.linear: the bias inside the GEMM (graphs.common.Proj)
-            if upcast and proj.weight.dtype == torch.bfloat16:
+            if upcast in ("split", "split3"):  # two or three bf16 GEMMs on the packed weight, fp32 in and out
+                proj.upcast = upcast
+                proj.packed = (packs[name] if packs is not None
+                               else torch.ops.mkldnn._reorder_linear_weight(proj.weight.t(), None))
+                proj.weight.data = proj.weight.new_empty(0)
+            elif upcast and proj.weight.dtype == torch.bfloat16:
                 proj.upcast = upcast
             elif onednn:  # the packed copy replaces the plain one (which keeps its dtype for Proj)
                 proj.packed = torch.ops.mkldnn._reorder_linear_weight(proj.weight.t(), None)
-                if not exact:  # exact_images: the fp32 decoder shares the plain one (packed_copy)
+                if not keep_plain:  # exact_images=fp32: the fp32 decoder shares the plain one (packed_copy)
                     proj.weight.data = proj.weight.new_empty(0)
 
     def set_threads(self, n: int) -> None:

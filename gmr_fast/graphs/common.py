@@ -36,7 +36,8 @@ class Proj(nn.Module):
         # (an engine exported from a bf16 checkpoint, whose values bf16 holds exactly): each call
         # widens the weight to an fp32 [out, in] copy, freed after the GEMM, so the results are the
         # fp32 model's at bf16's weight memory. The copy is made UPCAST_CHUNK_BYTES of output rows
-        # at a time (below).
+        # at a time (below). "split" (the torch backend's image batches under exact_images bf16-gemm
+        # or bf16-vision): fp32 in and out over the packed bf16 weight, without widening (_split).
         self.upcast = None
 
     @property
@@ -52,7 +53,35 @@ class Proj(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return F.linear(x, w, b)
 
+    def _split(self, x):
+        """fp32 x times the bf16 weight, products on the bf16 hardware: x rounded to bf16 once,
+        every output an fp32 sum, as oneDNN's bf16 "fpmath" mode computes it over a widened weight
+        (backends.torch.Bf16Gemm). torch's bf16 GEMM rounds its output to bf16, so it runs twice on
+        the packed weight: ``hi`` is the rounded sum, ``lo`` the sum minus ``hi`` rounded (oneDNN's
+        "sub" post-op acts on the fp32 accumulator), and ``hi + lo`` the sum within 2^-16 of it
+        (bf16 rounds to 2^-8, so lo's rounding is 2^-8 of 2^-8; fpmath's own rounding of x is 2^-8
+        per element). Measured on an Intel Xeon with AMX, 2 threads, GMR-3B shapes (README,
+        "Split products"): a decoder layer's projections 2.7x the widened fpmath GEMMs at 24 rows,
+        1.2x at 512, 1.05x at 2,048 (a vision block's 0.92x there: the second GEMM and two passes
+        over the output), and no second, plain copy of the weight in memory."""
+        xb = x.to(torch.bfloat16)
+        hi = torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "")
+        lo = torch.ops.mkldnn._linear_pointwise.binary(xb, hi, self.packed, None, "sub")
+        y = lo.float()
+        y += hi
+        if self.upcast == "split3":
+            # fp32-accurate: x's own rounding taken back too, as a third GEMM on x - bf16(x) rounded
+            # to bf16 (x within 2^-16 as hi + lo halves; that product is ~2^-8 of the sum, so its
+            # output rounding is 2^-16 of it): the fp32 product within ~2^-15, no bf16 left in it
+            rest = x - xb.float()
+            y += torch.ops.mkldnn._linear_pointwise(rest.to(torch.bfloat16), self.packed, None, "none", [], "")
+        if self.bias is not None:
+            y += self.bias
+        return y
+
     def forward(self, x):
+        if self.upcast in ("split", "split3"):
+            return self._split(x)
         if self.upcast:
             out, fan_in = self.weight.shape[1], self.weight.shape[0]
             step = max(1, UPCAST_CHUNK_BYTES // (4 * fan_in))
