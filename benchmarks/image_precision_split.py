@@ -7,6 +7,8 @@ image pairs computed four ways beside bf16 text pairs:
 - ``all bf16``: ``image_precision="same"``;
 - ``bf16-gemm``: the fp32 vision tower and decoder, every product on the bf16 hardware;
 - ``bf16-vision``: the vision tower in bf16, the decoder as bf16-gemm's;
+- ``bf16x3``: the fp32 vision tower and decoder, fp32-accurate, each projection three bf16
+  GEMMs (graphs.common.Proj "split3"), attention fp32;
 - ``decoder bf16``: the vision tower as bf16-gemm's, the decoder in bf16 (not a mode of the
   Reranker: a bf16 reranker fed bf16-gemm's vision outputs, measured to split the error).
 
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=3)
     p.add_argument("--candidates", type=int, default=16)
     p.add_argument("--tasks", default="t2i,it2it")
+    p.add_argument("--contenders", default="all bf16,bf16-gemm,bf16-vision,decoder bf16,bf16x3")
     p.add_argument("--out", default="benchmarks/results/image_precision_split_cpu.json")
     a = p.parse_args(argv)
     from gmr_fast import Reranker
@@ -61,16 +64,18 @@ def main(argv=None) -> int:
         return out
 
     reference = run(Reranker(a.engine, precision="fp32"))
-    bf16 = Reranker(a.engine, precision="bf16", image_precision="same")
-    gemm = Reranker(a.engine, precision="bf16", image_precision="bf16-gemm")
-    vision = Reranker(a.engine, precision="bf16", image_precision="bf16-vision")
-    bf16_encode, gemm_encode = bf16.backend.encode_images, gemm.backend.encode_images
     doc = {"machine": machine(), "engine": a.engine, "queries": a.queries, "candidates": a.candidates, "rows": {}}
-    contenders = [("all bf16", bf16), ("bf16-gemm", gemm), ("bf16-vision", vision), ("decoder bf16", bf16)]
-    for name, r in contenders:
+
+    def make(name: str):  # one reranker at a time (memory): "decoder bf16" is a bf16 one fed bf16-gemm's tower
+        mode = {"all bf16": "same", "decoder bf16": "same"}.get(name, name)
+        r = Reranker(a.engine, precision="bf16", image_precision=mode)
         if name == "decoder bf16":
+            gemm_encode = Reranker(a.engine, precision="bf16", image_precision="bf16-gemm").backend.encode_images
             r.backend.encode_images = lambda batch: [e.bfloat16() for e in gemm_encode(batch)]
-        got, row = run(r), {}
+        return r
+
+    for name in a.contenders.split(","):
+        got, row = run(make(name)), {}
         for t in tasks:
             ref, theirs = reference[t][0], got[t][0]
             cut = [slice(q * a.candidates, (q + 1) * a.candidates) for q in range(a.queries)]
@@ -81,8 +86,6 @@ def main(argv=None) -> int:
                       "reference_std": round(float(ref.std()), 4)}
             print(name, t, row[t], flush=True)
         doc["rows"][name] = row
-        if name == "decoder bf16":
-            r.backend.encode_images = bf16_encode
     doc["fp32_pairs_per_s"] = {t: round(len(reference[t][0]) / reference[t][1], 3) for t in tasks}
     write(a.out, doc)
     return 0

@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                    help="also run gmr shared with lanes=1, to separate the gain of running batches side by side")
     p.add_argument("--image-precisions", default="",
                    help="more gmr rows (prefixes shared): the default engine with each image_precision named "
-                        "(fp32, bf16-gemm, bf16-vision, same), beside auto's")
+                        "(fp32, bf16x3, bf16-gemm, bf16-vision, same), beside auto's")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
     a = p.parse_args(argv)

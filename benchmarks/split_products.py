@@ -1,0 +1,147 @@
+"""fp32 projections over bf16 weights on the bf16 hardware: widened per call, or split in two or three.
+
+Image batches under ``image_precision="bf16-gemm"`` or ``"bf16-vision"`` compute fp32 tensors
+whose matrix products round their inputs to bf16 and sum in fp32 (backends.torch.Bf16Gemm).
+Two ways to do that over the bf16 weights, timed here on the real ``graphs.common.Proj``:
+
+- ``widened``: each call widens the weight to fp32 and multiplies under oneDNN's bf16 "fpmath"
+  mode, which reorders the fp32 weight back to bf16 inside the GEMM (what the backend did
+  before the split; it also needs the plain bf16 weights in memory beside the packed ones);
+- ``split``: two bf16 GEMMs on the packed weight the bf16 decoder already holds, the second
+  subtracting the first's rounded output on the fp32 accumulator (Proj "split");
+- ``bf16``: one bf16 GEMM on the packed weight, its output rounded to bf16 (what the bf16
+  decoder runs: the cost floor, not the same arithmetic).
+
+And two fp32-accurate ones (no input rounded to bf16), for ``image_precision="fp32"`` and
+``"bf16x3"``:
+
+- ``fp32``: the weight widened per call, an fp32 GEMM (oneDNN's bf16 mode off);
+- ``split3``: ``split`` plus a third bf16 GEMM on x's own rounding residual (Proj "split3").
+
+For each GMR-3B projection shape (decoder and vision tower) and row count: the median time of
+``--rounds`` calls, all alternated call by call (this VM drifts), and each one's relative
+error against float64 products of the same bf16-rounded inputs (``rel_error``) and of the fp32
+inputs themselves (``rel_error_fp32``).
+
+    python benchmarks/split_products.py --out benchmarks/results/split_products_amx.json
+
+Needs a CPU whose oneDNN runs bf16 (AMX or AVX512-BF16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import machine, write  # noqa: E402
+
+# GMR-3B (Qwen2.5-VL-3B) projections: name -> (in, out, bias)
+SHAPES = {
+    "decoder q": (2048, 2048, True), "decoder kv": (2048, 512, True), "decoder o": (2048, 2048, False),
+    "decoder gate_up": (2048, 22016, False), "decoder down": (11008, 2048, False),
+    "vision qkv": (1280, 3840, True), "vision proj": (1280, 1280, True),
+    "vision gate_up": (1280, 6840, True), "vision down": (3420, 1280, True),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="24,512,2048")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results/split_products_cpu.json")
+    a = p.parse_args(argv)
+    import torch
+
+    from gmr_fast.backends.torch import Bf16Gemm, _onednn_linear_runs
+    from gmr_fast.graphs.common import Proj
+    from gmr_fast.memory import keep_freed_memory
+
+    if not _onednn_linear_runs(torch, torch.bfloat16):
+        raise SystemExit("this CPU's oneDNN does not run bf16: nothing to compare")
+    keep_freed_memory()  # as the backend runs (a widened weight is a fresh allocation per call)
+    torch.set_num_threads(a.threads)
+    gen = torch.Generator().manual_seed(0)
+    rows_list = [int(r) for r in a.rows.split(",")]
+    doc = {"machine": machine(), "threads": a.threads, "rounds": a.rounds, "results": []}
+    with torch.inference_mode():
+        for name, (fan_in, fan_out, bias) in SHAPES.items():
+            w = (torch.randn(fan_out, fan_in, generator=gen) * fan_in ** -0.5).bfloat16()  # [out, in]
+            b = torch.randn(fan_out, generator=gen) * 0.1 if bias else None
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            projs = {}
+            for how in ("widened", "split", "bf16", "fp32", "split3"):
+                proj = Proj(fan_in, fan_out, bias)
+                proj.fused = True
+                proj.weight.data = w.t()  # a transposed view of [out, in] storage, as the backend keeps it
+                if bias:
+                    proj.bias.data = b if how != "bf16" else b.bfloat16()
+                if how in ("widened", "fp32"):
+                    proj.upcast = "onednn"
+                else:
+                    proj.upcast = how if how in ("split", "split3") else None
+                    proj.packed = packed
+                projs[how] = proj
+            for rows in rows_list:
+                x = torch.randn(rows, fan_in, generator=gen)
+                exact = x.bfloat16().double() @ w.double().t() + (0 if b is None else b.double())
+                exact32 = x.double() @ w.double().t() + (0 if b is None else b.double())
+                times = {how: [] for how in projs}
+                errors, errors32 = {}, {}
+                for r in range(a.rounds + 1):
+                    for how, proj in projs.items():
+                        start = time.perf_counter()
+                        if how == "widened":
+                            with Bf16Gemm.held(torch):
+                                y = proj(x)
+                        else:
+                            y = proj(x)
+                        elapsed = time.perf_counter() - start
+                        if r:  # round 0 warms up
+                            times[how].append(elapsed)
+                        errors[how] = float((y.double() - exact).norm() / exact.norm())
+                        errors32[how] = float((y.double() - exact32).norm() / exact32.norm())
+                row = {"projection": name, "in": fan_in, "out": fan_out, "rows": rows,
+                       **{f"{how}_ms": 1e3 * float(np.median(t)) for how, t in times.items()},
+                       **{f"{how}_rel_error": e for how, e in errors.items()},
+                       **{f"{how}_rel_error_fp32": e for how, e in errors32.items()}}
+                row["split_speedup_vs_widened"] = row["widened_ms"] / row["split_ms"]
+                row["split3_speedup_vs_fp32"] = row["fp32_ms"] / row["split3_ms"]
+                doc["results"].append(row)
+                print(f"{name:16s} rows {rows:5d}: widened {row['widened_ms']:7.1f} ms, split {row['split_ms']:7.1f} "
+                      f"({row['split_speedup_vs_widened']:.2f}x), bf16 {row['bf16_ms']:6.1f}; rel. error "
+                      f"{errors['widened']:.1e} / {errors['split']:.1e} / {errors['bf16']:.1e}; fp32 "
+                      f"{row['fp32_ms']:7.1f}, split3 {row['split3_ms']:7.1f} ({row['split3_speedup_vs_fp32']:.2f}x), "
+                      f"rel. error to fp32 {errors32['fp32']:.1e} / {errors32['split3']:.1e}", flush=True)
+    for rows in rows_list:  # one decoder layer's projections, and one vision block's
+        for part in ("decoder", "vision"):
+            sel = [r for r in doc["results"] if r["rows"] == rows and r["projection"].startswith(part)]
+            total = {how: sum(r[f"{how}_ms"] for r in sel) for how in ("widened", "split", "bf16", "fp32", "split3")}
+            doc.setdefault("per_layer", []).append({"part": part, "rows": rows,
+                                                    **{f"{h}_ms": v for h, v in total.items()},
+                                                    "split_speedup_vs_widened": total["widened"] / total["split"],
+                                                    "split3_speedup_vs_fp32": total["fp32"] / total["split3"]})
+    write(a.out, doc)
+    print(table(doc))
+    return 0
+
+
+def table(doc: dict) -> str:
+    lines = ["| one layer's projections | rows | widened + fpmath ms | split ms | speed-up | fp32 widened ms | "
+             "split3 ms | speed-up | bf16 (floor) ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["per_layer"]:
+        lines.append(f"| {r['part']} | {r['rows']} | {r['widened_ms']:.1f} | {r['split_ms']:.1f} | "
+                     f"{r['split_speedup_vs_widened']:.2f}x | {r['fp32_ms']:.1f} | {r['split3_ms']:.1f} | "
+                     f"{r['split3_speedup_vs_fp32']:.2f}x | {r['bf16_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
