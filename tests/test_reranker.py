@@ -557,6 +557,29 @@ def _bf16_hardware_case(bf16_checkpoint, rng, mode: str, singles: int):
     return engines, pairs, _routed(pairs), ReferenceScorer(checkpoint).score(pairs)
 
 
+def _split_reranker(engine_dir, mode: str, split: str, **options):
+    """A bf16 Reranker with ``image_precision=mode`` after checking that its weights are held once,
+    packed: every fp32 projection (decoder and vision tower) is Proj ``split`` over the bf16
+    decoder's own packed tensor, whose plain copy is gone. Returns it and the list its fp32
+    decoder's runs append oneDNN's fp32 matmul mode to."""
+    import torch
+
+    r = Reranker(engine_dir, precision="bf16", image_precision=mode, **options)
+    exact = {n: m for n, m in r.backend.exact_decoder.named_modules() if hasattr(m, "upcast")}
+    plain = {n: m for n, m in r.backend.decoder.named_modules() if hasattr(m, "upcast")}
+    assert exact and all(m.upcast == split and m.packed is plain[n].packed and plain[n].weight.numel() == 0
+                         for n, m in exact.items())
+    assert all(m.upcast == split for m in r.backend.vision.modules() if hasattr(m, "upcast"))
+    seen, forward = [], r.backend.exact_decoder.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return forward(*args, **kwargs)
+
+    r.backend.exact_decoder.forward = spy
+    return r, seen
+
+
 def test_split_products_are_fp32_sums_of_bf16_rounded_inputs(rng):
     """Proj "split" (image batches under bf16-gemm and bf16-vision): fp32 x times a packed bf16
     weight as two bf16 GEMMs, equal to the exact products of bf16-rounded x (float64) within
@@ -635,21 +658,7 @@ def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, r
     engines, pairs, image, expected = case
     before = torch.backends.mkldnn.matmul.fp32_precision
     for engine, side, lanes in (("over", "left", 1), ("pair", "right", 2)):
-        r = Reranker(engines[engine], precision="bf16", image_precision="bf16-gemm", padding_side=side, lanes=lanes)
-        seen = []
-        forward = r.backend.exact_decoder.forward
-
-        def spy(*args, **kwargs):
-            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
-            return forward(*args, **kwargs)
-
-        r.backend.exact_decoder.forward = spy
-        # one copy of the decoder's weights, packed: the fp32 decoder multiplies the bf16 one's (Proj "split")
-        exact = {n: m for n, m in r.backend.exact_decoder.named_modules() if hasattr(m, "upcast")}
-        plain = {n: m for n, m in r.backend.decoder.named_modules() if hasattr(m, "upcast")}
-        assert exact and all(m.upcast == "split" and m.packed is plain[n].packed and plain[n].weight.numel() == 0
-                             for n, m in exact.items())
-        assert all(m.upcast == "split" for m in r.backend.vision.modules() if hasattr(m, "upcast"))
+        r, seen = _split_reranker(engines[engine], "bf16-gemm", "split", padding_side=side, lanes=lanes)
         got = r.score(pairs)
         assert r.choice["image_precision"] == "bf16-gemm" and "bf16 hardware" in r.choice["reason"]
         assert r.last_stats["exact_pairs"] == image.sum() and seen and set(seen) == {"bf16"}
@@ -685,19 +694,7 @@ def test_bf16x3_images_are_the_fp32_model_on_the_bf16_hardware(bf16_checkpoint, 
     before = torch.backends.mkldnn.matmul.fp32_precision
     for engine, side, lanes in (("over", "left", 1), ("pair", "right", 2)):
         kw = dict(precision="bf16", padding_side=side, lanes=lanes)
-        r = Reranker(engines[engine], image_precision="bf16x3", **kw)
-        exact = {n: m for n, m in r.backend.exact_decoder.named_modules() if hasattr(m, "upcast")}
-        plain = {n: m for n, m in r.backend.decoder.named_modules() if hasattr(m, "upcast")}
-        assert exact and all(m.upcast == "split3" and m.packed is plain[n].packed for n, m in exact.items())
-        assert all(m.upcast == "split3" for m in r.backend.vision.modules() if hasattr(m, "upcast"))
-        seen = []
-        forward = r.backend.exact_decoder.forward
-
-        def spy(*args, **kwargs):
-            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
-            return forward(*args, **kwargs)
-
-        r.backend.exact_decoder.forward = spy
+        r, seen = _split_reranker(engines[engine], "bf16x3", "split3", padding_side=side, lanes=lanes)
         got = r.score(pairs)
         assert r.choice["image_precision"] == "bf16x3" and "three bf16 products" in r.choice["reason"]
         assert r.last_stats["exact_pairs"] == image.sum() and seen and set(seen) == {before}
