@@ -37,7 +37,8 @@ class Proj(nn.Module):
         # widens the weight to an fp32 [out, in] copy, freed after the GEMM, so the results are the
         # fp32 model's at bf16's weight memory. The copy is made UPCAST_CHUNK_BYTES of output rows
         # at a time (below). "split" (the torch backend's image batches under exact_images bf16-gemm
-        # or bf16-vision): fp32 in and out over the packed bf16 weight, without widening (_split).
+        # or bf16-vision) and "split3" (bf16x3): fp32 in and out over the packed bf16 weight, without
+        # widening (_split).
         self.upcast = None
 
     @property
@@ -61,9 +62,10 @@ class Proj(nn.Module):
         "sub" post-op acts on the fp32 accumulator), and ``hi + lo`` the sum within 2^-16 of it
         (bf16 rounds to 2^-8, so lo's rounding is 2^-8 of 2^-8; fpmath's own rounding of x is 2^-8
         per element). Measured on an Intel Xeon with AMX, 2 threads, GMR-3B shapes (README,
-        "Split products"): a decoder layer's projections 2.7x the widened fpmath GEMMs at 24 rows,
-        1.2x at 512, 1.05x at 2,048 (a vision block's 0.92x there: the second GEMM and two passes
-        over the output), and no second, plain copy of the weight in memory."""
+        "Split products"): a decoder layer's projections 2.8x the widened fpmath GEMMs at 24 rows,
+        1.2x at 512, 1.1x at 2,048 (a vision block's 0.94x there: the second GEMM and two passes
+        over the output), and no second, plain copy of the weight in memory. "split3" (bf16x3) is
+        1.8x the widened fp32 GEMMs per decoder layer at 512-2,048 rows."""
         xb = x.to(torch.bfloat16)
         hi = torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "")
         lo = torch.ops.mkldnn._linear_pointwise.binary(xb, hi, self.packed, None, "sub")
