@@ -71,9 +71,10 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def build_report(datasets: dict[str, dict], metrics: list[str]) -> dict:
+def build_report(datasets: dict[str, dict], metrics: list[str], unreadable: dict[str, str] | None = None) -> dict:
     """``datasets``: name -> {"task", "category", "first_stage": {m: v}, "reranked": {m: v}, ...}.
-    Adds per-task and per-category means of per-dataset values and the MRB average."""
+    Adds per-task and per-category means of per-dataset values and the MRB average; ``unreadable``
+    (name -> error) lists the suite's datasets that could not be read, which no mean includes."""
     def group(key: str) -> dict:
         out: dict[str, dict] = {}
         for name, d in datasets.items():
@@ -93,7 +94,9 @@ def build_report(datasets: dict[str, dict], metrics: list[str]) -> dict:
             "datasets": len(datasets),
             "first_stage": _mean([d["first_stage"][HEADLINE] for d in datasets.values()]),
             "reranked": _mean([d["reranked"][HEADLINE] for d in datasets.values()]),
+            "unreadable": len(unreadable or {}),
         },
+        "unreadable": dict(unreadable or {}),
     }
 
 
@@ -108,10 +111,14 @@ def report_markdown(report: dict) -> str:
     lines = ["# gmr_fast MRB report", "",
              f"MRB average ({report['mrb_average']['metric']}, mean over {report['mrb_average']['datasets']} datasets): "
              f"first stage **{_pct(report['mrb_average']['first_stage'])}**, reranked "
-             f"**{_pct(report['mrb_average']['reranked'])}**", "",
-             "## Datasets", "",
-             f"| dataset | task | queries | pairs | failed | malformed rows | truncated | {head} |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(metrics)]
+             f"**{_pct(report['mrb_average']['reranked'])}**", ""]
+    unreadable = report.get("unreadable", {})
+    if unreadable:
+        lines += [f"**{len(unreadable)} dataset(s) could not be read and are in no mean above or below:**", ""]
+        lines += [f"- {name}: {message}" for name, message in unreadable.items()] + [""]
+    lines += ["## Datasets", "",
+              f"| dataset | task | queries | pairs | failed | malformed rows | truncated | {head} |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(metrics)]
     for name, d in report["datasets"].items():
         cells = " | ".join(f"{_pct(d['first_stage'][m])} / {_pct(d['reranked'][m])}" for m in metrics)
         lines.append(f"| {name} | {d['task']} | {d['queries']} | {d['pairs']} | {d['failed']} | "

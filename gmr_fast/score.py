@@ -217,7 +217,7 @@ def run_suite(job: _Job) -> int:
     a = job.args
     metrics = parse_metrics(a.metrics)
     names = [n.strip() for n in a.datasets.split(",") if n.strip()] if a.datasets else None
-    datasets = [load_dataset(root) for root in find_datasets(a.data, names)]  # all checked before any work
+    datasets, unreadable = _load_suite(find_datasets(a.data, names))  # all read before any work
     seen = {}
     for ds in datasets:
         if ds.name in seen:
@@ -262,15 +262,38 @@ def run_suite(job: _Job) -> int:
                                 "truncated": sum(1 for r in scores.rows if r.get("truncated")),
                                 "first_stage": fs_means, "reranked": rr_means}
 
-    report = build_report(per_dataset, metrics)
+    report = build_report(per_dataset, metrics, unreadable)
     write_atomic(os.path.join(a.out, "report.json"), json.dumps(report, indent=2) + "\n")
     write_atomic(os.path.join(a.out, "report.md"), report_markdown(report))
-    _write_run_json(job, os.path.join(a.out, "run.json"), started, run_stats)
+    _write_run_json(job, os.path.join(a.out, "run.json"), started, run_stats, unreadable)
     if not a.quiet:
         print(report_markdown(report))
     if total_scored == 0:
         raise JobError("nothing could be scored: every pair failed (see errors.jsonl in each dataset's output)")
+    if unreadable:
+        raise JobError(f"{len(unreadable)} of {len(unreadable) + len(datasets)} datasets could not be read and were "
+                       f"left out of the report ({', '.join(unreadable)}); the others are scored and evaluated. "
+                       "Fix them and rerun with --resume: finished datasets are not redone")
     return 0
+
+
+def _load_suite(roots: list[str]) -> tuple[list[Dataset], dict[str, str]]:
+    """Every dataset of the suite read and checked. One that cannot be used at all (a missing or
+    invalid dataset.json, a missing file) is left out, named on stderr and returned with its error
+    (directory name -> message), so that one broken directory does not stop a suite; when nothing
+    is usable, or the path is a single dataset, its error stops the job before anything is written."""
+    datasets, unreadable, first = [], {}, None
+    for root in roots:
+        try:
+            datasets.append(load_dataset(root))
+        except InputError as e:
+            unreadable[os.path.basename(os.path.normpath(root))] = str(e)
+            first = first or e
+    if not datasets:
+        raise first
+    for name, message in unreadable.items():
+        print(f"gmr_fast.score: dataset {name} left out: {message}", file=sys.stderr)
+    return datasets, unreadable
 
 
 def _suite_key(row: dict):
@@ -291,7 +314,7 @@ def _record_problems(errors: Journal, problems: list[tuple[str, InputError]]) ->
         print(f"gmr_fast.score: ... and {len(rows) - 5} more malformed lines (see the errors file)", file=sys.stderr)
 
 
-def _write_run_json(job: _Job, path: str, started: float, run_stats: dict) -> None:
+def _write_run_json(job: _Job, path: str, started: float, run_stats: dict, unreadable: dict | None = None) -> None:
     scored = sum(s["scored_this_session"] for s in run_stats.values())
     seconds = sum(s["seconds"] for s in run_stats.values())
     tokens = sum(s["tokens_per_s"] * s["seconds"] for s in run_stats.values())
@@ -302,7 +325,8 @@ def _write_run_json(job: _Job, path: str, started: float, run_stats: dict) -> No
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "wall_seconds": time.time() - started,
                "resumed": bool(job.args.resume), "pairs_scored": scored, **job.choice,
                "pairs_per_s": scored / seconds if seconds else 0.0,
-               "tokens_per_s": tokens / seconds if seconds else 0.0, "datasets": run_stats}
+               "tokens_per_s": tokens / seconds if seconds else 0.0, "datasets": run_stats,
+               "unreadable_datasets": unreadable or {}}
     doc = {"engine": {"path": os.path.abspath(job.args.engine), "manifest_sha256": job.engine_sha},
            "arguments": {k: v for k, v in vars(job.args).items()}, "settings": job.settings,
            "versions": _versions(), "sessions": history + [session]}

@@ -213,8 +213,10 @@ def load_dataset(root: str) -> Dataset:
     """Reads and checks one dataset directory (every file named in DATASET_FILES)."""
     meta_path = os.path.join(root, "dataset.json")
     if not os.path.isfile(meta_path):
+        held = [f for f in DATASET_FILES[1:] if os.path.exists(os.path.join(root, f))]
         raise InputError(meta_path, "missing: every dataset directory needs a dataset.json "
-                                    "({\"name\", \"task\", \"instruction\"})")
+                                    "({\"name\", \"task\", \"instruction\"})"
+                                    + (f"; this one holds {', '.join(held)}" if held else ""))
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -242,8 +244,9 @@ def load_dataset(root: str) -> Dataset:
 
 def find_datasets(path: str, names: list[str] | None = None) -> list[str]:
     """Dataset directories under ``path``: itself if it holds a dataset.json, else its
-    subdirectories in name order. A subdirectory that holds dataset files but no dataset.json is an
-    error, as is a name in ``names`` that is not there."""
+    subdirectories in name order. A subdirectory that holds dataset files but no dataset.json is
+    listed too (``load_dataset`` then names what it lacks); a name in ``names`` that is not there
+    is an error."""
     if not os.path.isdir(path):
         raise InputError(path, "not a directory")
     if os.path.isfile(os.path.join(path, "dataset.json")):
@@ -254,11 +257,8 @@ def find_datasets(path: str, names: list[str] | None = None) -> list[str]:
             sub = os.path.join(path, entry)
             if not os.path.isdir(sub):
                 continue
-            if os.path.isfile(os.path.join(sub, "dataset.json")):
+            if any(os.path.exists(os.path.join(sub, f)) for f in DATASET_FILES):
                 found[entry] = sub
-            elif any(os.path.exists(os.path.join(sub, f)) for f in DATASET_FILES[1:]):
-                raise InputError(os.path.join(sub, "dataset.json"), "missing: this directory holds dataset files "
-                                                                    "but no dataset.json")
         if not found:
             raise InputError(path, "no dataset.json here or in any subdirectory: not a dataset or a suite")
     if names:

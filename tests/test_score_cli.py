@@ -273,6 +273,49 @@ def test_an_unusable_file_stops_the_job_before_anything_is_written(engine, tmp_p
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
+@pytest.mark.parametrize("file,content,message", [
+    ("dataset.json", '{"name": "bad", "task": "t2x"}', "dataset.json: 'task' must be one of"),
+    ("dataset.json", None, "dataset.json: missing"),
+    ("corpus.jsonl", None, "corpus.jsonl: file not found"),
+])
+def test_an_unusable_dataset_is_left_out_of_its_suite_and_done_on_resume(engine, tmp_path, capsys, file, content,
+                                                                           message):
+    """In a suite, a dataset that cannot be read at all is named and left out; the others are
+    scored and evaluated, the report says which is missing from every mean, and the exit code is 2.
+    Once it is fixed, --resume scores it without redoing the others."""
+    suite = tmp_path / "suite"
+    mixed_dataset(str(suite), "good", n_queries=2, seed=11)
+    bad = write_dataset(str(suite), "bad", "t2t", [{"id": "q0", "text": "a"}],
+                        [{"id": "d0", "text": "x"}, {"id": "d1", "text": "y"}],
+                        [("q0", "d0", 1)], [("q0", "d0", 2.0), ("q0", "d1", 1.0)])
+    saved = open(os.path.join(bad, file)).read()
+    if content is None:
+        os.remove(os.path.join(bad, file))
+    else:
+        open(os.path.join(bad, file), "w").write(content)
+    out = tmp_path / "out"
+    code, err = run_cli("--engine", engine, "--data", suite, "--out", out, capsys=capsys)
+    assert code == 2
+    assert "1 of 2 datasets could not be read" in err and message in err and os.path.join("bad", file) in err
+    report = json.load(open(out / "report.json"))
+    assert list(report["datasets"]) == ["good"] and report["datasets"]["good"]["scored"] > 0
+    assert message in report["unreadable"]["bad"]
+    assert report["mrb_average"]["datasets"] == 1 and report["mrb_average"]["unreadable"] == 1
+    assert "could not be read" in open(out / "report.md").read()
+    assert json.load(open(out / "run.json"))["sessions"][-1]["unreadable_datasets"] == report["unreadable"]
+    assert not (out / "bad").exists()
+    good_scores = (out / "good" / "scores.jsonl").read_bytes()
+
+    open(os.path.join(bad, file), "w").write(saved)
+    code, err = run_cli("--engine", engine, "--data", suite, "--out", out, "--resume", capsys=capsys)
+    assert code == 0, err
+    report = json.load(open(out / "report.json"))
+    assert set(report["datasets"]) == {"good", "bad"} and report["unreadable"] == {}
+    assert report["datasets"]["bad"]["scored"] == 2
+    assert (out / "good" / "scores.jsonl").read_bytes() == good_scores  # nothing redone
+    assert json.load(open(out / "run.json"))["sessions"][-1]["pairs_scored"] == 2
+
+
 # (file, content, the malformed lines recorded as {file, line, error}, pairs that fail, pairs scored)
 MALFORMED_ROWS = [
     ("queries.jsonl", '{"id": "q0", "text": "a"}\n{"id": "q1", "text": \n',
