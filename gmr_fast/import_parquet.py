@@ -9,6 +9,9 @@ HuggingFace image structs ``{bytes, path}``, raw bytes, or paths relative to ``-
 writes ``dataset.json``, ``queries.jsonl``, ``corpus.jsonl``, ``qrels.tsv``, the images under
 ``images/``, and ``candidates.trec`` when a first-stage run is given (checked against the ids).
 Tables are streamed in record batches, so multi-GB corpora do not have to fit in memory.
+A malformed row fails only itself: it is listed in ``import_errors.jsonl`` (``{file, row, error}``)
+and warned about, and the rest is imported. A row with a usable id but a duplicate id or no
+content is written as it is, so that scoring fails the pairs that use it with the file and line.
 Needs ``pyarrow`` (``pip install gmr_fast[eval]``).
 """
 
@@ -85,21 +88,25 @@ def _image_format(data: bytes) -> str:
     return {"JPEG": "jpg"}.get(fmt, (fmt or "bin").lower())
 
 
-def _write_records(kind: str, files: list[str], src: str, out: str) -> set[str]:
+def _write_records(kind: str, files: list[str], src: str, out: str, problems: list[dict]) -> set[str]:
+    """Writes the table's rows; a row without a usable id is left out, one with a duplicate id or
+    neither text nor image is written for scoring to fail its pairs; each is listed in ``problems``."""
     id_cols, ids = ID_COLUMNS[kind], set()
     image_dir = os.path.join(out, "images", kind)
     jsonl = os.path.join(out, "queries.jsonl" if kind == "query" else "corpus.jsonl")
     with open(jsonl, "w", encoding="utf-8") as f:
         for path, n, row in _rows(files):
-            where = f"row {n}"
             id_col = _pick(row, id_cols)
-            if id_col is None or row[id_col] is None:
-                raise InputError(path, f"{where}: no id column (looked for {', '.join(id_cols)})")
-            rid = str(row[id_col])
+            if id_col is None:
+                raise InputError(path, f"no id column (looked for {', '.join(id_cols)})")
+            rid = "" if row[id_col] is None else str(row[id_col])
             if not rid or any(c.isspace() for c in rid):
-                raise InputError(path, f"{where}: id {rid!r} is empty or contains whitespace")
+                problems.append({"file": path, "row": n, "error": f"id {rid!r} is empty or contains whitespace; "
+                                                                   "row left out"})
+                continue
             if rid in ids:
-                raise InputError(path, f"{where}: duplicate id {rid!r}")
+                problems.append({"file": path, "row": n, "error": f"duplicate id {rid!r}: written, scoring fails "
+                                                                   "the pairs that use it"})
             ids.add(rid)
             record: dict = {"id": rid}
             text_col = _pick(row, TEXT_COLUMNS)
@@ -127,7 +134,8 @@ def _write_records(kind: str, files: list[str], src: str, out: str) -> set[str]:
                         shutil.copyfile(source, os.path.join(image_dir, name))
                 record["image"] = f"images/{kind}/{name}"
             if "text" not in record and "image" not in record:
-                raise InputError(path, f"{where}: {kind} {rid!r} has neither text nor image")
+                problems.append({"file": path, "row": n, "error": f"{kind} {rid!r} has neither text nor image: "
+                                                                   "written, scoring fails the pairs that use it"})
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return ids
 
@@ -141,26 +149,53 @@ def import_dataset(src: str, out: str, task: str, name: str | None = None, instr
     files = {k: table_files(src, names) for k, names in
              (("corpus", ("corpus",)), ("query", ("query", "queries")), ("qrels", ("qrels",)))}
     os.makedirs(out, exist_ok=True)
-    corpus_ids = _write_records("corpus", files["corpus"], src, out)
-    query_ids = _write_records("query", files["query"], src, out)
+    problems: list[dict] = []
+    corpus_ids = _write_records("corpus", files["corpus"], src, out, problems)
+    query_ids = _write_records("query", files["query"], src, out, problems)
+    for kind, ids in (("corpus", corpus_ids), ("query", query_ids)):
+        if not ids:
+            raise InputError(files[kind][0], f"no usable {kind} row (every id empty or missing)")
     with open(os.path.join(out, "qrels.tsv"), "w", encoding="utf-8") as f:
         f.write("query_id\tdoc_id\trelevance\n")
         for path, n, row in _rows(files["qrels"]):
             cols = [_pick(row, names) for names in QRELS_COLUMNS]
             if None in cols:
-                raise InputError(path, f"row {n}: qrels need query id, corpus id and score columns "
-                                       f"(one of {QRELS_COLUMNS})")
+                raise InputError(path, f"qrels need query id, corpus id and score columns (one of {QRELS_COLUMNS})")
             qid, docid, rel = (row[c] for c in cols)
             qid, docid = str(qid), str(docid)
             if qid not in query_ids or docid not in corpus_ids:
-                raise InputError(path, f"row {n}: unknown {'query' if qid not in query_ids else 'corpus'} id "
-                                       f"{qid if qid not in query_ids else docid!r}")
-            if rel is None or float(rel) != int(float(rel)) or int(float(rel)) < 0:
-                raise InputError(path, f"row {n}: relevance must be an integer >= 0, got {rel!r}")
-            f.write(f"{qid}\t{docid}\t{int(float(rel))}\n")
-    if candidates:
-        read_trec_run(candidates, dict.fromkeys(query_ids), dict.fromkeys(corpus_ids))  # checks ids and format
+                unknown = f"query id {qid!r}" if qid not in query_ids else f"corpus id {docid!r}"
+                problems.append({"file": path, "row": n, "error": f"unknown {unknown}; judgement left out"})
+                continue
+            try:
+                value = float(rel)
+            except (TypeError, ValueError):
+                value = -1.0
+            if value != int(value) or value < 0:
+                problems.append({"file": path, "row": n, "error": f"relevance must be an integer >= 0, got {rel!r}; "
+                                                                   "judgement left out"})
+                continue
+            f.write(f"{qid}\t{docid}\t{int(value)}\n")
+    if candidates:  # copied whole: scoring records a malformed line or an unknown id by its line, as listed here
+        listed: list[InputError] = []
+        run = read_trec_run(candidates, dict.fromkeys(query_ids), dict.fromkeys(corpus_ids), listed)
+        problems += [{"file": e.path, "row": e.line, "error": e.message} for e in listed]
+        problems += [{"file": candidates, "row": None, "error": f"candidate ({qid!r}, {docid!r}): document not in "
+                                                                "the corpus; scoring fails that pair"}
+                     for qid, docs in run.items() for docid in docs if docid not in corpus_ids]
         shutil.copyfile(candidates, os.path.join(out, "candidates.trec"))
+    errors_path = os.path.join(out, "import_errors.jsonl")
+    if problems:
+        with open(errors_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in problems)
+    elif os.path.exists(errors_path):  # from an import that stopped before dataset.json
+        os.remove(errors_path)
+    for p in problems[:5]:
+        where = f": row {p['row']}" if p["row"] else ""
+        print(f"gmr_fast.import_parquet: {p['file']}{where}: {p['error']}", file=sys.stderr)
+    if problems:
+        print(f"gmr_fast.import_parquet: {len(problems)} malformed row(s) in all, listed in {errors_path}",
+              file=sys.stderr)
     meta = {"name": name or os.path.basename(os.path.normpath(out)), "task": task}
     if instruction:
         meta["instruction"] = instruction

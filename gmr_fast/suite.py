@@ -32,7 +32,7 @@ class InputError(GmrError, ValueError):
     """The input itself is malformed: ``path`` (and ``line``, 1-based, when it is about one line)."""
 
     def __init__(self, path: str, message: str, line: int | None = None):
-        self.path, self.line = path, line
+        self.path, self.line, self.message = path, line, message
         super().__init__(f"{path}{f':{line}' if line else ''}: {message}")
 
 
