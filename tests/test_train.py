@@ -301,10 +301,21 @@ def test_bad_training_data(tiny_checkpoints, tmp_path, capsys, caplog):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     data.write_text("\n".join([json.dumps(good)] * 3 + [json.dumps({**good, "negatives": [{"image": "bad.png"}]})])
                     + "\n")
-    assert run_train(*args, "--out", tmp_path / "o5", "--max-bad-fraction", 0.3) == 0
+    assert run_train(*args, "--out", tmp_path / "o5", "--max-bad-fraction", 0.3, "--epochs", 3) == 0
     assert "d.jsonl:4: group skipped" in caplog.text and "bad.png" in caplog.text
     metrics = [json.loads(x) for x in open(tmp_path / "o5" / "metrics.jsonl")]
     assert metrics and all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics if "loss" in m)
+    # the groups found undecodable are part of the saved state: a resumed run skips them without
+    # decoding or warning again, and counts them against the bad fraction
+    state = torch.load(tmp_path / "o5" / "train_state" / "state.pt", map_location="cpu", weights_only=False)
+    assert state["skipped"] == [3]
+    caplog.clear()
+    resumed = [a if a != 1 else 2 for a in args]  # --max-steps 2
+    assert run_train(*resumed, "--out", tmp_path / "o5", "--max-bad-fraction", 0.3, "--epochs", 3, "--resume") == 0
+    assert "group skipped" not in caplog.text
+    assert [m["step"] for m in map(json.loads, open(tmp_path / "o5" / "metrics.jsonl"))][-1] == 2  # it trained on
+    assert torch.load(tmp_path / "o5" / "train_state" / "state.pt", map_location="cpu",
+                      weights_only=False)["skipped"] == [3]
     assert run_train(*args, "--out", tmp_path / "o6") == 2  # above the bad fraction (0.05), as at load
     assert "1 of 4 groups have an image that does not decode" in capsys.readouterr().err
 

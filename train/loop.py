@@ -206,11 +206,16 @@ class Trainer:
         else:
             params = {n: p.detach().cpu() for n, p in self.named.items()}
             optimizer = self.optimizer.state_dict()
+        skipped = set(self.skipped)  # each process finds the groups it uses: the union is the run's
+        if self.world > 1:
+            found: list = [None] * self.world
+            torch.distributed.all_gather_object(found, sorted(self.skipped))
+            skipped = set().union(*found)
         if self.rank != 0:
             return
         os.makedirs(self.state_dir, exist_ok=True)
         state = {"step": self.step, "fingerprint": self.fingerprint, "params": params,
-                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "skipped": sorted(skipped)}
         tmp = os.path.join(self.state_dir, f"state.pt.tmp{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(self.state_dir, "state.pt"))
@@ -238,6 +243,12 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        # groups found undecodable before: still skipped, not decoded or warned about again, and
+        # counted against --max-bad-fraction over the whole run
+        self.skipped = set(state.get("skipped", ()))
+        if self.skipped:
+            log.info("--resume: %d group(s) skipped earlier in this run (lines %s)", len(self.skipped),
+                     sorted(self.groups[g].line for g in self.skipped)[:10])
 
     # ------------------------------------------------------------------ steps
     def micro_batches(self, step: int) -> list[list[int]]:
