@@ -426,6 +426,33 @@ def test_torch_cpu_runs_keep_freed_memory_instead_of_faulting_it_in_again():
     assert default["faults"] >= 8 and kept["faults"] <= default["faults"] // 4, (kept, default)
 
 
+def test_weights_load_with_large_blocks_given_back():
+    """gmr_fast.memory.weights_loading: while weights load, a large block freed goes back to the
+    kernel even with the kept heap on (a weight's first copy, freed once packed, must not stay in
+    the heap: GMR-7B held ~4 GB of such holes); after the load, freed blocks are kept again; a
+    nested load does not end the outer one. Measured in a fresh process by resident memory."""
+    from suite_helpers import child_json
+
+    code = ("import json\n"
+            "import numpy as np\n"
+            "from gmr_fast.memory import keep_freed_memory, weights_loading\n"
+            "def rss():\n"
+            "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) << 10\n"
+            "def grown(block=512 << 20):\n"
+            "    base = rss(); a = np.ones(block // 8); a.sum(); del a; return rss() - base\n"
+            "state = keep_freed_memory()\n"
+            "out = {'state': state}\n"
+            "with weights_loading():\n"
+            "    with weights_loading():\n"
+            "        pass\n"
+            "    out['loading'] = grown()\n"
+            "out['after'] = grown()\n"
+            "print(json.dumps(out))\n")
+    got = child_json(code)
+    assert got["state"] == "kept"
+    assert got["loading"] < 64 << 20 and got["after"] > 256 << 20, got
+
+
 @pytest.mark.parametrize("bf16_kernel", ["AMX", "AVX512-BF16", None])
 def test_lanes_default_to_two_only_where_measured_faster(monkeypatch, bf16_kernel):
     """torch's eager CPU path on an AMX CPU: two runs side by side on half the threads each

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from ..memory import keep_freed_memory
+from ..memory import keep_freed_memory, weights_loading
 from ..schedule import DecoderBatch, VisionBatch
 from . import past_tensors
 
@@ -263,9 +263,16 @@ class TorchBackend:
                    if n.endswith(".weight") and len(e["shape"]) == 2)
         return sum(size.values()) + copy <= PACKED_COPY_MEMORY_SHARE * available_memory()
 
-    def _load(self, module, engine_dir: str, weight_file, dtype, upcast: str | None, exact: bool | str = False,
-              shared: dict | None = None, onednn: bool | None = None, keep_plain: bool = False,
-              packs: dict | None = None) -> None:
+    def _load(self, *args, **kwargs) -> None:
+        """``_load_weights`` with large blocks mapped while it runs: its transients (a weight as
+        read, before it is packed or converted) go back to the kernel instead of staying in a heap
+        that keeps freed memory (gmr_fast.memory.weights_loading)."""
+        with weights_loading():
+            self._load_weights(*args, **kwargs)
+
+    def _load_weights(self, module, engine_dir: str, weight_file, dtype, upcast: str | None, exact: bool | str = False,
+                      shared: dict | None = None, onednn: bool | None = None, keep_plain: bool = False,
+                      packs: dict | None = None) -> None:
         """Fills ``module``'s parameters from ``weight_file``, computing in ``dtype``. ``upcast``
         ("onednn", "linear", "split" or "split3"): fp32 arithmetic over bf16 projection weights and
         embedding table (Proj.upcast; the splits pack them). ``exact``: a bf16 copy made of fp32 values must hold
