@@ -134,6 +134,42 @@ def torch_bf16_speedup() -> float | None:
     return fp32 / max(bf16, 1e-9)
 
 
+# The fpmath check's shape: a GMR-3B projection's reduction over a few rows (~4 MFLOP).
+FPMATH_PROBE_SHAPE = (16, 2048, 64)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_fpmath_bf16_is_exact() -> bool:
+    """Whether oneDNN's bf16 "fpmath" mode (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``)
+    computes an fp32 product as its definition reads: both inputs rounded to bf16, every product
+    summed in fp32. Checked once per process on one product at FPMATH_PROBE_SHAPE of fresh fp32
+    inputs against the float64 product of their bf16-rounded values, in relative norm within
+    2^-16 + 4 sqrt(K) 2^-24 (two fp32 sums' worth of rounding over K = 2,048: ~2e-5). An AMX
+    Xeon holds it (~1e-6); an AMD EPYC (Zen 4) does not: there oneDNN 3.12 runs the mode in its
+    avx512_core fp32 kernel (``brg_matmul:avx512_core``, attr-fpmath:bf16) and its products lie
+    1.1-1.7e-3 from the rounded inputs' product, a plain bf16 product's error, at fp32's speed.
+    False without torch or where oneDNN has no bf16 kernel."""
+    if bf16_kernel() is None:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    m, k, n = FPMATH_PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g), (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16().float()
+    flags = torch.backends.mkldnn.matmul
+    saved = flags.fp32_precision
+    try:
+        flags.fp32_precision = "bf16"
+        with torch.inference_mode():
+            y = torch.nn.functional.linear(x, w).double()
+    finally:
+        flags.fp32_precision = saved
+    exact = x.bfloat16().double() @ w.double().t()
+    return float((y - exact).norm() / exact.norm()) <= 2 ** -16 + 4 * k ** 0.5 * 2 ** -24
+
+
 # The int8 probe's shape: the bf16 probe's (a GMR-3B projection over 512 tokens, 4.3 GOP).
 INT8_PROBE_SHAPE = BF16_PROBE_SHAPE
 

@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 
+from .. import hardware
 from ..errors import BackendError
 from ..manifest import Manifest
 from ..memory import keep_freed_memory, weights_loading
@@ -69,7 +70,13 @@ class Bf16Gemm:
     torch keeps that setting per process, not per thread, so it is switched on while at least one
     such run is in flight and restored when the last ends: a run holds it from start to finish.
     While it is on, fp32 matrix products elsewhere in this process (other threads' torch code)
-    run the same way; bf16 products are unaffected, so the bf16 runs of other lanes are not."""
+    run the same way; bf16 products are unaffected, so the bf16 runs of other lanes are not.
+
+    Where oneDNN does not compute the mode as defined (``hardware.onednn_fpmath_bf16_is_exact``:
+    on an AMD EPYC Zen 4 it runs an fp32 kernel whose products lie a bf16 rounding away from the
+    rounded inputs' product), the setting is left alone: the products that remain fp32 tensors
+    (attention) run in fp32, never less accurate than the mode and, that kernel being fp32's, no
+    slower; the projections' split products do not depend on it."""
 
     _cond = threading.Condition()
     _holders = 0
@@ -80,7 +87,7 @@ class Bf16Gemm:
     def held(cls, torch):
         flags = torch.backends.mkldnn.matmul
         with cls._cond:
-            if cls._holders == 0:
+            if cls._holders == 0 and hardware.onednn_fpmath_bf16_is_exact():
                 cls._saved = flags.fp32_precision
                 flags.fp32_precision = "bf16"
             cls._holders += 1
@@ -89,8 +96,8 @@ class Bf16Gemm:
         finally:
             with cls._cond:
                 cls._holders -= 1
-                if cls._holders == 0:
-                    flags.fp32_precision = cls._saved
+                if cls._holders == 0 and cls._saved is not None:
+                    flags.fp32_precision, cls._saved = cls._saved, None
 
 
 def read_tensor(directory: str, file: str, entry: dict) -> np.ndarray:
@@ -231,8 +238,6 @@ class TorchBackend:
         GEMM is MKL's AVX2 code on an AVX-512 CPU (hardware.torch_fp32_gemm_is_avx2_only; oneDNN
         431-500 GFLOP/s against MKL's 209-213 there, results within fp32 rounding of each other).
         Off on CUDA and wherever this torch build's oneDNN cannot run the dtype."""
-        from .. import hardware
-
         if gemm not in ("auto", "onednn", "blas"):
             raise BackendError(f"torch backend option gemm={gemm!r}: expected auto, onednn or blas")
         wanted = gemm == "onednn" or (gemm == "auto" and (precision == "bf16"
