@@ -377,7 +377,9 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # GEMM is 4-8x fp32's (1,300-2,750 against 290-340 GFLOP/s at GMR-3B shapes on an AMX Xeon,
 # README "Precision"), so fp32 images fall to HF bf16's speed (0.38 against 0.34 pairs/s on the
 # image workload), while bf16-gemm ran it at 0.63-0.83 pairs/s (1.9-2.2x HF bf16) ranking at tau 0.996.
-# Elsewhere (AVX512-BF16 without AMX) it is unmeasured, so fp32 stays the default there.
+# Elsewhere (AVX512-BF16 without AMX) fp32 stays the default: on an AMD EPYC Zen 4, whose bf16 GEMM
+# is only 2.3x its fp32 one, bf16-gemm ran MRB t2i pairs at 0.78x fp32 and bf16-vision at 1.40x
+# (32 pairs, one task; README "Precision"), too little measured yet to switch on such CPUs.
 # Why bf16-vision goes first where the export validated it too: most of bf16's image error is the
 # decoder's. On that Xeon (GMR-3B width, 6 + 8 layers, t2i and it2it, 3 queries x 16 candidates,
 # images of 256-768 tokens), the mean distance to fp32 of per-query-centred scores was 0.0106 and
