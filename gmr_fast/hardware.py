@@ -142,7 +142,7 @@ FPMATH_PROBE_SHAPE = (16, 2048, 64)
 def onednn_fpmath_bf16_is_exact() -> bool:
     """Whether oneDNN's bf16 "fpmath" mode (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``)
     computes an fp32 product as its definition reads: both inputs rounded to bf16, every product
-    summed in fp32. Checked once per process on one product at FPMATH_PROBE_SHAPE of fresh fp32
+    summed in fp32. Checked once per process on one product at FPMATH_PROBE_SHAPE of fixed-seed fp32
     inputs against the float64 product of their bf16-rounded values, in relative norm within
     2^-16 + 4 sqrt(K) 2^-24 (two fp32 sums' worth of rounding over K = 2,048: ~2e-5). An AMX
     Xeon holds it (~1e-6); an AMD EPYC (Zen 4) does not: there oneDNN 3.12 runs the mode in its
