@@ -233,6 +233,8 @@ def ranking_figure(manifest, precision: str) -> float | None:
 # with fp32 or ahead even at AMX's ratio; the CPUs measured so far sit far from the line on both
 # sides (Zen 5: 3.2-4.9x; an AMX Xeon with its tiles refused: 0.45-0.5x).
 BF16_MIN_GEMM_SPEEDUP = 1.5
+# bf16-vision routes pairs with an image on such a CPU only from this ratio up (why: beside IMAGES_BF16_GEMM).
+BF16_VISION_MIN_GEMM_SPEEDUP = 2.0
 
 # int8 goes before fp32 without AMX only where onnxruntime's int8 GEMM measures at least this
 # many times its fp32 one here (hardware.onnxruntime_int8_speedup). End to end an int8 engine keeps
@@ -377,9 +379,14 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # GEMM is 4-8x fp32's (1,300-2,750 against 290-340 GFLOP/s at GMR-3B shapes on an AMX Xeon,
 # README "Precision"), so fp32 images fall to HF bf16's speed (0.38 against 0.34 pairs/s on the
 # image workload), while bf16-gemm ran it at 0.63-0.83 pairs/s (1.9-2.2x HF bf16) ranking at tau 0.996.
-# Elsewhere (AVX512-BF16 without AMX) fp32 stays the default: on an AMD EPYC Zen 4, whose bf16 GEMM
-# is only 2.3x its fp32 one, bf16-gemm ran MRB t2i pairs at 0.78x fp32 and bf16-vision at 1.40x
-# (32 pairs, one task; README "Precision"), too little measured yet to switch on such CPUs.
+# Elsewhere (AVX512-BF16 without AMX) bf16-vision is the only routed mode auto takes, and only where
+# torch's bf16 GEMM measures at least BF16_VISION_MIN_GEMM_SPEEDUP times its fp32 one: bf16-vision's
+# decoder runs each projection as two bf16 GEMMs (the input's hi and lo halves), which break even
+# with one fp32 GEMM at 2x, so above it the decoder loses nothing while the vision tower (plain bf16)
+# gains. On an AMD EPYC Zen 4 (bf16 GEMM 2.3x fp32; oneDNN's fpmath mode is not exact there, so
+# attention stays fp32) bf16-vision ran MRB t2i 1.40x and then 1.29x, it2it 1.37x and i2t 1.02x the
+# fp32 route's rate (README "MRB workload", "Precision"), while bf16-gemm ran t2i at 0.78x fp32, and
+# bf16x3 (three bf16 GEMMs per product) cannot gain below 3x.
 # Why bf16-vision goes first where the export validated it too: most of bf16's image error is the
 # decoder's. On that Xeon (GMR-3B width, 6 + 8 layers, t2i and it2it, 3 queries x 16 candidates,
 # images of 256-768 tokens), the mean distance to fp32 of per-query-centred scores was 0.0106 and
@@ -400,6 +407,10 @@ IMAGES_BF16_VISION = ("pairs with an image run the vision tower in bf16 and the 
 IMAGES_BF16X3 = ("pairs with an image run fp32 over the same bf16 weights with each matrix product as three bf16 "
                  "products on the AMX hardware (bf16x3: the fp32 model within ~2^-15 per product, no tensor rounded "
                  "to bf16): fp32's own GEMM runs at a quarter or less of bf16's on AMX")
+IMAGES_BF16_VISION_NO_AMX = ("pairs with an image run the vision tower in bf16 and the decoder fp32 over the same bf16 "
+                             "weights, each projection as two bf16 GEMMs (bf16-vision): torch's bf16 GEMM measured "
+                             "{speedup:.1f}x fp32 on this CPU (>= {floor}), where two of them cost no more than one "
+                             "fp32 GEMM while the vision tower gains")
 IMAGES_IN_FP32 = ("pairs with an image run fp32 over the same bf16 weights: bf16 ranked images at tau 0.968-0.9798 "
                   f"< {AUTO_MIN_TAU} against fp32 at GMR-3B width on the CPUs measured (README \"Precision\")")
 
@@ -443,7 +454,9 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
     hold), "same" refuses it, "auto" takes one where ``auto`` chose bf16 on a CPU and the engine
     allows it: on a CPU with usable AMX, bf16-vision (IMAGES_BF16_VISION), else bf16-gemm
     (IMAGES_BF16_GEMM), else bf16x3 (IMAGES_BF16X3), the first the export measured ranking within
-    AUTO_MIN_TAU of fp32; else fp32 (IMAGES_IN_FP32)."""
+    AUTO_MIN_TAU of fp32; without AMX, bf16-vision alone (IMAGES_BF16_VISION_NO_AMX) where torch's
+    bf16 GEMM measures at least BF16_VISION_MIN_GEMM_SPEEDUP times fp32 here and the export
+    validated it; else fp32 (IMAGES_IN_FP32)."""
     routed = ("fp32", "bf16x3", "bf16-gemm", "bf16-vision")
     if image_precision == "same" or precision != "bf16":
         if image_precision in routed:
@@ -464,11 +477,17 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
                               "bf16,"}[image_precision]
         return image_precision, f"pairs with an image run {how} over the same bf16 weights (requested)"
     if requested == "auto" and possible and not device.startswith("cuda"):
-        if hardware.bf16_kernel() != "AMX":
-            return "fp32", IMAGES_IN_FP32
         passed = []
-        for mode, why in (("bf16-vision", IMAGES_BF16_VISION), ("bf16-gemm", IMAGES_BF16_GEMM),
-                          ("bf16x3", IMAGES_BF16X3)):
+        modes = (("bf16-vision", IMAGES_BF16_VISION), ("bf16-gemm", IMAGES_BF16_GEMM), ("bf16x3", IMAGES_BF16X3))
+        if hardware.bf16_kernel() != "AMX":
+            speedup = hardware.torch_bf16_speedup()
+            if speedup is None or speedup < BF16_VISION_MIN_GEMM_SPEEDUP:
+                measured = "not measured" if speedup is None else f"measured {speedup:.1f}x fp32"
+                return "fp32", (f"{IMAGES_IN_FP32}; bf16-vision passed over: torch's bf16 GEMM {measured} on this "
+                                f"CPU (< {BF16_VISION_MIN_GEMM_SPEEDUP})")
+            modes = (("bf16-vision", IMAGES_BF16_VISION_NO_AMX.format(speedup=speedup,
+                                                                       floor=BF16_VISION_MIN_GEMM_SPEEDUP)),)
+        for mode, why in modes:
             figures = bf16_gemm_images_figures(manifest, mode)
             tau = figures.get("query_kendall_tau_mean") if figures else None
             if tau is not None and tau >= AUTO_MIN_TAU:

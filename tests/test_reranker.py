@@ -524,8 +524,11 @@ def test_auto_runs_images_in_fp32_only_where_it_chose_bf16_and_the_weights_allow
     fp32_manifest, fp32_engine = all_precisions_engine
     assert bf16_holds_fp32(over) and bf16_holds_fp32(load_manifest(engines["pair"]))
     assert not bf16_holds_fp32(fp32_manifest)
-    monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")  # no AMX: fp32 alone
-    assert choose_image_precision(over, "auto", "bf16", "torch", "cpu", "auto") == ("fp32", IMAGES_IN_FP32)
+    # no AMX and a bf16 GEMM under 2x fp32: fp32 alone (bf16-vision's two GEMMs per projection would lose)
+    monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
+    monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: 1.7)
+    chosen, why = choose_image_precision(over, "auto", "bf16", "torch", "cpu", "auto")
+    assert chosen == "fp32" and why.startswith(IMAGES_IN_FP32) and "measured 1.7x fp32 on this CPU (< 2.0)" in why
     for args in (("bf16", "bf16", "torch", "cpu"), ("auto", "bf16", "torch", "cuda"), ("auto", "fp32", "torch", "cpu")):
         assert choose_image_precision(over, *args, "auto")[0] is None, args
     assert choose_image_precision(over, "auto", "bf16", "torch", "cpu", "same")[0] is None
@@ -780,13 +783,14 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     """``image_precision="auto"`` beside bf16 on a CPU: where the CPU has usable AMX, bf16-vision,
     else bf16-gemm, else bf16x3, the first the export recorded ranking within AUTO_MIN_TAU (the
     bf16 variant's ``validation.bf16_vision_images``, ``validation.bf16_gemm_images`` and
-    ``validation.bf16x3_images``), else fp32, saying why; the export records the three figures
-    wherever this CPU has a bf16 kernel."""
+    ``validation.bf16x3_images``), else fp32, saying why; without AMX only bf16-vision, and only
+    where torch's bf16 GEMM measures >= 2x fp32; the export records the three figures wherever
+    this CPU has a bf16 kernel."""
     import dataclasses
 
     from gmr_fast import hardware
-    from gmr_fast.reranker import (AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_BF16_VISION, IMAGES_BF16X3,
-                                   IMAGES_IN_FP32, ROUTED_FIGURES, choose_image_precision)
+    from gmr_fast.reranker import (AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_BF16_VISION, IMAGES_BF16_VISION_NO_AMX,
+                                   IMAGES_BF16X3, IMAGES_IN_FP32, ROUTED_FIGURES, choose_image_precision)
 
     _, over, _ = bf16_checkpoint
     for key in ROUTED_FIGURES.values():
@@ -826,8 +830,22 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     chosen, why = choose_image_precision(with_tau(None), *args)
     assert chosen == "fp32" and "not measured by this export" in why
     assert choose_image_precision(with_tau(0.99), "auto", "bf16", "torch", "cuda", "auto")[0] is None
+    # without AMX: bf16-vision alone, where torch's bf16 GEMM is >= 2x fp32 here and the export validated it
     monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
-    assert choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0), *args) == ("fp32", IMAGES_IN_FP32)
+    monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: 2.3)
+    chosen, why = choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0), *args)
+    assert chosen == "bf16-vision" and why == (IMAGES_BF16_VISION_NO_AMX.format(speedup=2.3, floor=2.0)
+                                               + f"; validated ranking tau 0.990 >= {AUTO_MIN_TAU}")
+    assert "AMX" not in why.replace("NO_AMX", "")
+    chosen, why = choose_image_precision(with_tau(0.99, vision=0.975, x3=1.0), *args)  # never bf16-gemm, bf16x3
+    assert chosen == "fp32" and why.startswith(IMAGES_IN_FP32)
+    assert "bf16-vision passed over: validated ranking tau 0.975" in why
+    assert "bf16-gemm" not in why and "bf16x3" not in why
+    assert choose_image_precision(with_tau(0.99), *args)[0] == "fp32"
+    for speedup, said in ((1.9, "measured 1.9x fp32"), (None, "not measured")):
+        monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: speedup)
+        chosen, why = choose_image_precision(with_tau(0.99, vision=0.99), *args)
+        assert chosen == "fp32" and why.startswith(IMAGES_IN_FP32) and f"{said} on this CPU (< 2.0)" in why
     with pytest.raises(gmr_fast.ConfigError, match="runs beside bf16"):
         choose_image_precision(with_tau(0.99), "fp32", "fp32", "torch", "cpu", "bf16-gemm")
 
