@@ -122,44 +122,67 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
             c[:] = [(q, d) for _, d in c]
     else:
         calls = [[(text(4, 12), {"image": _image(rng, 256, 768)})] for _ in range(requests + 1)]
+    vision = [0.0]  # seconds in the vision tower during the current call: where a call's time goes
     if kind == "gmr":
         from gmr_fast import Reranker
 
         r = Reranker(path)
         lanes = r.choice["lanes"]
+        encode = r.backend.encode_images
+
+        def timed_encode(batch):  # the worker thread's vision run; the decoder waits for it
+            start = time.perf_counter()
+            try:
+                return encode(batch)
+            finally:
+                vision[0] += time.perf_counter() - start
+
+        r.backend.encode_images = timed_encode
         run = lambda pairs: r.rank(pairs[0][0], [d for _, d in pairs])  # noqa: E731
     else:
         from hf_baseline import HFStrong
 
         hf = HFStrong(path, kind.split("_")[1])
         lanes = None
+        model = hf.ref.model
+        visual = model.model.visual if hasattr(getattr(model, "model", None), "visual") else model.visual
+        began = [0.0]
+        visual.register_forward_pre_hook(lambda *_: began.__setitem__(0, time.perf_counter()))
+        visual.register_forward_hook(lambda *_: vision.__setitem__(0, vision[0] + time.perf_counter() - began[0]))
         run = lambda pairs: hf.score(pairs)  # noqa: E731
     run(calls[0])
-    times = []
+    times, vision_times = [], []
     for c in calls[1:]:
+        vision[0] = 0.0
         start = time.perf_counter()
         run(c)
         times.append(time.perf_counter() - start)
+        vision_times.append(vision[0])
     return {"p50_ms": 1e3 * float(np.percentile(times, 50)), "p95_ms": 1e3 * float(np.percentile(times, 95)),
-            "requests": requests, "times_ms": [1e3 * t for t in times], "lanes": lanes}
+            "requests": requests, "times_ms": [1e3 * t for t in times], "lanes": lanes,
+            "vision_ms": [1e3 * t for t in vision_times]}
 
 
 def interleaved(runs: dict, rounds: int) -> dict:
     """Runs each ``name: (args...)`` latency child ``rounds`` times, alternating between them,
     and pools their calls: this VM's speed drifts by up to 2x over minutes (measured), so
     measuring one contender after the other would compare different machines."""
-    pooled: dict = {name: {"times_ms": [], "wall_seconds": 0.0, "peak_rss_bytes": 0} for name in runs}
+    pooled: dict = {name: {"times_ms": [], "vision_ms": [], "wall_seconds": 0.0, "peak_rss_bytes": 0} for name in runs}
     for _ in range(rounds):
         for name, args in runs.items():
             row = in_child("mrb_workload:child_latency", *args)
             p = pooled[name]
             p["times_ms"] += row["times_ms"]
+            p["vision_ms"] += row["vision_ms"]
             p["wall_seconds"] += row["wall_seconds"]
             p["peak_rss_bytes"] = max(p["peak_rss_bytes"], row["peak_rss_bytes"])
             p["lanes"] = row.get("lanes")
     for p in pooled.values():
         p.update(requests=len(p["times_ms"]), p50_ms=float(np.percentile(p["times_ms"], 50)),
-                 p95_ms=float(np.percentile(p["times_ms"], 95)))
+                 p95_ms=float(np.percentile(p["times_ms"], 95)),
+                 # the rest of each call: prompt, preprocessing and the decoder (the decoder dominates)
+                 vision_p50_ms=float(np.percentile(p["vision_ms"], 50)),
+                 rest_p50_ms=float(np.percentile(np.subtract(p["times_ms"], p["vision_ms"]), 50)))
     return pooled
 
 
