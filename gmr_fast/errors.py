@@ -14,7 +14,7 @@ class GmrError(Exception):
 
 
 class CoreError(GmrError, ValueError):
-    """The native core (C++) refused its arguments; raised by ``gmr_fast._core``."""
+    """The native core (C++) refused its arguments; raised by ``gmr_fast._core`` and ``gmr_fast._dnnl``."""
 
 
 class ConfigError(GmrError, ValueError):

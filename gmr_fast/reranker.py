@@ -235,6 +235,9 @@ def ranking_figure(manifest, precision: str) -> float | None:
 BF16_MIN_GEMM_SPEEDUP = 1.5
 # bf16-vision routes pairs with an image on such a CPU only from this ratio up (why: beside IMAGES_BF16_GEMM).
 BF16_VISION_MIN_GEMM_SPEEDUP = 2.0
+# ... and from this one where the torch backend multiplies on gmr_fast._dnnl (backends.bf16_gemm),
+# whose bf16 GEMM writes fp32 results: one bf16 GEMM per projection then, not two.
+BF16_VISION_MIN_GEMM_SPEEDUP_ONE_GEMM = 1.0
 
 # int8 goes before fp32 without AMX only where onnxruntime's int8 GEMM measures at least this
 # many times its fp32 one here (hardware.onnxruntime_int8_speedup). End to end an int8 engine keeps
@@ -480,13 +483,20 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
         passed = []
         modes = (("bf16-vision", IMAGES_BF16_VISION), ("bf16-gemm", IMAGES_BF16_GEMM), ("bf16x3", IMAGES_BF16X3))
         if hardware.bf16_kernel() != "AMX":
+            from .backends import bf16_gemm
+
             speedup = hardware.torch_bf16_speedup()
-            if speedup is None or speedup < BF16_VISION_MIN_GEMM_SPEEDUP:
+            one_gemm = bf16_gemm.load() is not None
+            floor = BF16_VISION_MIN_GEMM_SPEEDUP_ONE_GEMM if one_gemm else BF16_VISION_MIN_GEMM_SPEEDUP
+            if speedup is None or speedup < floor:
                 measured = "not measured" if speedup is None else f"measured {speedup:.1f}x fp32"
                 return "fp32", (f"{IMAGES_IN_FP32}; bf16-vision passed over: torch's bf16 GEMM {measured} on this "
-                                f"CPU (< {BF16_VISION_MIN_GEMM_SPEEDUP})")
-            modes = (("bf16-vision", IMAGES_BF16_VISION_NO_AMX.format(speedup=speedup,
-                                                                       floor=BF16_VISION_MIN_GEMM_SPEEDUP)),)
+                                f"CPU (< {floor})")
+            why = IMAGES_BF16_VISION_NO_AMX.format(speedup=speedup, floor=floor)
+            if one_gemm:
+                why = why.replace("each projection as two bf16 GEMMs", "each projection as one bf16 GEMM with fp32 "
+                                  "results (gmr_fast._dnnl)").replace("two of them cost", "it costs")
+            modes = (("bf16-vision", why),)
         for mode, why in modes:
             figures = bf16_gemm_images_figures(manifest, mode)
             tau = figures.get("query_kendall_tau_mean") if figures else None

@@ -460,16 +460,21 @@ def test_images_run_fp32_beside_bf16_over_one_weight_set(bf16_checkpoint, engine
         for (name, a), (_, b) in zip(dec.named_modules(), exact.named_modules()):
             if hasattr(a, "upcast"):
                 assert a.weight.data_ptr() == b.weight.data_ptr() and a.weight.dtype == torch.bfloat16, name
-                assert b.upcast and not a.upcast and (a.packed is not None) == r.backend.onednn, name
+                assert b.upcast and not a.upcast and _packed(a) == r.backend.onednn, name
         assert all(m.upcast for m in r.backend.vision.modules() if hasattr(m, "upcast"))
     # one pair at a time; gemm=onednn names the fp32 decoder's GEMM; no packed copy asked for
     single = Reranker(engines[engine], precision="bf16", image_precision="fp32",
                       backend_options={"gemm": "onednn", "packed_copy": "off"})
-    assert single.backend.decoder.layers[0].q.packed is None
+    assert not _packed(single.backend.decoder.layers[0].q)
     # pairs with an image of their own: scored alone, a text pair is not routed (its query's image
     # documents are not in the call)
     some = [i for i in range(len(pairs)) if _has_image(pairs[i])][:3]
     assert np.abs(np.array([single.score([pairs[i]])[0] for i in some]) - expected[some]).max() <= 1e-4
+
+
+def _packed(proj) -> bool:
+    """Whether a projection multiplies a packed weight: torch's oneDNN copy or gmr_fast._dnnl's."""
+    return proj.packed is not None or proj.dnnl is not None
 
 
 def test_text_pairs_run_a_packed_copy_beside_the_shared_weights_where_memory_allows(bf16_checkpoint, rng,
@@ -491,20 +496,20 @@ def test_text_pairs_run_a_packed_copy_beside_the_shared_weights_where_memory_all
     text = [p for p, routed in zip(pairs, _routed(pairs)) if not routed]
     r = Reranker(engines["over"], precision="bf16", image_precision="fp32")
     q, exact_q = r.backend.decoder.layers[0].q, r.backend.exact_decoder.layers[0].q
-    assert r.backend.onednn == runs and (q.packed is not None) == runs
+    assert r.backend.onednn == runs and _packed(q) == runs
     assert q.weight.numel() > 0 and q.weight.data_ptr() == exact_q.weight.data_ptr()  # the plain weights stay shared
     assert ("packed copy" in r.choice["gemm"]) == runs
     plain = Reranker(engines["over"], precision="bf16", image_precision="same")  # packed wherever oneDNN runs bf16
     assert np.array_equal(r.score(text), plain.score(text))
     monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
     small = Reranker(engines["over"], precision="bf16", image_precision="fp32")
-    assert not small.backend.onednn and small.backend.decoder.layers[0].q.packed is None
+    assert not small.backend.onednn and not _packed(small.backend.decoder.layers[0].q)
     off = Reranker(engines["over"], precision="bf16", image_precision="fp32", backend_options={"packed_copy": "off"})
-    assert off.backend.decoder.layers[0].q.packed is None
+    assert not _packed(off.backend.decoder.layers[0].q)
     if runs:
         forced = Reranker(engines["over"], precision="bf16", image_precision="fp32",
                           backend_options={"packed_copy": "on"})
-        assert forced.backend.decoder.layers[0].q.packed is not None
+        assert _packed(forced.backend.decoder.layers[0].q)
     else:
         with pytest.raises(gmr_fast.BackendError, match="packed_copy=on"):
             Reranker(engines["over"], precision="bf16", image_precision="fp32", backend_options={"packed_copy": "on"})
@@ -565,15 +570,17 @@ def _bf16_hardware_case(bf16_checkpoint, rng, mode: str, singles: int):
 def _split_reranker(engine_dir, mode: str, split: str, **options):
     """A bf16 Reranker with ``image_precision=mode`` after checking that its weights are held once,
     packed: every fp32 projection (decoder and vision tower) is Proj ``split`` over the bf16
-    decoder's own packed tensor, whose plain copy is gone. Returns it and the list its fp32
-    decoder's runs append oneDNN's fp32 matmul mode to."""
+    decoder's own packed tensor (torch's, or gmr_fast._dnnl's where it loads: backends.bf16_gemm),
+    whose plain copy is gone. Returns it and the list its fp32 decoder's runs append oneDNN's fp32
+    matmul mode to."""
     import torch
 
     r = Reranker(engine_dir, precision="bf16", image_precision=mode, **options)
     exact = {n: m for n, m in r.backend.exact_decoder.named_modules() if hasattr(m, "upcast")}
     plain = {n: m for n, m in r.backend.decoder.named_modules() if hasattr(m, "upcast")}
-    assert exact and all(m.upcast == split and m.packed is plain[n].packed and plain[n].weight.numel() == 0
-                         for n, m in exact.items())
+    held = "dnnl" if r.backend.dnnl is not None else "packed"
+    assert exact and all(m.upcast == split and getattr(m, held) is not None and getattr(m, held) is getattr(plain[n], held)
+                         and plain[n].weight.numel() == 0 for n, m in exact.items())
     assert all(m.upcast == split for m in r.backend.vision.modules() if hasattr(m, "upcast"))
     seen, forward = [], r.backend.exact_decoder.forward
 
@@ -662,6 +669,69 @@ def test_split_products_are_fp32_sums_of_bf16_rounded_inputs(rng):
 
         assert split3.dtype == torch.float32 and rel32(split3) < 3 * 2 ** -16 + 4 * fan_in ** 0.5 * 2 ** -24
         assert rel32(split) > 10 * rel32(split3), (fan_in, rel32(split), rel32(split3))
+
+
+def test_onednn_bf16_gemm_writes_fp32_sums_in_one_product(rng):
+    """gmr_fast._dnnl (backends.bf16_gemm), which the torch backend's packed bf16 projections run
+    where it loads: wherever this CPU has bf16 matrix hardware it loads (the wheel's oneDNN is
+    installed with the test extra). Proj "split" on it equals the exact product of bf16-rounded x
+    (float64) within fp32 summation alone (4 sqrt(K) 2^-24 in relative norm, K the reduction size:
+    oneDNN writes the fp32 accumulator, where torch's two GEMMs leave 2^-16), bias included;
+    "split3" equals the fp32 product of x itself within 2^-16 (x's rest rounded to bf16: 2^-8 of
+    2^-8) plus that summation; a bf16 projection on it rounds the same sum to bf16 (within 2^-8,
+    one rounding). 2-D and 3-D inputs, fresh random values; several threads at once give each
+    call's own result (one scratchpad per call). Bad shapes are a clear error."""
+    import concurrent.futures
+
+    import torch
+
+    from gmr_fast import hardware
+    from gmr_fast.backends import bf16_gemm
+    from gmr_fast.graphs.common import Proj
+
+    module = bf16_gemm.load()
+    if hardware.bf16_kernel() is None:
+        return  # oneDNN may still run bf16 here (emulated), but no backend asks it to
+    assert module is not None, bf16_gemm.unavailable()
+    for fan_in, fan_out, bias, shape in ((64, 96, True, (5,)), (2048, 512, False, (33,)), (1280, 384, True, (2, 9)),
+                                         (11008, 256, True, (17,))):
+        w = torch.from_numpy(rng.standard_normal((fan_out, fan_in), dtype=np.float32) * fan_in ** -0.5).bfloat16()
+        x = torch.from_numpy(rng.standard_normal((*shape, fan_in), dtype=np.float32))
+        b = torch.from_numpy(rng.standard_normal(fan_out, dtype=np.float32)).bfloat16().float() if bias else None
+        add = b.double() if bias else 0
+        rounded = x.bfloat16().double() @ w.double().t() + add
+        fp32 = x.double() @ w.double().t() + add
+        proj = Proj(fan_in, fan_out, bias)
+        proj.dnnl = module.PackedBf16Weight(w.contiguous().view(torch.int16).numpy())
+        proj.dnnl_bias = b.numpy() if bias else None
+        summation = 4 * fan_in ** 0.5 * 2 ** -24
+
+        def rel(y, ref):
+            return float((y.double() - ref).norm() / ref.norm())
+
+        with torch.inference_mode():
+            proj.upcast = "split"
+            split = proj(x)
+            proj.upcast = "split3"
+            split3 = proj(x)
+            proj.upcast = None
+            rounded_out = proj(x)
+        assert split.dtype == torch.float32 and split.shape == rounded.shape
+        assert rel(split, rounded) < summation, (fan_in, rel(split, rounded))
+        assert rel(split3, fp32) < 2 ** -16 + summation, (fan_in, rel(split3, fp32))
+        assert rounded_out.dtype == torch.bfloat16 and torch.equal(rounded_out, split.bfloat16())
+        # concurrent calls on one packed weight, each its own rows
+        xs = [torch.from_numpy(rng.standard_normal((7 + i, fan_in), dtype=np.float32)) for i in range(6)]
+        proj.upcast = "split"
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            outs = list(pool.map(lambda t: proj(t), xs))
+        for t, y in zip(xs, outs):
+            assert rel(y, t.bfloat16().double() @ w.double().t() + add) < summation
+    packed = module.PackedBf16Weight(w.contiguous().view(torch.int16).numpy())
+    with pytest.raises(gmr_fast.errors.CoreError, match="columns"):
+        packed.multiply(np.zeros((2, fan_in + 1), np.int16), np.zeros((2, fan_out), np.float32))
+    with pytest.raises(gmr_fast.errors.CoreError, match="row counts"):
+        packed.multiply(np.zeros((2, fan_in), np.int16), np.zeros((3, fan_out), np.float32))
 
 
 def test_bf16_gemm_images_are_fp32_tensors_with_bf16_products(bf16_checkpoint, rng):
@@ -830,7 +900,11 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     chosen, why = choose_image_precision(with_tau(None), *args)
     assert chosen == "fp32" and "not measured by this export" in why
     assert choose_image_precision(with_tau(0.99), "auto", "bf16", "torch", "cuda", "auto")[0] is None
-    # without AMX: bf16-vision alone, where torch's bf16 GEMM is >= 2x fp32 here and the export validated it
+    # without AMX: bf16-vision alone, where torch's bf16 GEMM is >= 2x fp32 here (two bf16 GEMMs per
+    # projection: gmr_fast._dnnl not there) and the export validated it
+    from gmr_fast.backends import bf16_gemm
+
+    monkeypatch.setattr(bf16_gemm, "load", lambda: None)
     monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
     monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: 2.3)
     chosen, why = choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0), *args)
@@ -846,6 +920,14 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
         monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: speedup)
         chosen, why = choose_image_precision(with_tau(0.99, vision=0.99), *args)
         assert chosen == "fp32" and why.startswith(IMAGES_IN_FP32) and f"{said} on this CPU (< 2.0)" in why
+    # with gmr_fast._dnnl (one bf16 GEMM with fp32 results per projection): from 1x fp32 up
+    monkeypatch.setattr(bf16_gemm, "load", lambda: object())
+    for speedup, chosen_mode in ((1.5, "bf16-vision"), (0.9, "fp32")):
+        monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: speedup)
+        chosen, why = choose_image_precision(with_tau(0.99, vision=0.99), *args)
+        assert chosen == chosen_mode, (speedup, why)
+        assert ("one bf16 GEMM with fp32 results" in why) == (chosen == "bf16-vision")
+        assert chosen == "bf16-vision" or "measured 0.9x fp32 on this CPU (< 1.0)" in why
     with pytest.raises(gmr_fast.ConfigError, match="runs beside bf16"):
         choose_image_precision(with_tau(0.99), "fp32", "fp32", "torch", "cpu", "bf16-gemm")
 

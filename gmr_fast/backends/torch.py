@@ -115,7 +115,7 @@ class TorchBackend:
 
     def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
                  attention: str = "sdpa", gemm: str = "auto", exact_images: bool | str = False,
-                 packed_copy: bool | str = "auto"):
+                 packed_copy: bool | str = "auto", bf16_gemm: str = "auto"):
         _first_import_apart()
         try:
             import torch
@@ -161,6 +161,9 @@ class TorchBackend:
         # Under bf16-gemm, bf16-vision and bf16x3 the fp32 decoder multiplies the bf16 decoder's
         # packed weights (Proj "split"), so there is one copy, packed, and packed_copy has nothing to decide.
         split = exact_images in SPLIT_PRODUCTS
+        # the bf16 projections' GEMM on a CPU: oneDNN's own (gmr_fast._dnnl), which also gives fp32
+        # results (the split products: one bf16 GEMM where torch needs two; backends.bf16_gemm), or torch's
+        self.dnnl = self._bf16_gemm(bf16_gemm) if device == "cpu" and precision == "bf16" else None
         self.onednn = (True if split else self._packed_copy(packed_copy, source.weights) if exact_images
                        else self._use_onednn(gemm, precision))
         weights = source.weights
@@ -195,7 +198,7 @@ class TorchBackend:
             projs = {n: m for n, m in self.decoder.named_modules() if isinstance(m, Proj)}
             shared = {n: p.data for n, p in self.decoder.named_parameters() if p.dtype == torch.bfloat16
                       and (n == "embed" or n.endswith(".weight") and n[:-len(".weight")] in projs)}
-            packs = {n: m.packed for n, m in projs.items()}
+            packs = {n: m.packed if m.dnnl is None else m.dnnl for n, m in projs.items()}
             self._load(self.exact_decoder, engine_dir, weights["decoder"], torch.float32, upcast, shared=shared,
                        packs=packs if split else None)
         for module in (self.decoder, self.vision, self.exact_decoder):
@@ -216,6 +219,15 @@ class TorchBackend:
     def gemm(self) -> str:
         """Which GEMM the projections run (reported in Reranker.choice)."""
         gemm = "onednn" if self.onednn else "torch default"
+        if self.dnnl is not None and self.exact_images in SPLIT_PRODUCTS:
+            what = ("each projection two bf16 GEMMs with fp32 results (inputs split in two bf16 halves), attention fp32"
+                    if self.exact_images == "bf16x3" else
+                    "one bf16 GEMM with fp32 results per projection")
+            where = ("in the decoder (vision tower bf16)" if self.exact_images == "bf16-vision" else "throughout")
+            return (f"oneDNN's own bf16 GEMM (gmr_fast._dnnl) on packed bf16 weights; image batches fp32 tensors "
+                    f"{where}, {what}")
+        if self.dnnl is not None and self.onednn:
+            gemm = "oneDNN's own bf16 GEMM (gmr_fast._dnnl)"
         if self.exact_images == "bf16x3":
             return ("onednn on packed bf16 weights; image batches fp32 throughout, each projection three bf16 GEMMs "
                     "on the same packed weights (inputs split in two bf16 halves, fp32 sums), attention fp32")
@@ -224,7 +236,7 @@ class TorchBackend:
             return (f"onednn on packed bf16 weights; image batches fp32 tensors {where}, products on the bf16 "
                     "hardware (two bf16 GEMMs per projection on the same packed weights, fp32 sums)")
         if self.exact_decoder is not None:
-            gemm = "onednn on a packed copy of the bf16 weights" if self.onednn else gemm
+            gemm = f"{gemm} on a packed copy of the bf16 weights" if self.onednn else gemm
             return f"{gemm}; image batches fp32 tensors throughout, fp32, bf16 weights widened per call"
         return f"{gemm}, bf16 weights widened per call" if self.upcast else gemm
 
@@ -249,6 +261,22 @@ class TorchBackend:
         if gemm == "onednn":
             raise BackendError(f"gemm=onednn: this torch build's oneDNN does not run {precision} here")
         return False
+
+    def _bf16_gemm(self, setting: str):
+        """gmr_fast._dnnl for the packed bf16 projections ("auto": where it loads and runs here;
+        "onednn": required), or None ("torch": torch's oneDNN, two bf16 GEMMs per fp32 product).
+        Every packed bf16 projection of the backend takes the same GEMM, so a text pair's bf16
+        score does not depend on how image pairs are routed beside it."""
+        if setting not in ("auto", "onednn", "torch"):
+            raise BackendError(f"torch backend option bf16_gemm={setting!r}: expected auto, onednn or torch")
+        if setting == "torch":
+            return None
+        from . import bf16_gemm
+
+        module = bf16_gemm.load()
+        if module is None and setting == "onednn":
+            raise BackendError(f"bf16_gemm=onednn: {bf16_gemm.unavailable()}")
+        return module
 
     def _packed_copy(self, setting: bool | str, weights: dict) -> bool:
         """Whether the bf16 decoder keeps a packed copy beside the plain weights the fp32 decoder
@@ -283,7 +311,8 @@ class TorchBackend:
         embedding table (Proj.upcast; the splits pack them). ``exact``: a bf16 copy made of fp32 values must hold
         them exactly (fp32 over bf16 weights is then the fp32 model), else BackendError. ``shared``:
         tensors of another module over the same file, taken as they are (no second copy); ``packs``:
-        that module's packed weights, by projection, for the splits. ``onednn``: whether the
+        that module's packed weights, by projection, for the splits. With ``self.dnnl`` (gmr_fast._dnnl)
+        the splits and the packed bf16 projections run its packed weights (Proj.dnnl). ``onednn``: whether the
         projections run packed weights (default ``self.onednn``); ``keep_plain``: the plain ones
         stay beside them (exact_images=fp32 widens them)."""
         from ..graphs.common import Proj
@@ -332,7 +361,18 @@ class TorchBackend:
                 module.get_buffer(name).data = value.to(self.device)
         for name, proj in projs.items():
             proj.fused = True  # F.linear: the bias inside the GEMM (graphs.common.Proj)
-            if upcast in ("split", "split3"):  # two or three bf16 GEMMs on the packed weight, fp32 in and out
+            split = upcast in ("split", "split3")
+            bf16_packed = onednn and not upcast and proj.weight.dtype == torch.bfloat16
+            if self.dnnl is not None and (split or bf16_packed):
+                # one packed copy, shared by the bf16 decoder (bf16 results) and the fp32 one (fp32 results)
+                proj.upcast = upcast if split else None
+                proj.dnnl = (packs[name] if split and packs is not None
+                             else self.dnnl.PackedBf16Weight(proj.weight.t().contiguous().view(torch.int16).numpy()))
+                if proj.bias is not None:
+                    proj.dnnl_bias = np.ascontiguousarray(proj.bias.detach().float().numpy())
+                if not keep_plain:  # exact_images=fp32: the fp32 decoder shares the plain one (packed_copy)
+                    proj.weight.data = proj.weight.new_empty(0)
+            elif split:  # two or three bf16 GEMMs on the packed weight, fp32 in and out
                 proj.upcast = upcast
                 proj.packed = (packs[name] if packs is not None
                                else torch.ops.mkldnn._reorder_linear_weight(proj.weight.t(), None))

@@ -40,6 +40,12 @@ class Proj(nn.Module):
         # or bf16-vision) and "split3" (bf16x3): fp32 in and out over the packed bf16 weight, without
         # widening (_split).
         self.upcast = None
+        # The torch backend sets this on a CPU with oneDNN's own bf16 GEMM (backends.bf16_gemm): the
+        # weight packed by gmr_fast._dnnl, which writes fp32 results directly. "split" and "split3"
+        # then take one and two bf16 GEMMs instead of two and three, and a bf16 projection sharing
+        # the weight rounds its result to bf16 as torch's GEMM does. ``dnnl_bias``: the bias, fp32.
+        self.dnnl = None
+        self.dnnl_bias = None
 
     @property
     def compute_dtype(self):
@@ -81,7 +87,28 @@ class Proj(nn.Module):
             y += self.bias
         return y
 
+    def _onednn(self, x):
+        """``forward`` on gmr_fast._dnnl's packed weight: bf16 inputs, each output one fp32 sum
+        (bias included), kept fp32 under "split" (x rounded to bf16 once, as Bf16Gemm defines the
+        product), with x's rounding taken back by a second product under "split3" (fp32-accurate,
+        as _split's), else rounded to bf16."""
+        import torch
+
+        n, lead = self.dnnl.out_features, x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xb = x2.to(torch.bfloat16).contiguous()
+        fp32_out = self.upcast in ("split", "split3")
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32 if fp32_out else torch.bfloat16, device=x.device)
+        words = (lambda t: t.view(torch.int16).numpy())  # noqa: E731  (numpy has no bfloat16)
+        self.dnnl.multiply(words(xb), y.numpy() if fp32_out else words(y), self.dnnl_bias)
+        if self.upcast == "split3":
+            rest = (x2 - xb.float()).to(torch.bfloat16)
+            self.dnnl.multiply(words(rest), y.numpy(), None, True)
+        return y.reshape(*lead, n)
+
     def forward(self, x):
+        if self.dnnl is not None:
+            return self._onednn(x)
         if self.upcast in ("split", "split3"):
             return self._split(x)
         if self.upcast:
