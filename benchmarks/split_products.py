@@ -18,6 +18,10 @@ And two fp32-accurate ones (no input rounded to bf16), for ``image_precision="fp
 - ``fp32``: the weight widened per call, an fp32 GEMM (oneDNN's bf16 mode off);
 - ``split3``: ``split`` plus a third bf16 GEMM on x's own rounding residual (Proj "split3").
 
+Where gmr_fast._dnnl loads (backends.bf16_gemm: oneDNN's own bf16 GEMM, which writes fp32
+results), the same two products on its packed weight, as the backend now runs them:
+``onednn_split`` (one bf16 GEMM with fp32 results) and ``onednn_split3`` (two: x's rest too).
+
 For each GMR-3B projection shape (decoder and vision tower) and row count: the median time of
 ``--rounds`` calls, all alternated call by call (this VM drifts), and each one's relative
 error against float64 products of the same bf16-rounded inputs (``rel_error``) and of the fp32
@@ -60,6 +64,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import torch
 
+    from gmr_fast.backends import bf16_gemm
     from gmr_fast.backends.torch import Bf16Gemm, _onednn_linear_runs
     from gmr_fast.graphs.common import Proj
     from gmr_fast.memory import keep_freed_memory
@@ -70,14 +75,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(0)
     rows_list = [int(r) for r in a.rows.split(",")]
-    doc = {"machine": machine(), "threads": a.threads, "rounds": a.rounds, "results": []}
+    dnnl = bf16_gemm.load()
+    hows = ("widened", "split", "bf16", "fp32", "split3") + (("onednn_split", "onednn_split3") if dnnl else ())
+    doc = {"machine": machine(), "threads": a.threads, "rounds": a.rounds, "results": [],
+           "onednn_gemm": "gmr_fast._dnnl" if dnnl else f"not measured: {bf16_gemm.unavailable()}"}
     with torch.inference_mode():
         for name, (fan_in, fan_out, bias) in SHAPES.items():
             w = (torch.randn(fan_out, fan_in, generator=gen) * fan_in ** -0.5).bfloat16()  # [out, in]
             b = torch.randn(fan_out, generator=gen) * 0.1 if bias else None
             packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            own = dnnl.PackedBf16Weight(w.view(torch.int16).numpy()) if dnnl else None
             projs = {}
-            for how in ("widened", "split", "bf16", "fp32", "split3"):
+            for how in hows:
                 proj = Proj(fan_in, fan_out, bias)
                 proj.fused = True
                 proj.weight.data = w.t()  # a transposed view of [out, in] storage, as the backend keeps it
@@ -85,6 +94,9 @@ def main(argv=None) -> int:
                     proj.bias.data = b if how != "bf16" else b.bfloat16()
                 if how in ("widened", "fp32"):
                     proj.upcast = "onednn"
+                elif how.startswith("onednn_"):
+                    proj.upcast, proj.dnnl = how[len("onednn_"):], own
+                    proj.dnnl_bias = None if b is None else b.numpy()
                 else:
                     proj.upcast = how if how in ("split", "split3") else None
                     proj.packed = packed
@@ -114,32 +126,47 @@ def main(argv=None) -> int:
                        **{f"{how}_rel_error_fp32": e for how, e in errors32.items()}}
                 row["split_speedup_vs_widened"] = row["widened_ms"] / row["split_ms"]
                 row["split3_speedup_vs_fp32"] = row["fp32_ms"] / row["split3_ms"]
+                if dnnl:
+                    row["onednn_split_speedup_vs_split"] = row["split_ms"] / row["onednn_split_ms"]
+                    row["onednn_split3_speedup_vs_split3"] = row["split3_ms"] / row["onednn_split3_ms"]
                 doc["results"].append(row)
                 print(f"{name:16s} rows {rows:5d}: widened {row['widened_ms']:7.1f} ms, split {row['split_ms']:7.1f} "
                       f"({row['split_speedup_vs_widened']:.2f}x), bf16 {row['bf16_ms']:6.1f}; rel. error "
                       f"{errors['widened']:.1e} / {errors['split']:.1e} / {errors['bf16']:.1e}; fp32 "
                       f"{row['fp32_ms']:7.1f}, split3 {row['split3_ms']:7.1f} ({row['split3_speedup_vs_fp32']:.2f}x), "
-                      f"rel. error to fp32 {errors32['fp32']:.1e} / {errors32['split3']:.1e}", flush=True)
+                      f"rel. error to fp32 {errors32['fp32']:.1e} / {errors32['split3']:.1e}"
+                      + (f"; oneDNN's own: split {row['onednn_split_ms']:7.1f} ms ({row['onednn_split_speedup_vs_split']:.2f}x "
+                         f"torch's, rel. error {errors['onednn_split']:.1e}), split3 {row['onednn_split3_ms']:7.1f} "
+                         f"({row['onednn_split3_speedup_vs_split3']:.2f}x, {errors32['onednn_split3']:.1e})"
+                         if dnnl else ""), flush=True)
     for rows in rows_list:  # one decoder layer's projections, and one vision block's
         for part in ("decoder", "vision"):
             sel = [r for r in doc["results"] if r["rows"] == rows and r["projection"].startswith(part)]
-            total = {how: sum(r[f"{how}_ms"] for r in sel) for how in ("widened", "split", "bf16", "fp32", "split3")}
-            doc.setdefault("per_layer", []).append({"part": part, "rows": rows,
-                                                    **{f"{h}_ms": v for h, v in total.items()},
-                                                    "split_speedup_vs_widened": total["widened"] / total["split"],
-                                                    "split3_speedup_vs_fp32": total["fp32"] / total["split3"]})
+            total = {how: sum(r[f"{how}_ms"] for r in sel) for how in hows}
+            layer = {"part": part, "rows": rows, **{f"{h}_ms": v for h, v in total.items()},
+                     "split_speedup_vs_widened": total["widened"] / total["split"],
+                     "split3_speedup_vs_fp32": total["fp32"] / total["split3"]}
+            if dnnl:
+                layer["onednn_split_speedup_vs_split"] = total["split"] / total["onednn_split"]
+                layer["onednn_split3_speedup_vs_split3"] = total["split3"] / total["onednn_split3"]
+            doc.setdefault("per_layer", []).append(layer)
     write(a.out, doc)
     print(table(doc))
     return 0
 
 
 def table(doc: dict) -> str:
+    own = "onednn_split_ms" in doc["per_layer"][0]
     lines = ["| one layer's projections | rows | widened + fpmath ms | split ms | speed-up | fp32 widened ms | "
-             "split3 ms | speed-up | bf16 (floor) ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "split3 ms | speed-up | bf16 (floor) ms |" + (" oneDNN's own split ms | vs split | split3 ms | vs split3 |"
+                                                          if own else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if own else "")]
     for r in doc["per_layer"]:
         lines.append(f"| {r['part']} | {r['rows']} | {r['widened_ms']:.1f} | {r['split_ms']:.1f} | "
                      f"{r['split_speedup_vs_widened']:.2f}x | {r['fp32_ms']:.1f} | {r['split3_ms']:.1f} | "
-                     f"{r['split3_speedup_vs_fp32']:.2f}x | {r['bf16_ms']:.1f} |")
+                     f"{r['split3_speedup_vs_fp32']:.2f}x | {r['bf16_ms']:.1f} |"
+                     + (f" {r['onednn_split_ms']:.1f} | {r['onednn_split_speedup_vs_split']:.2f}x | "
+                        f"{r['onednn_split3_ms']:.1f} | {r['onednn_split3_speedup_vs_split3']:.2f}x |" if own else ""))
     return "\n".join(lines)
 
 

@@ -34,11 +34,15 @@ def _library_path() -> str | None:
 
 
 def load():
-    """gmr_fast._dnnl ready to use, or None (``unavailable()`` says why). Import torch first: the
-    library then binds to torch's OpenMP runtime."""
+    """gmr_fast._dnnl ready to use, or None (``unavailable()`` says why). torch is imported first
+    where installed, so that the library binds to torch's OpenMP runtime."""
     with _lock:
         if "module" in _state:
             return _state["module"]
+        try:
+            import torch  # noqa: F401  (its libgomp first)
+        except ImportError:
+            pass
         module, why = None, None
         path = _library_path()
         if path is None:
