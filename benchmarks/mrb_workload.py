@@ -70,11 +70,12 @@ def sample_indices(n: int, k: int) -> list[int]:
 
 
 def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool, sample: int,
-              lanes: int | None = None, image_precision: str = "auto") -> dict:
+              lanes: int | None = None, image_precision: str = "auto", backend_options: dict | None = None) -> dict:
     from gmr_fast import Reranker
 
     pairs = task_pairs(task, queries, candidates)
-    r = Reranker(engine, share_prefix=share, lanes=lanes, image_precision=image_precision)
+    r = Reranker(engine, share_prefix=share, lanes=lanes, image_precision=image_precision,
+                 backend_options=backend_options or {})
     r.score(task_pairs(task, 1, 2, seed=99))  # warm-up on other pairs
     start = time.perf_counter()
     scores = r.score(pairs)
@@ -123,10 +124,10 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
     else:
         calls = [[(text(4, 12), {"image": _image(rng, 256, 768)})] for _ in range(requests + 1)]
     vision = [0.0]  # seconds in the vision tower during the current call: where a call's time goes
-    if kind == "gmr":
+    if kind.startswith("gmr"):  # gmr, or gmr_torch_gemm: torch's own bf16 GEMMs (--torch-gemm)
         from gmr_fast import Reranker
 
-        r = Reranker(path)
+        r = Reranker(path, backend_options={"bf16_gemm": "torch"} if kind == "gmr_torch_gemm" else {})
         lanes = r.choice["lanes"]
         encode = r.backend.encode_images
 
@@ -215,6 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--image-precisions", default="",
                    help="more gmr rows (prefixes shared): the default engine with each image_precision named "
                         "(fp32, bf16x3, bf16-gemm, bf16-vision, same), beside auto's")
+    p.add_argument("--torch-gemm", action="store_true",
+                   help="also run gmr (prefixes shared) on torch's own bf16 GEMMs (backend option bf16_gemm=torch: "
+                        "two per fp32 product) beside gmr_fast._dnnl's, in the same run")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
     a = p.parse_args(argv)
@@ -241,6 +245,10 @@ def main(argv=None) -> int:
         for ip in filter(None, a.image_precisions.split(",")):
             rows[f"gmr_shared_{ip}"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
                                                 True, a.hf_sample, None, ip)
+        if a.torch_gemm:
+            rows["gmr_shared_torch_gemm"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
+                                                     a.candidates, True, a.hf_sample, None, "auto",
+                                                     {"bf16_gemm": "torch"})
         if a.one_lane:
             rows["gmr_shared_one_lane"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
                                                    True, a.hf_sample, 1)
@@ -259,6 +267,8 @@ def main(argv=None) -> int:
         lat = {}
         for what in a.latency_calls.split(","):
             runs = {"gmr": ("gmr", str(engine), what, a.latency_requests)}
+            if a.torch_gemm:
+                runs["gmr_torch_gemm"] = ("gmr_torch_gemm", str(engine), what, a.latency_requests)
             runs.update({f"hf_{d}": (f"hf_{d}", str(ckpt), what, a.latency_requests) for d in a.latency_hf.split(",")})
             if a.hf_kept_heap:
                 runs["hf_bf16_kept_heap"] = ("hf_bf16", str(ckpt), what, a.latency_requests, True)
