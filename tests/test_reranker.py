@@ -529,7 +529,11 @@ def test_auto_runs_images_in_fp32_only_where_it_chose_bf16_and_the_weights_allow
     fp32_manifest, fp32_engine = all_precisions_engine
     assert bf16_holds_fp32(over) and bf16_holds_fp32(load_manifest(engines["pair"]))
     assert not bf16_holds_fp32(fp32_manifest)
-    # no AMX and a bf16 GEMM under 2x fp32: fp32 alone (bf16-vision's two GEMMs per projection would lose)
+    # no AMX, no gmr_fast._dnnl and a bf16 GEMM under 2x fp32: fp32 alone (bf16-vision's two GEMMs
+    # per projection would lose; with _dnnl's one GEMM the floor is 1x: the test above)
+    from gmr_fast.backends import bf16_gemm
+
+    monkeypatch.setattr(bf16_gemm, "load", lambda: None)
     monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
     monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: 1.7)
     chosen, why = choose_image_precision(over, "auto", "bf16", "torch", "cpu", "auto")
