@@ -530,7 +530,7 @@ def test_auto_runs_images_in_fp32_only_where_it_chose_bf16_and_the_weights_allow
     assert bf16_holds_fp32(over) and bf16_holds_fp32(load_manifest(engines["pair"]))
     assert not bf16_holds_fp32(fp32_manifest)
     # no AMX, no gmr_fast._dnnl and a bf16 GEMM under 2x fp32: fp32 alone (bf16-vision's two GEMMs
-    # per projection would lose; with _dnnl's one GEMM the floor is 1x: the test above)
+    # per projection would lose; with _dnnl's one GEMM the floor is 1x: test_auto_takes_bf16_gemm_images_...)
     from gmr_fast.backends import bf16_gemm
 
     monkeypatch.setattr(bf16_gemm, "load", lambda: None)
