@@ -84,6 +84,8 @@ class Stats:
     failed: int = 0  # failures recorded in this session
     real_tokens: int = 0
     padded_tokens: int = 0
+    images_encoded: int = 0  # distinct images run through the vision tower (once per chunk, or cached)
+    image_cache_hits: int = 0  # images taken from the Reranker's cache (image_cache_size / image_cache_mb)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -91,7 +93,8 @@ class Stats:
                 "seconds": round(self.seconds, 3),
                 "pairs_per_s": self.scored / self.seconds if self.seconds else 0.0,
                 "tokens_per_s": self.real_tokens / self.seconds if self.seconds else 0.0,
-                "padding_efficiency": self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0}
+                "padding_efficiency": self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0,
+                "images_encoded": self.images_encoded, "image_cache_hits": self.image_cache_hits}
 
 
 def chunk_bounds(group_sizes: Iterable[int], chunk_pairs: int) -> list[tuple[int, int]]:
@@ -111,12 +114,16 @@ def chunk_bounds(group_sizes: Iterable[int], chunk_pairs: int) -> list[tuple[int
 @dataclass
 class Output:
     """What a chunk appends to one journal, in order: ``kind`` is "errors" (once per chunk) or
-    "scores" (one per batch); ``tokens`` and ``padded`` are the batch's real and padded tokens."""
+    "scores" (one per batch); ``tokens`` and ``padded`` are the batch's real and padded tokens,
+    ``images_encoded`` and ``image_cache_hits`` the images its step and the steps before it since
+    the last output needed."""
 
     kind: str
     rows: list
     tokens: int = 0
     padded: int = 0
+    images_encoded: int = 0
+    image_cache_hits: int = 0
 
 
 def score_chunk(reranker: Any, chunk: list[Task], written: Callable[[Hashable], bool]) -> Iterator[Output]:
@@ -141,10 +148,13 @@ def score_chunk(reranker: Any, chunk: list[Task], written: Callable[[Hashable], 
             failed.append({**t.fields, "error": message})
     yield Output("errors", failed)
     truncated = plan.truncated
+    seen = {"images_encoded": 0, "image_cache_hits": 0}
     for rows, values, padded in reranker.run(plan, skip=lambda rows: all(written(live[r].key) for r in rows)):
         out = [{**live[r].fields, "score": float(values[j]), "truncated": bool(truncated[r])}
                for j, r in enumerate(rows) if not written(live[r].key)]
-        yield Output("scores", out, int(sum(len(plan.prompts[r].ids) for r in rows)), int(padded))
+        counts = {k: plan.image_counts[k] - seen[k] for k in seen}
+        seen.update((k, plan.image_counts[k]) for k in seen)
+        yield Output("scores", out, int(sum(len(plan.prompts[r].ids) for r in rows)), int(padded), **counts)
 
 
 def pending_chunks(tasks: list[Task], bounds: list[tuple[int, int]], written: Callable[[Hashable], bool]) -> list[int]:
@@ -162,6 +172,8 @@ def record(output: Output, scores: Journal, errors: Journal, progress: Progress,
         stats.scored += len(output.rows)
         stats.real_tokens += output.tokens
         stats.padded_tokens += output.padded
+        stats.images_encoded += output.images_encoded
+        stats.image_cache_hits += output.image_cache_hits
     progress.update(len(output.rows))
 
 

@@ -88,7 +88,10 @@ class RerankerOptions:
     instruction: str | None = option(None, "default instruction (default: the engine's)", determinism=True)
     max_length: int | None = option(None, "longest prompt in tokens; longer documents are truncated (default: "
                                           "the engine's)", determinism=True)
-    image_cache_size: int = option(0, "image embeddings kept across calls (LRU, 0 = off)")
+    image_cache_size: int = option(0, "image embeddings kept across calls (LRU, 0 = no limit on the count; the "
+                                      "cache is off when this and image_cache_mb are both 0)")
+    image_cache_mb: int = option(0, "memory for image embeddings kept across calls (LRU, MiB; 0 = no limit on "
+                                    "the bytes): a batch job whose candidate lists share images encodes each once")
     max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "larger images are refused before decoding")
     providers: list | None = option(None, "onnxruntime execution providers", flag=False)
     backend_options: dict = option({}, "backend-specific KEY=VALUE (repeatable), e.g. arena=true", determinism=True)
@@ -105,9 +108,15 @@ class RerankerOptions:
         check_positive("lanes", self.lanes)
         check_positive("max_length", self.max_length)
         check_positive("image_cache_size", self.image_cache_size, allow_zero=True)
+        check_positive("image_cache_mb", self.image_cache_mb, allow_zero=True)
         if not 0.0 <= self.min_fill <= 1.0:
             raise ConfigError(f"min_fill must be in [0, 1]; got {self.min_fill}")
         self.backend_options = parse_key_values(self.backend_options)
+
+
+def _nbytes(e: Any) -> int:
+    """Bytes of a numpy array or torch tensor."""
+    return int(e.nbytes) if hasattr(e, "nbytes") else int(e.numel() * e.element_size())
 
 
 def choose_lanes(requested: int | None, backend: str, device: str, threads: int) -> tuple[int, str]:
@@ -187,6 +196,8 @@ class ScorePlan:
     schedule: Schedule
     boundary_fallbacks: int  # pairs whose document merged with the prefix's last token
     exact: set = dataclasses.field(default_factory=set)  # pairs scored in fp32 beside bf16 (image_precision)
+    # images run through the vision tower and images taken from the cache, as the plan runs
+    image_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property
     def truncated(self) -> np.ndarray:
@@ -555,6 +566,7 @@ class Reranker:
                 self.choice[key] = getattr(self.backend, key)
         self._limits = self._memory_limits()
         self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._cache_bytes = 0
         self._cache_lock = threading.Lock()
         # at most ``lanes`` engine runs at once, vision and decoder counted together: the
         # activation budget is per lane, and the next step's vision run (prepared on a worker
@@ -636,10 +648,13 @@ class Reranker:
             for _ in range(self.lanes):
                 self._run_lock.release()
 
-    def _encode(self, keys: list[tuple], images: dict[tuple, _Image], store: dict, wide: bool = False) -> None:
+    def _encode(self, keys: list[tuple], images: dict[tuple, _Image], store: dict, wide: bool = False,
+                counts: collections.Counter | None = None) -> None:
         """Embeddings of the distinct images ``keys`` into ``store``: the LRU cache first, then
-        vision runs packed under the vision limits (largest images first); ``wide`` as ``_slot``."""
+        vision runs packed under the vision limits (largest images first); ``wide`` as ``_slot``.
+        ``counts`` gets ``image_cache_hits`` and ``images_encoded`` added."""
         todo = []
+        counts = collections.Counter() if counts is None else counts
         with self._cache_lock:
             for key in keys:
                 if key in store:
@@ -647,8 +662,10 @@ class Reranker:
                 if key in self._cache:
                     self._cache.move_to_end(key)
                     store[key] = self._cache[key]
+                    counts["image_cache_hits"] += 1
                 else:
                     todo.append(key)
+            counts["images_encoded"] += len(todo)
         if not todo:
             return
         spec = self.spec
@@ -663,11 +680,31 @@ class Reranker:
                 embeds = self.backend.encode_images(batch)
             for key, e in zip(run_keys, embeds):
                 store[key] = e
-                if self.options.image_cache_size > 0:
-                    with self._cache_lock:
-                        self._cache[key] = e
-                        while len(self._cache) > self.options.image_cache_size:
-                            self._cache.popitem(last=False)
+                self._cache_put(key, e)
+
+    def _cache_put(self, key: tuple, e: Any) -> None:
+        """Keeps ``e`` (one image's embeddings) in the LRU cache, evicting the oldest entries past
+        ``image_cache_size`` entries or ``image_cache_mb`` MiB. ``e`` is a view of its vision
+        run's output: it is copied, so that the cache holds (and counts) only its own rows."""
+        count, mb = self.options.image_cache_size, self.options.image_cache_mb
+        if count <= 0 and mb <= 0:
+            return
+        e = e.clone() if hasattr(e, "clone") else np.array(e, copy=True)
+        size = _nbytes(e)
+        with self._cache_lock:
+            if key in self._cache:  # encoded twice by concurrent calls: keep one
+                self._cache_bytes -= _nbytes(self._cache.pop(key))
+            self._cache[key] = e
+            self._cache_bytes += size
+            while self._cache and ((count > 0 and len(self._cache) > count)
+                                   or (mb > 0 and self._cache_bytes > mb * 2**20)):
+                self._cache_bytes -= _nbytes(self._cache.popitem(last=False)[1])
+
+    @property
+    def image_cache(self) -> dict[str, int]:
+        """The image-embedding cache now: entries and bytes."""
+        with self._cache_lock:
+            return {"entries": len(self._cache), "bytes": self._cache_bytes}
 
     def _span(self, start: int, end: int, key: tuple, images: dict) -> list[int]:
         gh, gw = self.spec.merged_grid(*images[key].size)
@@ -820,7 +857,7 @@ class Reranker:
         batch.exact = step.exact
         keys = list(dict.fromkeys(batch.image_keys))
         if keys:
-            self._encode(keys, plan.images, store, wide)
+            self._encode(keys, plan.images, store, wide, plan.image_counts)
         return batch, [store[k] for k in batch.image_keys]
 
     def run(self, plan: ScorePlan, *, skip: Callable[[np.ndarray], bool] | None = None
@@ -968,7 +1005,9 @@ class Reranker:
                  "decoder_tokens": plan.decoder_tokens, "padded_tokens": int(padded),
                  "padding_efficiency": self._padding_efficiency(plan, padded),
                  "prefixes": len({k for k, _ in plan.suffixes.values()}), "shared_pairs": len(plan.suffixes),
-                 "boundary_fallbacks": plan.boundary_fallbacks, "exact_pairs": len(plan.exact), "seconds": seconds,
+                 "boundary_fallbacks": plan.boundary_fallbacks, "exact_pairs": len(plan.exact),
+                 "images_encoded": plan.image_counts["images_encoded"],
+                 "image_cache_hits": plan.image_counts["image_cache_hits"], "seconds": seconds,
                  **self.choice}
         with self._stats_lock:
             self.last_stats = stats

@@ -158,9 +158,38 @@ def test_each_distinct_image_is_decoded_and_encoded_once(exported_engines, rng, 
     pairs = [({"image": path}, "x"), ("y", {"image": str(path)}), ({"image": path.read_bytes()}, {"image": path})]
     first = reranker.score(pairs)
     assert len(decoded) == 1 and sum(encoded) == 1
+    assert (reranker.last_stats["images_encoded"], reranker.last_stats["image_cache_hits"]) == (1, 0)
     second = reranker.score(pairs)  # served from the embedding cache
     assert sum(encoded) == 1 and np.array_equal(first, second)
+    assert (reranker.last_stats["images_encoded"], reranker.last_stats["image_cache_hits"]) == (0, 1)
     assert np.abs(Reranker(engine).score(pairs) - first).max() <= 1e-6
+
+
+def test_image_cache_is_bounded_by_entries_and_bytes(exported_engines):
+    _, engine = exported_engines["qwen2_5_vl"]
+    block = np.ones((1024, 64), np.float32)  # 256 KiB
+    r = Reranker(engine, image_cache_mb=1)
+    for i in range(5):
+        r._cache_put(("k", i), block * i)
+    # 1 MiB holds four blocks exactly; the fifth evicts the least recently used
+    assert r.image_cache == {"entries": 4, "bytes": 2**20} and list(r._cache) == [("k", i) for i in range(1, 5)]
+    run_output = np.ones((4096, 64), np.float32)
+    r._cache_put(("view",), run_output[:16])  # a view of a vision run's output: kept as a copy of its rows
+    assert r._cache[("view",)].base is None and np.array_equal(r._cache[("view",)], run_output[:16])
+    assert r.image_cache == {"entries": 4, "bytes": 3 * 2**18 + 16 * 64 * 4}
+    r._cache_put(("view",), run_output[:16])  # the same key again (two calls encoding it at once): counted once
+    assert r.image_cache == {"entries": 4, "bytes": 3 * 2**18 + 16 * 64 * 4}
+    r._cache_put(("huge",), np.ones((8192, 64), np.float32))  # 2 MiB: larger than the budget, kept by nothing
+    assert r.image_cache == {"entries": 0, "bytes": 0}
+    both = Reranker(engine, image_cache_size=2, image_cache_mb=1)  # the tighter limit wins
+    for i in range(3):
+        both._cache_put(("k", i), block[:4])
+    assert both.image_cache == {"entries": 2, "bytes": 2 * 4 * 64 * 4}
+    off = Reranker(engine)
+    off._cache_put(("k", 0), block)
+    assert off.image_cache == {"entries": 0, "bytes": 0}
+    with pytest.raises(gmr_fast.ConfigError, match="image_cache_mb"):
+        Reranker(engine, image_cache_mb=-1)
 
 
 def test_normalize_rank_and_empty(exported_engines):

@@ -372,6 +372,26 @@ def test_a_malformed_row_fails_only_itself_and_is_recorded_once(engine, tmp_path
     assert (out / "ds" / "errors.jsonl").read_bytes() == before  # recorded once, nothing redone
 
 
+def test_image_cache_carries_images_across_chunks(engine, tmp_path):
+    """Candidate lists that share images (top-k lists over one corpus): with --image-cache-mb a
+    job encodes each image once, not once per chunk, and its scores do not change."""
+    for d in range(2):
+        save_image(str(tmp_path / "img" / f"{d}.png"), 10 + d)
+    rows = [{"id": f"q{q}d{d}", "query": f"query number {q}", "document": {"image": f"img/{d}.png"}}
+            for q in range(3) for d in range(2)]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = {}
+    for name, extra in (("plain", []), ("cached", ["--image-cache-mb", "64"])):
+        out = tmp_path / name / "scores.jsonl"
+        # chunks of 2 pairs: one query's two documents each, so every chunk needs both images
+        assert run_cli("--engine", engine, "--input", src, "--output", out, "--chunk-pairs", 2, *extra)[0] == 0
+        stats = json.load(open(tmp_path / name / "scores.run.json"))["sessions"][-1]["datasets"]["pairs"]
+        got[name] = ({r["id"]: r["score"] for r in read_jsonl(out)}, stats["images_encoded"], stats["image_cache_hits"])
+    assert got["plain"][1:] == (6, 0) and got["cached"][1:] == (2, 4)
+    assert got["cached"][0] == got["plain"][0] and len(got["plain"][0]) == 6  # the same vision runs, bit for bit
+
+
 def test_pairs_mode(engine, tmp_path, capsys):
     save_image(str(tmp_path / "img" / "a.png"), 3)
     rows = [{"id": "r0", "query": "red circle", "document": "a red circle on white"},
