@@ -156,8 +156,14 @@ def test_document_objects_with_fields_of_their_own(server, reference):
         assert r.status_code == 400 and r.json()["error"]["index"] == index, r.text
 
 
+def images_counted(app) -> dict:
+    return {s.labels["source"]: s.value for s in app.state.metrics.images.collect()[0].samples
+            if s.name == "gmr_images_total"}
+
+
 def test_image_documents_and_queries(server, reference, images, rng):
-    url, _ = server
+    url, app = server
+    before = images_counted(app)
     data = png(rng)
     b64 = base64.b64encode(data).decode()
     docs = [{"image": b64}, {"text": "a caption", "image": "data:image/png;base64," + b64}, "plain text",
@@ -170,6 +176,9 @@ def test_image_documents_and_queries(server, reference, images, rng):
                                  d) for d in [{"image": data}, {"text": "a caption", "image": data}, "plain text",
                                               {"image": str(images / "a.png")}]])
     assert np.abs(np.array([got[i] for i in range(4)]) - expected).max() <= 1e-5
+    counted = images_counted(app)  # one image sent three times and one file: each encoded once, no cache here
+    assert 1 <= counted["encoded"] - before.get("encoded", 0) <= 2 and counted.get("cache", 0) == 0
+    assert "gmr_images_total{source=" in httpx.get(url + "/metrics").text
 
 
 def test_score_endpoint_in_vllm_shape(server, reference, rng):

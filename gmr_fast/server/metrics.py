@@ -15,6 +15,7 @@ class Metrics:
     pairs: object  # counter of scored pairs
     tokens: object  # counter of decoder tokens run
     batches: object  # counter of engine batches
+    images: object  # counter of images by source: encoded (vision tower) or cache
     batch_fill: object  # histogram of padding efficiency per engine round
     round_pairs: object  # histogram of pairs per engine round
     queue_pairs: object  # gauge: pairs waiting
@@ -32,6 +33,8 @@ class Metrics:
             pairs=Counter("gmr_pairs", "(query, document) pairs scored", registry=r),
             tokens=Counter("gmr_decoder_tokens", "tokens run through the decoder (shared prefixes once)", registry=r),
             batches=Counter("gmr_engine_batches", "decoder batches run", registry=r),
+            images=Counter("gmr_images", "distinct images of an engine round by source: encoded (the vision tower) "
+                           "or cache (--image-cache-mb / --image-cache-size)", ["source"], registry=r),
             batch_fill=Histogram("gmr_batch_fill", "real / padded tokens of an engine round",
                                  buckets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0), registry=r),
             round_pairs=Histogram("gmr_round_pairs", "pairs scored together in one engine round (across requests)",

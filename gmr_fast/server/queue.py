@@ -220,6 +220,8 @@ class BatchQueue:
                 _resolve(job, exception=NotReady("cancelled"))
         self.metrics.pairs.inc(plan.size - sum(len(jobs[j].pairs) for j in failed))
         self.metrics.tokens.inc(plan.decoder_tokens)
+        self.metrics.images.labels(source="encoded").inc(plan.image_counts["images_encoded"])
+        self.metrics.images.labels(source="cache").inc(plan.image_counts["image_cache_hits"])
         self.metrics.round_pairs.observe(plan.size)
         if padded:
             self.metrics.batch_fill.observe(min(1.0, self.reranker._padding_efficiency(plan, padded)))
