@@ -12,6 +12,9 @@ documents of 30-400 words or images of 256-768 tokens. HF scores a sample of eac
 (its rate does not depend on how many candidates share a query: it recomputes everything per
 pair, one image encode per pair); gmr_fast scores all of them. Ranking agreement is measured on
 the sample against HF fp32. Every measurement runs in its own process (its own peak RSS).
+``--pool N`` draws the candidates of all queries from one corpus of N documents (overlapping
+lists, as top-k lists over a shared corpus are); gmr_fast scores all pairs in one call, so each
+distinct image is encoded once, as the score CLI does within a chunk of ``--chunk-pairs``.
 """
 
 from __future__ import annotations
@@ -43,9 +46,21 @@ def _image(rng, lo_tokens: int, hi_tokens: int) -> np.ndarray:
             return rng.integers(0, 256, (h * 28, w * 28, 3), dtype=np.uint8)
 
 
-def task_pairs(task: str, queries: int, candidates: int, seed: int = 0) -> list:
+def task_pairs(task: str, queries: int, candidates: int, seed: int = 0, pool: int = 0) -> list:
+    """``queries`` x ``candidates`` pairs of ``task``. With ``pool`` > 0 every query's candidates
+    are drawn (distinct within the query) from one corpus of ``max(pool, candidates)`` documents,
+    so the lists overlap as top-k lists over a shared corpus do; 0: every candidate is new."""
     rng = np.random.default_rng(seed + TASKS.index(task))
     text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))  # noqa: E731
+
+    def document():
+        if task in ("t2t", "i2t"):
+            return text(30, 400)
+        if task == "t2i":
+            return {"image": _image(rng, 256, 768)}
+        return {"text": text(10, 60), "image": _image(rng, 256, 768)}
+
+    corpus = [document() for _ in range(max(pool, candidates))] if pool else None
     pairs = []
     for _ in range(queries):
         if task in ("t2t", "t2i"):
@@ -54,15 +69,16 @@ def task_pairs(task: str, queries: int, candidates: int, seed: int = 0) -> list:
             query = {"image": _image(rng, 256, 1280)}
         else:
             query = {"text": text(3, 10), "image": _image(rng, 256, 1280)}
-        for _ in range(candidates):
-            if task in ("t2t", "i2t"):
-                doc = text(30, 400)
-            elif task == "t2i":
-                doc = {"image": _image(rng, 256, 768)}
-            else:
-                doc = {"text": text(10, 60), "image": _image(rng, 256, 768)}
-            pairs.append((query, doc))
+        if corpus is None:
+            pairs += [(query, document()) for _ in range(candidates)]
+        else:
+            pairs += [(query, corpus[int(i)]) for i in rng.choice(len(corpus), candidates, replace=False)]
     return pairs
+
+
+def distinct_documents(pairs: list) -> int:
+    """How many different documents ``pairs`` hold (by content: what the Reranker encodes once per call)."""
+    return len({repr(d) if isinstance(d, str) else (d.get("text"), d["image"].tobytes()) for _, d in pairs})
 
 
 def sample_indices(n: int, k: int) -> list[int]:
@@ -70,31 +86,46 @@ def sample_indices(n: int, k: int) -> list[int]:
 
 
 def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool, sample: int,
-              lanes: int | None = None, image_precision: str = "auto", backend_options: dict | None = None) -> dict:
+              lanes: int | None = None, image_precision: str = "auto", backend_options: dict | None = None,
+              pool: int = 0, per_query_cache_mb: int | None = None) -> dict:
+    """``per_query_cache_mb``: score one query's candidates per call (as a server's requests or a
+    job's chunks come), with an image cache of that many MiB, instead of all pairs in one call."""
     from gmr_fast import Reranker
 
-    pairs = task_pairs(task, queries, candidates)
+    pairs = task_pairs(task, queries, candidates, pool=pool)
     r = Reranker(engine, share_prefix=share, lanes=lanes, image_precision=image_precision,
-                 backend_options=backend_options or {})
+                 backend_options=backend_options or {}, image_cache_mb=per_query_cache_mb or 0)
     r.score(task_pairs(task, 1, 2, seed=99))  # warm-up on other pairs
     start = time.perf_counter()
-    scores = r.score(pairs)
+    if per_query_cache_mb is None:
+        scores = r.score(pairs)
+        stats = dict(r.last_stats)
+    else:
+        parts, stats = [], {}
+        for q in range(queries):
+            parts.append(r.score(pairs[q * candidates:(q + 1) * candidates]))
+            for k, v in r.last_stats.items():
+                stats[k] = stats.get(k, 0) + v if k in ("decoder_tokens", "prompt_tokens", "shared_pairs", "prefixes",
+                                                        "boundary_fallbacks", "exact_pairs", "images_encoded",
+                                                        "image_cache_hits") else v
+        scores = np.concatenate(parts)
     t = time.perf_counter() - start
     idx = sample_indices(len(pairs), sample)
-    stats = r.last_stats
     return {"pairs": len(pairs), "seconds": t, "pairs_per_s": len(pairs) / t, "sample_scores": scores[idx].tolist(),
             "decoder_tokens_per_pair": stats["decoder_tokens"] / len(pairs),
             "prompt_tokens_per_pair": stats["prompt_tokens"] / len(pairs), "precision": stats["precision"],
             "image_precision": r.choice["image_precision"], "exact_pairs": stats.get("exact_pairs"),
             "backend": stats["backend"], "shared_pairs": stats["shared_pairs"], "prefixes": stats["prefixes"],
             "boundary_fallbacks": stats["boundary_fallbacks"], "padding_efficiency": stats["padding_efficiency"],
+            "images_encoded": stats.get("images_encoded"), "image_cache_hits": stats.get("image_cache_hits"),
             "malloc": r.choice.get("malloc"), "lanes": r.choice["lanes"], "threads_per_lane": r.choice["threads_per_lane"]}
 
 
-def child_hf(checkpoint: str, dtype: str, task: str, queries: int, candidates: int, sample: int) -> dict:
+def child_hf(checkpoint: str, dtype: str, task: str, queries: int, candidates: int, sample: int,
+             pool: int = 0) -> dict:
     from hf_baseline import HFStrong
 
-    pairs = task_pairs(task, queries, candidates)
+    pairs = task_pairs(task, queries, candidates, pool=pool)
     subset = [pairs[i] for i in sample_indices(len(pairs), sample)]
     hf = HFStrong(checkpoint, dtype)
     hf.score(task_pairs(task, 1, 2, seed=99))
@@ -199,6 +230,14 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=2)
     p.add_argument("--candidates", type=int, default=50)
     p.add_argument("--hf-sample", type=int, default=16, help="pairs per task HF scores")
+    p.add_argument("--pool", type=int, default=0,
+                   help="draw every query's candidates from one corpus of this many documents, so that the lists "
+                        "overlap (as top-k lists over a shared corpus do); gmr_fast encodes each distinct image "
+                        "once per call, HF once per pair. 0 (default): every candidate is a new document")
+    p.add_argument("--shared-only", action="store_true", help="leave out the row with shared prefixes off")
+    p.add_argument("--per-query-cache-mb", default="",
+                   help="comma-separated MiB: also run gmr (prefixes shared) one query per call with an image cache "
+                        "of each size (0: none, so that each call encodes its own images)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--hf-dtypes", default="fp32,bf16",
                    help="HF dtypes timed on the tasks; fp32 always runs (the ranking reference). Leave bf16 out "
@@ -234,29 +273,36 @@ def main(argv=None) -> int:
         in_child("real_size:child_export", str(ckpt), str(engine), ["fp32", "int8", "bf16"], timeout=7200)
     hf_dtypes = ["fp32"] + [d for d in a.hf_dtypes.split(",") if d and d != "fp32"]
     doc = {"machine": machine(), "shape": shape, "decoder_layers": int(layers), "vision_layers": int(vlayers),
-           "queries": a.queries, "candidates": a.candidates, "hf_sample": a.hf_sample, "hf_dtypes": hf_dtypes,
-           "tasks": {}}
+           "queries": a.queries, "candidates": a.candidates, "pool": a.pool, "hf_sample": a.hf_sample,
+           "hf_dtypes": hf_dtypes, "tasks": {}}
     for task in ([] if a.tasks == "none" else a.tasks.split(",")):  # "none": the latency part alone
-        rows = {f"hf_{d}": in_child("mrb_workload:child_hf", str(ckpt), d, task, a.queries, a.candidates, a.hf_sample)
-                for d in hf_dtypes}
-        for name, share in (("gmr_shared", True), ("gmr_not_shared", False)):
+        rows = {f"hf_{d}": in_child("mrb_workload:child_hf", str(ckpt), d, task, a.queries, a.candidates, a.hf_sample,
+                                    a.pool) for d in hf_dtypes}
+        for name, share in (("gmr_shared", True), ("gmr_not_shared", False))[:1 if a.shared_only else 2]:
             rows[name] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, share,
-                                  a.hf_sample)
+                                  a.hf_sample, None, "auto", None, a.pool)
         for ip in filter(None, a.image_precisions.split(",")):
             rows[f"gmr_shared_{ip}"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
-                                                True, a.hf_sample, None, ip)
+                                                True, a.hf_sample, None, ip, None, a.pool)
         if a.torch_gemm:
             rows["gmr_shared_torch_gemm"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
                                                      a.candidates, True, a.hf_sample, None, "auto",
-                                                     {"bf16_gemm": "torch"})
+                                                     {"bf16_gemm": "torch"}, a.pool)
+        for mb in filter(None, a.per_query_cache_mb.split(",")):
+            rows[f"gmr_shared_per_query_cache_{mb}mb"] = in_child(
+                "mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, a.hf_sample, None, "auto",
+                None, a.pool, int(mb))  # in_child passes positional arguments only
         if a.one_lane:
             rows["gmr_shared_one_lane"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
-                                                   True, a.hf_sample, 1)
+                                                   True, a.hf_sample, 1, "auto", None, a.pool)
         ref = rows["hf_fp32"]["sample_scores"]
         best_hf = max(rows[f"hf_{d}"]["pairs_per_s"] for d in hf_dtypes)
         for name, row in rows.items():
             row["kendall_tau_vs_hf_fp32"] = kendall(ref, row.pop("sample_scores"))
             row["speedup_vs_hf_fastest"] = row["pairs_per_s"] / best_hf
+        pairs = task_pairs(task, a.queries, a.candidates, pool=a.pool)
+        rows["distinct_documents"] = distinct_documents(pairs)
+        rows["pairs_per_distinct_document"] = len(pairs) / rows["distinct_documents"]
         rows["target"] = TARGETS[task]
         rows["met"] = rows["gmr_shared"]["speedup_vs_hf_fastest"] >= TARGETS[task]
         doc["tasks"][task] = rows
@@ -291,7 +337,8 @@ def table(doc: dict) -> str:
         g = r["gmr_shared"]
         bf16 = f"{r['hf_bf16']['pairs_per_s']:.2f}" if "hf_bf16" in r else "not run"
         lines.append(f"| {task} | {r['hf_fp32']['pairs_per_s']:.2f} | {bf16} | "
-                     f"{g['pairs_per_s']:.2f} | {r['gmr_not_shared']['pairs_per_s']:.2f} | "
+                     f"{g['pairs_per_s']:.2f} | "
+                     f"{r['gmr_not_shared']['pairs_per_s'] if 'gmr_not_shared' in r else float('nan'):.2f} | "
                      f"{g['speedup_vs_hf_fastest']:.2f}x ({r['target']}x) | {g['decoder_tokens_per_pair']:.0f} "
                      f"({r['hf_fp32']['decoder_tokens_per_pair']:.0f}) | {g['kendall_tau_vs_hf_fp32']:.3f} |")
     return "\n".join(lines)
