@@ -648,13 +648,12 @@ class Reranker:
             for _ in range(self.lanes):
                 self._run_lock.release()
 
-    def _encode(self, keys: list[tuple], images: dict[tuple, _Image], store: dict, wide: bool = False,
-                counts: collections.Counter | None = None) -> None:
+    def _encode(self, keys: list[tuple], images: dict[tuple, _Image], store: dict, counts: collections.Counter,
+                wide: bool = False) -> None:
         """Embeddings of the distinct images ``keys`` into ``store``: the LRU cache first, then
         vision runs packed under the vision limits (largest images first); ``wide`` as ``_slot``.
         ``counts`` gets ``image_cache_hits`` and ``images_encoded`` added."""
         todo = []
-        counts = collections.Counter() if counts is None else counts
         with self._cache_lock:
             for key in keys:
                 if key in store:
@@ -857,7 +856,7 @@ class Reranker:
         batch.exact = step.exact
         keys = list(dict.fromkeys(batch.image_keys))
         if keys:
-            self._encode(keys, plan.images, store, wide, plan.image_counts)
+            self._encode(keys, plan.images, store, plan.image_counts, wide)
         return batch, [store[k] for k in batch.image_keys]
 
     def run(self, plan: ScorePlan, *, skip: Callable[[np.ndarray], bool] | None = None
