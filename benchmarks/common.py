@@ -94,27 +94,29 @@ def isa_env(isa: str) -> dict:
     return ISA_LIMITS[isa]
 
 
-def in_child(function: str, *args, timeout: float = 3600, threads: int | None = None) -> dict:
-    """Runs ``module:function(*args)`` in a new interpreter and returns its JSON result with
-    ``peak_rss_bytes`` (the child's own maximum resident set) and ``wall_seconds`` added."""
+def in_child(function: str, *args, timeout: float = 3600, threads: int | None = None, **kwargs) -> dict:
+    """Runs ``module:function(*args, **kwargs)`` in a new interpreter and returns its JSON result
+    with ``peak_rss_bytes`` (the child's own maximum resident set) and ``wall_seconds`` added.
+    Arguments travel as JSON; ``timeout`` and ``threads`` are this function's own, not the child's."""
     code = ("import json, os, resource, sys, time, importlib\n"
             f"sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r})\n"
             "if os.environ.get('GMR_BENCH_DENY_AMX'): __import__('common').deny_amx()\n"
             "module, name = sys.argv[1].split(':')\n"
             "start = time.perf_counter()\n"
-            "out = getattr(importlib.import_module(module), name)(*json.loads(sys.argv[2]))\n"
+            "args, kwargs = json.loads(sys.argv[2])\n"
+            "out = getattr(importlib.import_module(module), name)(*args, **kwargs)\n"
             "out['wall_seconds'] = time.perf_counter() - start\n"
             "out['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
             "print('@@RESULT@@' + json.dumps(out))\n")
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, "-c", code, function, json.dumps(list(args))], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code, function, json.dumps([list(args), kwargs])],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("@@RESULT@@"):
             return json.loads(line[len("@@RESULT@@"):])
-    raise RuntimeError(f"{function}{args} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    raise RuntimeError(f"{function}{args}{kwargs or ''} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
 def write(path: str, doc: dict) -> None:
