@@ -44,15 +44,20 @@ WORDS = ("the of and a to in is for on that with as by this are from at be an or
          "mountain chart table photo report market city science history").split()
 
 
-def workload(kind: str, seed: int = 0) -> tuple[list, str]:
+def workload(kind: str, seed: int = 0, per_group: int | None = None) -> tuple[list, str]:
+    """The workload's pairs; ``per_group`` keeps only the first that many pairs of each query (text)
+    or query image (image), the same pairs the whole workload starts its groups with."""
     rng = np.random.default_rng(seed)
     text = lambda k: " ".join(rng.choice(WORDS, int(k)))  # noqa: E731
     if kind == "text":
         queries = [text(rng.integers(4, 12)) for _ in range(4)]
-        return [(q, text(rng.integers(30, 400))) for q in queries for _ in range(8)], "text"
-    big = rng.integers(0, 256, (1008, 868, 3), dtype=np.uint8)  # 36 x 31 merged patches = 1,116 tokens
-    small = rng.integers(0, 256, (504, 504, 3), dtype=np.uint8)  # 18 x 18 = 324 tokens
-    return [({"text": text(5), "image": im}, text(rng.integers(10, 30))) for im in (big, small) for _ in range(16)], "image"
+        groups = [[(q, text(rng.integers(30, 400))) for _ in range(8)] for q in queries]
+    else:
+        big = rng.integers(0, 256, (1008, 868, 3), dtype=np.uint8)  # 36 x 31 merged patches = 1,116 tokens
+        small = rng.integers(0, 256, (504, 504, 3), dtype=np.uint8)  # 18 x 18 = 324 tokens
+        groups = [[({"text": text(5), "image": im}, text(rng.integers(10, 30))) for _ in range(16)]
+                  for im in (big, small)]
+    return [pair for group in groups for pair in group[:per_group]], kind
 
 
 def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "auto", int8_kept: str = "fp32",
@@ -86,10 +91,11 @@ def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "a
             "engine_bytes": sum(f.stat().st_size for f in pathlib.Path(engine).iterdir())}
 
 
-def child_reranker(engine: str, precision: str, kind: str, share: bool = True, repeat: int = 1) -> dict:
+def child_reranker(engine: str, precision: str, kind: str, share: bool = True, repeat: int = 1,
+                   per_group: int | None = None) -> dict:
     from gmr_fast import Reranker
 
-    pairs, _ = workload(kind)
+    pairs, _ = workload(kind, per_group=per_group)
     t = time.perf_counter()
     r = Reranker(engine, precision=precision, share_prefix=share)
     load_seconds = time.perf_counter() - t
@@ -105,10 +111,10 @@ def child_reranker(engine: str, precision: str, kind: str, share: bool = True, r
             "activation_budget_mb": r.options.activation_budget_mb, "load_seconds": load_seconds}
 
 
-def child_hf(checkpoint: str, dtype: str, kind: str) -> dict:
+def child_hf(checkpoint: str, dtype: str, kind: str, per_group: int | None = None) -> dict:
     from hf_baseline import HFStrong
 
-    pairs, _ = workload(kind)
+    pairs, _ = workload(kind, per_group=per_group)
     hf = HFStrong(checkpoint, dtype)
     hf.score(pairs[:2])
     start = time.perf_counter()
@@ -229,6 +235,9 @@ def main(argv=None) -> int:
                    help="native, avx512-vnni or avx512-bf16: run as on a processor without AMX (common.ISA_LIMITS)")
     p.add_argument("--score-workload", default="text", choices=["text", "image"],
                    help="the workload --score runs on the full-depth engine and HF")
+    p.add_argument("--score-per-group", type=int,
+                   help="--score on the first N pairs of each query (text) or query image (image) only, for "
+                        "engines too slow for the whole workload in one session (both sides score the same pairs)")
     p.add_argument("--engine", help="the full-depth export's engine directory (default: WORK/SHAPE-full-engine)")
     p.add_argument("--score-precision", help="the precision --score runs (default: the first of int8, bf16, fp32 "
                                              "among --dtypes)")
@@ -269,11 +278,12 @@ def main(argv=None) -> int:
         if a.score:
             precision = a.score_precision or next(p for p in ("int8", "bf16", "fp32") if p in a.dtypes.split(","))
             doc["scoring"] = in_child("real_size:child_reranker", str(engine), precision, a.score_workload,
-                                      timeout=6 * 3600)
+                                      per_group=a.score_per_group, timeout=6 * 3600)
             hf, doc["hf"] = {}, {}
             for dtype in filter(None, a.hf_dtypes.split(",")):
                 try:
-                    hf[dtype] = in_child("real_size:child_hf", str(ckpt), dtype, a.score_workload, timeout=6 * 3600)
+                    hf[dtype] = in_child("real_size:child_hf", str(ckpt), dtype, a.score_workload,
+                                         per_group=a.score_per_group, timeout=6 * 3600)
                 except RuntimeError as e:  # e.g. killed for memory: recorded, the export's figures are kept
                     doc["hf"][dtype] = {"error": str(e)[-2000:]}
             if hf:  # the first HF dtype that ran is the ranking reference (HF fp32 where it fits)
