@@ -31,6 +31,12 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", default="auto", choices=["auto", "hf", "streamed"],
                         help="fp32 reference: the HF model, or (for models whose fp32 weights do not fit in memory) "
                              "HF's vision tower and positions with the decoder streamed layer by layer; auto picks")
+    parser.add_argument("--reference-cache", metavar="DIR",
+                        help="where the fp32 reference's scores are kept per checkpoint and pair, so that another "
+                             "export of the same checkpoint only computes pairs it has not seen (default "
+                             "$GMR_FAST_CACHE_DIR/reference, else ~/.cache/gmr_fast/reference)")
+    parser.add_argument("--no-reference-cache", action="store_true",
+                        help="compute the whole reference afresh and keep none of it")
     parser.add_argument("--validation-queries", type=int, default=4, help="queries of the validation set")
     parser.add_argument("--validation-documents", type=int, default=20, help="documents per validation query")
     parser.add_argument("--validation-long-documents", type=int, default=12,
@@ -92,7 +98,8 @@ def main(argv=None) -> int:
                             reference=args.reference, criterion=criterion, num_threads=args.threads,
                             int8_keep=tuple(p.strip() for p in args.int8_keep.split(",")) if args.int8_keep else None,
                             int8_activations=args.int8_activations, int8_kept=args.int8_kept,
-                            int8_smooth=args.int8_smooth, fp32_over_bf16=args.fp32_over_bf16)
+                            int8_smooth=args.int8_smooth, fp32_over_bf16=args.fp32_over_bf16,
+                            reference_cache=False if args.no_reference_cache else args.reference_cache)
     try:
         manifest = export_engine(args.checkpoint, args.out, options)
     except (CheckpointError, ConfigError) as e:

@@ -39,6 +39,7 @@ from gmr_fast.prompt import PromptBuilder
 from . import calibrate, graphs, quantize, validate
 from .checkpoint import CheckpointReader
 from .reference import ReferenceScorer, family_of, fp32_memory
+from .reference_cache import ReferenceCache, checkpoint_identity, default_directory
 
 log = logging.getLogger("gmr_fast.export")
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its passes log every deduplicated constant at INFO
@@ -109,6 +110,9 @@ class ExportOptions:
     # tenth of fp32's speed). None: only where fp32 files would not fit in memory
     # (engine_export.fp32_over_bf16)
     fp32_over_bf16: bool | None = None
+    # where the fp32 reference's scores are kept across exports (export/reference_cache.py):
+    # None is reference_cache.default_directory(); False computes every score afresh and keeps none
+    reference_cache: os.PathLike | bool | None = None
 
 
 def check_checkpoint(checkpoint: pathlib.Path):
@@ -323,12 +327,25 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     over_bf16, over_why = fp32_over_bf16(checkpoint, dtypes, options.fp32_over_bf16, memory)
     if over_bf16:
         log.info("the fp32 variant runs on torch over bf16 weight files: %s", over_why)
-    log.info("computing the fp32 reference (%s) on %d pairs", mode, len(pairs))
+    weights_digest = weights_sha256(checkpoint)  # the manifest's, and the reference cache's identity
     ref_started = time.perf_counter()
-    reference = ReferenceScorer(checkpoint, mode=mode, gmr=gmr, attn_implementation="sdpa")
-    expected = reference.score(pairs, instruction=gmr.default_instruction, batch_size=4)
-    del reference
-    gc.collect()
+
+    def compute_reference(todo):
+        log.info("computing the fp32 reference (%s) on %d pairs", mode, len(todo))
+        reference = ReferenceScorer(checkpoint, mode=mode, gmr=gmr, attn_implementation="sdpa")
+        scores = reference.score(todo, instruction=gmr.default_instruction, batch_size=4)
+        del reference
+        gc.collect()
+        return scores
+
+    if options.reference_cache is False:
+        expected, cached = compute_reference(pairs), 0
+    else:
+        where = options.reference_cache
+        cache = ReferenceCache(default_directory() if where in (None, True) else where,
+                               checkpoint_identity(checkpoint, weights_digest))
+        expected, cached = cache.score(pairs, gmr.default_instruction, compute_reference)
+        log.info("fp32 reference: %d of %d pairs from %s", cached, len(pairs), cache.path)
     reference_seconds = time.perf_counter() - ref_started
     ranges, calibration = {}, {}
     if "int8" in dtypes and options.int8_smooth != 0:
@@ -385,7 +402,7 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
         manifest = Manifest(
             format_version=FORMAT_VERSION, family=family.name,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            source={"checkpoint": str(checkpoint.resolve()), "weights_sha256": weights_sha256(checkpoint),
+            source={"checkpoint": str(checkpoint.resolve()), "weights_sha256": weights_digest,
                     "stored_dtypes": reader.stored_dtypes, "bytes": reader.nbytes},
             gmr=gmr, tokens=TokenIds(prompts.yes_id, prompts.no_id, prompts.image_pad_id, prompts.vision_start_id,
                                      prompts.vision_end_id, int(prompts.tokenizer.token_to_id("<|endoftext|>"))),
@@ -445,7 +462,8 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
                     for p, v in variants.items() if p in validated}
         manifest = _with_variants(manifest, variants, {
             "reference": f"transformers fp32 ({'HF model' if mode == 'hf' else 'HF vision and positions, decoder streamed layer by layer'})",
-            "reference_seconds": round(reference_seconds, 1), "queries": len(groups), "pairs": len(pairs),
+            "reference_seconds": round(reference_seconds, 1), "reference_pairs_cached": cached,
+            "queries": len(groups), "pairs": len(pairs),
             "modalities": "queries: text, image, text+image; documents: text, image, text+image",
             "criterion": options.criterion.to_dict(), **calibration,
             "export_seconds": round(time.perf_counter() - started, 1),

@@ -7,15 +7,23 @@ import of torch and transformers fails, which is how the `unit` tests prove they
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import sys
+import tempfile
 import zlib
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# exports keep the fp32 reference's scores (export/reference_cache.py): in a directory of this
+# session's own, so that no test reads or leaves anything in the user's cache, and exports of the
+# same generated checkpoint within the session reuse them as any user's would
+os.environ["GMR_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="gmr_fast_test_cache.")
+atexit.register(shutil.rmtree, os.environ["GMR_FAST_CACHE_DIR"], True)
 
 if os.environ.get("GMR_FAST_BLOCK_TORCH") == "1":
     class _Block:

@@ -402,3 +402,76 @@ def test_graph_modules_equal_hf_modules(tiny_checkpoints, rng):
             theirs = hf.model.visual(torch.from_numpy(batch.pixel_values),
                                      grid_thw=torch.from_numpy(batch.image_grid_thw)).pooler_output
         assert (ours - theirs).abs().max() <= 1e-5, family_name
+
+
+def test_reference_scores_are_reused_across_exports(tiny_checkpoints, tmp_path, monkeypatch):
+    """A second export of the same checkpoint takes the fp32 reference's scores from the cache
+    (the reference model is never built), a larger validation set computes only its new pairs,
+    and the variants are still validated against those scores."""
+    ckpt, cache = tiny_checkpoints["qwen2_vl"], tmp_path / "cache"
+    small = dict(validation_queries=2, validation_documents=4, validation_long_documents=0, reference_cache=cache)
+    first = export_engine(ckpt, tmp_path / "a", ExportOptions(dtypes=("fp32",), **small))
+    assert first.validation["reference_pairs_cached"] == 0 and len(list(cache.glob("*.json"))) == 1
+
+    real, computed = engine_export.ReferenceScorer, []
+
+    class Counting(real):
+        def score(self, pairs, *a, **k):
+            computed.append(len(pairs))
+            return super().score(pairs, *a, **k)
+
+    monkeypatch.setattr(engine_export, "ReferenceScorer", Counting)
+    again = export_engine(ckpt, tmp_path / "b", ExportOptions(dtypes=("fp32", "bf16"), **small))
+    assert computed == [] and again.validation["reference_pairs_cached"] == 8
+    fig, fig2 = first.variants["fp32"].validation, again.variants["fp32"].validation
+    assert fig2["reference_range"] == fig["reference_range"]  # the very scores the first export computed
+    assert fig2["max_rel_error"] <= 1e-3 and again.variants["bf16"].validation["query_kendall_tau_mean"] >= 0.9
+    # validation_groups draws its groups in order from one seed: with 3 queries the first two
+    # groups are the same pairs, and only the third group's 4 are new
+    more = export_engine(ckpt, tmp_path / "c", ExportOptions(dtypes=("fp32",), **{**small, "validation_queries": 3}))
+    assert computed == [4] and more.validation["reference_pairs_cached"] == 8
+
+
+def test_reference_cache_is_keyed_by_content_and_never_trusts_a_bad_file(tmp_path, caplog):
+    import logging
+
+    from export.reference_cache import ReferenceCache, pair_key
+
+    image = np.zeros((28, 28, 3), np.uint8)
+    keys = [pair_key("i", "q", "d"), pair_key("j", "q", "d"), pair_key("i", "q", {"text": "d"}),
+            pair_key("i", {"image": image}, "d"), pair_key("i", {"image": image.reshape(28, 84, 1)}, "d"),
+            pair_key("i", {"image": image.astype(np.int16)}, "d"), pair_key("i", {"text": "q", "image": image}, "d")]
+    assert len(set(keys)) == len(keys) and pair_key("i", "q", "d") == keys[0]
+    assert pair_key("i", "q", tmp_path / "x.png") is None  # a path's content may change under its name
+
+    calls = []
+
+    def compute(pairs):
+        calls.append(list(pairs))
+        return np.arange(len(pairs), dtype=np.float32) + 0.5
+
+    pairs = [("q", "a"), ("q", "b"), ("q", tmp_path / "x.png")]
+    cache = ReferenceCache(tmp_path, {"weights_sha256": "1"})
+    scores, hits = cache.score(pairs, "i", compute)
+    assert hits == 0 and scores.tolist() == [0.5, 1.5, 2.5]
+    scores, hits = ReferenceCache(tmp_path, {"weights_sha256": "1"}).score(pairs, "i", compute)
+    assert hits == 2 and calls[-1] == [pairs[2]] and scores.tolist() == [0.5, 1.5, 0.5]  # the path: always computed
+    _, hits = ReferenceCache(tmp_path, {"weights_sha256": "2"}).score(pairs[:2], "i", compute)
+    assert hits == 0  # another checkpoint identity: another file
+    # a file that does not parse, or that claims another identity, is reported and recomputed
+    path = ReferenceCache(tmp_path, {"weights_sha256": "1"}).path
+    for text in ("{not json", json.dumps({"identity": {"weights_sha256": "3"}, "scores": {keys[0]: 9.0}})):
+        path.write_text(text)
+        with caplog.at_level(logging.WARNING, logger="gmr_fast"):
+            scores, hits = ReferenceCache(tmp_path, {"weights_sha256": "1"}).score(pairs[:2], "i", compute)
+        assert hits == 0 and scores.tolist() == [0.5, 1.5] and "unreadable" in caplog.text
+        caplog.clear()
+    assert json.loads(path.read_text())["identity"] == {"weights_sha256": "1"}  # rewritten whole
+
+
+def test_no_reference_cache_keeps_nothing(tiny_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("GMR_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    m = export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e",
+                      ExportOptions(dtypes=("fp32",), validation_queries=1, validation_documents=3,
+                                    validation_long_documents=0, reference_cache=False))
+    assert m.validation["reference_pairs_cached"] == 0 and not (tmp_path / "cache").exists()
