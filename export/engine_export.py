@@ -45,7 +45,7 @@ log = logging.getLogger("gmr_fast.export")
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its passes log every deduplicated constant at INFO
 
 REQUIRED_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json")
-# int8 weights kept in fp32 unless told otherwise (see README, "Precision"): none by default;
+# int8 weights kept in fp32 unless told otherwise (see benchmarks/README.md, "int8 export"): none by default;
 # validation escalates through these when ranking agreement is not reached
 INT8_FALLBACKS = ((), ("layers.0.*", "merger.*"), ("*.down.weight", "merger.*", "layers.0.*"),
                   ("*.down.weight", "merger.*", "layers.0.*", "blocks.*", "patch_embed.*"))
@@ -66,7 +66,7 @@ def int8_attempts(keep: tuple[str, ...] | None, activations: str | None,
     long image share a batch (one scale per tensor spans all its tokens), and keeping every
     ``down`` in fp32 (the next level) costs more than they do. Measured on the Zen 5 at GMR-3B
     width, 6 layers: per-tensor was refused at every level; per-token passed at the first keep-list
-    (README, "Export")."""
+    (benchmarks/README.md, "int8 export")."""
     keeps = [tuple(keep)] if keep is not None else [tuple(k) for k in INT8_FALLBACKS]
     out = []
     for level, k in enumerate(keeps):  # level 1 is only reached when no keep-list was given
@@ -97,7 +97,7 @@ class ExportOptions:
     # SmoothQuant's alpha for the int8 MatMuls (export/calibrate.py): activation outlier channels
     # migrate into the weights from ranges measured on a calibration set; 0 turns it off. On by
     # default: never worse in what was measured, and int8 collapses without it where a checkpoint
-    # has outlier channels (README "Export", benchmarks/int8_smooth.py). None: INT8_ALPHA's for
+    # has outlier channels (benchmarks/README.md "int8 export", benchmarks/int8_smooth.py). None: INT8_ALPHA's for
     # the activation scheme of each attempt
     int8_smooth: float | None = None
     num_threads: int | None = None
@@ -496,7 +496,7 @@ def fp32_over_bf16(checkpoint: pathlib.Path, dtypes: tuple[str, ...], requested:
     not fit in this machine's available memory with 3 GB for activations, the rule that streams
     the reference too. GMR-7B's fp32 files are 30 GB, and their onnxruntime validation cannot
     load on a 24 GB machine; fp32 over its 15.5 GB of bf16 files was accepted there at a 19.5 GB
-    peak (README "Real widths"). GMR-3B's fp32 (15 GB) fits and keeps its ONNX graphs.
+    peak (benchmarks/README.md "Real widths"). GMR-3B's fp32 (15 GB) fits and keeps its ONNX graphs.
     ``memory`` is ``reference.fp32_memory(checkpoint)`` where the caller has it already."""
     if requested is not None:
         if requested and "fp32" not in dtypes and "bf16" not in dtypes:

@@ -13,7 +13,7 @@ weights dequantized block by block: a quarter of fp32's bytes and only the weigh
 error (5e-3 of the largest output), none of the activation quantization that the outlier-sensitive
 layers cannot take. It dequantizes the whole weight on every call, so it nears fp32's speed only
 on thousands of rows (Zen 5, GMR-3B MLP shapes: 351-417 GOP/s against fp32's 417-437 at 4,096
-rows, 5 against 39 at 8): a memory option (README "Precision").
+rows, 5 against 39 at 8): a memory option (benchmarks/README.md "int8 export").
 
 The values are produced while the weight file is streamed (``quantized_value``), one tensor at
 a time, from the fp32 tensor the checkpoint gives.

@@ -226,7 +226,7 @@ class ScorePlan:
 # queries, 20 documents each; manifest ``variants[p].validation``). The export's own acceptance
 # bar (0.9, export/validate.py) says a variant is usable when asked for; a default must be
 # faithful, and 0.98 is the precision issue's ranking target. On random-weight checkpoints, whose
-# scores crowd together, int8 lands at 0.90-0.95 and bf16 at 0.98-0.99 (README "Precision"), so
+# scores crowd together, int8 lands at 0.90-0.95 and bf16 at 0.98-0.99 (benchmarks/README.md "Precision and backends"), so
 # the figure, not the processor alone, decides; on a trained checkpoint with well-separated scores
 # the same rule takes the fast variant.
 AUTO_MIN_TAU = 0.98
@@ -240,8 +240,8 @@ def ranking_figure(manifest, precision: str) -> float | None:
 # at least this many times its fp32 one here (hardware.torch_bf16_speedup). End to end at GMR-3B
 # width bf16 keeps part of its GEMM lead (attention, norms and the residual stream stay fp32):
 # with AMX a 3.6x GEMM gave 2.3x on text (0.64 of it); on an AMD EPYC (Zen 5, AVX512-BF16) a
-# 3.2-3.8x GEMM gave 3.2x on text and on images (README "Precision"). At 1.5, bf16 ends up level
-# with fp32 or ahead even at AMX's ratio; the CPUs measured so far sit far from the line on both
+# 3.2-3.8x GEMM gave 3.2x on text and on images (benchmarks/README.md "Precision and backends").
+# At 1.5, bf16 ends up level with fp32 or ahead even at AMX's ratio; the CPUs measured so far sit far from the line on both
 # sides (Zen 5: 3.2-4.9x; an AMX Xeon with its tiles refused: 0.45-0.5x).
 BF16_MIN_GEMM_SPEEDUP = 1.5
 # bf16-vision routes pairs with an image on such a CPU only from this ratio up (why: beside IMAGES_BF16_GEMM).
@@ -386,12 +386,12 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # Why ``auto`` runs pairs with an image in fp32 when it chose bf16 on a CPU: at GMR-3B width bf16
 # ranked the image workload at Kendall tau 0.976-0.9798 against fp32 on the AMX Xeon and 0.968 on
 # an AMD Zen 5, below AUTO_MIN_TAU, while text stayed at 0.988-0.992 on both; the error is bf16
-# rounding of every GEMM's activations, which no cheaper placement removed (README "What is not
-# done"). fp32 over the bf16 files ran images at 0.52 pairs/s on the
+# rounding of every GEMM's activations, which no cheaper placement removed (benchmarks/README.md "Open items in
+# detail"). fp32 over the bf16 files ran images at 0.52 pairs/s on the
 # Zen 5 (HF bf16 0.26 on that workload), so the default stays ahead of HF's fastest dtype there.
 # Why on a CPU with AMX they run bf16-gemm instead, where the export validated it: there bf16's
 # GEMM is 4-8x fp32's (1,300-2,750 against 290-340 GFLOP/s at GMR-3B shapes on an AMX Xeon,
-# README "Precision"), so fp32 images fall to HF bf16's speed (0.38 against 0.34 pairs/s on the
+# benchmarks/README.md "Precision and backends"), so fp32 images fall to HF bf16's speed (0.38 against 0.34 pairs/s on the
 # image workload), while bf16-gemm ran it at 0.63-0.83 pairs/s (1.9-2.2x HF bf16) ranking at tau 0.996.
 # Elsewhere (AVX512-BF16 without AMX) bf16-vision is the only routed mode auto takes, and only where
 # torch's bf16 GEMM measures at least BF16_VISION_MIN_GEMM_SPEEDUP times its fp32 one: bf16-vision's
@@ -399,7 +399,7 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # with one fp32 GEMM at 2x, so above it the decoder loses nothing while the vision tower (plain bf16)
 # gains. On an AMD EPYC Zen 4 (bf16 GEMM 2.3x fp32; oneDNN's fpmath mode is not exact there, so
 # attention stays fp32) bf16-vision ran MRB t2i 1.40x and then 1.29x, it2it 1.37x and i2t 1.02x the
-# fp32 route's rate (README "MRB workload", "Precision"), while bf16-gemm ran t2i at 0.78x fp32, and
+# fp32 route's rate (benchmarks/README.md "MRB workload", "Precision and backends"), while bf16-gemm ran t2i at 0.78x fp32, and
 # bf16x3 (three bf16 GEMMs per product) cannot gain below 3x.
 # Why bf16-vision goes first where the export validated it too: most of bf16's image error is the
 # decoder's. On that Xeon (GMR-3B width, 6 + 8 layers, t2i and it2it, 3 queries x 16 candidates,
@@ -407,8 +407,8 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # 0.0111 all in bf16, 0.0069 and 0.0063 under bf16-gemm, 0.0080 and 0.0079 with only the vision
 # tower in bf16 (bf16-vision), 0.0098 and 0.0124 with only the decoder in bf16; and bf16-vision ran
 # 0.65 and 0.64 pairs/s against bf16-gemm's 0.45 and 0.38, all bf16 0.91 and 0.98
-# (benchmarks/image_precision_split.py; on the MRB workload 1.81x and 2.26x HF bf16, README). Those
-# distance differences are within the noise a re-implementation re-draws (README "Precision", split
+# (benchmarks/image_precision_split.py; on the MRB workload 1.81x and 2.26x HF bf16, benchmarks/README.md). Those
+# distance differences are within the noise a re-implementation re-draws (benchmarks/README.md "Precision and backends", split
 # products), so speed decides the order; both pass the same bar.
 # Why bf16x3 comes after them and before fp32: it is the fp32 model (three bf16 products per
 # projection), ranking the MRB pairs at tau 1.000 at 1.14-1.26x the fp32 variant's rate on that
@@ -768,7 +768,7 @@ class Reranker:
         # or any pair of the same query (instruction, text, image) in this call has a document
         # image. Mixed within one query's candidates, the text documents would share bf16's error
         # of the query prefix and the image documents would not: an offset between the two that
-        # reorders them where scores are close (README "Precision").
+        # reorders them where scores are close (benchmarks/README.md "Precision and backends").
         routed_queries = {(instructions[i], q.text, keys[0] if q.has_image else None)
                           for i, ((q, d), keys) in enumerate(zip(items, keys_per_pair))
                           if route and (q.has_image or d.has_image)}

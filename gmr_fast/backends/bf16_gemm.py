@@ -8,7 +8,7 @@ packed once, from Intel's ``onednn-cpu-gomp`` wheel (oneDNN 3.2, OpenMP threads:
 to the libgomp torch already loaded, so both share one thread pool and torch's per-thread thread
 count). Measured on an AMD EPYC Zen 4 (AVX512-BF16), 2 threads, GMR-3B decoder shapes at 64-1,024
 rows: 430-455 GFLOP/s against 166-170 for the two torch GEMMs and 400-420 for one torch bf16 GEMM
-rounded to bf16 (README, "Split products").
+rounded to bf16 (benchmarks/README.md, "Split products").
 
 ``load()`` returns the module, or None with the reason in ``unavailable``: not built (no oneDNN
 at build time), library missing, or no bf16 hardware kernel here.

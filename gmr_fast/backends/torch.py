@@ -63,8 +63,8 @@ class Bf16Gemm:
     faster than widening each weight for this mode: benchmarks/split_products.py); the mode is
     held for the products that remain fp32 tensors (attention).
 
-    Measured on an Intel Xeon with AMX (GMR-3B width, 6 + 8 layers, 2 threads; README
-    "Precision"): the image workload at 0.63-0.83 pairs/s against fp32's 0.38 and bf16's 1.61-1.90,
+    Measured on an Intel Xeon with AMX (GMR-3B width, 6 + 8 layers, 2 threads; benchmarks/README.md
+    "Precision and backends"): the image workload at 0.63-0.83 pairs/s against fp32's 0.38 and bf16's 1.61-1.90,
     ranking at Kendall tau 0.996 against fp32 where bf16 ranks at 0.968.
 
     torch keeps that setting per process, not per thread, so it is switched on while at least one

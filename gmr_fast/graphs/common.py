@@ -67,7 +67,7 @@ class Proj(nn.Module):
         the packed weight: ``hi`` is the rounded sum, ``lo`` the sum minus ``hi`` rounded (oneDNN's
         "sub" post-op acts on the fp32 accumulator), and ``hi + lo`` the sum within 2^-16 of it
         (bf16 rounds to 2^-8, so lo's rounding is 2^-8 of 2^-8; fpmath's own rounding of x is 2^-8
-        per element). Measured on an Intel Xeon with AMX, 2 threads, GMR-3B shapes (README,
+        per element). Measured on an Intel Xeon with AMX, 2 threads, GMR-3B shapes (benchmarks/README.md,
         "Split products"): a decoder layer's projections 2.8x the widened fpmath GEMMs at 24 rows,
         1.2x at 512, 1.1x at 2,048 (a vision block's 0.94x there: the second GEMM and two passes
         over the output), and no second, plain copy of the weight in memory. "split3" (bf16x3) is

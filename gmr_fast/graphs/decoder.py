@@ -155,7 +155,7 @@ class ScoreDecoder(nn.Module):
         # bf16. HF's bf16 rounds the residual stream to bf16 at every addition and the cos/sin
         # tables before RoPE; those are elementwise, cheap in fp32, and their errors compound over
         # layers. Measured at GMR-3B width (6 layers, 160 image-query and 64 text pairs): the mean
-        # |score - fp32| on image queries falls by 28% at the same speed (README "Precision").
+        # |score - fp32| on image queries falls by 28% at the same speed (benchmarks/README.md "Precision and backends").
         self.fp32_stream = False
 
     def constant_buffers(self) -> dict[str, torch.Tensor]:
