@@ -1,7 +1,7 @@
 """The HuggingFace baseline every benchmark measures against, in its strongest plain form:
 transformers' own model and processor, sdpa attention, ``logits_to_keep=1`` (no vocabulary-sized
 logits), pairs sorted by length and batched under a token budget, each pair's images encoded with
-the pair (as HF's processor does it). fp32 or bf16."""
+the pair (as HF's processor does it). fp32 or bf16, on the CPU or ``device`` (e.g. cuda)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 
 class HFStrong:
     def __init__(self, checkpoint, dtype: str = "fp32", max_batch_tokens: int = 8192, max_batch_size: int = 32,
-                 threads: int | None = None):
+                 threads: int | None = None, device: str = "cpu"):
         import torch
 
         from export.reference import ReferenceScorer
@@ -18,7 +18,7 @@ class HFStrong:
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.ref = ReferenceScorer(checkpoint, attn_implementation="sdpa", dtype=dtype)
+        self.ref = ReferenceScorer(checkpoint, device=device, attn_implementation="sdpa", dtype=dtype)
         if dtype == "bf16":  # loaded as bf16; the buffers (RoPE's inv_freq) cast as well, as plain HF bf16 has them
             self.ref.model = self.ref.model.to(torch.bfloat16)
         self.dtype = dtype
@@ -47,7 +47,7 @@ class HFStrong:
                 batch["pixel_values"] = batch["pixel_values"].to(self.ref.model.dtype)
             with torch.inference_mode():
                 logits = self.ref.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
-            out[rows] = (logits[:, self.ref.yes_id] - logits[:, self.ref.no_id]).numpy()
+            out[rows] = (logits[:, self.ref.yes_id] - logits[:, self.ref.no_id]).cpu().numpy()
             padded += int(batch["input_ids"].numel())
             start = end
         return out, padded
