@@ -390,7 +390,11 @@ class TorchBackend:
         if self.device.type == "cpu" and self.torch.get_num_threads() != n:
             self.torch.set_num_threads(int(n))
 
-    def _t(self, a: np.ndarray):
+    def _t(self, a):
+        """``a`` on this backend's device: arrays are copied there, tensors (made on it by
+        ``past_tensors``' zeros) are taken as they are (a CUDA tensor has no numpy view)."""
+        if isinstance(a, self.torch.Tensor):
+            return a.to(self.device)
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def _math(self, exact: bool):
@@ -430,7 +434,7 @@ class TorchBackend:
         embeds = torch.cat(images) if images else torch.zeros(0, d.hidden_size, dtype=dtype, device=self.device)
         with torch.inference_mode(), self._math(exact):
             return decoder(self._t(batch.input_ids), self._t(batch.attention_mask), self._t(batch.position_ids),
-                                embeds, past_kv, self._t(np.asarray(past_mask)), self._t(np.asarray(past_index)),
+                                embeds, past_kv, self._t(past_mask), self._t(past_index),
                                 self._t(kv_rows))
 
     def score(self, batch: DecoderBatch, images: list) -> np.ndarray:
