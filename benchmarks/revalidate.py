@@ -34,23 +34,17 @@ from common import in_child, machine, write  # noqa: E402
 
 
 def _groups(queries: int, documents: int, long_documents: int, seed: int):
-    from export import validate
+    from export.engine_export import validation_set
 
-    groups = validate.validation_groups(queries, documents, seed)
-    if long_documents > 0:
-        groups.append(validate.long_group(long_documents, seed))
-    return groups
+    return validation_set(queries, documents, long_documents, seed)
 
 
 def child_reference(checkpoint: str, engine: str, queries: int, documents: int, long_documents: int,
                     seed: int) -> dict:
     """The fp32 reference's scores of the validation set, from the cache where it has them."""
-    import gc
     import logging
 
-    from export.engine_export import weights_sha256
-    from export.reference import ReferenceScorer, fp32_memory
-    from export.reference_cache import ReferenceCache, checkpoint_identity, default_directory
+    from export.engine_export import reference_scores, weights_sha256
     from gmr_fast.gmr_config import GmrConfig
     from gmr_fast.manifest import load_manifest
 
@@ -59,23 +53,11 @@ def child_reference(checkpoint: str, engine: str, queries: int, documents: int, 
     digest = weights_sha256(ckpt)
     if digest != load_manifest(engine).source["weights_sha256"]:
         raise SystemExit(f"{engine} was not exported from {checkpoint}: the weights' sha256 differs")
-    gmr = GmrConfig.load(ckpt)
     pairs = [(q, d) for q, docs in _groups(queries, documents, long_documents, seed) for d in docs]
-    need, have = fp32_memory(ckpt)
-    mode = "hf" if need < have else "streamed"
-
-    def compute(todo):
-        reference = ReferenceScorer(ckpt, mode=mode, gmr=gmr, attn_implementation="sdpa")
-        scores = reference.score(todo, instruction=gmr.default_instruction, batch_size=4)
-        del reference
-        gc.collect()
-        return scores
-
     start = time.perf_counter()
-    cache = ReferenceCache(default_directory(), checkpoint_identity(ckpt, digest))
-    scores, cached = cache.score(pairs, gmr.default_instruction, compute)
+    scores, cached, mode, path = reference_scores(ckpt, GmrConfig.load(ckpt), pairs, digest)
     return {"pairs": len(pairs), "cached": cached, "mode": mode, "seconds": time.perf_counter() - start,
-            "cache_file": str(cache.path), "scores": scores.tolist()}
+            "cache_file": str(path), "scores": scores.tolist()}
 
 
 def child_candidate(engine: str, precision: str, image_mode: str | None, queries: int, documents: int,

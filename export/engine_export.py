@@ -285,6 +285,44 @@ class _Builder:
         return Variant(precision, "onnxruntime", graph_specs, weight_files, {}, details)
 
 
+def validation_set(queries: int, documents: int, long_documents: int, seed: int = 0) -> list[tuple]:
+    """The export's validation groups: ``queries`` mixed-modality groups of ``documents``, then
+    the long group of ``long_documents`` (left out at 0), as ``export_engine`` validates them."""
+    groups = validate.validation_groups(queries, documents, seed)
+    if long_documents > 0:
+        groups.append(validate.long_group(long_documents, seed))
+    return groups
+
+
+def reference_scores(checkpoint: pathlib.Path, gmr: GmrConfig, pairs: list, weights_digest: str,
+                     mode: str = "auto", cache_where: os.PathLike | bool | None = None,
+                     memory: tuple | None = None) -> tuple:
+    """The fp32 reference's scores of ``pairs`` (default instruction), from the reference cache
+    where it has them (``cache_where`` as ``ExportOptions.reference_cache``; False computes all
+    and keeps none). ``mode`` "auto" is HF's whole model where its fp32 weights fit in memory,
+    else the decoder streamed layer by layer. Returns (scores, pairs from the cache, the mode,
+    the cache file or None)."""
+    if mode == "auto":
+        need, have = memory or fp32_memory(checkpoint)
+        mode = "hf" if need < have else "streamed"
+
+    def compute(todo):
+        log.info("computing the fp32 reference (%s) on %d pairs", mode, len(todo))
+        reference = ReferenceScorer(checkpoint, mode=mode, gmr=gmr, attn_implementation="sdpa")
+        scores = reference.score(todo, instruction=gmr.default_instruction, batch_size=4)
+        del reference
+        gc.collect()
+        return scores
+
+    if cache_where is False:
+        return compute(pairs), 0, mode, None
+    cache = ReferenceCache(default_directory() if cache_where in (None, True) else cache_where,
+                           checkpoint_identity(checkpoint, weights_digest))
+    scores, cached = cache.score(pairs, gmr.default_instruction, compute)
+    log.info("fp32 reference: %d of %d pairs from %s", cached, len(pairs), cache.path)
+    return scores, cached, mode, cache.path
+
+
 def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOptions | None = None) -> Manifest:
     """Writes the engine directory ``out`` and returns its manifest."""
     options = options or ExportOptions()
@@ -315,37 +353,18 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     started = time.perf_counter()
 
     # 1. the fp32 reference, alone in memory
-    groups = validate.validation_groups(options.validation_queries, options.validation_documents, options.seed)
+    groups = validation_set(options.validation_queries, options.validation_documents,
+                            options.validation_long_documents, options.seed)
     long = 1 if options.validation_long_documents > 0 else 0
-    if long:
-        groups.append(validate.long_group(options.validation_long_documents, options.seed))
     pairs = [(q, d) for q, docs in groups for d in docs]
     memory = fp32_memory(checkpoint)  # (need, have), read once for both choices below
-    mode = options.reference
-    if mode == "auto":
-        mode = "hf" if memory[0] < memory[1] else "streamed"
     over_bf16, over_why = fp32_over_bf16(checkpoint, dtypes, options.fp32_over_bf16, memory)
     if over_bf16:
         log.info("the fp32 variant runs on torch over bf16 weight files: %s", over_why)
     weights_digest = weights_sha256(checkpoint)  # the manifest's, and the reference cache's identity
     ref_started = time.perf_counter()
-
-    def compute_reference(todo):
-        log.info("computing the fp32 reference (%s) on %d pairs", mode, len(todo))
-        reference = ReferenceScorer(checkpoint, mode=mode, gmr=gmr, attn_implementation="sdpa")
-        scores = reference.score(todo, instruction=gmr.default_instruction, batch_size=4)
-        del reference
-        gc.collect()
-        return scores
-
-    if options.reference_cache is False:
-        expected, cached = compute_reference(pairs), 0
-    else:
-        where = options.reference_cache
-        cache = ReferenceCache(default_directory() if where in (None, True) else where,
-                               checkpoint_identity(checkpoint, weights_digest))
-        expected, cached = cache.score(pairs, gmr.default_instruction, compute_reference)
-        log.info("fp32 reference: %d of %d pairs from %s", cached, len(pairs), cache.path)
+    expected, cached, ref_mode, _ = reference_scores(checkpoint, gmr, pairs, weights_digest, options.reference,
+                                                 options.reference_cache, memory)
     reference_seconds = time.perf_counter() - ref_started
     ranges, calibration = {}, {}
     if "int8" in dtypes and options.int8_smooth != 0:
@@ -452,16 +471,16 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
             if precision == "bf16":
                 from gmr_fast.reranker import ROUTED_FIGURES
 
-                for mode, key in ROUTED_FIGURES.items():
+                for route, key in ROUTED_FIGURES.items():
                     extra = _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long, expected, sizes,
-                                                       mode)
+                                                       route)
                     if extra is not None:
                         figures[key] = extra
             validated[precision] = figures
         variants = {p: Variant(v.precision, v.backend, v.graphs, v.weights, validated[p], v.details)
                     for p, v in variants.items() if p in validated}
         manifest = _with_variants(manifest, variants, {
-            "reference": f"transformers fp32 ({'HF model' if mode == 'hf' else 'HF vision and positions, decoder streamed layer by layer'})",
+            "reference": f"transformers fp32 ({'HF model' if ref_mode == 'hf' else 'HF vision and positions, decoder streamed layer by layer'})",
             "reference_seconds": round(reference_seconds, 1), "reference_pairs_cached": cached,
             "queries": len(groups), "pairs": len(pairs),
             "modalities": "queries: text, image, text+image; documents: text, image, text+image",

@@ -59,6 +59,9 @@ def test_int8_and_bf16_variants(all_precisions_engine):
     manifest, engine = all_precisions_engine
     m = load_manifest(engine)
     assert m.precisions == ("fp32", "int8", "bf16") and m.variants["bf16"].backend == "torch"
+    # the tiny model's fp32 fits in memory, so the reference is HF's whole model; validating bf16's
+    # image routes once overwrote the mode this line reports with a route's name
+    assert m.validation["reference"] == "transformers fp32 (HF model)", m.validation["reference"]
     graph = onnx.load(str(engine / "decoder.int8.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert "DynamicQuantizeMatMul" in ops
