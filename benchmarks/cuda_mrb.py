@@ -47,6 +47,8 @@ def elapsed() -> float:
 
 
 def write(path: str, doc: dict) -> None:
+    """common.write, but atomic (a device call killed at its limit leaves the last whole JSON)
+    and with non-JSON values (the Reranker's ``choice``) as strings."""
     p = pathlib.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
