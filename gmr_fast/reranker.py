@@ -49,6 +49,7 @@ from .schedule import Limits, Schedule, Sequence as TokenSequence, VisionBatch, 
 log = logging.getLogger("gmr_fast")
 MiB = 1 << 20
 IMAGE_PRECISIONS = ("auto", "fp32", "bf16x3", "bf16-gemm", "bf16-vision", "same")
+TEXT_PRECISIONS = ("auto", "same", "as-images")
 
 
 @dataclass
@@ -63,10 +64,17 @@ class RerankerOptions:
                                           "fp32-accurate), bf16-gemm (the same fp32 "
                                           "tensors, matrix products on the CPU's bf16 hardware), bf16-vision (the "
                                           "same in the decoder, the vision tower in bf16), same (bf16 too) or auto "
-                                          "(on a CPU with AMX, bf16-vision, bf16-gemm or bf16x3, the first the "
+                                          "(on a CPU with AMX, bf16-vision, bf16-gemm or bf16x3, elsewhere "
+                                          "bf16-vision or bf16-gemm where bf16 GEMMs gain, the first the "
                                           "export validated, else fp32, where auto chose bf16 on a CPU and the engine "
                                           "allows it)",
                                   determinism=True, choices=IMAGE_PRECISIONS)
+    text_precision: str = option("auto", "pairs without an image under bf16: same (bf16), as-images (computed as "
+                                         "image_precision computes pairs with an image, in the decoder: fp32, "
+                                         "bf16x3 or bf16-gemm arithmetic over the same bf16 weights) or auto "
+                                         "(as-images where auto chose bf16 for this CPU only because that route "
+                                         "ranked within 0.98 of fp32 at export and bf16 alone did not, e.g. GMR-7B)",
+                                 determinism=True, choices=TEXT_PRECISIONS)
     backend: str | None = option(None, "onnxruntime or torch (default: what the precision runs on)", determinism=True,
                                  choices=("onnxruntime", "torch"))
     device: str = option("cpu", "cpu, or cuda[:N] for the torch backend", determinism=True)
@@ -99,6 +107,7 @@ class RerankerOptions:
     def validate(self) -> None:
         check_choice("precision", self.precision, ("auto",) + PRECISIONS)
         check_choice("image_precision", self.image_precision, IMAGE_PRECISIONS)
+        check_choice("text_precision", self.text_precision, TEXT_PRECISIONS)
         if self.backend is not None:
             check_choice("backend", self.backend, ("onnxruntime", "torch"))
         check_choice("padding_side", self.padding_side, ("left", "right"))
@@ -334,12 +343,16 @@ FP32_ON_TORCH = "fp32 on torch at this width: real tokens only, sdpa attention (
 
 
 def choose_precision(manifest, precision: str, backend: str | None, device: str,
-                     onnxruntime_options: bool = False) -> tuple[str, str, str]:
+                     onnxruntime_options: bool = False, image_precision: str = "auto",
+                     text_precision: str = "auto") -> tuple[str, str, str]:
     """(precision, backend, reason). ``auto`` takes, in ``hardware_order``, the first of the
-    engine's variants that is fp32 or ranks within AUTO_MIN_TAU of it; an engine with no such
-    variant gets its fastest one (and the reason says so). fp32 with no backend named runs on
-    torch at real widths where it can (FP32_ON_TORCH); ``onnxruntime_options`` (providers or backend options
-    were given) keeps it on onnxruntime."""
+    engine's variants that is fp32 or ranks within AUTO_MIN_TAU of it; bf16 also qualifies when
+    the route ``auto`` would run its image pairs under ranked within AUTO_MIN_TAU (every pair then
+    runs that route: ``choose_text_precision``, TEXT_AS_IMAGES), unless ``image_precision`` or
+    ``text_precision`` was set. An engine with no such variant gets its fastest one (and the
+    reason says so). fp32 with no backend named runs on torch at real widths where it can
+    (FP32_ON_TORCH); ``onnxruntime_options`` (providers or backend options were given) keeps it
+    on onnxruntime."""
     have = manifest.precisions
     if precision != "auto":
         manifest.variant(precision)  # raises if absent
@@ -360,6 +373,13 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
                 break
             if tau is not None and tau >= AUTO_MIN_TAU:
                 chosen, why = p, f"{why}; validated ranking tau {tau:.3f} >= {AUTO_MIN_TAU}"
+                break
+            routed = (routed_every_pair(manifest, device) if p == "bf16" and backend in (None, "torch")
+                      and image_precision == "auto" and text_precision == "auto" else None)
+            if routed is not None:
+                chosen, why = p, (f"{why}; bf16 alone ranked tau {'not measured' if tau is None else round(tau, 3)} < "
+                                  f"{AUTO_MIN_TAU}, every pair runs {routed[0]}: validated ranking tau "
+                                  f"{routed[1]:.3f} >= {AUTO_MIN_TAU}")
                 break
             passed.append(f"{p} passed over: validated ranking tau {tau if tau is None else round(tau, 3)} < {AUTO_MIN_TAU}")
         else:
@@ -410,6 +430,13 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # (benchmarks/image_precision_split.py; on the MRB workload 1.81x and 2.26x HF bf16, benchmarks/README.md). Those
 # distance differences are within the noise a re-implementation re-draws (benchmarks/README.md "Precision and backends", split
 # products), so speed decides the order; both pass the same bar.
+# Why without AMX bf16-gemm comes after bf16-vision where gmr_fast._dnnl runs (never bf16x3):
+# bf16-gemm's projections are then one bf16 GEMM with fp32 results each, its vision tower too, so
+# it gains wherever bf16-vision's floor holds. On the AMD EPYC Zen 4 (GMR-3B width, 6 + 8 layers,
+# 4 Dec) it ran 1,116- and 324-token query images with short documents at 0.354 pairs/s and 8
+# text queries' 300-700 px document images at 0.298, against the fp32 route's 0.192 and 0.167
+# (the 0.78x above was with two torch GEMMs per product). bf16x3's two _dnnl GEMMs ran text at
+# fp32's rate there (1.02 against 1.03 pairs/s), so it gains nothing without AMX.
 # Why bf16x3 comes after them and before fp32: it is the fp32 model (three bf16 products per
 # projection), ranking the MRB pairs at tau 1.000 at 1.14-1.26x the fp32 variant's rate on that
 # Xeon, half bf16-vision's.
@@ -425,6 +452,9 @@ IMAGES_BF16_VISION_NO_AMX = ("pairs with an image run the vision tower in bf16 a
                              "weights, each projection as two bf16 GEMMs (bf16-vision): torch's bf16 GEMM measured "
                              "{speedup:.1f}x fp32 on this CPU (>= {floor}), where two of them cost no more than one "
                              "fp32 GEMM while the vision tower gains")
+IMAGES_BF16_GEMM_ONE_GEMM = ("pairs with an image run fp32 over the same bf16 weights, each projection as one bf16 "
+                             "GEMM with fp32 results (gmr_fast._dnnl; bf16-gemm): torch's bf16 GEMM measured "
+                             "{speedup:.1f}x fp32 on this CPU")
 IMAGES_IN_FP32 = ("pairs with an image run fp32 over the same bf16 weights: bf16 ranked images at tau 0.968-0.9798 "
                   f"< {AUTO_MIN_TAU} against fp32 at GMR-3B width on the CPUs measured (README \"Precision\")")
 
@@ -468,9 +498,10 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
     hold), "same" refuses it, "auto" takes one where ``auto`` chose bf16 on a CPU and the engine
     allows it: on a CPU with usable AMX, bf16-vision (IMAGES_BF16_VISION), else bf16-gemm
     (IMAGES_BF16_GEMM), else bf16x3 (IMAGES_BF16X3), the first the export measured ranking within
-    AUTO_MIN_TAU of fp32; without AMX, bf16-vision alone (IMAGES_BF16_VISION_NO_AMX) where torch's
-    bf16 GEMM measures at least BF16_VISION_MIN_GEMM_SPEEDUP times fp32 here and the export
-    validated it; else fp32 (IMAGES_IN_FP32)."""
+    AUTO_MIN_TAU of fp32; without AMX, where torch's bf16 GEMM measures at least
+    BF16_VISION_MIN_GEMM_SPEEDUP times fp32 here, bf16-vision (IMAGES_BF16_VISION_NO_AMX), then,
+    where gmr_fast._dnnl runs (BF16_VISION_MIN_GEMM_SPEEDUP_ONE_GEMM), bf16-gemm
+    (IMAGES_BF16_GEMM_ONE_GEMM), the first the export validated; else fp32 (IMAGES_IN_FP32)."""
     routed = ("fp32", "bf16x3", "bf16-gemm", "bf16-vision")
     if image_precision == "same" or precision != "bf16":
         if image_precision in routed:
@@ -507,7 +538,8 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
             if one_gemm:
                 why = why.replace("each projection as two bf16 GEMMs", "each projection as one bf16 GEMM with fp32 "
                                   "results (gmr_fast._dnnl)").replace("two of them cost", "it costs")
-            modes = (("bf16-vision", why),)
+            modes = (("bf16-vision", why),) + ((("bf16-gemm", IMAGES_BF16_GEMM_ONE_GEMM.format(speedup=speedup)),)
+                                               if one_gemm else ())
         for mode, why in modes:
             figures = bf16_gemm_images_figures(manifest, mode)
             tau = figures.get("query_kendall_tau_mean") if figures else None
@@ -517,6 +549,56 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
                           f"{'not measured by this export' if tau is None else round(tau, 3)}")
         return "fp32", "; ".join([IMAGES_IN_FP32] + passed)
     return None, "the same as every pair"
+
+
+# Why ``auto`` may run every pair, text pairs too, under the route it takes for pairs with an
+# image: where bf16 alone ranks below AUTO_MIN_TAU but that route ranks within it, the route is
+# the fastest faithful path. Measured on GMR-7B at full depth (random weights, the export's 92
+# pairs, an AMD EPYC Zen 4): bf16 ranked at per-query tau 0.947, bf16-gemm at 0.982 (bf16x3 at
+# 1.0, bf16-vision 0.968). The route's figure covers text pairs: every validation group mixes text,
+# image and text+image documents, so every pair of the set, its text-only ones included, ran under
+# the route. A text pair has no vision tower, so under bf16-vision it computes as under bf16-gemm
+# (TEXT_DECODER). Speed: at GMR-3B width on that CPU (6 layers, the text workload of
+# benchmarks/real_size.py) bf16-gemm ran 2.00 pairs/s, bf16 2.08 and fp32 1.03: its products are
+# bf16 GEMMs with fp32 results (gmr_fast._dnnl), so it keeps nearly all of bf16's speed, while
+# bf16x3 (1.02) does not gain over fp32 there.
+TEXT_AS_IMAGES = ("pairs without an image run as pairs with one do ({decoder} in the decoder): bf16 alone ranked "
+                  "tau {tau} < {bar} at export, the route tau {route_tau:.3f} >= {bar}, text documents included")
+TEXT_DECODER = {"fp32": "fp32", "bf16x3": "bf16x3", "bf16-gemm": "bf16-gemm", "bf16-vision": "bf16-gemm"}
+
+
+def routed_every_pair(manifest, device: str) -> tuple[str, float] | None:
+    """(mode, its validated tau) where ``auto`` would route pairs with an image to a mode of
+    ROUTED_FIGURES ranked within AUTO_MIN_TAU on this CPU (``choose_image_precision``), else None."""
+    if device.startswith("cuda") or not bf16_holds_fp32(manifest):
+        return None
+    mode, _ = choose_image_precision(manifest, "auto", "bf16", "torch", device, "auto")
+    figures = bf16_gemm_images_figures(manifest, mode) if mode in ROUTED_FIGURES else None
+    tau = figures.get("query_kendall_tau_mean") if figures else None
+    return (mode, tau) if tau is not None and tau >= AUTO_MIN_TAU else None
+
+
+def choose_text_precision(manifest, requested: str, precision: str, image_mode: str | None,
+                          text_precision: str) -> tuple[bool, str]:
+    """(whether pairs without an image run as ``image_mode`` runs pairs with one, why).
+    "as-images" asks for it (an error where image pairs are not routed), "same" refuses it,
+    "auto" takes it where ``auto`` chose bf16 only because the image route ranked within
+    AUTO_MIN_TAU and bf16 alone did not (TEXT_AS_IMAGES)."""
+    if image_mode is None:
+        if text_precision == "as-images":
+            raise ConfigError(f"text_precision as-images computes text pairs as image_precision routes pairs with an "
+                              f"image; here every pair runs {precision} (image_precision applies beside bf16)")
+        return False, "the same as every pair"
+    if text_precision == "as-images":
+        return True, f"pairs without an image run as pairs with one do ({TEXT_DECODER[image_mode]} in the decoder; requested)"
+    if text_precision == "auto" and requested == "auto" and precision == "bf16" and image_mode in ROUTED_FIGURES:
+        tau = ranking_figure(manifest, "bf16")
+        figures = bf16_gemm_images_figures(manifest, image_mode)
+        route_tau = figures.get("query_kendall_tau_mean") if figures else None
+        if (tau is None or tau < AUTO_MIN_TAU) and route_tau is not None and route_tau >= AUTO_MIN_TAU:
+            return True, TEXT_AS_IMAGES.format(decoder=TEXT_DECODER[image_mode], bar=AUTO_MIN_TAU, route_tau=route_tau,
+                                               tau="not measured" if tau is None else round(tau, 3))
+    return False, f"pairs without an image run {precision}"
 
 
 def _torch_available() -> bool:
@@ -544,11 +626,16 @@ class Reranker:
         self.instruction = options.instruction or self.gmr.default_instruction
         self.num_threads = int(options.num_threads or hardware_threads())
         self.precision, backend, why = choose_precision(m, options.precision, options.backend, options.device,
-                                                         bool(options.providers or options.backend_options))
+                                                         bool(options.providers or options.backend_options),
+                                                         options.image_precision, options.text_precision)
         self.image_precision, image_why = choose_image_precision(m, options.precision, self.precision, backend,
                                                                  options.device, options.image_precision)
+        self.route_text, text_why = choose_text_precision(m, options.precision, self.precision, self.image_precision,
+                                                          options.text_precision)
         if self.image_precision:
             why = f"{why}; {image_why}"
+        if self.route_text:
+            why = f"{why}; {text_why}"
         self.lanes, lanes_why = choose_lanes(options.lanes, backend, options.device, self.num_threads)
         self.backend_threads = max(1, self.num_threads // self.lanes)
         log.info("gmr_fast: %s on %s (%s); %d lane(s) of %d thread(s) (%s)", self.precision, backend, why, self.lanes,
@@ -558,6 +645,7 @@ class Reranker:
         self.backend = create_backend(backend, self.engine_dir, m, self.precision, self.backend_threads, options.providers,
                                       options.device, **backend_options)
         self.choice = {"precision": self.precision, "image_precision": self.image_precision or self.precision,
+                       "text_precision": TEXT_DECODER[self.image_precision] if self.route_text else self.precision,
                        "backend": backend, "device": options.device, "reason": why,
                        "lanes": self.lanes, "threads_per_lane": self.backend_threads, "lanes_reason": lanes_why,
                        "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
@@ -769,9 +857,10 @@ class Reranker:
         # image. Mixed within one query's candidates, the text documents would share bf16's error
         # of the query prefix and the image documents would not: an offset between the two that
         # reorders them where scores are close (benchmarks/README.md "Precision and backends").
+        # With route_text (choose_text_precision) every pair is routed.
         routed_queries = {(instructions[i], q.text, keys[0] if q.has_image else None)
                           for i, ((q, d), keys) in enumerate(zip(items, keys_per_pair))
-                          if route and (q.has_image or d.has_image)}
+                          if route and (self.route_text or q.has_image or d.has_image)}
         # every prompt tokenized in native batch calls (GIL released), each query's part once;
         # encode() expands and truncates
         tokenized = self.prompts.tokenize_prompts(instructions, items)

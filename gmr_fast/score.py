@@ -31,7 +31,7 @@ from .jobs import JobError, Journal, Progress, Stats, Task, chunk_bounds, run_ta
 from .manifest import load_manifest
 from .options import add_arguments, fingerprint, from_args, option
 from .prompt import Item
-from .reranker import RerankerOptions, choose_image_precision, choose_precision
+from .reranker import TEXT_DECODER, RerankerOptions, choose_image_precision, choose_precision, choose_text_precision
 from .suite import (Dataset, InputError, PathRefused, Record, find_datasets, load_dataset, read_jsonl,
                     resolve_image, trec_order)
 
@@ -112,17 +112,23 @@ class _Job:
         self.engine_sha = _sha256(os.path.join(args.engine, "manifest.json"))
         ro = self.reranker_options
         precision, backend, why = choose_precision(manifest, ro.precision, ro.backend, ro.device,
-                                                   bool(ro.providers or ro.backend_options))
+                                                   bool(ro.providers or ro.backend_options), ro.image_precision,
+                                                   ro.text_precision)
         images, image_why = choose_image_precision(manifest, ro.precision, precision, backend, ro.device,
                                                    ro.image_precision)
+        route_text, text_why = choose_text_precision(manifest, ro.precision, precision, images, ro.text_precision)
+        texts = TEXT_DECODER[images] if route_text else precision
         if images:
             why = f"{why}; {image_why}"
+        if route_text:
+            why = f"{why}; {text_why}"
         # everything that changes which pairs are scored or the exact bits of a score: a resumed
         # job must match (the precisions as resolved on this machine, not "auto")
         self.settings = {"engine_sha256": self.engine_sha, **fingerprint(self.options), **fingerprint(ro),
-                         "precision": precision, "image_precision": images or precision, "backend": backend}
-        self.choice = {"precision": precision, "image_precision": images or precision, "backend": backend,
-                       "reason": why}
+                         "precision": precision, "image_precision": images or precision, "text_precision": texts,
+                         "backend": backend}
+        self.choice = {"precision": precision, "image_precision": images or precision, "text_precision": texts,
+                       "backend": backend, "reason": why}
         if args.ray:
             self.choice.update(ray=args.ray, workers=args.workers, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus)
         self._reranker = None
@@ -154,7 +160,10 @@ class _Job:
                 raise JobError(f"{what} already holds a job ({path}); pass --resume to continue it, or choose a new one")
             with open(path, encoding="utf-8") as f:
                 old = json.load(f)
-            diff = [k for k in self.settings if old.get(k) != self.settings.get(k)]
+            # a setting added since the job started counts as what the runtime did before it existed
+            # (text_precision: text pairs ran in the variant's precision)
+            before = {"text_precision": self.settings["precision"]}
+            diff = [k for k in self.settings if old.get(k, before.get(k)) != self.settings.get(k)]
             if diff:
                 raise JobError(f"cannot resume {what}: it was started with different " + ", ".join(
                     f"{k} ({old.get(k)!r} then, {self.settings.get(k)!r} now)" for k in diff))

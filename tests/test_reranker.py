@@ -887,13 +887,14 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     else bf16-gemm, else bf16x3, the first the export recorded ranking within AUTO_MIN_TAU (the
     bf16 variant's ``validation.bf16_vision_images``, ``validation.bf16_gemm_images`` and
     ``validation.bf16x3_images``), else fp32, saying why; without AMX only bf16-vision, and only
-    where torch's bf16 GEMM measures >= 2x fp32; the export records the three figures wherever
-    this CPU has a bf16 kernel."""
+    where torch's bf16 GEMM measures >= 2x fp32 (>= 1x with gmr_fast._dnnl, and bf16-gemm after
+    it there); the export records the three figures wherever this CPU has a bf16 kernel."""
     import dataclasses
 
     from gmr_fast import hardware
-    from gmr_fast.reranker import (AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_BF16_VISION, IMAGES_BF16_VISION_NO_AMX,
-                                   IMAGES_BF16X3, IMAGES_IN_FP32, ROUTED_FIGURES, choose_image_precision)
+    from gmr_fast.reranker import (AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_BF16_GEMM_ONE_GEMM, IMAGES_BF16_VISION,
+                                   IMAGES_BF16_VISION_NO_AMX, IMAGES_BF16X3, IMAGES_IN_FP32, ROUTED_FIGURES,
+                                   choose_image_precision)
 
     _, over, _ = bf16_checkpoint
     for key in ROUTED_FIGURES.values():
@@ -961,8 +962,104 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
         assert chosen == chosen_mode, (speedup, why)
         assert ("one bf16 GEMM with fp32 results" in why) == (chosen == "bf16-vision")
         assert chosen == "bf16-vision" or "measured 0.9x fp32 on this CPU (< 1.0)" in why
+    # ... and then bf16-gemm (one _dnnl GEMM per product there too), never bf16x3
+    monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: 2.7)
+    chosen, why = choose_image_precision(with_tau(0.99, vision=0.975, x3=1.0), *args)
+    assert chosen == "bf16-gemm" and why.startswith(IMAGES_BF16_GEMM_ONE_GEMM.format(speedup=2.7))
+    assert "bf16-vision passed over: validated ranking tau 0.975" in why
+    chosen, why = choose_image_precision(with_tau(0.97, vision=0.975, x3=1.0), *args)
+    assert chosen == "fp32" and "bf16x3" not in why
     with pytest.raises(gmr_fast.ConfigError, match="runs beside bf16"):
         choose_image_precision(with_tau(0.99), "fp32", "fp32", "torch", "cpu", "bf16-gemm")
+
+
+def test_text_pairs_run_as_image_pairs_where_only_that_route_ranks_like_fp32(bf16_checkpoint, monkeypatch, rng):
+    """``text_precision``. "auto": where bf16's own validated tau is below AUTO_MIN_TAU but the
+    route ``auto`` takes for image pairs reaches it (GMR-7B on the Zen 4: bf16 0.947, bf16-gemm
+    0.982), ``auto`` still takes bf16 and every pair, text pairs too, runs that route; it used to
+    fall to fp32. Where bf16 ranks on its own, or image_precision / text_precision was set, the
+    choice is as before. "as-images": text pairs computed as the route computes pairs with an
+    image (with the fp32 route: fp32 over the bf16 weights, the fp32 model, within fp32's
+    summation order 1e-4 of the fp32 variant), counted as routed; an error where nothing is
+    routed. "same": never. Under bf16-gemm (where this CPU runs it) text pairs are nearer fp32 than
+    bf16's on average: the mean distance ratio over ~104 text pairs measured 0.60-0.77 over 12
+    seeds on an AMD EPYC Zen 4 (mean 0.68, sd 0.06; it rounds the products' inputs as bf16 does,
+    never their outputs or attention), so 1.0 is 5 sd away; with 10 pairs it crossed 1.0 twice."""
+    import dataclasses
+
+    from gmr_fast import hardware
+    from gmr_fast.backends import bf16_gemm
+    from gmr_fast.reranker import (AUTO_MIN_TAU, ROUTED_FIGURES, choose_image_precision, choose_precision,
+                                   choose_text_precision)
+
+    _, over, engines = bf16_checkpoint
+    real_kernel = hardware.bf16_kernel()
+    texts = [(q, d) for q, d in _grouped(rng, 3, 8) if isinstance(q, str) and isinstance(d, str)] + [
+        (_text(rng, 1, 10), _text(rng, 1, 200)) for _ in range(100)]
+
+    r = Reranker(engines["over"], precision="bf16", image_precision="fp32", text_precision="as-images",
+                 padding_side="right")
+    got = r.score(texts)
+    assert r.last_stats["exact_pairs"] == len(texts) and r.choice["text_precision"] == "fp32"
+    assert "pairs without an image run as pairs with one do (fp32 in the decoder; requested)" in r.choice["reason"]
+    fp32 = Reranker(engines["over"], precision="fp32").score(texts)
+    bf16 = Reranker(engines["over"], precision="bf16", image_precision="same").score(texts)
+    assert np.abs(got - fp32).max() <= 1e-4 < np.abs(bf16 - fp32).max()
+    default = Reranker(engines["over"], precision="bf16", image_precision="fp32", padding_side="right")
+    same = Reranker(engines["over"], precision="bf16", image_precision="same", padding_side="right",
+                    backend_options={"gemm": "auto" if default.backend.onednn else "blas"})
+    assert np.array_equal(default.score(texts), same.score(texts)) and default.last_stats["exact_pairs"] == 0
+    assert default.choice["text_precision"] == "bf16"
+    for image_precision in ("same", "auto"):  # requested bf16: auto routes nothing
+        with pytest.raises(gmr_fast.ConfigError, match="text_precision as-images"):
+            Reranker(engines["over"], precision="bf16", image_precision=image_precision, text_precision="as-images")
+
+    def with_taus(bf16_tau, gemm_tau, vision_tau=None):
+        bf16v = over.variants["bf16"]
+        validation = {k: v for k, v in bf16v.validation.items() if k not in ROUTED_FIGURES.values()}
+        validation["query_kendall_tau_mean"] = bf16_tau
+        validation["bf16_gemm_images"] = {"query_kendall_tau_mean": gemm_tau}
+        if vision_tau is not None:
+            validation["bf16_vision_images"] = {"query_kendall_tau_mean": vision_tau}
+        return dataclasses.replace(over, variants={**over.variants, "bf16": dataclasses.replace(bf16v, validation=validation)})
+
+    monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AMX")
+    m = with_taus(0.947, 0.982, 0.968)
+    precision, backend, why = choose_precision(m, "auto", None, "cpu")
+    assert (precision, backend) == ("bf16", "torch")
+    assert f"bf16 alone ranked tau 0.947 < {AUTO_MIN_TAU}, every pair runs bf16-gemm: validated ranking tau 0.982" in why
+    mode, _ = choose_image_precision(m, "auto", "bf16", "torch", "cpu", "auto")
+    routed, text_why = choose_text_precision(m, "auto", "bf16", mode, "auto")
+    assert mode == "bf16-gemm" and routed and "bf16-gemm in the decoder" in text_why and "0.982" in text_why
+    assert choose_text_precision(m, "auto", "bf16", mode, "same") == (False, "pairs without an image run bf16")
+    assert choose_text_precision(m, "bf16", "bf16", mode, "auto")[0] is False  # bf16 requested: as asked
+    for kwargs in ({"image_precision": "same"}, {"image_precision": "bf16-gemm"}, {"text_precision": "same"}):
+        assert choose_precision(m, "auto", None, "cpu", **kwargs)[0] == "fp32", kwargs
+    assert choose_precision(with_taus(0.947, 0.975), "auto", None, "cpu")[0] == "fp32"  # neither ranks
+    assert choose_precision(m, "auto", "torch", "cpu")[0] == "bf16"
+    m_ok = with_taus(0.99, 0.982)  # bf16 ranks on its own: text pairs stay bf16
+    assert choose_precision(m_ok, "auto", None, "cpu")[0] == "bf16"
+    assert choose_text_precision(m_ok, "auto", "bf16", "bf16-gemm", "auto")[0] is False
+    # without AMX, bf16-gemm where gmr_fast._dnnl runs (one bf16 GEMM per product) and bf16 GEMMs gain
+    monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
+    monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: 2.7)
+    monkeypatch.setattr(bf16_gemm, "load", lambda: object())
+    assert choose_precision(m, "auto", None, "cpu")[0] == "bf16"
+    assert choose_image_precision(m, "auto", "bf16", "torch", "cpu", "auto")[0] == "bf16-gemm"
+    monkeypatch.setattr(bf16_gemm, "load", lambda: None)
+    assert choose_precision(m, "auto", None, "cpu")[0] == "fp32"
+    monkeypatch.undo()
+
+    if real_kernel is None or bf16_gemm.load() is None and real_kernel != "AMX":
+        return  # bf16-gemm needs bf16 matrix hardware here (AMX, or AVX512-BF16 with gmr_fast._dnnl)
+    monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AMX")  # the choice, not the kernels
+    monkeypatch.setattr(reranker_module, "load_manifest", lambda _: m)
+    auto = Reranker(engines["over"], padding_side="right")
+    got = auto.score(texts)
+    assert (auto.precision, auto.image_precision, auto.route_text) == ("bf16", "bf16-gemm", True)
+    assert auto.choice["text_precision"] == "bf16-gemm" and auto.last_stats["exact_pairs"] == len(texts)
+    # the route's arithmetic: fp32 tensors, bf16 products; not bf16's, and nearer fp32 on average
+    assert not np.array_equal(got, bf16) and np.abs(got - fp32).mean() < np.abs(bf16 - fp32).mean()
 
 
 def test_reduced_precisions_keep_the_ranking(all_precisions_engine, references, rng):

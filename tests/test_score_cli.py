@@ -203,6 +203,17 @@ def test_resume_guards(engine, tmp_path, capsys):
     assert run_cli("--engine", engine, "--data", suite, "--out", out, "--resume")[0] == 0
     assert _files(out) == before  # a finished job resumes to the same files, nothing rescored
     assert json.load(open(out / "run.json"))["sessions"][-1]["pairs_scored"] == 0
+    # a job file written before text_precision existed resumes where text pairs still run in the
+    # variant's precision; one that says otherwise is refused
+    job = json.load(open(out / "job.json"))
+    assert job["text_precision"] == job["precision"]
+    for recorded, resumes in ((None, True), ("bf16-gemm", False)):
+        edited = {k: v for k, v in job.items() if k != "text_precision"}
+        if recorded:
+            edited["text_precision"] = recorded
+        (out / "job.json").write_text(json.dumps(edited))
+        code, err = run_cli("--engine", engine, "--data", suite, "--out", out, "--resume", capsys=capsys)
+        assert (code == 0) == resumes and (resumes or f"text_precision ('bf16-gemm' then, '{job['precision']}' now)" in err)
 
 
 def test_failures_are_recorded_and_paths_cannot_escape(engine, tmp_path, capsys):
