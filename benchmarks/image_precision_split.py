@@ -10,7 +10,9 @@ image pairs computed four ways beside bf16 text pairs:
 - ``bf16x3``: the fp32 vision tower and decoder, fp32-accurate, each projection three bf16
   GEMMs (graphs.common.Proj "split3"), attention fp32;
 - ``decoder bf16``: the vision tower as bf16-gemm's, the decoder in bf16 (not a mode of the
-  Reranker: a bf16 reranker fed bf16-gemm's vision outputs, measured to split the error).
+  Reranker: a bf16 reranker fed bf16-gemm's vision outputs, measured to split the error);
+- ``MODE+text``: MODE with text pairs on the route too (``text_precision="as-images"``), which
+  the t2t task measures (every other contender scores t2t pairs in bf16).
 
 For each: the mean per-query Kendall tau against fp32, the mean distance to fp32 of
 per-query-centred scores (a reranker only orders one query's candidates, so a shift common to a
@@ -67,8 +69,10 @@ def main(argv=None) -> int:
     doc = {"machine": machine(), "engine": a.engine, "queries": a.queries, "candidates": a.candidates, "rows": {}}
 
     def make(name: str):  # one reranker at a time (memory): "decoder bf16" is a bf16 one fed bf16-gemm's tower
+        name, _, text = name.partition("+")  # "MODE+text": text pairs on the route too (text_precision)
         mode = {"all bf16": "same", "decoder bf16": "same"}.get(name, name)
-        r = Reranker(a.engine, precision="bf16", image_precision=mode)
+        r = Reranker(a.engine, precision="bf16", image_precision=mode,
+                     text_precision="as-images" if text else "same")
         if name == "decoder bf16":
             gemm_encode = Reranker(a.engine, precision="bf16", image_precision="bf16-gemm").backend.encode_images
             r.backend.encode_images = lambda batch: [e.bfloat16() for e in gemm_encode(batch)]

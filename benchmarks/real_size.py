@@ -130,6 +130,12 @@ def kendall(a, b) -> float:
     return float(kendalltau(a, b).statistic)
 
 
+def query_kendall(a, b, groups: int) -> float:
+    """Mean Kendall tau over ``groups`` equal consecutive groups (one query's candidates each)."""
+    a, b = np.array_split(np.asarray(a), groups), np.array_split(np.asarray(b), groups)
+    return float(np.mean([kendall(x, y) for x, y in zip(a, b)]))
+
+
 def reused_export(engine: pathlib.Path, dtypes: list[str]) -> dict | None:
     """The figures an earlier export of ``engine`` recorded in its manifest, when it holds every variant asked for."""
     try:
@@ -144,7 +150,10 @@ def reused_export(engine: pathlib.Path, dtypes: list[str]) -> dict | None:
             "variants": {p: {"validation": {k: v.get("validation", {}).get(k)
                                             for k in ("max_rel_error", "kendall_tau", "query_kendall_tau_mean",
                                                       "top10_overlap_mean", "seconds")},
-                             "details": {k: v.get("details", {}).get(k) for k in ("kept_fp32_patterns",)}}
+                             "details": {k: v.get("details", {}).get(k) for k in ("kept_fp32_patterns",)},
+                             **({"routes": {k: r.get("query_kendall_tau_mean")
+                                            for k, r in v["validation"].items() if k.endswith("_images")}}
+                                if any(k.endswith("_images") for k in v.get("validation", {})) else {})}
                          for p, v in m["variants"].items()},
             "refused": refused, "engine_bytes": sum(f.stat().st_size for f in engine.iterdir())}
 
@@ -239,8 +248,9 @@ def main(argv=None) -> int:
                    help="--score on the first N pairs of each query (text) or query image (image) only, for "
                         "engines too slow for the whole workload in one session (both sides score the same pairs)")
     p.add_argument("--engine", help="the full-depth export's engine directory (default: WORK/SHAPE-full-engine)")
-    p.add_argument("--score-precision", help="the precision --score runs (default: the first of int8, bf16, fp32 "
-                                             "among --dtypes)")
+    p.add_argument("--score-precision", help="the precisions --score runs, comma-separated, each in its own process "
+                                             "(default: the first of int8, bf16, fp32 among --dtypes); with fp32 "
+                                             "among them every row's ranking is measured against it too")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/real_size_cpu.json")
     a = p.parse_args(argv)
@@ -276,9 +286,16 @@ def main(argv=None) -> int:
             doc["bar"] = {"peak_rss_bytes": w["peak_rss_bytes"], "largest_variant_weight_bytes": weights,
                           "limit_bytes": 1.5 * weights + 2e9, "within": w["peak_rss_bytes"] <= 1.5 * weights + 2e9}
         if a.score:
-            precision = a.score_precision or next(p for p in ("int8", "bf16", "fp32") if p in a.dtypes.split(","))
-            doc["scoring"] = in_child("real_size:child_reranker", str(engine), precision, a.score_workload,
-                                      per_group=a.score_per_group, timeout=6 * 3600)
+            precisions = (a.score_precision or next(p for p in ("int8", "bf16", "fp32")
+                                                    if p in a.dtypes.split(","))).split(",")
+            rows = {p: in_child("real_size:child_reranker", str(engine), p, a.score_workload,
+                                per_group=a.score_per_group, timeout=6 * 3600) for p in precisions}
+            doc["scoring"] = rows[precisions[0]]
+            if "fp32" in rows:  # the fp32 engine is the fp32 model (validated at export): ranking against it
+                groups = 4 if a.score_workload == "text" else 2
+                for row in rows.values():
+                    row["kendall_tau_vs_gmr_fp32"] = kendall(rows["fp32"]["scores"], row["scores"])
+                    row["query_kendall_tau_vs_gmr_fp32"] = query_kendall(rows["fp32"]["scores"], row["scores"], groups)
             hf, doc["hf"] = {}, {}
             for dtype in filter(None, a.hf_dtypes.split(",")):
                 try:
@@ -288,12 +305,15 @@ def main(argv=None) -> int:
                     doc["hf"][dtype] = {"error": str(e)[-2000:]}
             if hf:  # the first HF dtype that ran is the ranking reference (HF fp32 where it fits)
                 ref = next(iter(hf))
-                for row in [*hf.values(), doc["scoring"]]:
+                for row in [*hf.values(), *rows.values()]:
                     row[f"kendall_tau_vs_hf_{ref}"] = kendall(hf[ref]["scores"], row["scores"])
-                doc["scoring"]["speedup_vs_hf_fastest"] = (doc["scoring"]["pairs_per_s"]
-                                                           / max(r["pairs_per_s"] for r in hf.values()))
+                for row in rows.values():
+                    row["speedup_vs_hf_fastest"] = row["pairs_per_s"] / max(r["pairs_per_s"] for r in hf.values())
                 doc["hf"].update({name: {k: v for k, v in row.items() if k != "scores"} for name, row in hf.items()})
-            doc["scoring"].pop("scores", None)
+            for row in rows.values():
+                row.pop("scores", None)
+            if len(rows) > 1:
+                doc["also_scored"] = {p: rows[p] for p in precisions[1:]}
         print(json.dumps(doc, indent=1))
     else:
         int8 = (a.int8_kept, a.int8_keep.split(",") if a.int8_keep else None, a.int8_smooth, a.int8_activations)
