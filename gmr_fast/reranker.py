@@ -570,7 +570,9 @@ TEXT_DECODER = {"fp32": "fp32", "bf16x3": "bf16x3", "bf16-gemm": "bf16-gemm", "b
 def routed_every_pair(manifest, device: str) -> tuple[str, float] | None:
     """(mode, its validated tau) where ``auto`` would route pairs with an image to a mode of
     ROUTED_FIGURES ranked within AUTO_MIN_TAU on this CPU (``choose_image_precision``), else None."""
-    if device.startswith("cuda") or not bf16_holds_fp32(manifest):
+    validation = manifest.variant("bf16").validation or {}
+    if (device.startswith("cuda") or not any(isinstance(validation.get(k), dict) for k in ROUTED_FIGURES.values())
+            or not bf16_holds_fp32(manifest)):  # no route measured at export: nothing to probe
         return None
     mode, _ = choose_image_precision(manifest, "auto", "bf16", "torch", device, "auto")
     figures = bf16_gemm_images_figures(manifest, mode) if mode in ROUTED_FIGURES else None
