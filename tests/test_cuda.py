@@ -102,3 +102,29 @@ def test_the_torch_backend_never_reads_its_tensors_through_numpy(exported_engine
     monkeypatch.setattr(torch.Tensor, "__array__", refuse)
     for r, want in zip(runs, expected):
         np.testing.assert_array_equal(r.score(pairs), want)
+
+
+def test_cuda_attention_runs_without_cudnn_graphs(torch_cuda, tiny_checkpoints, tmp_path, rng, monkeypatch):
+    """Every sdpa call of a CUDA run (vision tower and decoder) finds cuDNN's kernel off (it builds
+    a graph per new shape: backends.torch.NoCudnnAttention), and the process's setting is back
+    afterwards."""
+    import torch.nn.functional as F
+
+    from export import validate
+    from export.engine_export import ExportOptions, export_engine
+    from gmr_fast import Reranker
+
+    export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e", ExportOptions(dtypes=("bf16",), reference_cache=False))
+    pairs = [(q, d) for q, docs in validate.validation_groups(2, 6, int(rng.integers(1 << 30))) for d in docs]
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch_cuda.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch_cuda.backends.cuda.enable_cudnn_sdp(True)
+    r = Reranker(tmp_path / "e", device="cuda")
+    r.score(pairs)
+    assert r.last_stats["images_encoded"] > 0 and seen and not any(seen), seen
+    assert torch_cuda.backends.cuda.cudnn_sdp_enabled()

@@ -625,6 +625,42 @@ def _split_reranker(engine_dir, mode: str, split: str, **options):
     return r, seen
 
 
+def test_cuda_runs_hold_cudnn_attention_off_and_give_the_setting_back():
+    """NoCudnnAttention (a CUDA backend's runs: sdpa's cuDNN kernel builds a graph per new shape):
+    off while any run holds it, from any thread; the user's setting restored when the last one
+    ends, whatever order they end in. torch's switch is a process flag, so this runs on a CPU
+    too; a CPU backend's runs leave it alone."""
+    import threading
+
+    import torch
+
+    from gmr_fast.backends.torch import NoCudnnAttention
+
+    cuda = torch.backends.cuda
+    for user in (True, False):
+        cuda.enable_cudnn_sdp(user)
+        inside, first_in, second_in, first_out = [], threading.Event(), threading.Event(), threading.Event()
+
+        def first():
+            with NoCudnnAttention.held(torch):
+                first_in.set()
+                second_in.wait(5)
+                inside.append(cuda.cudnn_sdp_enabled())
+            first_out.set()
+
+        t = threading.Thread(target=first)
+        t.start()
+        first_in.wait(5)
+        with NoCudnnAttention.held(torch):  # entered after, left after the first thread
+            second_in.set()
+            first_out.wait(5)
+            inside.append(cuda.cudnn_sdp_enabled())
+        t.join()
+        assert inside == [False, False] and first_out.is_set()
+        assert cuda.cudnn_sdp_enabled() is user
+    cuda.enable_cudnn_sdp(True)
+
+
 def test_split_products_are_fp32_sums_of_bf16_rounded_inputs(rng):
     """Proj "split" (image batches under bf16-gemm and bf16-vision): fp32 x times a packed bf16
     weight as two bf16 GEMMs, equal to the exact products of bf16-rounded x (float64) within

@@ -100,6 +100,44 @@ class Bf16Gemm:
                     flags.fp32_precision, cls._saved = cls._saved, None
 
 
+
+class NoCudnnAttention:
+    """sdpa without its cuDNN kernel, for the runs of a CUDA backend. torch builds a cuDNN graph
+    for every new shape of query, keys and mask, and a reranker's shapes change with every call
+    (documents, images, batch fill). Measured on an NVIDIA H200 (torch 2.11, GMR-3B width, 6 + 8
+    layers, bf16; benchmarks/README.md "GPU"): ``rank(query, 50 text documents)`` took 0.83-2.4 s
+    of which the GPU worked 31 ms, and its 54 attention calls ran cuDNN's kernel; p50 905 ms
+    against HF bf16's 237. With it off, sdpa takes the flash or memory-efficient kernel (math where
+    neither applies), which need no graph: p50 182 ms against HF's 233, and one query with one
+    image document 47 ms against 311 (312 against 119 before). On shapes seen before, cuDNN's
+    kernel is faster: pairs/s on the same pairs timed again fell 8-13% without it.
+
+    Like ``Bf16Gemm``, torch keeps the switch per process: it is off while at least one such run is
+    in flight and restored to what it was when the last ends (other threads' sdpa calls in this
+    process meanwhile do without cuDNN too)."""
+
+    _cond = threading.Condition()
+    _holders = 0
+    _saved = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def held(cls, torch):
+        cuda = torch.backends.cuda
+        with cls._cond:
+            if cls._holders == 0:
+                cls._saved = cuda.cudnn_sdp_enabled()
+                cuda.enable_cudnn_sdp(False)
+            cls._holders += 1
+        try:
+            yield
+        finally:
+            with cls._cond:
+                cls._holders -= 1
+                if cls._holders == 0:
+                    cuda.enable_cudnn_sdp(cls._saved)
+                    cls._saved = None
+
 def read_tensor(directory: str, file: str, entry: dict) -> np.ndarray:
     """One tensor of a weight file; bfloat16 entries come back as their raw 16-bit words (int16),
     numpy having no bfloat16 (``_load`` views them as torch.bfloat16)."""
@@ -398,11 +436,15 @@ class TorchBackend:
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def _math(self, exact: bool):
-        """The context an exact (image) run computes in: Bf16Gemm held for exact_images=bf16-gemm,
-        and for the decoder's runs under bf16-vision (its vision tower asks with ``exact=False``)."""
+        """The context a run computes in: on CUDA without sdpa's cuDNN kernel (``NoCudnnAttention``);
+        for an exact (image) run Bf16Gemm held under exact_images=bf16-gemm, and for the decoder's
+        runs under bf16-vision (its vision tower asks with ``exact=False``)."""
+        stack = contextlib.ExitStack()
+        if self.device.type == "cuda":
+            stack.enter_context(NoCudnnAttention.held(self.torch))
         if exact and self.exact_images in FPMATH_DECODER:
-            return Bf16Gemm.held(self.torch)
-        return contextlib.nullcontext()
+            stack.enter_context(Bf16Gemm.held(self.torch))
+        return stack
 
     def encode_images(self, batch: VisionBatch) -> list:
         # with exact_images the vision tower serves image batches only, which are all exact; under
