@@ -187,14 +187,16 @@ def run_shape(spec: str, a, doc: dict, torch) -> None:
         return
     settings = {"max_batch_tokens": a.batch_tokens, "max_batch_size": a.batch_size}
     gmr_settings = {**settings, "activation_budget_mb": a.activation_mb, "kv_budget_mb": a.kv_mb}
-    out["settings"] = {"hf": settings, "gmr": gmr_settings, "device": a.device}
+    out["settings"] = {"hf": settings, "gmr": gmr_settings, "gmr_min_fill": a.min_fill, "device": a.device}
     contenders = {}
 
     def load():
-        for name, share in (("gmr_shared", True), ("gmr_not_shared", False)):
-            r = Reranker(engine, device=a.device, share_prefix=share, **gmr_settings)
-            contenders[name] = Timed(name, r.score, torch, a.device)
-            out.setdefault("gmr_choice", r.choice)
+        for i, fill in enumerate(a.min_fill):  # the first is the plain contenders, others suffixed @fill
+            for name, share in (("gmr_shared", True), ("gmr_not_shared", False)):
+                name = name if i == 0 else f"{name}@{fill:g}"
+                r = Reranker(engine, device=a.device, share_prefix=share, min_fill=fill, **gmr_settings)
+                contenders[name] = Timed(name, r.score, torch, a.device)
+                out.setdefault("gmr_choice", r.choice)
         for dtype in ("bf16", "fp32"):
             hf = HFStrong(ckpt, dtype, device=a.device, **settings)
             contenders[f"hf_{dtype}"] = Timed(f"hf_{dtype}", lambda pairs, hf=hf: hf.score(pairs)[0], torch, a.device)
@@ -289,6 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--latency-requests", type=int, default=5)
     p.add_argument("--batch-tokens", type=int, default=16384)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--min-fill", default="0.8", help="gmr_fast's length buckets (Reranker min_fill), comma-separated: "
+                   "the first is the gmr_shared / gmr_not_shared rows and the latency calls, each other value adds "
+                   "both contenders as NAME@VALUE (how much padding pays on the GPU against more batches)")
     p.add_argument("--activation-mb", type=int, default=16384)
     p.add_argument("--kv-mb", type=int, default=8192)
     p.add_argument("--validation", default="1,3", help="QUERIES,DOCUMENTS of the export's (CPU) validation")
@@ -298,6 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/cuda_mrb.json")
     a = p.parse_args(argv)
     a.tasks = [t for t in a.tasks.split(",") if t]
+    a.min_fill = [float(f) for f in a.min_fill.split(",") if f]
     a.validation = [int(n) for n in a.validation.split(",")]
     import torch
 
