@@ -52,7 +52,33 @@ FPMATH_DECODER = ("bf16-gemm", "bf16-vision")  # exact_images whose image batche
 SPLIT_PRODUCTS = FPMATH_DECODER + ("bf16x3",)
 
 
-class Bf16Gemm:
+class _HeldProcessFlag:
+    """A torch setting kept per process, not per thread, switched for runs: switched when the first
+    run holds it (``_switch`` returns what to restore, None for nothing), restored when the last
+    one ends, whatever thread or order. Each subclass counts its own holders."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._cond, cls._holders, cls._saved = threading.Condition(), 0, None
+
+    @classmethod
+    @contextlib.contextmanager
+    def held(cls, torch):
+        with cls._cond:
+            if cls._holders == 0:
+                cls._saved = cls._switch(torch)
+            cls._holders += 1
+        try:
+            yield
+        finally:
+            with cls._cond:
+                cls._holders -= 1
+                if cls._holders == 0 and cls._saved is not None:
+                    cls._restore(torch, cls._saved)
+                    cls._saved = None
+
+
+class Bf16Gemm(_HeldProcessFlag):
     """fp32 arithmetic whose matrix products run on the bf16 hardware: oneDNN's bf16 "fpmath"
     mode (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). Tensors stay fp32 in and out
     of every product (projections, attention, in the decoder and the vision tower); each product
@@ -78,30 +104,20 @@ class Bf16Gemm:
     (attention) run in fp32, never less accurate than the mode and, that kernel being fp32's, no
     slower; the projections' split products do not depend on it."""
 
-    _cond = threading.Condition()
-    _holders = 0
-    _saved = None
-
-    @classmethod
-    @contextlib.contextmanager
-    def held(cls, torch):
+    @staticmethod
+    def _switch(torch):
+        if not hardware.onednn_fpmath_bf16_is_exact():
+            return None
         flags = torch.backends.mkldnn.matmul
-        with cls._cond:
-            if cls._holders == 0 and hardware.onednn_fpmath_bf16_is_exact():
-                cls._saved = flags.fp32_precision
-                flags.fp32_precision = "bf16"
-            cls._holders += 1
-        try:
-            yield
-        finally:
-            with cls._cond:
-                cls._holders -= 1
-                if cls._holders == 0 and cls._saved is not None:
-                    flags.fp32_precision, cls._saved = cls._saved, None
+        saved, flags.fp32_precision = flags.fp32_precision, "bf16"
+        return saved
+
+    @staticmethod
+    def _restore(torch, saved) -> None:
+        torch.backends.mkldnn.matmul.fp32_precision = saved
 
 
-
-class NoCudnnAttention:
+class NoCudnnAttention(_HeldProcessFlag):
     """sdpa without its cuDNN kernel, for the runs of a CUDA backend. torch builds a cuDNN graph
     for every new shape of query, keys and mask, and a reranker's shapes change with every call
     (documents, images, batch fill). Measured on an NVIDIA H200 (torch 2.11, GMR-3B width, 6 + 8
@@ -116,27 +132,16 @@ class NoCudnnAttention:
     in flight and restored to what it was when the last ends (other threads' sdpa calls in this
     process meanwhile do without cuDNN too)."""
 
-    _cond = threading.Condition()
-    _holders = 0
-    _saved = None
+    @staticmethod
+    def _switch(torch):
+        saved = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        return saved
 
-    @classmethod
-    @contextlib.contextmanager
-    def held(cls, torch):
-        cuda = torch.backends.cuda
-        with cls._cond:
-            if cls._holders == 0:
-                cls._saved = cuda.cudnn_sdp_enabled()
-                cuda.enable_cudnn_sdp(False)
-            cls._holders += 1
-        try:
-            yield
-        finally:
-            with cls._cond:
-                cls._holders -= 1
-                if cls._holders == 0:
-                    cuda.enable_cudnn_sdp(cls._saved)
-                    cls._saved = None
+    @staticmethod
+    def _restore(torch, saved) -> None:
+        torch.backends.cuda.enable_cudnn_sdp(saved)
+
 
 def read_tensor(directory: str, file: str, entry: dict) -> np.ndarray:
     """One tensor of a weight file; bfloat16 entries come back as their raw 16-bit words (int16),
