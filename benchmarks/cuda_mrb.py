@@ -12,7 +12,11 @@ TF32 off, so fp32 arithmetic), each after a warm-up on other pairs, the best of 
 timed runs. Then ``rank(query, 50 text documents)`` and one query with one image document, p50
 over ``--latency-requests`` calls against HF bf16 on the same calls. Both sides get the same
 token budget per batch (``--batch-tokens``, ``--batch-size``); gmr_fast's memory budgets are
-raised to the GPU's scale (``--activation-mb``, ``--kv-mb``).
+raised to the GPU's scale (``--activation-mb``, ``--kv-mb``). Two more gmr_fast contenders, in the
+throughput rows and the latency calls: ``gmr_shared_masked_gqa``, the decoder's attention as it was
+before 5 Dec (grouped keys under a mask in one sdpa call, which CUDA runs on its math kernel:
+graphs.decoder ``masked_gqa``), and ``gmr_defaults``, the Reranker with its default settings,
+which are sized for a CPU (``--no-masked-gqa``, ``--no-defaults`` leave them out).
 
 The export validates bf16 on a tiny set on the machine's CPU, with the ranking bars off
 (``--accept-*`` at their floor): on a few pairs one near tie would refuse the only variant and
@@ -197,6 +201,14 @@ def run_shape(spec: str, a, doc: dict, torch) -> None:
                 r = Reranker(engine, device=a.device, share_prefix=share, min_fill=fill, **gmr_settings)
                 contenders[name] = Timed(name, r.score, torch, a.device)
                 out.setdefault("gmr_choice", r.choice)
+        if a.masked_gqa:  # the decoder's attention as before 5 Dec: grouped keys under a mask (graphs.decoder)
+            r = Reranker(engine, device=a.device, min_fill=a.min_fill[0], **gmr_settings)
+            for decoder in (r.backend.decoder, r.backend.exact_decoder):
+                for layer in decoder.layers if decoder is not None else ():
+                    layer.masked_gqa = True
+            contenders["gmr_shared_masked_gqa"] = Timed("gmr_shared_masked_gqa", r.score, torch, a.device)
+        if a.defaults:  # what a user gets: Reranker(engine, device=...) and nothing else
+            contenders["gmr_defaults"] = Timed("gmr_defaults", Reranker(engine, device=a.device).score, torch, a.device)
         for dtype in ("bf16", "fp32"):
             hf = HFStrong(ckpt, dtype, device=a.device, **settings)
             contenders[f"hf_{dtype}"] = Timed(f"hf_{dtype}", lambda pairs, hf=hf: hf.score(pairs)[0], torch, a.device)
@@ -240,11 +252,16 @@ def run_shape(spec: str, a, doc: dict, torch) -> None:
     for what in ("rank50", "one_image_pair"):
         def measure_latency(what=what):
             calls = latency_calls(what, a.latency_requests)
-            gmr = contenders["gmr_shared"].fn.__self__
             rows = {"hf_bf16": latency(contenders["hf_bf16"].fn, calls, torch, a.device)}
             out["latency"][what] = rows
-            rows["gmr"] = latency(lambda pairs: gmr.rank(pairs[0][0], [d for _, d in pairs]), calls, torch, a.device)
-            rows["gmr"]["p50_speedup_vs_hf_bf16"] = rows["hf_bf16"]["p50_ms"] / rows["gmr"]["p50_ms"]
+            for row, name in (("gmr", "gmr_shared"), ("gmr_masked_gqa", "gmr_shared_masked_gqa"),
+                              ("gmr_defaults", "gmr_defaults")):
+                if name not in contenders:
+                    continue
+                gmr = contenders[name].fn.__self__
+                rows[row] = latency(lambda pairs, gmr=gmr: gmr.rank(pairs[0][0], [d for _, d in pairs]), calls, torch,
+                                    a.device)
+                rows[row]["p50_speedup_vs_hf_bf16"] = rows["hf_bf16"]["p50_ms"] / rows[row]["p50_ms"]
             print(json.dumps({what: {n: round(r["p50_ms"], 1) for n, r in rows.items()}}), flush=True)
             return True
 
@@ -294,6 +311,12 @@ def main(argv=None) -> int:
     p.add_argument("--min-fill", default="0.8", help="gmr_fast's length buckets (Reranker min_fill), comma-separated: "
                    "the first is the gmr_shared / gmr_not_shared rows and the latency calls, each other value adds "
                    "both contenders as NAME@VALUE (how much padding pays on the GPU against more batches)")
+    p.add_argument("--masked-gqa", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run gmr_shared with the decoder's attention as before 5 Dec (grouped keys and a mask "
+                        "in one sdpa call, which CUDA runs on the math kernel), for the throughput rows and latency")
+    p.add_argument("--defaults", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run gmr_fast with the Reranker's default settings (CPU-sized memory budgets and "
+                        "batches), as gmr_defaults")
     p.add_argument("--activation-mb", type=int, default=16384)
     p.add_argument("--kv-mb", type=int, default=8192)
     p.add_argument("--validation", default="1,3", help="QUERIES,DOCUMENTS of the export's (CPU) validation")

@@ -128,3 +128,78 @@ def test_cuda_attention_runs_without_cudnn_graphs(torch_cuda, tiny_checkpoints, 
     r.score(pairs)
     assert r.last_stats["images_encoded"] > 0 and seen and not any(seen), seen
     assert torch_cuda.backends.cuda.cudnn_sdp_enabled()
+
+
+def _decoder_sdpa_calls(monkeypatch, torch):
+    """Records (query heads, key heads, enable_gqa) of every sdpa call the decoder graph makes."""
+    import gmr_fast.graphs.decoder as decoder_graph
+
+    calls, sdpa = [], decoder_graph.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape[1], k.shape[1], bool(kwargs.get("enable_gqa", False))))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(decoder_graph.F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_attention_without_masked_gqa_scores_as_with_it(exported_engines, rng, monkeypatch):
+    """Runs on every machine: the decoder's sdpa attention laid out as it is on CUDA (no grouped
+    keys under a mask: ``masked_gqa`` off, see graphs.decoder) gives the CPU layout's scores, for
+    whole prompts and shared prefixes (prefix runs, suffix runs, the last layer's one query a
+    row), both padding sides, images included; and in that layout no call passes sdpa a mask
+    with fewer key heads than query heads. Tolerance: the same fp32 arithmetic in another order
+    (a softmax over at most a few hundred keys, head dim 16), so differences are a few ulps of
+    the scores (observed <= 6e-7 on scores spanning 2.3); 1e-5 x the largest |score| + 1e-5 leaves
+    room for other CPUs' kernels and none for a wrong head, mask or position, which moves scores
+    by a sizeable share of their spread."""
+    import torch
+
+    from export import validate
+    from gmr_fast import Reranker
+
+    _, engine = exported_engines["qwen2_5_vl"]
+    groups = validate.validation_groups(3, 5, int(rng.integers(1 << 30)))
+    pairs = [(q, d) for q, docs in groups for d in docs]
+    calls = _decoder_sdpa_calls(monkeypatch, torch)
+    for side, share in (("left", True), ("right", True), ("left", False)):
+        r = Reranker(engine, backend="torch", padding_side=side, share_prefix=share)
+        layers = r.backend.decoder.layers
+        assert all(layer.masked_gqa for layer in layers)  # on the CPU, sdpa's flash kernel takes them
+        assert layers[0].heads > layers[0].kv_heads  # the tiny model has grouped heads: the case under test
+        want = r.score(pairs)
+        for layer in layers:
+            layer.masked_gqa = False
+        calls.clear()
+        got = r.score(pairs)
+        assert calls and not any(gqa or q != k for q, k, gqa in calls), calls
+        assert any(q == layers[0].kv_heads for q, _, _ in calls)  # the last layer's folded queries ran
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()) + 1e-5,
+                                   err_msg=f"padding {side}, share_prefix={share}")
+
+
+def test_cuda_attention_takes_fused_kernels_only(torch_cuda, tiny_checkpoints, tmp_path, rng, monkeypatch):
+    """On CUDA every sdpa call of a run, the vision tower's and the decoder's, is one the flash or
+    memory-efficient kernel takes: with only those two allowed, sdpa raises where it would need
+    the math kernel (masked grouped-query attention did, cuDNN's kernel being off). The scores
+    are the default run's: the same kernels run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from export import validate
+    from export.engine_export import ExportOptions, export_engine
+    from gmr_fast import Reranker
+
+    export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e", ExportOptions(dtypes=("bf16",), reference_cache=False))
+    pairs = [(q, d) for q, docs in validate.validation_groups(3, 6, int(rng.integers(1 << 30))) for d in docs]
+    for side, share in (("left", True), ("right", False)):
+        r = Reranker(tmp_path / "e", device="cuda", padding_side=side, share_prefix=share)
+        assert not any(layer.masked_gqa for layer in r.backend.decoder.layers)
+        want = r.score(pairs)
+        calls = _decoder_sdpa_calls(monkeypatch, torch_cuda)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            got = r.score(pairs)
+        monkeypatch.undo()
+        assert calls and not any(gqa or q != k for q, k, gqa in calls), calls
+        assert r.last_stats["images_encoded"] > 0
+        np.testing.assert_array_equal(got, want)

@@ -126,7 +126,10 @@ class NoCudnnAttention(_HeldProcessFlag):
     against HF bf16's 237. With it off, sdpa takes the flash or memory-efficient kernel (math where
     neither applies), which need no graph: p50 182 ms against HF's 233, and one query with one
     image document 47 ms against 311 (312 against 119 before). On shapes seen before, cuDNN's
-    kernel is faster: pairs/s on the same pairs timed again fell 8-13% without it.
+    kernel is faster: pairs/s on the same pairs timed again fell 8-13% without it. Those runs'
+    decoder attention (grouped keys under a mask) fell to the math kernel, since neither flash nor
+    memory-efficient attention takes that; the decoder now lays it out for the memory-efficient
+    kernel on CUDA (graphs.decoder ``masked_gqa``), not yet measured on a GPU.
 
     Like ``Bf16Gemm``, torch keeps the switch per process: it is off while at least one such run is
     in flight and restored to what it was when the last ends (other threads' sdpa calls in this
@@ -257,6 +260,8 @@ class TorchBackend:
             decoder.fp32_stream = dtype == torch.bfloat16
             for layer in decoder.layers:
                 layer.attn_dtype = dtype
+                # no masked grouped-query sdpa on CUDA: it would take the math kernel (graphs.decoder)
+                layer.masked_gqa = self.device.type != "cuda"
 
     @property
     def gemm(self) -> str:

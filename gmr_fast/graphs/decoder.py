@@ -69,6 +69,14 @@ class DecoderLayer(nn.Module):
         self.down = Proj(d.intermediate_size, d.hidden_size, bias=False)
         self.scale = d.head_dim ** -0.5
         self.attn_dtype = None  # set with ScoreDecoder.fp32_stream: the dtype attention runs in
+        # Whether sdpa is given grouped keys/values with a mask (``enable_gqa``). The CPU's flash
+        # kernel takes both. On CUDA flash attention takes no mask and memory-efficient attention no
+        # grouped heads, so, cuDNN's kernel being off for our runs (backends.torch.NoCudnnAttention),
+        # such a call falls to the math kernel, which writes every head's scores in fp32; HF's
+        # sdpa_attention.use_gqa_in_sdpa avoids it the same way. The torch backend turns this off on
+        # CUDA: keys and values are then repeated per query head (one query a row: the query heads
+        # are folded into queries instead), which the memory-efficient kernel takes with the mask.
+        self.masked_gqa = True
 
     def attention(self, q, k, v, past_k, past_v, visible, sdpa: bool):
         """q [B, Sq, heads, d]; k, v [B, kv_heads, S, d]; past_k, past_v [B, kv_heads, P, d];
@@ -76,9 +84,19 @@ class DecoderLayer(nn.Module):
         b, sq = q.shape[0], q.shape[1]
         g = self.heads // self.kv_heads
         if sdpa:
-            keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible, scale=self.scale,
-                                                 enable_gqa=True)
+            qt = q.transpose(1, 2)  # [B, heads, Sq, d]
+            if g == 1 or self.masked_gqa:
+                keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+                out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=visible, scale=self.scale,
+                                                     enable_gqa=g > 1)
+            elif sq == 1:  # one query a row (the last layer): a key/value head's g query heads are g queries
+                keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+                out = F.scaled_dot_product_attention(qt.reshape(b, self.kv_heads, g, -1), keys, values,
+                                                     attn_mask=visible, scale=self.scale).reshape(b, self.heads, 1, -1)
+            else:  # each key/value head repeated for its g query heads (HF's repeat_kv), joined in one copy
+                keys, values = (torch.cat([t[:, :, None].expand(-1, -1, g, -1, -1) for t in pair], 3)
+                                .reshape(b, self.heads, -1, self.head_dim) for pair in ((past_k, k), (past_v, v)))
+                out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=visible, scale=self.scale)
             return out.transpose(1, 2).reshape(b, sq, -1)
         # query head h uses key/value head h // g (HF's repeat_kv), so group the query heads
         qg = q.reshape(b, sq, self.kv_heads, g, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, self.kv_heads, g * sq, -1)
