@@ -14,7 +14,10 @@
 #   python3 benchmarks/cuda_mrb.py --shapes gmr-3b:6:8,gmr-3b:36:32 --tokenizer-cache .gpu --deadline 330 --out $OUT/cuda_mrb.json
 # On the H200 (4 Dec) the tests took 82 s; the 6 + 8 layer shape 227 s (checkpoint and export 45 s); the
 # full-depth shape's checkpoint and export 137 s. Still open there (benchmarks/README.md "GPU"): how much
-# padding pays against more batches (add --min-fill 0.8,0.5,0.3) and shared against unshared short prefixes.
+# padding pays against more batches (add --min-fill 0.8,0.5,0.3) and shared against unshared short prefixes;
+# what the decoder's attention layout of 5 Dec changes (the gmr_shared_masked_gqa contender runs the old one,
+# which took sdpa's math kernel), and what the Reranker's default settings give there (gmr_defaults); both run
+# by default, a few seconds a task.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3.12}

@@ -487,6 +487,13 @@ def bf16_gemm_images_figures(manifest, mode: str = "bf16-gemm") -> dict | None:
     return figures if isinstance(figures, dict) else None
 
 
+def route_tau(manifest, mode: str) -> float | None:
+    """The mean per-query Kendall tau the export measured for image pairs under ``mode`` (a key
+    of ROUTED_FIGURES), or None where it did not measure it."""
+    figures = bf16_gemm_images_figures(manifest, mode) if mode in ROUTED_FIGURES else None
+    return figures.get("query_kendall_tau_mean") if figures else None
+
+
 def choose_image_precision(manifest, requested: str, precision: str, backend: str, device: str,
                            image_precision: str) -> tuple[str | None, str]:
     """(how pairs with an image compute, why): "fp32" routes them to fp32 over the same bf16
@@ -541,8 +548,7 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
             modes = (("bf16-vision", why),) + ((("bf16-gemm", IMAGES_BF16_GEMM_ONE_GEMM.format(speedup=speedup)),)
                                                if one_gemm else ())
         for mode, why in modes:
-            figures = bf16_gemm_images_figures(manifest, mode)
-            tau = figures.get("query_kendall_tau_mean") if figures else None
+            tau = route_tau(manifest, mode)
             if tau is not None and tau >= AUTO_MIN_TAU:
                 return mode, "; ".join([f"{why}; validated ranking tau {tau:.3f} >= {AUTO_MIN_TAU}"] + passed)
             passed.append(f"{mode} passed over: validated ranking tau "
@@ -575,8 +581,7 @@ def routed_every_pair(manifest, device: str) -> tuple[str, float] | None:
             or not bf16_holds_fp32(manifest)):  # no route measured at export: nothing to probe
         return None
     mode, _ = choose_image_precision(manifest, "auto", "bf16", "torch", device, "auto")
-    figures = bf16_gemm_images_figures(manifest, mode) if mode in ROUTED_FIGURES else None
-    tau = figures.get("query_kendall_tau_mean") if figures else None
+    tau = route_tau(manifest, mode)
     return (mode, tau) if tau is not None and tau >= AUTO_MIN_TAU else None
 
 
@@ -594,11 +599,9 @@ def choose_text_precision(manifest, requested: str, precision: str, image_mode: 
     if text_precision == "as-images":
         return True, f"pairs without an image run as pairs with one do ({TEXT_DECODER[image_mode]} in the decoder; requested)"
     if text_precision == "auto" and requested == "auto" and precision == "bf16" and image_mode in ROUTED_FIGURES:
-        tau = ranking_figure(manifest, "bf16")
-        figures = bf16_gemm_images_figures(manifest, image_mode)
-        route_tau = figures.get("query_kendall_tau_mean") if figures else None
-        if (tau is None or tau < AUTO_MIN_TAU) and route_tau is not None and route_tau >= AUTO_MIN_TAU:
-            return True, TEXT_AS_IMAGES.format(decoder=TEXT_DECODER[image_mode], bar=AUTO_MIN_TAU, route_tau=route_tau,
+        tau, routed = ranking_figure(manifest, "bf16"), route_tau(manifest, image_mode)
+        if (tau is None or tau < AUTO_MIN_TAU) and routed is not None and routed >= AUTO_MIN_TAU:
+            return True, TEXT_AS_IMAGES.format(decoder=TEXT_DECODER[image_mode], bar=AUTO_MIN_TAU, route_tau=routed,
                                                tau="not measured" if tau is None else round(tau, 3))
     return False, f"pairs without an image run {precision}"
 

@@ -85,18 +85,20 @@ class DecoderLayer(nn.Module):
         g = self.heads // self.kv_heads
         if sdpa:
             qt = q.transpose(1, 2)  # [B, heads, Sq, d]
-            if g == 1 or self.masked_gqa:
-                keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-                out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=visible, scale=self.scale,
-                                                     enable_gqa=g > 1)
-            elif sq == 1:  # one query a row (the last layer): a key/value head's g query heads are g queries
-                keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-                out = F.scaled_dot_product_attention(qt.reshape(b, self.kv_heads, g, -1), keys, values,
-                                                     attn_mask=visible, scale=self.scale).reshape(b, self.heads, 1, -1)
-            else:  # each key/value head repeated for its g query heads (HF's repeat_kv), joined in one copy
+            if g > 1 and not self.masked_gqa and sq > 1:
+                # each key/value head repeated for its g query heads (HF's repeat_kv), joined in one copy
                 keys, values = (torch.cat([t[:, :, None].expand(-1, -1, g, -1, -1) for t in pair], 3)
                                 .reshape(b, self.heads, -1, self.head_dim) for pair in ((past_k, k), (past_v, v)))
                 out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=visible, scale=self.scale)
+            else:
+                keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+                if g == 1 or self.masked_gqa:
+                    out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=visible, scale=self.scale,
+                                                         enable_gqa=g > 1)
+                else:  # one query a row (the last layer): a key/value head's g query heads are g queries
+                    out = F.scaled_dot_product_attention(qt.reshape(b, self.kv_heads, g, -1), keys, values,
+                                                         attn_mask=visible, scale=self.scale)
+                    out = out.reshape(b, self.heads, 1, -1)
             return out.transpose(1, 2).reshape(b, sq, -1)
         # query head h uses key/value head h // g (HF's repeat_kv), so group the query heads
         qg = q.reshape(b, sq, self.kv_heads, g, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, self.kv_heads, g * sq, -1)
