@@ -130,7 +130,7 @@ def test_cuda_attention_runs_without_cudnn_graphs(torch_cuda, tiny_checkpoints, 
     assert torch_cuda.backends.cuda.cudnn_sdp_enabled()
 
 
-def _decoder_sdpa_calls(monkeypatch, torch):
+def _decoder_sdpa_calls(monkeypatch):
     """Records (query heads, key heads, enable_gqa) of every sdpa call the decoder graph makes."""
     import gmr_fast.graphs.decoder as decoder_graph
 
@@ -154,15 +154,13 @@ def test_attention_without_masked_gqa_scores_as_with_it(exported_engines, rng, m
     the scores (observed <= 6e-7 on scores spanning 2.3); 1e-5 x the largest |score| + 1e-5 leaves
     room for other CPUs' kernels and none for a wrong head, mask or position, which moves scores
     by a sizeable share of their spread."""
-    import torch
-
     from export import validate
     from gmr_fast import Reranker
 
     _, engine = exported_engines["qwen2_5_vl"]
     groups = validate.validation_groups(3, 5, int(rng.integers(1 << 30)))
     pairs = [(q, d) for q, docs in groups for d in docs]
-    calls = _decoder_sdpa_calls(monkeypatch, torch)
+    calls = _decoder_sdpa_calls(monkeypatch)
     for side, share in (("left", True), ("right", True), ("left", False)):
         r = Reranker(engine, backend="torch", padding_side=side, share_prefix=share)
         layers = r.backend.decoder.layers
@@ -198,7 +196,7 @@ def test_cuda_attention_takes_fused_kernels_only(torch_cuda, tiny_checkpoints, t
         r = Reranker(tmp_path / "e", device="cuda", padding_side=side, share_prefix=share)
         assert not any(layer.masked_gqa for layer in r.backend.decoder.layers)
         want = r.score(pairs)
-        calls = _decoder_sdpa_calls(monkeypatch, torch_cuda)
+        calls = _decoder_sdpa_calls(monkeypatch)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
             got = r.score(pairs)
         monkeypatch.undo()
