@@ -203,3 +203,71 @@ def test_cuda_attention_takes_fused_kernels_only(torch_cuda, tiny_checkpoints, t
         assert calls and not any(gqa or q != k for q, k, gqa in calls), calls
         assert r.last_stats["images_encoded"] > 0
         np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2 ** -7)
+
+
+def test_eager_rope_and_fused_norm_keep_every_bit(rng):
+    """graphs.decoder EAGER: the torch backend's RoPE without its negation (sin's first half
+    negated once per run) and its norms as one F.rms_norm call give the exported graphs' floats
+    bit for bit: -(a * b) is a * (-b) in IEEE arithmetic, and on a CPU F.rms_norm runs the same
+    operations in the same order. (On CUDA it is one fused kernel, whose sums may differ in the
+    last bits: test_cuda_bf16_ranks_as_fp32_for_every_layout holds the GPU's scores.)"""
+    torch = pytest.importorskip("torch")
+    from gmr_fast.graphs.common import RMSNorm, rotate_half
+    from gmr_fast.graphs.decoder import eager_rope
+
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    d = 128
+    cos, sin = (torch.randn(37, 1, d, generator=g) for _ in range(2))
+    signed = torch.cat((-sin[..., :d // 2], sin[..., d // 2:]), -1)  # as ScoreDecoder.forward makes it
+    for dtype in (torch.float32, torch.bfloat16):
+        t = (torch.randn(37, 4, d, generator=g) * 3).to(dtype)
+        assert torch.equal(eager_rope(t, cos, signed), t * cos + rotate_half(t) * sin), dtype
+    for weight_dtype in (torch.float32, torch.bfloat16):
+        norm = RMSNorm(2048, 1e-6)
+        norm.weight.data = (torch.randn(2048, generator=g) * 0.2 + 1).to(weight_dtype)
+        for x in (torch.randn(19, 2048, generator=g) * 5, torch.randn(3, 7, 2048, generator=g).bfloat16()):
+            norm.fused = None
+            plain = norm(x)
+            norm.fused = norm.weight.detach().float()
+            assert torch.equal(norm(x), plain), (weight_dtype, x.dtype)  # a bf16 input keeps the plain path
+
+
+def test_eager_decoder_shortcuts_keep_every_bit(exported_engines, rng):
+    """graphs.decoder EAGER at the decoder's level, on the torch backend's own module (fp32 and
+    bf16, both attention layouts, both padding sides): a run with one prefix (broadcast to its
+    rows) scores bit for bit as the same run given a second, unused prefix (gathered per row), and
+    a run asked for no keys and values as one asked for every row's, whose keys and values keep
+    their shape."""
+    torch = pytest.importorskip("torch")
+    from gmr_fast.backends.torch import TorchBackend
+    from gmr_fast.manifest import load_manifest
+
+    _, engine = exported_engines["qwen2_5_vl"]
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    b, s, p = 3, 9, 5
+    for precision in ("fp32", "bf16"):  # bf16 over the fp32 variant's weights
+        dec = TorchBackend(str(engine), load_manifest(engine), precision, 2).decoder
+        d, dtype = dec.dims, dec.layers[0].attn_dtype
+        assert dec.unpad
+        ids = torch.randint(10, 1000, (b, s), generator=g)
+        past = torch.randn(d.num_layers, 2, 1, d.num_kv_heads, p, d.head_dim, generator=g).to(dtype)
+        past_mask = torch.tensor([[0, 1, 1, 1, 1]])  # a left-padded prefix
+        two_past, two_mask = torch.cat([past, torch.randn_like(past)], 2), torch.cat([past_mask, past_mask * 0 + 1])
+        index, none, every = torch.zeros(b, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.arange(b)
+        embeds = torch.zeros(0, d.hidden_size, dtype=dtype)
+        for side in ("left", "right"):
+            mask = torch.zeros(b, s, dtype=torch.int64)
+            for row, n in enumerate((9, 6, 4)):
+                mask[row, s - n:] = 1 if side == "left" else 0
+                mask[row, :n] = 0 if side == "left" else 1
+            positions = (p - 1 + torch.cumsum(mask, 1)).clamp(min=p)[None].expand(3, b, s).contiguous()
+            for masked_gqa in (True, False):
+                for layer in dec.layers:
+                    layer.masked_gqa = masked_gqa
+                with torch.inference_mode():
+                    one, kept_none = dec(ids, mask, positions, embeds, past, past_mask, index, none)
+                    kept, present = dec(ids, mask, positions, embeds, past, past_mask, index, every)
+                    gathered, _ = dec(ids, mask, positions, embeds, two_past, two_mask, index, none)
+                assert torch.equal(one, kept) and torch.equal(one, gathered), (precision, side, masked_gqa)
+                assert present.shape == (d.num_layers, 2, b, d.num_kv_heads, s, d.head_dim)
+                assert kept_none.shape == (d.num_layers, 2, 0, d.num_kv_heads, s, d.head_dim)

@@ -363,7 +363,7 @@ class TorchBackend:
         the splits and the packed bf16 projections run its packed weights (Proj.dnnl). ``onednn``: whether the
         projections run packed weights (default ``self.onednn``); ``keep_plain``: the plain ones
         stay beside them (exact_images=fp32 widens them)."""
-        from ..graphs.common import Proj
+        from ..graphs.common import Proj, RMSNorm
 
         torch = self.torch
         onednn = self.onednn if onednn is None else onednn
@@ -407,6 +407,9 @@ class TorchBackend:
                     p.data = value.to(device=self.device, dtype=target)
             for name, value in buffers.items():
                 module.get_buffer(name).data = value.to(self.device)
+        for norm in module.modules():
+            if isinstance(norm, RMSNorm):  # one F.rms_norm over fp32 inputs (graphs.common.RMSNorm)
+                norm.fused = norm.weight.detach().float()
         for name, proj in projs.items():
             proj.fused = True  # F.linear: the bias inside the GEMM (graphs.common.Proj)
             split = upcast in ("split", "split3")

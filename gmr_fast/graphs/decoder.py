@@ -39,6 +39,31 @@ def _as(t: torch.Tensor, dtype) -> torch.Tensor:
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
+# EAGER: what the torch backend's runs (ScoreDecoder.unpad) do differently from an export, to take
+# fewer operations for the same values. In eager torch every operation costs the host a dispatch and,
+# on a GPU, a kernel launch; with short prompts (t2t, ``rank`` of text documents) a GPU's arithmetic
+# is small (an H200 ``rank`` of 50 documents: 31 ms of GPU work in a 182 ms call, benchmarks/README.md
+# "GPU"). benchmarks/host_ops.py counts them: a layer's operations that are not views went from 51
+# to 31. Each change keeps every value bit for bit on a CPU (tests/test_cuda.py's eager tests):
+# - RoPE's rotation without its negation: ``sin`` arrives with its first half negated, once per run
+#   (-(a * b) and a * (-b) are the same float);
+# - the normed hidden state cast once for both projections;
+# - keys roped in place in the projection's output, and keys and values padded in one copy;
+# - one prefix for every row (rank, and whole prompts' empty past): its keys and values broadcast
+#   to the rows, not gathered per row before the join copies them again;
+# - no keys and values gathered for the output when none are asked for (scoring runs);
+# - no image rows placed in a batch without images;
+# - the norms as one ``F.rms_norm`` call over fp32 (RMSNorm.fused): the same operations on a CPU, a
+#   fused kernel on CUDA (aten._fused_rms_norm), whose sums may differ in the last bits.
+
+
+def eager_rope(t, cos, sin_signed):
+    """RoPE with ``sin_signed`` = sin with its first half negated: rotate_half(t) * sin is the
+    halves of t swapped times sin_signed, exactly (one negation fewer)."""
+    half = t.shape[-1] // 2
+    return t * cos + torch.cat((t[..., half:], t[..., :half]), dim=-1) * sin_signed
+
+
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """HF's default RoPE frequencies, computed the same way (fp32)."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -121,26 +146,39 @@ class DecoderLayer(nn.Module):
         With ``flat`` (int64 [T], the real tokens' indices into B x S) x, cos and sin hold only
         the real tokens ([T, H], [T, d]) and ``last`` indexes them: every projection and the MLP
         then run on real tokens only, and queries, keys and values are laid out [B, S] for
-        attention alone (padding positions are zeros there, masked as before)."""
-        b, s = (visible.shape[0], visible.shape[2]) if flat is not None else (x.shape[0], x.shape[1])
+        attention alone (padding positions are zeros there, masked as before). ``flat`` is the
+        torch backend's eager run (ScoreDecoder.unpad), never an export: there ``sin`` comes with
+        its first half negated (``eager_rope``) and the run takes fewer operations, each a kernel
+        launch on a GPU, with the same values (EAGER)."""
+        eager = flat is not None
+        b, s = (visible.shape[0], visible.shape[2]) if eager else (x.shape[0], x.shape[1])
         h = self.input_norm(x)
+        if eager:  # cast once for both projections (each Proj would cast it)
+            h = _as(h, self.kv.compute_dtype)
         kv = self.kv(h).reshape(*h.shape[:-1], 2, self.kv_heads, self.head_dim)
-        k, v = kv[..., 0, :, :], kv[..., 1, :, :]
-        k = _as(k * cos.unsqueeze(-2) + rotate_half(k) * sin.unsqueeze(-2), self.attn_dtype)
-        v = _as(v, k.dtype)
-        if flat is not None:
-            k, v = (self._pad(t, flat, b, s) for t in (k, v))
-        rows = torch.arange(b, device=x.device)
+        if eager:
+            # keys roped in place and keys and values padded together: the values of the path
+            # below (the cast is the copy into ``kv``'s dtype)
+            kv = _as(kv, self.attn_dtype or torch.promote_types(kv.dtype, cos.dtype))
+            kv[:, 0] = eager_rope(kv[:, 0], cos.unsqueeze(-2), sin.unsqueeze(-2))
+            kv = self._pad(kv, flat, b, s)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+        else:
+            k, v = kv[..., 0, :, :], kv[..., 1, :, :]
+            k = _as(k * cos.unsqueeze(-2) + rotate_half(k) * sin.unsqueeze(-2), self.attn_dtype)
+            v = _as(v, k.dtype)
         if last is not None:  # only the last real token of each row feeds the score
-            if flat is not None:
+            rows = torch.arange(b, device=x.device)
+            if eager:
                 x, h, cos, sin = (t[last].unsqueeze(1) for t in (x, h, cos, sin))
             else:
                 x, h = x[rows, last].unsqueeze(1), h[rows, last].unsqueeze(1)
                 cos, sin = cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1)
-            visible = visible[rows, :, (flat[last] % s) if flat is not None else last].unsqueeze(2)
+            visible = visible[rows, :, (flat[last] % s) if eager else last].unsqueeze(2)
         q = self.q(h).reshape(*h.shape[:-1], self.heads, self.head_dim)
-        q = _as(q * cos.unsqueeze(-2) + rotate_half(q) * sin.unsqueeze(-2), k.dtype)
-        padded_q = flat is not None and last is None
+        rope = eager_rope if eager else (lambda t, c, n: t * c + rotate_half(t) * n)
+        q = _as(rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), k.dtype)
+        padded_q = eager and last is None
         if padded_q:
             q = self._pad(q, flat, b, s)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -193,6 +231,8 @@ class ScoreDecoder(nn.Module):
         embeds = F.embedding(input_ids, self.embed)
         # a bf16 table under fp32 arithmetic (Proj.upcast) widens the rows it gathered, exactly
         embeds = _as(embeds, torch.promote_types(embeds.dtype, image_embeds.dtype))
+        if self.unpad and image_embeds.shape[0] == 0:  # no image in the batch (EAGER)
+            return embeds
         b, s = input_ids.shape
         # The k-th image pad (row-major) takes row k of image_embeds; row 0 of the table is a zero
         # row every other position points at.
@@ -222,16 +262,28 @@ class ScoreDecoder(nn.Module):
             flat = real_flat.nonzero().squeeze(1)
             x, cos, sin = (t.reshape(b * s, -1)[flat] for t in (x, cos, sin))
             last = torch.cumsum(real_flat.to(torch.int64), 0)[torch.arange(b, device=x.device) * s + last] - 1
-        presents = []
+            half = sin.shape[-1] // 2
+            sin = torch.cat((-sin[:, :half], sin[:, half:]), -1)  # eager_rope's (EAGER)
+        # EAGER: one prefix broadcast to every row; no keys and values gathered when none are asked for
+        one_past = self.unpad and past_kv.shape[2] == 1
+        presents = [] if not self.unpad or kv_rows.shape[0] > 0 else None
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
-            past_k, past_v = past_kv[i, 0][past_index], past_kv[i, 1][past_index]
+            if one_past:
+                past_k, past_v = (past_kv[i, j].expand(b, *past_kv.shape[3:]) for j in (0, 1))
+            else:
+                past_k, past_v = past_kv[i, 0][past_index], past_kv[i, 1][past_index]
             x, k, v = layer(x, cos, sin, past_k, past_v, visible,
                             last if i == n - 1 else None, self.sdpa, flat)
-            presents.append(torch.stack([k[kv_rows], v[kv_rows]]))
+            if presents is not None:
+                presents.append(torch.stack([k[kv_rows], v[kv_rows]]))
+        if presents is None:
+            present = k.new_empty(n, 2, 0, *k.shape[1:])
+        else:
+            present = torch.stack(presents)
         hidden = self.norm(x[:, 0])
         score = hidden.float() @ self.score_row
-        return score, torch.stack(presents)
+        return score, present
 
     @staticmethod
     def flops_per_token(d: DecoderDims) -> float:
