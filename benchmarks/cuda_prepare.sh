@@ -11,13 +11,14 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
 #   cp .gpu/_core*.so gmr_fast/; export PYTHONPATH=$PWD:/tmp/site
 #   python3 -m pytest -q tests/test_cuda.py
-#   python3 benchmarks/cuda_mrb.py --shapes gmr-3b:6:8,gmr-3b:36:32 --tokenizer-cache .gpu --deadline 330 --out $OUT/cuda_mrb.json
+#   python3 benchmarks/cuda_mrb.py --shapes gmr-3b:6:8,gmr-3b:36:32 --min-fill 0.8,0.5,0.3 --tokenizer-cache .gpu --deadline 330 --out $OUT/cuda_mrb.json
 # On the H200 (4 Dec) the tests took 82 s; the 6 + 8 layer shape 227 s (checkpoint and export 45 s); the
 # full-depth shape's checkpoint and export 137 s. Still open there (benchmarks/README.md "GPU"): how much
-# padding pays against more batches (add --min-fill 0.8,0.5,0.3) and shared against unshared short prefixes;
-# what the decoder's attention layout of 5 Dec changes (the gmr_shared_masked_gqa contender runs the old one,
-# which took sdpa's math kernel), and what the Reranker's default settings give there (gmr_defaults); both run
-# by default, a few seconds a task.
+# padding pays against more batches (--min-fill: the throughput rows and, since 5 Dec, the latency calls) and
+# shared against unshared short prefixes; what the decoder's attention layout of 5 Dec changes (the
+# gmr_shared_masked_gqa contender runs the old one, which took sdpa's math kernel), and what the Reranker's
+# default settings give there (gmr_defaults); both run by default, a few seconds a task. Since 5 Dec the
+# decoder's runs also issue ~40% fewer operations (benchmarks/README.md "Host operations"): not yet timed there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3.12}
