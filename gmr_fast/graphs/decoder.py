@@ -42,9 +42,10 @@ def _as(t: torch.Tensor, dtype) -> torch.Tensor:
 # EAGER: what the torch backend's runs (ScoreDecoder.unpad) do differently from an export, to take
 # fewer operations for the same values. In eager torch every operation costs the host a dispatch and,
 # on a GPU, a kernel launch; with short prompts (t2t, ``rank`` of text documents) a GPU's arithmetic
-# is small (an H200 ``rank`` of 50 documents: 31 ms of GPU work in a 182 ms call, benchmarks/README.md
-# "GPU"). benchmarks/host_ops.py counts them: a layer's operations that are not views went from 51
-# to 31. Each change keeps every value bit for bit on a CPU (tests/test_cuda.py's eager tests):
+# is small (an H200 ``rank`` of 50 documents: 31 ms of GPU work with cuDNN's attention, 182 ms a call
+# without it; benchmarks/README.md "GPU"). benchmarks/host_ops.py counts them: a layer's operations
+# that are not views went from 51 to 31. Each change keeps every value bit for bit on a CPU
+# (tests/test_cuda.py's eager tests):
 # - RoPE's rotation without its negation: ``sin`` arrives with its first half negated, once per run
 #   (-(a * b) and a * (-b) are the same float);
 # - the normed hidden state cast once for both projections;
