@@ -48,10 +48,11 @@ VIEWS = {"view", "reshape", "unsqueeze", "squeeze", "select", "slice", "t", "tra
          "lift_fresh", "promote_types"}
 
 
-def counted(fn, calls: list, workers: tuple = ()) -> dict:
+def counted(fn, calls: list, workers: tuple = (), runs: collections.Counter | None = None) -> dict:
     """Runs ``fn`` on calls[0] (warm-up), then counts the aten operations of ``fn(calls[1])``,
     those of ``workers`` ((object, method name): what may run on another thread, as the Reranker's
-    vision runs do) included wherever they run: a dispatch mode sees its own thread only."""
+    vision runs do) included wherever they run: a dispatch mode sees its own thread only.
+    ``runs`` (the caller's count of model runs) is cleared before the counted call."""
     import threading
 
     import torch
@@ -76,6 +77,8 @@ def counted(fn, calls: list, workers: tuple = ()) -> dict:
 
         setattr(obj, name, spy)
     fn(calls[0])
+    if runs is not None:
+        runs.clear()
     with torch.inference_mode(), Count():
         counting[0] = True
         start = time.perf_counter()
@@ -107,9 +110,7 @@ def child_gmr(engine: str, what: str, share: bool, defaults: bool, batch_tokens:
         setattr(r.backend, name, spy)
     calls = task_calls(what, latency_calls, task_pairs)
     fn = (lambda c: r.score(c)) if what == "t2t" else (lambda c: r.rank(c[0][0], [d for _, d in c]))  # noqa: E731
-    out = counted(fn, calls, ((r.backend, "_run"), (r.backend, "encode_images")))
-    runs.clear()
-    fn(calls[1])
+    out = counted(fn, calls, ((r.backend, "_run"), (r.backend, "encode_images")), runs)
     out.update(decoder_runs=runs["_run"], vision_runs=runs["encode_images"], lanes=r.choice["lanes"])
     return out
 
@@ -126,9 +127,7 @@ def child_hf(checkpoint: str, what: str, batch_tokens: int, batch_size: int) -> 
     model.register_forward_pre_hook(lambda *_: runs.update(["decoder"]))
     visual.register_forward_pre_hook(lambda *_: runs.update(["vision"]))
     calls = task_calls(what, latency_calls, task_pairs)
-    out = counted(lambda c: hf.score(c), calls)
-    runs.clear()
-    hf.score(calls[1])
+    out = counted(lambda c: hf.score(c), calls, runs=runs)
     out.update(decoder_runs=runs["decoder"], vision_runs=runs["vision"])
     return out
 
