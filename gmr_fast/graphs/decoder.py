@@ -157,16 +157,17 @@ class DecoderLayer(nn.Module):
         if eager:  # cast once for both projections (each Proj would cast it)
             h = _as(h, self.kv.compute_dtype)
         kv = self.kv(h).reshape(*h.shape[:-1], 2, self.kv_heads, self.head_dim)
+        rope = eager_rope if eager else (lambda t, c, n: t * c + rotate_half(t) * n)
         if eager:
             # keys roped in place and keys and values padded together: the values of the path
             # below (the cast is the copy into ``kv``'s dtype)
             kv = _as(kv, self.attn_dtype or torch.promote_types(kv.dtype, cos.dtype))
-            kv[:, 0] = eager_rope(kv[:, 0], cos.unsqueeze(-2), sin.unsqueeze(-2))
+            kv[:, 0] = rope(kv[:, 0], cos.unsqueeze(-2), sin.unsqueeze(-2))
             kv = self._pad(kv, flat, b, s)
             k, v = kv[:, :, 0], kv[:, :, 1]
         else:
             k, v = kv[..., 0, :, :], kv[..., 1, :, :]
-            k = _as(k * cos.unsqueeze(-2) + rotate_half(k) * sin.unsqueeze(-2), self.attn_dtype)
+            k = _as(rope(k, cos.unsqueeze(-2), sin.unsqueeze(-2)), self.attn_dtype)
             v = _as(v, k.dtype)
         if last is not None:  # only the last real token of each row feeds the score
             rows = torch.arange(b, device=x.device)
@@ -177,7 +178,6 @@ class DecoderLayer(nn.Module):
                 cos, sin = cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1)
             visible = visible[rows, :, (flat[last] % s) if eager else last].unsqueeze(2)
         q = self.q(h).reshape(*h.shape[:-1], self.heads, self.head_dim)
-        rope = eager_rope if eager else (lambda t, c, n: t * c + rotate_half(t) * n)
         q = _as(rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), k.dtype)
         padded_q = eager and last is None
         if padded_q:
