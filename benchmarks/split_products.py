@@ -20,7 +20,9 @@ And two fp32-accurate ones (no input rounded to bf16), for ``image_precision="fp
 
 Where gmr_fast._dnnl loads (backends.bf16_gemm: oneDNN's own bf16 GEMM, which writes fp32
 results), the same two products on its packed weight, as the backend now runs them:
-``onednn_split`` (one bf16 GEMM with fp32 results) and ``onednn_split3`` (two: x's rest too).
+``onednn_split`` (one bf16 GEMM with fp32 results) and ``onednn_split3`` (two: x's rest too), and
+``onednn_bf16``: its GEMM with the output rounded to bf16, which is what the bf16 decoder's own
+projections run wherever the module loads (against ``bf16``, torch's oneDNN on its packed weight).
 
 For each GMR-3B projection shape (decoder and vision tower) and row count: the median time of
 ``--rounds`` calls, all alternated call by call (this VM drifts), and each one's relative
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     rows_list = [int(r) for r in a.rows.split(",")]
     dnnl = bf16_gemm.load()
-    hows = ("widened", "split", "bf16", "fp32", "split3") + (("onednn_split", "onednn_split3") if dnnl else ())
+    hows = ("widened", "split", "bf16", "fp32", "split3") + (("onednn_split", "onednn_split3", "onednn_bf16") if dnnl else ())
     doc = {"machine": machine(), "threads": a.threads, "rounds": a.rounds, "results": [],
            "onednn_gemm": "gmr_fast._dnnl" if dnnl else f"not measured: {bf16_gemm.unavailable()}"}
     with torch.inference_mode():
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
                 if how in ("widened", "fp32"):
                     proj.upcast = "onednn"
                 elif how.startswith("onednn_"):
-                    proj.upcast, proj.dnnl = how[len("onednn_"):], own
+                    proj.upcast, proj.dnnl = (None if how == "onednn_bf16" else how[len("onednn_"):]), own
                     proj.dnnl_bias = None if b is None else b.numpy()
                 else:
                     proj.upcast = how if how in ("split", "split3") else None
@@ -129,6 +131,7 @@ def main(argv=None) -> int:
                 if dnnl:
                     row["onednn_split_speedup_vs_split"] = row["split_ms"] / row["onednn_split_ms"]
                     row["onednn_split3_speedup_vs_split3"] = row["split3_ms"] / row["onednn_split3_ms"]
+                    row["onednn_bf16_speedup_vs_bf16"] = row["bf16_ms"] / row["onednn_bf16_ms"]
                 doc["results"].append(row)
                 print(f"{name:16s} rows {rows:5d}: widened {row['widened_ms']:7.1f} ms, split {row['split_ms']:7.1f} "
                       f"({row['split_speedup_vs_widened']:.2f}x), bf16 {row['bf16_ms']:6.1f}; rel. error "
@@ -137,7 +140,8 @@ def main(argv=None) -> int:
                       f"rel. error to fp32 {errors32['fp32']:.1e} / {errors32['split3']:.1e}"
                       + (f"; oneDNN's own: split {row['onednn_split_ms']:7.1f} ms ({row['onednn_split_speedup_vs_split']:.2f}x "
                          f"torch's, rel. error {errors['onednn_split']:.1e}), split3 {row['onednn_split3_ms']:7.1f} "
-                         f"({row['onednn_split3_speedup_vs_split3']:.2f}x, {errors32['onednn_split3']:.1e})"
+                         f"({row['onednn_split3_speedup_vs_split3']:.2f}x, {errors32['onednn_split3']:.1e}), bf16 "
+                         f"{row['onednn_bf16_ms']:6.1f} ({row['onednn_bf16_speedup_vs_bf16']:.2f}x torch's)"
                          if dnnl else ""), flush=True)
     for rows in rows_list:  # one decoder layer's projections, and one vision block's
         for part in ("decoder", "vision"):
@@ -149,6 +153,7 @@ def main(argv=None) -> int:
             if dnnl:
                 layer["onednn_split_speedup_vs_split"] = total["split"] / total["onednn_split"]
                 layer["onednn_split3_speedup_vs_split3"] = total["split3"] / total["onednn_split3"]
+                layer["onednn_bf16_speedup_vs_bf16"] = total["bf16"] / total["onednn_bf16"]
             doc.setdefault("per_layer", []).append(layer)
     write(a.out, doc)
     print(table(doc))
@@ -158,15 +163,17 @@ def main(argv=None) -> int:
 def table(doc: dict) -> str:
     own = "onednn_split_ms" in doc["per_layer"][0]
     lines = ["| one layer's projections | rows | widened + fpmath ms | split ms | speed-up | fp32 widened ms | "
-             "split3 ms | speed-up | bf16 (floor) ms |" + (" oneDNN's own split ms | vs split | split3 ms | vs split3 |"
-                                                          if own else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if own else "")]
+             "split3 ms | speed-up | bf16 (floor) ms |" + (" oneDNN's own split ms | vs split | split3 ms | vs split3 | "
+                                                          "bf16 ms | vs bf16 |" if own else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|---|---|" if own else "")]
     for r in doc["per_layer"]:
         lines.append(f"| {r['part']} | {r['rows']} | {r['widened_ms']:.1f} | {r['split_ms']:.1f} | "
                      f"{r['split_speedup_vs_widened']:.2f}x | {r['fp32_ms']:.1f} | {r['split3_ms']:.1f} | "
                      f"{r['split3_speedup_vs_fp32']:.2f}x | {r['bf16_ms']:.1f} |"
                      + (f" {r['onednn_split_ms']:.1f} | {r['onednn_split_speedup_vs_split']:.2f}x | "
-                        f"{r['onednn_split3_ms']:.1f} | {r['onednn_split3_speedup_vs_split3']:.2f}x |" if own else ""))
+                        f"{r['onednn_split3_ms']:.1f} | {r['onednn_split3_speedup_vs_split3']:.2f}x | "
+                        f"{r.get('onednn_bf16_ms', float('nan')):.1f} | "
+                        f"{r.get('onednn_bf16_speedup_vs_bf16', float('nan')):.2f}x |" if own else ""))
     return "\n".join(lines)
 
 
