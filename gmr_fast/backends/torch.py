@@ -50,6 +50,17 @@ FPMATH_DECODER = ("bf16-gemm", "bf16-vision")  # exact_images whose image batche
 # (graphs.common.Proj "split": two bf16 GEMMs, inputs rounded to bf16; "split3" under bf16x3: three,
 # the inputs' rounding taken back too, fp32-accurate)
 SPLIT_PRODUCTS = FPMATH_DECODER + ("bf16x3",)
+BF16_GEMMS = ("auto", "onednn", "fp32-results", "torch")  # the backend option bf16_gemm (_bf16_gemm)
+# Why ``bf16_gemm="auto"`` gives projections with bf16 results to torch's GEMM on AMX, and to
+# gmr_fast._dnnl elsewhere: _dnnl is oneDNN 3.2 (Intel's last OpenMP wheel), torch 2.13's own
+# oneDNN is 3.12. Both run AMX kernels (brg:avx512_core_amx), but on an Intel Xeon with AMX
+# (2 threads, GMR-3B shapes, benchmarks/results/split_products_amx_onednn.json) _dnnl's bf16 GEMM
+# took 0.78-0.83x torch's speed for a decoder layer's projections at 512-2,048 rows (0.66-0.75x on
+# the MLP's down projection) and 0.79-0.81x for a vision block's; about level at 24 rows. Its
+# fp32 results are still 1.6-2.0x torch's two GEMMs there, so products with fp32 results (the
+# split products of the image routes) keep it. On the AMD EPYC Zen 4 (AVX512-BF16) _dnnl was as
+# fast as torch's one bf16 GEMM (430-455 against 400-420 GFLOP/s) and bit for bit the same, so
+# there every packed projection takes it and the weights stay one copy.
 
 
 class _HeldProcessFlag:
@@ -210,6 +221,14 @@ class TorchBackend:
         # the bf16 projections' GEMM on a CPU: oneDNN's own (gmr_fast._dnnl), which also gives fp32
         # results (the split products: one bf16 GEMM where torch needs two; backends.bf16_gemm), or torch's
         self.dnnl = self._bf16_gemm(bf16_gemm) if device == "cpu" and precision == "bf16" else None
+        # ... and whether the projections with bf16 results take it too
+        self.dnnl_bf16 = self.dnnl is not None and (bf16_gemm == "onednn" or (
+            bf16_gemm == "auto" and hardware.bf16_kernel() != "AMX"))  # why: beside BF16_GEMMS
+        # Under a split route where bf16 results take torch's GEMM, the bf16 decoder keeps torch's
+        # packed copy and the fp32 one _dnnl's beside it, where packed_copy allows (memory); else
+        # one _dnnl copy serves both, and text pairs multiply on it (bf16 results).
+        self.split_copy = (split and self.dnnl is not None and not self.dnnl_bf16
+                           and self._packed_copy(packed_copy, source.weights))
         self.onednn = (True if split else self._packed_copy(packed_copy, source.weights) if exact_images
                        else self._use_onednn(gemm, precision))
         weights = source.weights
@@ -238,13 +257,16 @@ class TorchBackend:
         else:
             self._load(self.vision, engine_dir, weights["vision"], torch.float32 if exact_images else self.dtype,
                        upcast, exact=exact_images)
+        split_packs = {} if self.split_copy else None
         self._load(self.decoder, engine_dir, weights["decoder"], self.dtype, upcast if self.upcast else None,
-                   exact=exact_images, keep_plain=exact_images == "fp32")
+                   exact=exact_images, keep_plain=exact_images == "fp32",
+                   dnnl=self.dnnl_bf16 or (split and not self.split_copy), split_packs=split_packs)
         if exact_images:  # the same bf16 projection weights and embedding table, fp32 arithmetic
             projs = {n: m for n, m in self.decoder.named_modules() if isinstance(m, Proj)}
             shared = {n: p.data for n, p in self.decoder.named_parameters() if p.dtype == torch.bfloat16
                       and (n == "embed" or n.endswith(".weight") and n[:-len(".weight")] in projs)}
-            packs = {n: m.packed if m.dnnl is None else m.dnnl for n, m in projs.items()}
+            packs = split_packs if self.split_copy else {n: m.packed if m.dnnl is None else m.dnnl
+                                                         for n, m in projs.items()}
             self._load(self.exact_decoder, engine_dir, weights["decoder"], torch.float32, upcast, shared=shared,
                        packs=packs if split else None)
         for module in (self.decoder, self.vision, self.exact_decoder):
@@ -271,10 +293,15 @@ class TorchBackend:
             what = ("each projection two bf16 GEMMs with fp32 results (inputs split in two bf16 halves), attention fp32"
                     if self.exact_images == "bf16x3" else
                     "one bf16 GEMM with fp32 results per projection")
-            where = ("in the decoder (vision tower bf16)" if self.exact_images == "bf16-vision" else "throughout")
+            where = ("in the decoder (vision tower bf16 on torch's oneDNN)" if self.exact_images == "bf16-vision"
+                     and not self.dnnl_bf16 else "in the decoder (vision tower bf16)"
+                     if self.exact_images == "bf16-vision" else "throughout")
+            if self.split_copy:
+                return (f"onednn on packed bf16 weights for bf16 results; image batches fp32 tensors {where}, {what} "
+                        f"on oneDNN's own bf16 GEMM (gmr_fast._dnnl) over its packed copy beside them")
             return (f"oneDNN's own bf16 GEMM (gmr_fast._dnnl) on packed bf16 weights; image batches fp32 tensors "
                     f"{where}, {what}")
-        if self.dnnl is not None and self.onednn:
+        if self.dnnl_bf16 and self.onednn:
             gemm = "oneDNN's own bf16 GEMM (gmr_fast._dnnl)"
         if self.exact_images == "bf16x3":
             return ("onednn on packed bf16 weights; image batches fp32 throughout, each projection three bf16 GEMMs "
@@ -312,18 +339,21 @@ class TorchBackend:
 
     def _bf16_gemm(self, setting: str):
         """gmr_fast._dnnl for the packed bf16 projections ("auto": where it loads and runs here;
-        "onednn": required), or None ("torch": torch's oneDNN, two bf16 GEMMs per fp32 product).
-        Every packed bf16 projection of the backend takes the same GEMM, so a text pair's bf16
-        score does not depend on how image pairs are routed beside it."""
-        if setting not in ("auto", "onednn", "torch"):
-            raise BackendError(f"torch backend option bf16_gemm={setting!r}: expected auto, onednn or torch")
+        "onednn" and "fp32-results": required), or None ("torch": torch's oneDNN, two bf16 GEMMs
+        per fp32 product). Which products take it (``dnnl_bf16``): under "onednn" all, under
+        "fp32-results" those with fp32 results only (the split products; bf16 results take
+        torch's packed GEMM), under "auto" the latter on AMX and the former elsewhere
+        (why: beside BF16_GEMMS). Where one packed copy serves the bf16 and the fp32 decoder it is
+        _dnnl's (``split_copy``)."""
+        if setting not in BF16_GEMMS:
+            raise BackendError(f"torch backend option bf16_gemm={setting!r}: expected {', '.join(BF16_GEMMS)}")
         if setting == "torch":
             return None
         from . import bf16_gemm
 
         module = bf16_gemm.load()
-        if module is None and setting == "onednn":
-            raise BackendError(f"bf16_gemm=onednn: {bf16_gemm.unavailable()}")
+        if module is None and setting != "auto":
+            raise BackendError(f"bf16_gemm={setting}: {bf16_gemm.unavailable()}")
         return module
 
     def _packed_copy(self, setting: bool | str, weights: dict) -> bool:
@@ -353,20 +383,24 @@ class TorchBackend:
 
     def _load_weights(self, module, engine_dir: str, weight_file, dtype, upcast: str | None, exact: bool | str = False,
                       shared: dict | None = None, onednn: bool | None = None, keep_plain: bool = False,
-                      packs: dict | None = None) -> None:
+                      packs: dict | None = None, dnnl: bool | None = None, split_packs: dict | None = None) -> None:
         """Fills ``module``'s parameters from ``weight_file``, computing in ``dtype``. ``upcast``
         ("onednn", "linear", "split" or "split3"): fp32 arithmetic over bf16 projection weights and
         embedding table (Proj.upcast; the splits pack them). ``exact``: a bf16 copy made of fp32 values must hold
         them exactly (fp32 over bf16 weights is then the fp32 model), else BackendError. ``shared``:
         tensors of another module over the same file, taken as they are (no second copy); ``packs``:
         that module's packed weights, by projection, for the splits. With ``self.dnnl`` (gmr_fast._dnnl)
-        the splits and the packed bf16 projections run its packed weights (Proj.dnnl). ``onednn``: whether the
+        the splits run its packed weights (Proj.dnnl), and so do the packed bf16 projections where
+        ``dnnl`` (default ``self.dnnl_bf16``), else they run torch's; ``split_packs``: filled with
+        _dnnl's packed copy of each packed bf16 projection, by name, for the fp32 decoder's splits
+        (``split_copy``). ``onednn``: whether the
         projections run packed weights (default ``self.onednn``); ``keep_plain``: the plain ones
         stay beside them (exact_images=fp32 widens them)."""
         from ..graphs.common import Proj, RMSNorm
 
         torch = self.torch
         onednn = self.onednn if onednn is None else onednn
+        dnnl = self.dnnl_bf16 if dnnl is None else dnnl
         module.to_empty(device=self.device)
         params = dict(module.named_parameters())
         buffers = module.constant_buffers()
@@ -414,7 +448,9 @@ class TorchBackend:
             proj.fused = True  # F.linear: the bias inside the GEMM (graphs.common.Proj)
             split = upcast in ("split", "split3")
             bf16_packed = onednn and not upcast and proj.weight.dtype == torch.bfloat16
-            if self.dnnl is not None and (split or bf16_packed):
+            if split_packs is not None and bf16_packed:  # _dnnl's copy for the fp32 decoder's splits
+                split_packs[name] = self.dnnl.PackedBf16Weight(proj.weight.t().contiguous().view(torch.int16).numpy())
+            if self.dnnl is not None and (split or (bf16_packed and dnnl)):
                 # one packed copy, shared by the bf16 decoder (bf16 results) and the fp32 one (fp32 results)
                 proj.upcast = upcast if split else None
                 proj.dnnl = (packs[name] if split and packs is not None
