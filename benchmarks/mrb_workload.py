@@ -155,10 +155,11 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
     else:
         calls = [[(text(4, 12), {"image": _image(rng, 256, 768)})] for _ in range(requests + 1)]
     vision = [0.0]  # seconds in the vision tower during the current call: where a call's time goes
-    if kind.startswith("gmr"):  # gmr, or gmr_torch_gemm: torch's own bf16 GEMMs (--torch-gemm)
+    if kind.startswith("gmr"):  # gmr, or gmr_bf16_gemm_<setting>: the backend option bf16_gemm (--bf16-gemms)
         from gmr_fast import Reranker
 
-        r = Reranker(path, backend_options={"bf16_gemm": "torch"} if kind == "gmr_torch_gemm" else {})
+        setting = kind[len("gmr_bf16_gemm_"):] if kind.startswith("gmr_bf16_gemm_") else None
+        r = Reranker(path, backend_options={"bf16_gemm": setting} if setting else {})
         lanes = r.choice["lanes"]
         encode = r.backend.encode_images
 
@@ -255,12 +256,16 @@ def main(argv=None) -> int:
     p.add_argument("--image-precisions", default="",
                    help="more gmr rows (prefixes shared): the default engine with each image_precision named "
                         "(fp32, bf16x3, bf16-gemm, bf16-vision, same), beside auto's")
+    p.add_argument("--bf16-gemms", default="",
+                   help="comma-separated settings of the torch backend option bf16_gemm (onednn, fp32-results, "
+                        "torch): also run gmr (prefixes shared, and in the latency part) with each, in the same run")
     p.add_argument("--torch-gemm", action="store_true",
-                   help="also run gmr (prefixes shared) on torch's own bf16 GEMMs (backend option bf16_gemm=torch: "
+                   help="--bf16-gemms torch: also run gmr (prefixes shared) on torch's own bf16 GEMMs (backend option bf16_gemm=torch: "
                         "two per fp32 product) beside gmr_fast._dnnl's, in the same run")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
     a = p.parse_args(argv)
+    gemms = [g for g in a.bf16_gemms.split(",") if g] + (["torch"] if a.torch_gemm and "torch" not in a.bf16_gemms else [])
     from export.factory import build_shape_checkpoint
 
     work = pathlib.Path(a.work)
@@ -284,10 +289,10 @@ def main(argv=None) -> int:
         for ip in filter(None, a.image_precisions.split(",")):
             rows[f"gmr_shared_{ip}"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
                                                 True, a.hf_sample, None, ip, None, a.pool)
-        if a.torch_gemm:
-            rows["gmr_shared_torch_gemm"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
-                                                     a.candidates, True, a.hf_sample, None, "auto",
-                                                     {"bf16_gemm": "torch"}, a.pool)
+        for g in gemms:  # rows named as before for torch ("gmr_shared_torch_gemm")
+            name = "gmr_shared_torch_gemm" if g == "torch" else f"gmr_shared_bf16_gemm_{g}"
+            rows[name] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True,
+                                  a.hf_sample, None, "auto", {"bf16_gemm": g}, a.pool)
         for mb in filter(None, a.per_query_cache_mb.split(",")):
             rows[f"gmr_shared_per_query_cache_{mb}mb"] = in_child(
                 "mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, a.hf_sample, None, "auto",
@@ -313,8 +318,8 @@ def main(argv=None) -> int:
         lat = {}
         for what in a.latency_calls.split(","):
             runs = {"gmr": ("gmr", str(engine), what, a.latency_requests)}
-            if a.torch_gemm:
-                runs["gmr_torch_gemm"] = ("gmr_torch_gemm", str(engine), what, a.latency_requests)
+            for g in gemms:
+                runs[f"gmr_bf16_gemm_{g}"] = (f"gmr_bf16_gemm_{g}", str(engine), what, a.latency_requests)
             runs.update({f"hf_{d}": (f"hf_{d}", str(ckpt), what, a.latency_requests) for d in a.latency_hf.split(",")})
             if a.hf_kept_heap:
                 runs["hf_bf16_kept_heap"] = ("hf_bf16", str(ckpt), what, a.latency_requests, True)
