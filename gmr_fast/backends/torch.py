@@ -451,7 +451,8 @@ class TorchBackend:
             if split_packs is not None and bf16_packed:  # _dnnl's copy for the fp32 decoder's splits
                 split_packs[name] = self.dnnl.PackedBf16Weight(proj.weight.t().contiguous().view(torch.int16).numpy())
             if self.dnnl is not None and (split or (bf16_packed and dnnl)):
-                # one packed copy, shared by the bf16 decoder (bf16 results) and the fp32 one (fp32 results)
+                # _dnnl's packed copy; under a split route without split_copy, one shared by the bf16 decoder
+                # (bf16 results) and the fp32 one (fp32 results)
                 proj.upcast = upcast if split else None
                 proj.dnnl = (packs[name] if split and packs is not None
                              else self.dnnl.PackedBf16Weight(proj.weight.t().contiguous().view(torch.int16).numpy()))
