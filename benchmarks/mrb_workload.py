@@ -155,11 +155,14 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
     else:
         calls = [[(text(4, 12), {"image": _image(rng, 256, 768)})] for _ in range(requests + 1)]
     vision = [0.0]  # seconds in the vision tower during the current call: where a call's time goes
-    if kind.startswith("gmr"):  # gmr, or gmr_bf16_gemm_<setting>: the backend option bf16_gemm (--bf16-gemms)
+    if kind.startswith("gmr"):  # gmr, gmr_bf16_gemm_<setting> (--bf16-gemms) or gmr_host_kernels_off
         from gmr_fast import Reranker
 
         setting = kind[len("gmr_bf16_gemm_"):] if kind.startswith("gmr_bf16_gemm_") else None
-        r = Reranker(path, backend_options={"bf16_gemm": setting} if setting else {})
+        options = {"bf16_gemm": setting} if setting else {}
+        if kind == "gmr_host_kernels_off":
+            options = {"host_kernels": "off"}
+        r = Reranker(path, backend_options=options)
         lanes = r.choice["lanes"]
         encode = r.backend.encode_images
 
@@ -262,6 +265,9 @@ def main(argv=None) -> int:
     p.add_argument("--torch-gemm", action="store_true",
                    help="--bf16-gemms torch: also run gmr (prefixes shared) on torch's own bf16 GEMMs (backend option bf16_gemm=torch: "
                         "two per fp32 product) beside gmr_fast._dnnl's, in the same run")
+    p.add_argument("--host-kernels-off", action="store_true",
+                   help="also run gmr (prefixes shared, and in the latency part) with the torch backend option "
+                        "host_kernels=off (torch's operations for the bf16 vision tower's RoPE and norms), in the same run")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
     a = p.parse_args(argv)
@@ -293,6 +299,10 @@ def main(argv=None) -> int:
             name = "gmr_shared_torch_gemm" if g == "torch" else f"gmr_shared_bf16_gemm_{g}"
             rows[name] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True,
                                   a.hf_sample, None, "auto", {"bf16_gemm": g}, a.pool)
+        if a.host_kernels_off:
+            rows["gmr_shared_host_kernels_off"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
+                                                           a.candidates, True, a.hf_sample, None, "auto",
+                                                           {"host_kernels": "off"}, a.pool)
         for mb in filter(None, a.per_query_cache_mb.split(",")):
             rows[f"gmr_shared_per_query_cache_{mb}mb"] = in_child(
                 "mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, a.hf_sample, None, "auto",
@@ -320,6 +330,8 @@ def main(argv=None) -> int:
             runs = {"gmr": ("gmr", str(engine), what, a.latency_requests)}
             for g in gemms:
                 runs[f"gmr_bf16_gemm_{g}"] = (f"gmr_bf16_gemm_{g}", str(engine), what, a.latency_requests)
+            if a.host_kernels_off:
+                runs["gmr_host_kernels_off"] = ("gmr_host_kernels_off", str(engine), what, a.latency_requests)
             runs.update({f"hf_{d}": (f"hf_{d}", str(ckpt), what, a.latency_requests) for d in a.latency_hf.split(",")})
             if a.hf_kept_heap:
                 runs["hf_bf16_kept_heap"] = ("hf_bf16", str(ckpt), what, a.latency_requests, True)

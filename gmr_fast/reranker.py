@@ -654,7 +654,7 @@ class Reranker:
                        "backend": backend, "device": options.device, "reason": why,
                        "lanes": self.lanes, "threads_per_lane": self.backend_threads, "lanes_reason": lanes_why,
                        "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
-        for key in ("malloc", "gemm"):  # torch backend
+        for key in ("malloc", "gemm", "host_kernels"):  # torch backend
             if hasattr(self.backend, key):
                 self.choice[key] = getattr(self.backend, key)
         self._limits = self._memory_limits()

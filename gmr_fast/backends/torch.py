@@ -172,7 +172,7 @@ class TorchBackend:
 
     def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
                  attention: str = "sdpa", gemm: str = "auto", exact_images: bool | str = False,
-                 packed_copy: bool | str = "auto", bf16_gemm: str = "auto"):
+                 packed_copy: bool | str = "auto", bf16_gemm: str = "auto", host_kernels: str = "auto"):
         _first_import_apart()
         try:
             import torch
@@ -273,6 +273,11 @@ class TorchBackend:
             if module is not None:
                 module.sdpa = attention == "sdpa"
                 module.eval()
+        # a bf16 vision tower's RoPE and norms as one pass each (backends.host_kernels; fp32 towers
+        # keep torch's operations: the kernels take bf16)
+        self.kernels = self._host_kernels(host_kernels) if device == "cpu" else None
+        for block in self.vision.blocks:
+            block.kernels = self.kernels
         for decoder, dtype in ((self.decoder, self.dtype), (self.exact_decoder, torch.float32)):
             if decoder is None:
                 continue
@@ -355,6 +360,28 @@ class TorchBackend:
         if module is None and setting != "auto":
             raise BackendError(f"bf16_gemm={setting}: {bf16_gemm.unavailable()}")
         return module
+
+    @staticmethod
+    def _host_kernels(setting: str):
+        """backends.host_kernels' passes ("auto": where gmr_fast._kernels loads; "on": required), or
+        None ("off": torch's operations, the same values but for the norm's last-bit rounding)."""
+        if setting not in ("auto", "on", "off"):
+            raise BackendError(f"torch backend option host_kernels={setting!r}: expected auto, on or off")
+        if setting == "off":
+            return None
+        from . import host_kernels
+
+        kernels = host_kernels.load()
+        if kernels is None and setting == "on":
+            raise BackendError(f"host_kernels=on: {host_kernels.unavailable()}")
+        return kernels
+
+    @property
+    def host_kernels(self) -> str:
+        """What runs a bf16 vision tower's RoPE and norms (reported in Reranker.choice)."""
+        if self.kernels is not None:
+            return "gmr_fast._kernels (RoPE and RMSNorm one pass each)"
+        return "torch operations"
 
     def _packed_copy(self, setting: bool | str, weights: dict) -> bool:
         """Whether the bf16 decoder keeps a packed copy beside the plain weights the fp32 decoder

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..vision_layout import COMMON_INPUTS, WINDOW_INPUTS
-from .common import Proj, make_norm, min_value, rotate_half
+from .common import Proj, RMSNorm, make_norm, min_value, rotate_half
 
 OUTPUT_NAMES = ["image_embeds"]
 
@@ -74,6 +74,14 @@ class VisionBlock(nn.Module):
             self.fc1 = Proj(d.hidden_size, d.intermediate_size, bias=True)
             self.fc2 = Proj(d.intermediate_size, d.hidden_size, bias=True)
         self.scale = d.head_dim ** -0.5
+        # The torch backend sets this on a CPU (backends.host_kernels.Kernels): a bf16 block's RoPE and
+        # RMSNorms (with the residual addition before the second) as one pass each, torch's
+        # arithmetic (csrc/host_kernels.hpp). Exports never do.
+        self.kernels = None
+
+    def _fused(self, x) -> bool:
+        return (self.kernels is not None and x.dtype == torch.bfloat16 and isinstance(self.norm1, RMSNorm)
+                and self.norm1.weight.dtype == torch.bfloat16 and x.is_contiguous())
 
     def mlp(self, x):
         if self.mlp_kind == "swiglu":
@@ -84,11 +92,16 @@ class VisionBlock(nn.Module):
 
     def attention(self, x, cos, sin, gather, valid, inverse, groups: int, sdpa: bool):
         n = x.shape[0]
-        q, k, v = self.qkv(x).reshape(n, 3, self.heads, -1).permute(1, 0, 2, 3).unbind(0)  # [N, heads, d]
-        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        qf, kf = q.float(), k.float()  # rotary in fp32, as HF's vision tower (one conversion each)
-        q = (qf * c + rotate_half(qf) * s).to(x.dtype)
-        k = (kf * c + rotate_half(kf) * s).to(x.dtype)
+        qkv = self.qkv(x)
+        if self.kernels is not None and qkv.dtype == torch.bfloat16:  # RoPE in place, one pass (_fused)
+            qkv = self.kernels.rope_qk_(qkv.contiguous(), cos, sin, self.heads, qkv.shape[-1] // (3 * self.heads))
+            q, k, v = qkv.reshape(n, 3, self.heads, -1).permute(1, 0, 2, 3).unbind(0)  # [N, heads, d]
+        else:
+            q, k, v = qkv.reshape(n, 3, self.heads, -1).permute(1, 0, 2, 3).unbind(0)  # [N, heads, d]
+            c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+            qf, kf = q.float(), k.float()  # rotary in fp32, as HF's vision tower (one conversion each)
+            q = (qf * c + rotate_half(qf) * s).to(x.dtype)
+            k = (kf * c + rotate_half(kf) * s).to(x.dtype)
         qs, ks, vs = (t[gather].transpose(1, 2) for t in (q, k, v))  # [S, heads, L, d]
         if sdpa:
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=valid[:, None, None, :], scale=self.scale)
@@ -105,6 +118,11 @@ class VisionBlock(nn.Module):
         return self.proj(out.reshape(-1, out.shape[-2] * out.shape[-1])[inverse])
 
     def forward(self, x, cos, sin, layout, groups: int, sdpa: bool):
+        if self._fused(x):  # the same values; the norms one pass each, the first addition inside the second
+            h = self.kernels.rms_norm(x, self.norm1.weight, self.norm1.eps)
+            x, h = self.kernels.rms_norm(x, self.norm2.weight, self.norm2.eps,
+                                         residual=self.attention(h, cos, sin, *layout, groups, sdpa))
+            return x + self.mlp(h)
         x = x + self.attention(self.norm1(x), cos, sin, *layout, groups, sdpa)
         return x + self.mlp(self.norm2(x))
 

@@ -1,0 +1,36 @@
+// Fused elementwise passes of the torch backend's CPU runs (gmr_fast._kernels; Python side:
+// gmr_fast.backends.host_kernels). Eager torch makes a pass over memory per operation: a vision
+// block's RMSNorm takes eight (widen, square, sum, scale, round, multiply, ...) and its RoPE seven
+// per projection. Profiled on an Intel Xeon with AMX (GMR-3B vision tower, bf16, one thread): RoPE
+// took 15% of a 624-token image's time, the norms and residual additions 11%, the GEMMs 50%.
+// Each function here is one pass with the same arithmetic as the torch operations it replaces:
+// fp32 arithmetic on values widened from bf16, each operation rounded to fp32 as torch rounds it
+// (the file builds with -ffp-contract=off: no fused multiply-adds), bf16 results rounded to
+// nearest even as c10::BFloat16 rounds. RoPE is torch's bit for bit; the norm's sum of squares
+// runs in another order than torch's, so its scale may differ in the last fp32 bit and an output
+// round to the other bf16 neighbour (tests/test_host_kernels.py states the bound). SwiGLU's
+// silu(gate) * up, fused the same way (with a vectorized exp), ran no faster than torch's two
+// passes there (division- and exp-bound in bf16, memory-bound in fp32), so it is not here.
+//
+// Rows run in parallel on OpenMP threads: the extension links libgomp by its soname, and torch's
+// wheel loads its own libgomp.so.1 first, so both share one runtime and the calling thread's
+// thread count (set per lane by the torch backend) governs both.
+#pragma once
+
+#include <cstdint>
+
+namespace gmr {
+
+// In place, the first 2 * heads blocks of head_dim values of each of ``rows`` rows (queries, then
+// keys) of ``qkv`` (bf16 words, ``row_stride`` words apart): t -> t * cos + rotate_half(t) * sin,
+// rotate_half(t) = (-t[half:], t[:half]), cos and sin fp32 [rows, head_dim], rounded to bf16 once.
+void rope_qk_bf16(uint16_t* qkv, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim, const float* cos,
+                  const float* sin);
+
+// HF's Qwen2 RMSNorm of a bf16 [rows, cols] input: h = float(x); h * (1 / sqrt(mean(h^2) + eps))
+// rounded to bf16, times the bf16 weight, rounded to bf16. With ``residual`` the input is first
+// x + residual rounded to bf16 (torch's bf16 addition), written to ``sum_out``.
+void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, uint16_t* sum_out, uint16_t* out,
+                   const uint16_t* weight, int64_t rows, int64_t cols, float eps);
+
+}  // namespace gmr

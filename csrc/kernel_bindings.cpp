@@ -1,0 +1,95 @@
+// gmr_fast._kernels: the fused elementwise passes of host_kernels.hpp over numpy views of torch's
+// tensors (bf16 as int16 words), a module of its own because it links OpenMP, which must be the
+// runtime torch already loaded (gmr_fast.backends.host_kernels imports torch first). Shapes are
+// checked here; the GIL is released around every pass.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "errors.hpp"
+#include "host_kernels.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+void need(const py::array& a, int64_t ndim, int64_t itemsize, const char* what) {
+    if (a.ndim() != ndim || a.itemsize() != itemsize)
+        throw gmr::Error(std::string("host kernels: ") + what + " must be " + std::to_string(ndim) + "-D with " +
+                         std::to_string(itemsize) + "-byte items");
+    if (!(a.flags() & py::array::c_style)) throw gmr::Error(std::string("host kernels: ") + what + " must be C-contiguous");
+}
+
+void need_writeable(const py::array& a, const char* what) {
+    if (!a.writeable()) throw gmr::Error(std::string("host kernels: ") + what + " is read-only");
+}
+
+void rope_qk(py::array& qkv, const py::array& cos, const py::array& sin, int64_t heads, int64_t head_dim) {
+    need(qkv, 2, 2, "qkv (bf16 words)");
+    need(cos, 2, 4, "cos (float32)");
+    need(sin, 2, 4, "sin (float32)");
+    need_writeable(qkv, "qkv");
+    int64_t rows = qkv.shape(0);
+    if (head_dim <= 0 || head_dim % 2 || head_dim > 512 || heads <= 0)
+        throw gmr::Error("host kernels: RoPE needs an even head_dim of at most 512 and at least one head");
+    if (qkv.shape(1) < 2 * heads * head_dim)
+        throw gmr::Error("host kernels: qkv has fewer than 2 x heads x head_dim columns");
+    for (const py::array* t : {&cos, &sin})
+        if (t->shape(0) != rows || t->shape(1) != head_dim)
+            throw gmr::Error("host kernels: cos and sin must be [rows of qkv, head_dim]");
+    auto* q = static_cast<uint16_t*>(qkv.mutable_data());
+    const auto* c = static_cast<const float*>(cos.data());
+    const auto* s = static_cast<const float*>(sin.data());
+    int64_t stride = qkv.shape(1);
+    py::gil_scoped_release release;
+    gmr::rope_qk_bf16(q, rows, stride, heads, head_dim, c, s);
+}
+
+void rms_norm(const py::array& x, const py::object& residual, const py::object& sum_out, py::array& out,
+              const py::array& weight, float eps) {
+    need(x, 2, 2, "x (bf16 words)");
+    need(out, 2, 2, "out (bf16 words)");
+    need(weight, 1, 2, "weight (bf16 words)");
+    need_writeable(out, "out");
+    int64_t rows = x.shape(0), cols = x.shape(1);
+    if (out.shape(0) != rows || out.shape(1) != cols || weight.shape(0) != cols)
+        throw gmr::Error("host kernels: x, out and weight of RMSNorm disagree in shape");
+    const uint16_t* r = nullptr;
+    uint16_t* s = nullptr;
+    py::array res, sum;
+    if (!residual.is_none()) {
+        res = residual.cast<py::array>();
+        sum = sum_out.cast<py::array>();
+        need(res, 2, 2, "residual (bf16 words)");
+        need(sum, 2, 2, "sum_out (bf16 words)");
+        need_writeable(sum, "sum_out");
+        if (res.shape(0) != rows || res.shape(1) != cols || sum.shape(0) != rows || sum.shape(1) != cols)
+            throw gmr::Error("host kernels: residual and sum_out must have x's shape");
+        r = static_cast<const uint16_t*>(res.data());
+        s = static_cast<uint16_t*>(sum.mutable_data());
+    }
+    const auto* xp = static_cast<const uint16_t*>(x.data());
+    auto* op = static_cast<uint16_t*>(out.mutable_data());
+    const auto* wp = static_cast<const uint16_t*>(weight.data());
+    py::gil_scoped_release release;
+    gmr::rms_norm_bf16(xp, r, s, op, wp, rows, cols, eps);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_kernels, m) {
+    m.doc() = "fused elementwise passes of the torch backend's CPU runs (gmr_fast.backends.host_kernels wraps them)";
+    static py::object* core_error = new py::object(py::module_::import("gmr_fast.errors").attr("CoreError"));
+    py::register_local_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const gmr::Error& e) {
+            PyErr_SetString(core_error->ptr(), e.what());
+        }
+    });
+    m.def("rope_qk", &rope_qk, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("heads"), py::arg("head_dim"),
+          "RoPE in place on the query and key heads of a bf16 qkv product (host_kernels.hpp)");
+    m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("residual"), py::arg("sum_out"), py::arg("out"),
+          py::arg("weight"), py::arg("eps"), "bf16 RMSNorm, optionally of x + residual (host_kernels.hpp)");
+}
