@@ -29,13 +29,14 @@ inline uint16_t round_bf16(float f) {
     return uint16_t(nan ? 0x7fc0u : rounded);
 }
 
-GMR_CLONES void rope_row(uint16_t* t, int64_t heads, int64_t d, const float* c, const float* s) {
+GMR_CLONES void rope_row(uint16_t* t, int64_t blocks, int64_t d, const float* c, const float* s, bool signed_sin) {
     const int64_t half = d / 2;
+    const float flip = signed_sin ? 1.0f : -1.0f;  // exact: (-a) * b == a * (-b) == -(a * b)
     float buf[512];
-    for (int64_t h = 0; h < heads; ++h, t += d) {
+    for (int64_t h = 0; h < blocks; ++h, t += d) {
         for (int64_t i = 0; i < half; ++i) {
             float a = widen(t[i]) * c[i];
-            float b = -widen(t[i + half]) * s[i];
+            float b = (flip * widen(t[i + half])) * s[i];
             buf[i] = a + b;
         }
         for (int64_t i = half; i < d; ++i) {
@@ -71,13 +72,30 @@ GMR_CLONES void rms_norm_row(const uint16_t* x, const uint16_t* res, uint16_t* s
     for (int64_t k = 0; k < cols; ++k) out[k] = round_bf16(widen(w[k]) * widen(round_bf16(widen(x[k]) * r)));
 }
 
+GMR_CLONES void rms_norm_row_f32(const float* x, const uint16_t* res, float* sum_out, uint16_t* out, const float* w,
+                                 int64_t cols, float eps) {
+    if (res != nullptr) {
+        for (int64_t i = 0; i < cols; ++i) sum_out[i] = x[i] + widen(res[i]);
+        x = sum_out;
+    }
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= cols; i += 16)
+        for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
+    float total = 0.0f;
+    for (int j = 0; j < 16; ++j) total += acc[j];
+    for (; i < cols; ++i) total += x[i] * x[i];
+    float r = 1.0f / std::sqrt(total / float(cols) + eps);
+    for (int64_t k = 0; k < cols; ++k) out[k] = round_bf16((x[k] * r) * w[k]);
+}
+
 }  // namespace
 
-void rope_qk_bf16(uint16_t* qkv, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim, const float* cos,
-                  const float* sin) {
+void rope_bf16(uint16_t* t, int64_t rows, int64_t row_stride, int64_t blocks, int64_t head_dim, const float* cos,
+               const float* sin, bool signed_sin) {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
-        rope_row(qkv + r * row_stride, 2 * heads, head_dim, cos + r * head_dim, sin + r * head_dim);
+        rope_row(t + r * row_stride, blocks, head_dim, cos + r * head_dim, sin + r * head_dim, signed_sin);
 }
 
 void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, uint16_t* sum_out, uint16_t* out,
@@ -86,6 +104,14 @@ void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, uint16_t* sum_ou
     for (int64_t r = 0; r < rows; ++r)
         rms_norm_row(x + r * cols, residual ? residual + r * cols : nullptr, sum_out ? sum_out + r * cols : nullptr,
                      out + r * cols, weight, cols, eps);
+}
+
+void rms_norm_f32_bf16(const float* x, const uint16_t* residual, float* sum_out, uint16_t* out, const float* weight,
+                       int64_t rows, int64_t cols, float eps) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        rms_norm_row_f32(x + r * cols, residual ? residual + r * cols : nullptr, sum_out ? sum_out + r * cols : nullptr,
+                         out + r * cols, weight, cols, eps);
 }
 
 }  // namespace gmr

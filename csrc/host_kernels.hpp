@@ -21,16 +21,26 @@
 
 namespace gmr {
 
-// In place, the first 2 * heads blocks of head_dim values of each of ``rows`` rows (queries, then
-// keys) of ``qkv`` (bf16 words, ``row_stride`` words apart): t -> t * cos + rotate_half(t) * sin,
-// rotate_half(t) = (-t[half:], t[:half]), cos and sin fp32 [rows, head_dim], rounded to bf16 once.
-void rope_qk_bf16(uint16_t* qkv, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim, const float* cos,
-                  const float* sin);
+// In place, the first ``blocks`` blocks of head_dim values of each of ``rows`` rows of ``t`` (bf16
+// words, ``row_stride`` words apart; a vision qkv product's queries and keys, a decoder's queries,
+// or the keys of its key/value product): t -> t * cos + rotate_half(t) * sin, rotate_half(t) =
+// (-t[half:], t[:half]), cos and sin fp32 [rows, head_dim], rounded to bf16 once. With
+// ``signed_sin`` sin arrives with its first half negated (graphs.decoder.eager_rope), which gives
+// the same values.
+void rope_bf16(uint16_t* t, int64_t rows, int64_t row_stride, int64_t blocks, int64_t head_dim, const float* cos,
+               const float* sin, bool signed_sin);
 
 // HF's Qwen2 RMSNorm of a bf16 [rows, cols] input: h = float(x); h * (1 / sqrt(mean(h^2) + eps))
 // rounded to bf16, times the bf16 weight, rounded to bf16. With ``residual`` the input is first
 // x + residual rounded to bf16 (torch's bf16 addition), written to ``sum_out``.
 void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, uint16_t* sum_out, uint16_t* out,
                    const uint16_t* weight, int64_t rows, int64_t cols, float eps);
+
+// torch's F.rms_norm of an fp32 [rows, cols] input, (x * (1 / sqrt(mean(x^2) + eps))) * weight in
+// fp32, rounded to bf16 for the projection that follows (the bf16 decoder's fp32 stream,
+// graphs.decoder). With ``residual`` (bf16) the input is first x + residual in fp32, written to
+// ``sum_out``.
+void rms_norm_f32_bf16(const float* x, const uint16_t* residual, float* sum_out, uint16_t* out, const float* weight,
+                       int64_t rows, int64_t cols, float eps);
 
 }  // namespace gmr

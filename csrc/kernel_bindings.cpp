@@ -25,25 +25,25 @@ void need_writeable(const py::array& a, const char* what) {
     if (!a.writeable()) throw gmr::Error(std::string("host kernels: ") + what + " is read-only");
 }
 
-void rope_qk(py::array& qkv, const py::array& cos, const py::array& sin, int64_t heads, int64_t head_dim) {
-    need(qkv, 2, 2, "qkv (bf16 words)");
+void rope(py::array& t, const py::array& cos, const py::array& sin, int64_t blocks, int64_t head_dim,
+          bool signed_sin) {
+    need(t, 2, 2, "t (bf16 words)");
     need(cos, 2, 4, "cos (float32)");
     need(sin, 2, 4, "sin (float32)");
-    need_writeable(qkv, "qkv");
-    int64_t rows = qkv.shape(0);
-    if (head_dim <= 0 || head_dim % 2 || head_dim > 512 || heads <= 0)
+    need_writeable(t, "t");
+    int64_t rows = t.shape(0);
+    if (head_dim <= 0 || head_dim % 2 || head_dim > 512 || blocks <= 0)
         throw gmr::Error("host kernels: RoPE needs an even head_dim of at most 512 and at least one head");
-    if (qkv.shape(1) < 2 * heads * head_dim)
-        throw gmr::Error("host kernels: qkv has fewer than 2 x heads x head_dim columns");
-    for (const py::array* t : {&cos, &sin})
-        if (t->shape(0) != rows || t->shape(1) != head_dim)
-            throw gmr::Error("host kernels: cos and sin must be [rows of qkv, head_dim]");
-    auto* q = static_cast<uint16_t*>(qkv.mutable_data());
+    if (t.shape(1) < blocks * head_dim) throw gmr::Error("host kernels: t has fewer than blocks x head_dim columns");
+    for (const py::array* a : {&cos, &sin})
+        if (a->shape(0) != rows || a->shape(1) != head_dim)
+            throw gmr::Error("host kernels: cos and sin must be [rows of t, head_dim]");
+    auto* tp = static_cast<uint16_t*>(t.mutable_data());
     const auto* c = static_cast<const float*>(cos.data());
     const auto* s = static_cast<const float*>(sin.data());
-    int64_t stride = qkv.shape(1);
+    int64_t stride = t.shape(1);
     py::gil_scoped_release release;
-    gmr::rope_qk_bf16(q, rows, stride, heads, head_dim, c, s);
+    gmr::rope_bf16(tp, rows, stride, blocks, head_dim, c, s, signed_sin);
 }
 
 void rms_norm(const py::array& x, const py::object& residual, const py::object& sum_out, py::array& out,
@@ -76,6 +76,36 @@ void rms_norm(const py::array& x, const py::object& residual, const py::object& 
     gmr::rms_norm_bf16(xp, r, s, op, wp, rows, cols, eps);
 }
 
+void rms_norm_f32(const py::array& x, const py::object& residual, const py::object& sum_out, py::array& out,
+                  const py::array& weight, float eps) {
+    need(x, 2, 4, "x (float32)");
+    need(out, 2, 2, "out (bf16 words)");
+    need(weight, 1, 4, "weight (float32)");
+    need_writeable(out, "out");
+    int64_t rows = x.shape(0), cols = x.shape(1);
+    if (out.shape(0) != rows || out.shape(1) != cols || weight.shape(0) != cols)
+        throw gmr::Error("host kernels: x, out and weight of RMSNorm disagree in shape");
+    const uint16_t* r = nullptr;
+    float* s = nullptr;
+    py::array res, sum;
+    if (!residual.is_none()) {
+        res = residual.cast<py::array>();
+        sum = sum_out.cast<py::array>();
+        need(res, 2, 2, "residual (bf16 words)");
+        need(sum, 2, 4, "sum_out (float32)");
+        need_writeable(sum, "sum_out");
+        if (res.shape(0) != rows || res.shape(1) != cols || sum.shape(0) != rows || sum.shape(1) != cols)
+            throw gmr::Error("host kernels: residual and sum_out must have x's shape");
+        r = static_cast<const uint16_t*>(res.data());
+        s = static_cast<float*>(sum.mutable_data());
+    }
+    const auto* xp = static_cast<const float*>(x.data());
+    auto* op = static_cast<uint16_t*>(out.mutable_data());
+    const auto* wp = static_cast<const float*>(weight.data());
+    py::gil_scoped_release release;
+    gmr::rms_norm_f32_bf16(xp, r, s, op, wp, rows, cols, eps);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -88,8 +118,10 @@ PYBIND11_MODULE(_kernels, m) {
             PyErr_SetString(core_error->ptr(), e.what());
         }
     });
-    m.def("rope_qk", &rope_qk, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("heads"), py::arg("head_dim"),
-          "RoPE in place on the query and key heads of a bf16 qkv product (host_kernels.hpp)");
+    m.def("rope", &rope, py::arg("t"), py::arg("cos"), py::arg("sin"), py::arg("blocks"), py::arg("head_dim"),
+          py::arg("signed_sin") = false, "RoPE in place on the first blocks heads of each bf16 row (host_kernels.hpp)");
     m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("residual"), py::arg("sum_out"), py::arg("out"),
           py::arg("weight"), py::arg("eps"), "bf16 RMSNorm, optionally of x + residual (host_kernels.hpp)");
+    m.def("rms_norm_f32", &rms_norm_f32, py::arg("x"), py::arg("residual"), py::arg("sum_out"), py::arg("out"),
+          py::arg("weight"), py::arg("eps"), "fp32 RMSNorm rounded to bf16, optionally of x + residual (host_kernels.hpp)");
 }

@@ -1,5 +1,6 @@
-"""gmr_fast._kernels (backends.host_kernels): a bf16 vision tower's RoPE and RMSNorm as one pass
-each, against the torch operations they replace, and the torch backend's use of them."""
+"""gmr_fast._kernels (backends.host_kernels): RoPE and RMSNorm as one pass each for the bf16 vision
+tower and the bf16 decoder's fp32 stream, against the torch operations they replace, and the torch
+backend's use of them."""
 
 from __future__ import annotations
 
@@ -58,6 +59,62 @@ def test_rope_kernel_is_torchs_rope_bit_for_bit(rng):
         assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v), (n, heads, d)
 
 
+def test_rope_kernel_on_decoder_heads_is_eager_rope_bit_for_bit(rng):
+    """The decoder's layouts: queries [T, heads, d] and the keys of its [T, 2, kv_heads, d]
+    key/value product (values untouched), with sin's first half negated as the eager run passes it
+    (graphs.decoder.eager_rope): the same values as the rotation with a negation, bit for bit."""
+    import torch
+
+    from gmr_fast.graphs.decoder import eager_rope
+
+    kernels = _kernels()
+    for t, heads, kv_heads, d in ((29, 16, 2, 128), (3, 4, 4, 64), (1, 2, 1, 128)):
+        angles = torch.from_numpy(rng.uniform(-1000, 1000, (t, d)).astype(np.float32))
+        cos, sin = angles.cos(), angles.sin()
+        signed = torch.cat((-sin[:, :d // 2], sin[:, d // 2:]), -1)
+        q = torch.from_numpy(rng.standard_normal((t, heads, d), dtype=np.float32) * 5).bfloat16()
+        kv = torch.from_numpy(rng.standard_normal((t, 2, kv_heads, d), dtype=np.float32) * 5).bfloat16()
+        want_q = eager_rope(q, cos.unsqueeze(-2), signed.unsqueeze(-2)).bfloat16()
+        want_kv = kv.clone()
+        want_kv[:, 0] = eager_rope(kv[:, 0], cos.unsqueeze(-2), signed.unsqueeze(-2))
+        assert torch.equal(kernels.rope_(q.clone(), cos, signed, heads, d, signed_sin=True), want_q)
+        assert torch.equal(kernels.rope_(kv.clone(), cos, signed, kv_heads, d, signed_sin=True), want_kv)
+        # the last layer's rows: [B, 1, ...] with cos [B, 1, d]
+        got = kernels.rope_(q[:, None].clone(), cos[:, None], signed[:, None], heads, d, signed_sin=True)
+        assert torch.equal(got[:, 0], want_q)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.rope_(torch.zeros(4, 6, dtype=torch.bfloat16)[:, :4], torch.ones(4, 4), torch.zeros(4, 4), 1, 4)
+
+
+def test_fp32_norm_kernel_is_torchs_rms_norm_rounded_to_bf16(rng):
+    """The bf16 decoder's fp32 stream: F.rms_norm (x * (1 / sqrt(mean(x^2) + eps))) * weight in
+    fp32, rounded to bf16 for the projections. Where the sums are exact in fp32 (see the bf16 norm's
+    test) equal bit for bit; otherwise the scale differs by at most ~C 2^-24 relative (the sum's
+    order), which moves an output only across a bf16 rounding boundary, by one bf16 unit (2^-7 of
+    it at most): under 2% of outputs (the same count as the bf16 norm's). x + residual (bf16) is
+    torch's fp32 addition bit for bit."""
+    import torch
+    import torch.nn.functional as F
+
+    kernels = _kernels()
+    eps = 1e-6
+    x = torch.from_numpy(rng.integers(-31, 32, (20, 64)).astype(np.float32) / 8)
+    w = torch.from_numpy(rng.standard_normal(64, dtype=np.float32))
+    assert torch.equal(kernels.norm_to_bf16(x, w, eps), F.rms_norm(x, (64,), w, eps).bfloat16())
+    for shape in ((41, 2048), (3, 1, 2048), (5, 100)):
+        c = shape[-1]
+        x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 4)
+        a = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).bfloat16()
+        w = torch.from_numpy(rng.standard_normal(c, dtype=np.float32))
+        total, out = kernels.norm_to_bf16(x, w, eps, residual=a)
+        assert total.dtype == torch.float32 and torch.equal(total, x + a), shape
+        for got, ref in ((out, F.rms_norm(x + a, (c,), w, eps).bfloat16()),
+                         (kernels.norm_to_bf16(x, w, eps), F.rms_norm(x, (c,), w, eps).bfloat16())):
+            assert got.shape == ref.shape and got.dtype == torch.bfloat16
+            assert ((got.float() - ref.float()).abs() <= 2 ** -6 * ref.float().abs()).all(), shape
+            assert (got != ref).float().mean() < 0.02, shape
+
+
 def test_rms_norm_kernel_is_torchs_norm_within_its_sum_order(rng):
     """x + residual rounded to bf16 equals torch's bf16 addition bit for bit. The norm: where every
     square and partial sum is exact in fp32 (values multiples of 2^-3 below 4 in magnitude, 64 of
@@ -97,8 +154,10 @@ def test_kernels_refuse_bad_shapes_clearly():
 
     kernels = _kernels()
     qkv = torch.zeros(4, 3 * 2 * 8, dtype=torch.bfloat16)
-    with pytest.raises(CoreError, match="cos and sin"):
+    with pytest.raises(ValueError, match="cos and sin"):
         kernels.rope_qk_(qkv, torch.zeros(3, 8), torch.zeros(3, 8), 2, 8)
+    with pytest.raises(CoreError, match="cos and sin"):  # the module checks too
+        kernels._m.rope(qkv.view(torch.int16).numpy(), torch.zeros(3, 8).numpy(), torch.zeros(3, 8).numpy(), 2, 8)
     with pytest.raises(CoreError, match="even head_dim"):
         kernels.rope_qk_(qkv, torch.zeros(4, 7), torch.zeros(4, 7), 2, 7)
     with pytest.raises(CoreError, match="fewer than"):
@@ -179,6 +238,47 @@ def test_vision_tower_with_kernels_is_the_tower_without_them(tiny_checkpoints, r
 
     assert dist(fused) <= 1.5 * dist(plain) + 2 ** -8 and dist(plain) <= 1.5 * dist(fused) + 2 ** -8, \
         (dist(fused), dist(plain))
+
+
+def test_bf16_decoder_with_kernels_is_the_decoder_without_them(all_precisions_engine, rng):
+    """Wiring in the bf16 decoder: with the kernels' RoPE and fused residual + norm, but each norm
+    computed by F.rms_norm (torch's order of sums), text pairs score as with torch's operations bit
+    for bit, on whole prompts and shared prefixes, padded on either side. With the real kernels
+    they differ only by the norms' bf16 re-roundings: within bf16's own distance to fp32 (either
+    path at most 1.5x the other's, plus 1e-3 for scores near zero)."""
+    import torch.nn.functional as F
+
+    from gmr_fast import Reranker
+    from gmr_fast.backends.host_kernels import Kernels
+
+    kernels = _kernels()
+
+    class TorchNorm(Kernels):
+        def norm_to_bf16(self, x, weight, eps, residual=None):
+            if residual is None:
+                return F.rms_norm(x, (x.shape[-1],), weight, eps).bfloat16()
+            total = x + residual
+            return total, F.rms_norm(total, (x.shape[-1],), weight, eps).bfloat16()
+
+    engine = all_precisions_engine[1]
+    words = "river bank money loan water fish boat city tree school".split()
+    text = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
+    queries = [text(int(rng.integers(2, 8))) for _ in range(3)]
+    pairs = [(q, text(int(rng.integers(3, 60)))) for q in queries for _ in range(5)]
+    fp32 = Reranker(engine, precision="fp32", backend="torch").score(pairs)
+    for side in ("left", "right"):
+        for share in (True, False):
+            kw = dict(precision="bf16", backend="torch", padding_side=side, share_prefix=share, lanes=1)
+            off = Reranker(engine, backend_options={"host_kernels": "off"}, **kw).score(pairs)
+            r = Reranker(engine, **kw)
+            assert all(layer.kernels is kernels for layer in r.backend.decoder.layers)
+            fused = r.score(pairs)
+            for layer in r.backend.decoder.layers:
+                layer.kernels = TorchNorm(kernels._m)
+            wired = r.score(pairs)
+            assert np.array_equal(wired, off), (side, share)
+            d_fused, d_off = np.abs(fused - fp32).max(), np.abs(off - fp32).max()
+            assert d_fused <= 1.5 * d_off + 1e-3 and d_off <= 1.5 * d_fused + 1e-3, (side, share, d_fused, d_off)
 
 
 def test_torch_backend_runs_the_kernels_on_a_cpu_unless_told_not_to(all_precisions_engine, rng):

@@ -273,11 +273,13 @@ class TorchBackend:
             if module is not None:
                 module.sdpa = attention == "sdpa"
                 module.eval()
-        # a bf16 vision tower's RoPE and norms as one pass each (backends.host_kernels; fp32 towers
-        # keep torch's operations: the kernels take bf16)
+        # a bf16 vision tower's and the bf16 decoder's RoPE and norms as one pass each
+        # (backends.host_kernels; fp32 towers and decoders keep torch's operations: the kernels write bf16)
         self.kernels = self._host_kernels(host_kernels) if device == "cpu" else None
         for block in self.vision.blocks:
             block.kernels = self.kernels
+        for layer in self.decoder.layers:  # the bf16 decoder's fp32 stream (an fp32 decoder never takes them)
+            layer.kernels = self.kernels
         for decoder, dtype in ((self.decoder, self.dtype), (self.exact_decoder, torch.float32)):
             if decoder is None:
                 continue
@@ -378,9 +380,9 @@ class TorchBackend:
 
     @property
     def host_kernels(self) -> str:
-        """What runs a bf16 vision tower's RoPE and norms (reported in Reranker.choice)."""
+        """What runs the bf16 vision tower's and decoder's RoPE and norms (reported in Reranker.choice)."""
         if self.kernels is not None:
-            return "gmr_fast._kernels (RoPE and RMSNorm one pass each)"
+            return "gmr_fast._kernels (bf16 RoPE and RMSNorm one pass each)"
         return "torch operations"
 
     def _packed_copy(self, setting: bool | str, weights: dict) -> bool:

@@ -95,6 +95,11 @@ class DecoderLayer(nn.Module):
         self.down = Proj(d.intermediate_size, d.hidden_size, bias=False)
         self.scale = d.head_dim ** -0.5
         self.attn_dtype = None  # set with ScoreDecoder.fp32_stream: the dtype attention runs in
+        # The torch backend sets this on a CPU for the bf16 decoder (backends.host_kernels.Kernels): in its
+        # eager runs the fp32 stream's norms go to bf16 in one pass each (the second with the residual
+        # addition before it) and RoPE runs in place on the bf16 queries and keys, torch's arithmetic
+        # (csrc/host_kernels.hpp). Exports never do.
+        self.kernels = None
         # Whether sdpa is given grouped keys/values with a mask (``enable_gqa``). The CPU's flash
         # kernel takes both. On CUDA flash attention takes no mask and memory-efficient attention no
         # grouped heads, so, cuDNN's kernel being off for our runs (backends.torch.NoCudnnAttention),
@@ -153,16 +158,26 @@ class DecoderLayer(nn.Module):
         launch on a GPU, with the same values (EAGER)."""
         eager = flat is not None
         b, s = (visible.shape[0], visible.shape[2]) if eager else (x.shape[0], x.shape[1])
-        h = self.input_norm(x)
-        if eager:  # cast once for both projections (each Proj would cast it)
-            h = _as(h, self.kv.compute_dtype)
+        # the bf16 decoder's fp32 stream on a CPU: norms and RoPE as host kernels (same values but for
+        # the norm's summation order)
+        fused = (eager and self.kernels is not None and x.dtype == torch.float32 and cos.dtype == torch.float32
+                 and self.kv.compute_dtype == torch.bfloat16 and self.attn_dtype == torch.bfloat16)
+        if fused:
+            h = self.kernels.norm_to_bf16(x, self.input_norm.fused, self.input_norm.eps)
+        else:
+            h = self.input_norm(x)
+            if eager:  # cast once for both projections (each Proj would cast it)
+                h = _as(h, self.kv.compute_dtype)
         kv = self.kv(h).reshape(*h.shape[:-1], 2, self.kv_heads, self.head_dim)
         rope = eager_rope if eager else (lambda t, c, n: t * c + rotate_half(t) * n)
         if eager:
             # keys roped in place and keys and values padded together: the values of the path
             # below (the cast is the copy into ``kv``'s dtype)
             kv = _as(kv, self.attn_dtype or torch.promote_types(kv.dtype, cos.dtype))
-            kv[:, 0] = rope(kv[:, 0], cos.unsqueeze(-2), sin.unsqueeze(-2))
+            if fused and kv.is_contiguous():
+                self.kernels.rope_(kv, cos, sin, self.kv_heads, self.head_dim, signed_sin=True)
+            else:
+                kv[:, 0] = rope(kv[:, 0], cos.unsqueeze(-2), sin.unsqueeze(-2))
             kv = self._pad(kv, flat, b, s)
             k, v = kv[:, :, 0], kv[:, :, 1]
         else:
@@ -178,7 +193,10 @@ class DecoderLayer(nn.Module):
                 cos, sin = cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1)
             visible = visible[rows, :, (flat[last] % s) if eager else last].unsqueeze(2)
         q = self.q(h).reshape(*h.shape[:-1], self.heads, self.head_dim)
-        q = _as(rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), k.dtype)
+        if fused and q.is_contiguous():
+            q = self.kernels.rope_(q, cos, sin, self.heads, self.head_dim, signed_sin=True)
+        else:
+            q = _as(rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), k.dtype)
         padded_q = eager and last is None
         if padded_q:
             q = self._pad(q, flat, b, s)
@@ -186,8 +204,12 @@ class DecoderLayer(nn.Module):
         out = self.attention(q, k, v, _as(past_k, k.dtype), _as(past_v, k.dtype), visible, sdpa)
         if padded_q:
             out = out.reshape(b * s, -1)[flat]
-        x = x + self.o(out)
-        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
+        if fused:  # x + o(out) in fp32 and its norm in bf16, one pass
+            x, h = self.kernels.norm_to_bf16(x, self.post_norm.fused, self.post_norm.eps, residual=self.o(out))
+        else:
+            x = x + self.o(out)
+            h = self.post_norm(x)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
         x = x + self.down(F.silu(gate) * up)
         return x, k, v
 
