@@ -675,22 +675,17 @@ class Reranker:
         """Batch limits from the model's shape and the budgets. Activation bytes per token cover
         the residual stream, norms and the MLP's intermediate tensors (fp32); per attention score
         (query x key) the scores, their masked form and the softmax, for every query head;
-        prefix batches also return their keys/values. Vision: per patch, plus per (patch x patch)
-        of a full-attention block for one group of heads. The counts follow the graphs' largest
-        live tensors; benchmarks/real_size.py checks the resulting peak memory."""
+        prefix batches also return their keys/values. (Vision runs one image at a time: _encode.)
+        The counts follow the graphs' largest live tensors; benchmarks/real_size.py checks the
+        resulting peak memory."""
         o, d = self.options, self.manifest.decoder
-        v = self.manifest.vision
         budget = o.activation_budget_mb * MiB // self.lanes  # lanes run at once within the one budget
         per_token = 4.0 * (4 * d.hidden_size + 4 * d.intermediate_size)
         per_score = 4.0 * 3 * d.num_heads
         decode = Limits(o.max_batch_tokens, o.max_batch_size, o.min_fill, per_token, per_score, budget)
         prefix = Limits(o.max_batch_tokens, o.max_batch_size, o.min_fill, per_token + 2.0 * d.kv_bytes_per_token,
                         per_score, budget)
-        groups = max(g for g in range(1, min(4, v["num_heads"]) + 1) if v["num_heads"] % g == 0)
-        vision = Limits(max(o.max_batch_tokens * 4, 16384), 64, 0.5,
-                        4.0 * (10 * v["hidden_size"] + 4 * v["intermediate_size"]),
-                        4.0 * 3 * v["num_heads"] / groups, budget)
-        return {"decode": decode, "prefix": prefix, "vision": vision}
+        return {"decode": decode, "prefix": prefix}
 
     # ------------------------------------------------------------------ images
     def _decode_images(self, sources: dict[tuple, tuple[Any, Any]]) -> dict[tuple, _Image | ImageError]:
@@ -744,7 +739,7 @@ class Reranker:
     def _encode(self, keys: list[tuple], images: dict[tuple, _Image], store: dict, counts: collections.Counter,
                 wide: bool = False) -> None:
         """Embeddings of the distinct images ``keys`` into ``store``: the LRU cache first, then
-        vision runs packed under the vision limits (largest images first); ``wide`` as ``_slot``.
+        one vision run per image; ``wide`` as ``_slot``.
         ``counts`` gets ``image_cache_hits`` and ``images_encoded`` added."""
         todo = []
         with self._cache_lock:
@@ -761,9 +756,15 @@ class Reranker:
         if not todo:
             return
         spec = self.spec
-        patches = np.array([spec.patches(*images[k].size) for k in todo], np.int64)
-        for run in self._limits["vision"].pack(patches):
-            run_keys = [todo[int(i)] for i in run]
+        # One vision run per image. An image's embeddings must not depend on which images share its
+        # run: the row count of the tower's GEMMs and the full-attention blocks' padding to the
+        # longest image change their last bits, and with lanes which images a step finds still to
+        # encode depends on timing (found on an AMX Xeon: one image's scores moved by 5e-7 between
+        # two calls of the same pairs). Alone, an image is computed the same way whichever step, lane
+        # or call encodes it. The tower's rows are patches (an image of 256 visual tokens is 1,024),
+        # so one image fills its GEMMs, and no run pads a small image to a large one's length.
+        for key in todo:
+            run_keys = [key]
             sizes = np.array([images[k].size for k in run_keys], np.int64)
             pixels, grid = patchify([images[k].decoded for k in run_keys], sizes, spec, self.num_threads)
             batch = VisionBatch(pixels, grid, self.family.vision_feeds(grid, spec), run_keys,
