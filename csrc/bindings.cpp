@@ -9,8 +9,8 @@
 #include <sstream>
 #include <string>
 
-#include "errors.hpp"
 #include "image_preprocess.hpp"
+#include "module_support.hpp"
 #include "parallel.hpp"
 #include "schedule.hpp"
 #include "vision_indices.hpp"
@@ -116,15 +116,7 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "gmr_fast native core (private; use the gmr_fast package API)";
     // The Python class lives in gmr_fast.errors so that it is a GmrError like every other error
     // of the library; it is kept alive for the life of the process (never destroyed at exit).
-    static py::object* core_error = new py::object(py::module_::import("gmr_fast.errors").attr("CoreError"));
-    m.attr("CoreError") = *core_error;
-    py::register_exception_translator([](std::exception_ptr p) {
-        try {
-            if (p) std::rethrow_exception(p);
-        } catch (const gmr::Error& e) {
-            PyErr_SetString(core_error->ptr(), e.what());
-        }
-    });
+    m.attr("CoreError") = gmr::translate_core_errors(/*local=*/false);
 
     m.def("hardware_threads", &gmr::hardware_threads);
 

@@ -1,15 +1,15 @@
 // gmr_fast._dnnl: the oneDNN bf16 GEMM (bf16_gemm.hpp), a module of its own because it links
 // oneDNN, which only the torch backend's CPU path needs (gmr_fast._core stays free of it). Takes
 // numpy views of torch's tensors (bf16 as int16 words), checks their shapes, releases the GIL
-// around every product, and turns gmr::Error into gmr_fast.errors.CoreError as _core does (a
-// translator local to this module: _core keeps its own).
+// around every product, and turns gmr::Error into gmr_fast.errors.CoreError as _core does
+// (module_support.hpp; a translator local to this module).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <string>
 
 #include "bf16_gemm.hpp"
-#include "errors.hpp"
+#include "module_support.hpp"
 
 namespace py = pybind11;
 
@@ -17,10 +17,7 @@ namespace {
 
 template <typename T>
 void need_matrix(const py::array& a, int64_t cols, const char* what) {
-    if (a.ndim() != 2 || a.shape(1) != cols || a.itemsize() != sizeof(T))
-        throw gmr::Error(std::string("bf16 GEMM: ") + what + " must be 2-D with " + std::to_string(cols) + " columns of " +
-                         std::to_string(sizeof(T)) + "-byte items");
-    if (!(a.flags() & py::array::c_style)) throw gmr::Error(std::string("bf16 GEMM: ") + what + " must be C-contiguous");
+    gmr::need_array(a, 2, sizeof(T), cols, "bf16 GEMM", what);
 }
 
 void multiply(gmr::PackedBf16Weight& w, const py::array& x, py::array& y, const py::object& bias, bool accumulate) {
@@ -29,7 +26,7 @@ void multiply(gmr::PackedBf16Weight& w, const py::array& x, py::array& y, const 
     if (y_bf16) need_matrix<uint16_t>(y, w.n(), "y");
     else need_matrix<float>(y, w.n(), "y");
     if (y.shape(0) != x.shape(0)) throw gmr::Error("bf16 GEMM: x and y have different row counts");
-    if (!y.writeable()) throw gmr::Error("bf16 GEMM: y is read-only");
+    gmr::need_writeable(y, "bf16 GEMM", "y");
     const float* b = nullptr;
     py::array_t<float> bias_array;
     if (!bias.is_none()) {
@@ -49,14 +46,7 @@ void multiply(gmr::PackedBf16Weight& w, const py::array& x, py::array& y, const 
 
 PYBIND11_MODULE(_dnnl, m) {
     m.doc() = "oneDNN bf16 x bf16 -> fp32 products over packed weights (gmr_fast.backends.bf16_gemm wraps it)";
-    static py::object* core_error = new py::object(py::module_::import("gmr_fast.errors").attr("CoreError"));
-    py::register_local_exception_translator([](std::exception_ptr p) {
-        try {
-            if (p) std::rethrow_exception(p);
-        } catch (const gmr::Error& e) {
-            PyErr_SetString(core_error->ptr(), e.what());
-        }
-    });
+    gmr::translate_core_errors(/*local=*/true);
     py::class_<gmr::PackedBf16Weight>(m, "PackedBf16Weight")
         .def(py::init([](const py::array& weight) {
                  if (weight.ndim() != 2 || weight.itemsize() != 2 || !(weight.flags() & py::array::c_style))

@@ -7,23 +7,20 @@
 
 #include <string>
 
-#include "errors.hpp"
 #include "host_kernels.hpp"
+#include "module_support.hpp"
 
 namespace py = pybind11;
 
 namespace {
 
+const char* const kContext = "host kernels";
+
 void need(const py::array& a, int64_t ndim, int64_t itemsize, const char* what) {
-    if (a.ndim() != ndim || a.itemsize() != itemsize)
-        throw gmr::Error(std::string("host kernels: ") + what + " must be " + std::to_string(ndim) + "-D with " +
-                         std::to_string(itemsize) + "-byte items");
-    if (!(a.flags() & py::array::c_style)) throw gmr::Error(std::string("host kernels: ") + what + " must be C-contiguous");
+    gmr::need_array(a, ndim, itemsize, -1, kContext, what);
 }
 
-void need_writeable(const py::array& a, const char* what) {
-    if (!a.writeable()) throw gmr::Error(std::string("host kernels: ") + what + " is read-only");
-}
+void need_writeable(const py::array& a, const char* what) { gmr::need_writeable(a, kContext, what); }
 
 void rope(py::array& t, const py::array& cos, const py::array& sin, int64_t blocks, int64_t head_dim,
           bool signed_sin) {
@@ -46,78 +43,56 @@ void rope(py::array& t, const py::array& cos, const py::array& sin, int64_t bloc
     gmr::rope_bf16(tp, rows, stride, blocks, head_dim, c, s, signed_sin);
 }
 
-void rms_norm(const py::array& x, const py::object& residual, const py::object& sum_out, py::array& out,
-              const py::array& weight, float eps) {
-    need(x, 2, 2, "x (bf16 words)");
+// The RMSNorm passes, both with a bf16 result (and a bf16 residual): over bf16 rows
+// (``In`` uint16_t: x, sum_out and weight bf16 words) or over the fp32 stream (``In`` float).
+template <typename In>
+void rms_norm_of(const py::array& x, const py::object& residual, const py::object& sum_out, py::array& out,
+                 const py::array& weight, float eps,
+                 void (*pass)(const In*, const uint16_t*, In*, uint16_t*, const In*, int64_t, int64_t, float)) {
+    const std::string kind = sizeof(In) == 2 ? " (bf16 words)" : " (float32)";
+    need(x, 2, sizeof(In), ("x" + kind).c_str());
     need(out, 2, 2, "out (bf16 words)");
-    need(weight, 1, 2, "weight (bf16 words)");
+    need(weight, 1, sizeof(In), ("weight" + kind).c_str());
     need_writeable(out, "out");
     int64_t rows = x.shape(0), cols = x.shape(1);
     if (out.shape(0) != rows || out.shape(1) != cols || weight.shape(0) != cols)
         throw gmr::Error("host kernels: x, out and weight of RMSNorm disagree in shape");
     const uint16_t* r = nullptr;
-    uint16_t* s = nullptr;
+    In* s = nullptr;
     py::array res, sum;
     if (!residual.is_none()) {
         res = residual.cast<py::array>();
         sum = sum_out.cast<py::array>();
         need(res, 2, 2, "residual (bf16 words)");
-        need(sum, 2, 2, "sum_out (bf16 words)");
+        need(sum, 2, sizeof(In), ("sum_out" + kind).c_str());
         need_writeable(sum, "sum_out");
         if (res.shape(0) != rows || res.shape(1) != cols || sum.shape(0) != rows || sum.shape(1) != cols)
             throw gmr::Error("host kernels: residual and sum_out must have x's shape");
         r = static_cast<const uint16_t*>(res.data());
-        s = static_cast<uint16_t*>(sum.mutable_data());
+        s = static_cast<In*>(sum.mutable_data());
     }
-    const auto* xp = static_cast<const uint16_t*>(x.data());
+    const auto* xp = static_cast<const In*>(x.data());
     auto* op = static_cast<uint16_t*>(out.mutable_data());
-    const auto* wp = static_cast<const uint16_t*>(weight.data());
+    const auto* wp = static_cast<const In*>(weight.data());
     py::gil_scoped_release release;
-    gmr::rms_norm_bf16(xp, r, s, op, wp, rows, cols, eps);
+    pass(xp, r, s, op, wp, rows, cols, eps);
+}
+
+void rms_norm(const py::array& x, const py::object& residual, const py::object& sum_out, py::array& out,
+              const py::array& weight, float eps) {
+    rms_norm_of<uint16_t>(x, residual, sum_out, out, weight, eps, gmr::rms_norm_bf16);
 }
 
 void rms_norm_f32(const py::array& x, const py::object& residual, const py::object& sum_out, py::array& out,
                   const py::array& weight, float eps) {
-    need(x, 2, 4, "x (float32)");
-    need(out, 2, 2, "out (bf16 words)");
-    need(weight, 1, 4, "weight (float32)");
-    need_writeable(out, "out");
-    int64_t rows = x.shape(0), cols = x.shape(1);
-    if (out.shape(0) != rows || out.shape(1) != cols || weight.shape(0) != cols)
-        throw gmr::Error("host kernels: x, out and weight of RMSNorm disagree in shape");
-    const uint16_t* r = nullptr;
-    float* s = nullptr;
-    py::array res, sum;
-    if (!residual.is_none()) {
-        res = residual.cast<py::array>();
-        sum = sum_out.cast<py::array>();
-        need(res, 2, 2, "residual (bf16 words)");
-        need(sum, 2, 4, "sum_out (float32)");
-        need_writeable(sum, "sum_out");
-        if (res.shape(0) != rows || res.shape(1) != cols || sum.shape(0) != rows || sum.shape(1) != cols)
-            throw gmr::Error("host kernels: residual and sum_out must have x's shape");
-        r = static_cast<const uint16_t*>(res.data());
-        s = static_cast<float*>(sum.mutable_data());
-    }
-    const auto* xp = static_cast<const float*>(x.data());
-    auto* op = static_cast<uint16_t*>(out.mutable_data());
-    const auto* wp = static_cast<const float*>(weight.data());
-    py::gil_scoped_release release;
-    gmr::rms_norm_f32_bf16(xp, r, s, op, wp, rows, cols, eps);
+    rms_norm_of<float>(x, residual, sum_out, out, weight, eps, gmr::rms_norm_f32_bf16);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
     m.doc() = "fused elementwise passes of the torch backend's CPU runs (gmr_fast.backends.host_kernels wraps them)";
-    static py::object* core_error = new py::object(py::module_::import("gmr_fast.errors").attr("CoreError"));
-    py::register_local_exception_translator([](std::exception_ptr p) {
-        try {
-            if (p) std::rethrow_exception(p);
-        } catch (const gmr::Error& e) {
-            PyErr_SetString(core_error->ptr(), e.what());
-        }
-    });
+    gmr::translate_core_errors(/*local=*/true);
     m.def("rope", &rope, py::arg("t"), py::arg("cos"), py::arg("sin"), py::arg("blocks"), py::arg("head_dim"),
           py::arg("signed_sin") = false, "RoPE in place on the first blocks heads of each bf16 row (host_kernels.hpp)");
     m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("residual"), py::arg("sum_out"), py::arg("out"),
