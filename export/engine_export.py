@@ -564,14 +564,18 @@ def _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long: int, e
     if hardware.bf16_kernel() is None or not bf16_holds_fp32(manifest):
         return None
     t = time.perf_counter()
-    got, _ = validate.run_candidate(tmp, "bf16", groups, gmr.default_instruction, options.num_threads, long=long,
-                                    image_precision=mode)
+    got, modes = validate.run_candidate(tmp, "bf16", groups, gmr.default_instruction, options.num_threads, long=long,
+                                        image_precision=mode)
     figures = {k: v for k, v in _figures("bf16", expected, got, sizes, long).items()
                if k in ("pairs", "kendall_tau", "query_kendall_tau_mean", "top10_overlap_mean", "top10_overlap_min",
                         "max_rel_error", "long")}
     reason = validate.verdict("bf16", figures, options.criterion)
+    # the arithmetic these figures hold for: Reranker runs a route's attention as recorded here
+    # (gmr_fast.reranker.route_attention; absent: fp32, as exports before 5 Dec ran it)
+    attention = {m.get("route_attention") for m in modes} - {None}
     figures.update(seconds=round(time.perf_counter() - t, 1), accepted=reason is None,
-                   kernel=hardware.bf16_kernel(), **({"reason": reason} if reason else {}))
+                   kernel=hardware.bf16_kernel(), **({"attention": attention.pop()} if len(attention) == 1 else {}),
+                   **({"reason": reason} if reason else {}))
     log.info("bf16 with image pairs under %s: per-query tau %.4f (%s)", mode, figures["query_kendall_tau_mean"],
              "meets the criterion" if reason is None else reason)
     return figures

@@ -168,8 +168,11 @@ def run_candidate(engine_dir, precision: str, groups: list[tuple], instruction: 
         out.append(reranker.score([(query, d) for d in documents], instruction=instruction))
         modes.append({**mode, "batches": reranker.last_stats["batches"], "shared_pairs": reranker.last_stats["shared_pairs"]})
     backend = reranker.choice["backend"]
+    # how attention ran in the image batches' decoder, where a route set it (backends.torch.ROUTE_ATTENTION)
+    attention = getattr(reranker.backend, "route_attention", None)
+    extra = {"backend": backend, **({"route_attention": attention} if attention else {})}
     # Free its weights before the next variant loads its own (GMR-7B's are 15.5 GB each on a 24 GB
     # machine), even if a reference cycle holds it (gmr_fast.backends.torch._first_import_apart).
     del reranker
     gc.collect()
-    return np.concatenate(out), [{**m, "backend": backend} for m in modes]
+    return np.concatenate(out), [{**m, **extra} for m in modes]

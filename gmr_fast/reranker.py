@@ -494,6 +494,18 @@ def route_tau(manifest, mode: str) -> float | None:
     return figures.get("query_kendall_tau_mean") if figures else None
 
 
+def route_attention(manifest, mode: str | None) -> str | None:
+    """The dtype of attention's inputs in the image batches' decoder under ``mode``
+    (backends.torch.ROUTE_ATTENTION), as the export measured the route's ranking: "bf16" (the
+    routes' definition) where the figures say so or none were recorded, "fp32" for figures an
+    export recorded before attention ran that way (no "attention" field); None for modes other
+    than bf16-gemm and bf16-vision."""
+    if mode not in ("bf16-gemm", "bf16-vision"):
+        return None
+    figures = bf16_gemm_images_figures(manifest, mode)
+    return "bf16" if figures is None else str(figures.get("attention", "fp32"))
+
+
 def choose_image_precision(manifest, requested: str, precision: str, backend: str, device: str,
                            image_precision: str) -> tuple[str | None, str]:
     """(how pairs with an image compute, why): "fp32" routes them to fp32 over the same bf16
@@ -647,6 +659,9 @@ class Reranker:
                  self.backend_threads, lanes_why)
         backend_options = dict(options.backend_options,
                                **({"exact_images": self.image_precision} if self.image_precision else {}))
+        attention = route_attention(m, self.image_precision)
+        if attention is not None:
+            backend_options.setdefault("route_attention", attention)
         self.backend = create_backend(backend, self.engine_dir, m, self.precision, self.backend_threads, options.providers,
                                       options.device, **backend_options)
         self.choice = {"precision": self.precision, "image_precision": self.image_precision or self.precision,

@@ -50,6 +50,17 @@ FPMATH_DECODER = ("bf16-gemm", "bf16-vision")  # exact_images whose image batche
 # (graphs.common.Proj "split": two bf16 GEMMs, inputs rounded to bf16; "split3" under bf16x3: three,
 # the inputs' rounding taken back too, fp32-accurate)
 SPLIT_PRODUCTS = FPMATH_DECODER + ("bf16x3",)
+# The dtype of attention's inputs in the image batches' decoder under bf16-gemm and bf16-vision
+# (``route_attention``). "bf16": queries (roped in fp32), keys, values and the probabilities
+# rounded to bf16, products accumulated in fp32 (torch's bf16 flash attention on the CPU), the
+# output rounded to bf16, which the output projection rounds its input to anyway: the routes'
+# definition (Bf16Gemm: every product's inputs rounded to bf16, fp32 sums). Before 5 Dec those
+# products ran in fp32 (sdpa's CPU kernel does not take oneDNN's bf16 mode), and engines exported
+# then recorded their routes' ranking for that arithmetic: gmr_fast.reranker.route_attention
+# keeps "fp32" for them. Measured on an Intel Xeon with AMX (one thread, GMR-3B heads, 300-800
+# suffix tokens against 870-1,700 keys): 3.0x fp32's speed (97 against 289 ms), the output within
+# a bf16 rounding of the product of the rounded inputs.
+ROUTE_ATTENTION = ("bf16", "fp32")
 BF16_GEMMS = ("auto", "onednn", "fp32-results", "torch")  # the backend option bf16_gemm (_bf16_gemm)
 # Why ``bf16_gemm="auto"`` gives projections with bf16 results to torch's GEMM on AMX, and to
 # gmr_fast._dnnl elsewhere: _dnnl is oneDNN 3.2 (Intel's last OpenMP wheel), torch 2.13's own
@@ -172,7 +183,8 @@ class TorchBackend:
 
     def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
                  attention: str = "sdpa", gemm: str = "auto", exact_images: bool | str = False,
-                 packed_copy: bool | str = "auto", bf16_gemm: str = "auto", host_kernels: str = "auto"):
+                 packed_copy: bool | str = "auto", bf16_gemm: str = "auto", host_kernels: str = "auto",
+                 route_attention: str = "bf16"):
         _first_import_apart()
         try:
             import torch
@@ -209,6 +221,11 @@ class TorchBackend:
             raise BackendError(f"exact_images={exact_images}: fp32 products on the bf16 hardware need a CPU where "
                                "this torch build's oneDNN runs bf16 (AMX or AVX512-BF16)")
         self.exact_images = exact_images
+        if route_attention not in ROUTE_ATTENTION:
+            raise BackendError(f"route_attention={route_attention!r}: expected one of {', '.join(ROUTE_ATTENTION)}")
+        # the dtype of attention's inputs in the image batches' decoder (ROUTE_ATTENTION)
+        self.route_attention = (route_attention if exact_images in FPMATH_DECODER
+                                else "fp32" if exact_images is not None else None)
         # Shared weights cannot be oneDNN's packed ones: with exact_images the bf16 projections keep
         # their plain [out, in] bf16 weights, which the fp32 decoder widens per call, and run a
         # packed copy beside them where memory allows (PACKED_COPY_MEMORY_SHARE), else F.linear on
@@ -280,13 +297,14 @@ class TorchBackend:
             block.kernels = self.kernels
         for layer in self.decoder.layers:  # the bf16 decoder's fp32 stream (an fp32 decoder never takes them)
             layer.kernels = self.kernels
-        for decoder, dtype in ((self.decoder, self.dtype), (self.exact_decoder, torch.float32)):
+        route_attention = torch.bfloat16 if self.route_attention == "bf16" else torch.float32
+        for decoder, dtype in ((self.decoder, self.dtype), (self.exact_decoder, route_attention)):
             if decoder is None:
                 continue
             decoder.unpad = True  # projections and MLPs on real tokens only (graphs.decoder)
             # bf16: the residual stream, the norms and RoPE in fp32; projections and attention in
             # bf16 (graphs.decoder, fp32_stream)
-            decoder.fp32_stream = dtype == torch.bfloat16
+            decoder.fp32_stream = decoder is self.decoder and dtype == torch.bfloat16
             for layer in decoder.layers:
                 layer.attn_dtype = dtype
                 # no masked grouped-query sdpa on CUDA: it would take the math kernel (graphs.decoder)
@@ -299,7 +317,7 @@ class TorchBackend:
         if self.dnnl is not None and self.exact_images in SPLIT_PRODUCTS:
             what = ("each projection two bf16 GEMMs with fp32 results (inputs split in two bf16 halves), attention fp32"
                     if self.exact_images == "bf16x3" else
-                    "one bf16 GEMM with fp32 results per projection")
+                    f"one bf16 GEMM with fp32 results per projection, {self._route_attention_words}")
             where = ("in the decoder (vision tower bf16 on torch's oneDNN)" if self.exact_images == "bf16-vision"
                      and not self.dnnl_bf16 else "in the decoder (vision tower bf16)"
                      if self.exact_images == "bf16-vision" else "throughout")
@@ -316,11 +334,17 @@ class TorchBackend:
         if self.exact_images in FPMATH_DECODER:
             where = "in the decoder (vision tower bf16)" if self.exact_images == "bf16-vision" else "throughout"
             return (f"onednn on packed bf16 weights; image batches fp32 tensors {where}, products on the bf16 "
-                    "hardware (two bf16 GEMMs per projection on the same packed weights, fp32 sums)")
+                    "hardware (two bf16 GEMMs per projection on the same packed weights, fp32 sums), "
+                    f"{self._route_attention_words}")
         if self.exact_decoder is not None:
             gemm = f"{gemm} on a packed copy of the bf16 weights" if self.onednn else gemm
             return f"{gemm}; image batches fp32 tensors throughout, fp32, bf16 weights widened per call"
         return f"{gemm}, bf16 weights widened per call" if self.upcast else gemm
+
+    @property
+    def _route_attention_words(self) -> str:
+        return ("attention on bf16 inputs with fp32 sums" if self.route_attention == "bf16"
+                else "attention fp32 (as the engine's route figures were measured)")
 
     def _use_onednn(self, gemm: str, precision: str) -> bool:
         """Whether the projections run oneDNN's GEMM on weights packed once into its own layout
@@ -545,8 +569,11 @@ class TorchBackend:
         elif images and self.exact_decoder is not None:
             raise BackendError("an image batch not marked exact reached the bf16 decoder (exact_images)")
 
+        # the prefixes' keys and values as attention takes them (bf16 under route_attention="bf16")
+        past_dtype = decoder.layers[0].attn_dtype if decoder.layers else dtype
+
         def zeros(shape, kind):
-            return torch.zeros(shape, dtype=dtype if kind == "float" else torch.int64, device=self.device)
+            return torch.zeros(shape, dtype=past_dtype if kind == "float" else torch.int64, device=self.device)
 
         def copy(kv, k, past, n):
             kv[:, :, k, :, :n] = past

@@ -173,11 +173,18 @@ class DecoderLayer(nn.Module):
         if eager:
             # keys roped in place and keys and values padded together: the values of the path
             # below (the cast is the copy into ``kv``'s dtype)
-            kv = _as(kv, self.attn_dtype or torch.promote_types(kv.dtype, cos.dtype))
-            if fused and kv.is_contiguous():
-                self.kernels.rope_(kv, cos, sin, self.kv_heads, self.head_dim, signed_sin=True)
-            else:
+            dtype = self.attn_dtype or torch.promote_types(kv.dtype, cos.dtype)
+            if kv.dtype == torch.float32 and dtype != kv.dtype:
+                # fp32 products into lower-precision attention (the torch backend's bf16-gemm and
+                # bf16-vision image runs): RoPE on the fp32 keys, rounded once, as the queries are
                 kv[:, 0] = rope(kv[:, 0], cos.unsqueeze(-2), sin.unsqueeze(-2))
+                kv = kv.to(dtype)
+            else:
+                kv = _as(kv, dtype)
+                if fused and kv.is_contiguous():
+                    self.kernels.rope_(kv, cos, sin, self.kv_heads, self.head_dim, signed_sin=True)
+                else:
+                    kv[:, 0] = rope(kv[:, 0], cos.unsqueeze(-2), sin.unsqueeze(-2))
             kv = self._pad(kv, flat, b, s)
             k, v = kv[:, :, 0], kv[:, :, 1]
         else:
