@@ -984,6 +984,78 @@ def test_bf16_vision_images_run_the_vision_tower_in_bf16(bf16_checkpoint, rng):
         assert np.abs(got - expected)[image].max() > 1e-4, engine
 
 
+def test_route_attention_runs_on_bf16_inputs_as_the_engines_figures_say(bf16_checkpoint, rng, monkeypatch, tmp_path):
+    """Under bf16-gemm and bf16-vision the image batches' attention takes bf16 queries, keys and
+    values (its products on the bf16 hardware with fp32 sums, as the routes define every product:
+    backends.torch.ROUTE_ATTENTION), and the export records that with the route's figures
+    ("attention": "bf16"). An engine whose figures predate it (no such field) was validated with
+    attention in fp32, and runs it so; ``route_attention`` (a backend option) overrides. The two
+    give different scores (the products really are rounded differently), both nearer HF fp32 on
+    average than the all-bf16 route, and text pairs are untouched (bf16, bit for bit)."""
+    import json
+    import shutil
+
+    import torch
+
+    case = _bf16_hardware_case(bf16_checkpoint, rng, "bf16-gemm", 12)
+    if case is None:
+        return
+    engines, pairs, image, expected = case
+    manifest = json.loads((engines["over"] / "manifest.json").read_text())
+    routes = manifest["variants"]["bf16"]["validation"]
+    for key in ("bf16_gemm_images", "bf16_vision_images"):
+        assert routes[key]["attention"] == "bf16", key
+    assert "attention" not in routes.get("bf16x3_images", {}) or routes["bf16x3_images"]["attention"] == "fp32"
+    old = tmp_path / "old"  # the same engine as exported before the field existed
+    shutil.copytree(engines["over"], old)
+    for key in ("bf16_gemm_images", "bf16_vision_images"):
+        routes[key].pop("attention")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+
+    seen, inside = [], threading.local()  # attention calls made inside the image batches' decoder
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        if getattr(inside, "decoder", False):
+            seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    got = {}
+    for mode in ("bf16-gemm", "bf16-vision"):
+        for name, engine, options in (("new", engines["over"], {}), ("old", old, {}),
+                                      ("asked", engines["over"], {"route_attention": "fp32"})):
+            r = Reranker(engine, precision="bf16", image_precision=mode, lanes=1, backend_options=options)
+            want = torch.bfloat16 if name == "new" else torch.float32
+            assert r.backend.route_attention == ("bf16" if name == "new" else "fp32"), (mode, name)
+            assert {layer.attn_dtype for layer in r.backend.exact_decoder.layers} == {want}, (mode, name)
+            assert ("attention on bf16 inputs" in r.choice["gemm"]) == (name == "new"), r.choice["gemm"]
+            forward = r.backend.exact_decoder.forward
+
+            def marked(*args, _forward=forward, **kwargs):
+                inside.decoder = True
+                try:
+                    return _forward(*args, **kwargs)
+                finally:
+                    inside.decoder = False
+
+            r.backend.exact_decoder.forward = marked
+            del seen[:]
+            got[mode, name] = r.score([p for p, im in zip(pairs, image) if im])
+            # every attention call of the image batches' decoder took ``want`` (the vision tower's
+            # is not this setting's: bf16 under bf16-vision, fp32 under bf16-gemm)
+            assert seen and set(seen) == {(want,) * 3}, (mode, name, set(seen))
+        assert np.array_equal(got[mode, "old"], got[mode, "asked"]), mode
+        assert not np.array_equal(got[mode, "new"], got[mode, "old"]), mode
+    plain = Reranker(engines["over"], precision="bf16", image_precision="same", lanes=1)
+    bf16_err = np.abs(plain.score([p for p, im in zip(pairs, image) if im]) - expected[image]).mean()
+    for key, scores in got.items():
+        assert np.abs(scores - expected[image]).mean() < bf16_err, (key, bf16_err)
+    with pytest.raises(gmr_fast.errors.BackendError, match="route_attention='fp16': expected one of bf16, fp32"):
+        Reranker(engines["over"], precision="bf16", image_precision="bf16-gemm",
+                 backend_options={"route_attention": "fp16"})
+
+
 def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(bf16_checkpoint, monkeypatch):
     """``image_precision="auto"`` beside bf16 on a CPU: where the CPU has usable AMX, bf16-vision,
     else bf16-gemm, else bf16x3, the first the export recorded ranking within AUTO_MIN_TAU (the

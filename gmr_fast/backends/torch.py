@@ -108,8 +108,10 @@ class Bf16Gemm(_HeldProcessFlag):
     accumulates in fp32. So activations are rounded once per product and never stored in bf16,
     where the bf16 path also rounds every product's output and attention's probabilities. The
     projections compute that same arithmetic as two bf16 GEMMs on packed weights (Proj "split",
-    faster than widening each weight for this mode: benchmarks/split_products.py); the mode is
-    held for the products that remain fp32 tensors (attention).
+    faster than widening each weight for this mode: benchmarks/split_products.py), and the
+    decoder's attention as a bf16 product itself (ROUTE_ATTENTION: sdpa's CPU kernel does not take
+    this mode); the mode is held for the products that remain fp32 tensors (attention without
+    sdpa, and the fp32 vision tower's under bf16-gemm where sdpa is off).
 
     Measured on an Intel Xeon with AMX (GMR-3B width, 6 + 8 layers, 2 threads; benchmarks/README.md
     "Precision and backends"): the image workload at 0.63-0.83 pairs/s against fp32's 0.38 and bf16's 1.61-1.90,
