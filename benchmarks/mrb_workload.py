@@ -155,13 +155,15 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
     else:
         calls = [[(text(4, 12), {"image": _image(rng, 256, 768)})] for _ in range(requests + 1)]
     vision = [0.0]  # seconds in the vision tower during the current call: where a call's time goes
-    if kind.startswith("gmr"):  # gmr, gmr_bf16_gemm_<setting> (--bf16-gemms) or gmr_host_kernels_off
+    if kind.startswith("gmr"):  # gmr, gmr_bf16_gemm_<setting> (--bf16-gemms), gmr_host_kernels_off, gmr_route_attention_fp32
         from gmr_fast import Reranker
 
         setting = kind[len("gmr_bf16_gemm_"):] if kind.startswith("gmr_bf16_gemm_") else None
         options = {"bf16_gemm": setting} if setting else {}
         if kind == "gmr_host_kernels_off":
             options = {"host_kernels": "off"}
+        if kind == "gmr_route_attention_fp32":
+            options = {"route_attention": "fp32"}
         r = Reranker(path, backend_options=options)
         lanes = r.choice["lanes"]
         encode = r.backend.encode_images
@@ -268,6 +270,9 @@ def main(argv=None) -> int:
     p.add_argument("--host-kernels-off", action="store_true",
                    help="also run gmr (prefixes shared, and in the latency part) with the torch backend option "
                         "host_kernels=off (torch's operations for the bf16 vision tower's RoPE and norms), in the same run")
+    p.add_argument("--route-attention-fp32", action="store_true",
+                   help="also run gmr (prefixes shared, and in the latency part) with the torch backend option "
+                        "route_attention=fp32 (image routes' decoder attention in fp32, as before 5 Dec), in the same run")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
     a = p.parse_args(argv)
@@ -303,6 +308,10 @@ def main(argv=None) -> int:
             rows["gmr_shared_host_kernels_off"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
                                                            a.candidates, True, a.hf_sample, None, "auto",
                                                            {"host_kernels": "off"}, a.pool)
+        if a.route_attention_fp32:
+            rows["gmr_shared_route_attention_fp32"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
+                                                               a.candidates, True, a.hf_sample, None, "auto",
+                                                               {"route_attention": "fp32"}, a.pool)
         for mb in filter(None, a.per_query_cache_mb.split(",")):
             rows[f"gmr_shared_per_query_cache_{mb}mb"] = in_child(
                 "mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, a.hf_sample, None, "auto",
@@ -332,6 +341,8 @@ def main(argv=None) -> int:
                 runs[f"gmr_bf16_gemm_{g}"] = (f"gmr_bf16_gemm_{g}", str(engine), what, a.latency_requests)
             if a.host_kernels_off:
                 runs["gmr_host_kernels_off"] = ("gmr_host_kernels_off", str(engine), what, a.latency_requests)
+            if a.route_attention_fp32:
+                runs["gmr_route_attention_fp32"] = ("gmr_route_attention_fp32", str(engine), what, a.latency_requests)
             runs.update({f"hf_{d}": (f"hf_{d}", str(ckpt), what, a.latency_requests) for d in a.latency_hf.split(",")})
             if a.hf_kept_heap:
                 runs["hf_bf16_kept_heap"] = ("hf_bf16", str(ckpt), what, a.latency_requests, True)
