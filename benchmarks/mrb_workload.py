@@ -122,29 +122,25 @@ def child_gmr(engine: str, task: str, queries: int, candidates: int, share: bool
 
 
 def child_hf(checkpoint: str, dtype: str, task: str, queries: int, candidates: int, sample: int,
-             pool: int = 0) -> dict:
+             pool: int = 0, keep_heap: bool = False) -> dict:
     from hf_baseline import HFStrong
 
     pairs = task_pairs(task, queries, candidates, pool=pool)
     subset = [pairs[i] for i in sample_indices(len(pairs), sample)]
-    hf = HFStrong(checkpoint, dtype)
+    hf = HFStrong(checkpoint, dtype, keep_heap=keep_heap)
     hf.score(task_pairs(task, 1, 2, seed=99))
     start = time.perf_counter()
     scores, padded = hf.score(subset)
     t = time.perf_counter() - start
     return {"pairs": len(subset), "seconds": t, "pairs_per_s": len(subset) / t, "sample_scores": scores.tolist(),
-            "decoder_tokens_per_pair": padded / len(subset)}
+            "decoder_tokens_per_pair": padded / len(subset), "malloc": hf.heap}
 
 
 def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: bool = False) -> dict:
     """p50/p95 of ``what`` (rank 50 text documents | one image pair) for gmr_fast (kind=gmr,
     path=engine) or HF (kind=hf_fp32/hf_bf16, path=checkpoint). ``keep_heap`` gives HF the
-    allocator setting gmr_fast's torch backend makes (gmr_fast.memory), to separate that gain
-    from the rest."""
-    if keep_heap:
-        from gmr_fast.memory import keep_freed_memory
-
-        keep_freed_memory()
+    allocator setting gmr_fast's torch backend makes (gmr_fast.memory) once its weights are
+    loaded (hf_baseline.HFStrong)."""
     rng = np.random.default_rng(7)
     text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))  # noqa: E731
     if what == "rank50":
@@ -180,7 +176,7 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
     else:
         from hf_baseline import HFStrong
 
-        hf = HFStrong(path, kind.split("_")[1])
+        hf = HFStrong(path, kind.split("_")[1], keep_heap=keep_heap)
         lanes = None
         model = hf.ref.model
         visual = model.model.visual if hasattr(getattr(model, "model", None), "visual") else model.visual
@@ -255,7 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--latency-rounds", type=int, default=1,
                    help="alternate the contenders this many times (each round runs --latency-requests calls)")
     p.add_argument("--hf-kept-heap", action="store_true",
-                   help="also time HF bf16's latency with gmr_fast's allocator setting (gmr_fast.memory)")
+                   help="also time HF with gmr_fast's allocator setting (gmr_fast.memory; hf_baseline.py says why): "
+                        "each HF dtype on the tasks, HF bf16 in the latency part; speed-ups are then against the "
+                        "fastest HF row, kept heap or not")
     p.add_argument("--one-lane", action="store_true",
                    help="also run gmr shared with lanes=1, to separate the gain of running batches side by side")
     p.add_argument("--image-precisions", default="",
@@ -294,6 +292,9 @@ def main(argv=None) -> int:
     for task in ([] if a.tasks == "none" else a.tasks.split(",")):  # "none": the latency part alone
         rows = {f"hf_{d}": in_child("mrb_workload:child_hf", str(ckpt), d, task, a.queries, a.candidates, a.hf_sample,
                                     a.pool) for d in hf_dtypes}
+        if a.hf_kept_heap:
+            rows.update({f"hf_{d}_kept_heap": in_child("mrb_workload:child_hf", str(ckpt), d, task, a.queries,
+                                                       a.candidates, a.hf_sample, a.pool, True) for d in hf_dtypes})
         for name, share in (("gmr_shared", True), ("gmr_not_shared", False))[:1 if a.shared_only else 2]:
             rows[name] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, share,
                                   a.hf_sample, None, "auto", None, a.pool)
@@ -320,7 +321,7 @@ def main(argv=None) -> int:
             rows["gmr_shared_one_lane"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
                                                    True, a.hf_sample, 1, "auto", None, a.pool)
         ref = rows["hf_fp32"]["sample_scores"]
-        best_hf = max(rows[f"hf_{d}"]["pairs_per_s"] for d in hf_dtypes)
+        best_hf = max(row["pairs_per_s"] for name, row in rows.items() if name.startswith("hf_"))
         for name, row in rows.items():
             row["kendall_tau_vs_hf_fp32"] = kendall(ref, row.pop("sample_scores"))
             row["speedup_vs_hf_fastest"] = row["pairs_per_s"] / best_hf
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
             if a.hf_kept_heap:
                 runs["hf_bf16_kept_heap"] = ("hf_bf16", str(ckpt), what, a.latency_requests, True)
             lat[what] = interleaved(runs, a.latency_rounds)
-            best = min(lat[what][f"hf_{d}"]["p50_ms"] for d in a.latency_hf.split(","))
+            best = min(lat[what][name]["p50_ms"] for name in runs if name.startswith("hf_"))
             lat[what]["p50_speedup_vs_hf_fastest"] = best / lat[what]["gmr"]["p50_ms"]
             if a.hf_kept_heap:
                 lat[what]["p50_speedup_vs_hf_bf16_kept_heap"] = lat[what]["hf_bf16_kept_heap"]["p50_ms"] / lat[what]["gmr"]["p50_ms"]
@@ -363,8 +364,10 @@ def table(doc: dict) -> str:
              "(target) | decoder tokens/pair gmr (HF) | tau vs HF fp32 |", "|---|---|---|---|---|---|---|---|"]
     for task, r in doc["tasks"].items():
         g = r["gmr_shared"]
-        bf16 = f"{r['hf_bf16']['pairs_per_s']:.2f}" if "hf_bf16" in r else "not run"
-        lines.append(f"| {task} | {r['hf_fp32']['pairs_per_s']:.2f} | {bf16} | "
+        hf = {d: (f"{r[f'hf_{d}']['pairs_per_s']:.2f}" if f"hf_{d}" in r else "not run")
+              + (f" / {r[f'hf_{d}_kept_heap']['pairs_per_s']:.2f} kept" if f"hf_{d}_kept_heap" in r else "")
+              for d in ("fp32", "bf16")}
+        lines.append(f"| {task} | {hf['fp32']} | {hf['bf16']} | "
                      f"{g['pairs_per_s']:.2f} | "
                      f"{r['gmr_not_shared']['pairs_per_s'] if 'gmr_not_shared' in r else float('nan'):.2f} | "
                      f"{g['speedup_vs_hf_fastest']:.2f}x ({r['target']}x) | {g['decoder_tokens_per_pair']:.0f} "
