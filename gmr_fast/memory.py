@@ -4,9 +4,17 @@ Eager PyTorch allocates every intermediate tensor anew. glibc serves large block
 mmap threshold, 128 KiB to 32 MiB) with ``mmap`` and returns them with ``munmap`` on free, so
 each such tensor is faulted in page by page again: measured at GMR-3B widths, one
 ``rank(query, 50 documents)`` took 1.4 million minor page faults (5.6 GB of pages zeroed by the
-kernel) and spent ~15% of its time on them; the vision tower lost 15-25%. onnxruntime has its
-own arena and does not need this. This is what jemalloc or tcmalloc preloaded would do; we ask
-glibc itself: one arena, no mmap for large blocks, and no trimming below 1 GiB of free heap top.
+kernel) and spent ~15% of its time on them; the vision tower lost 15-25%. On VMs whose freed
+memory is reported to the host (virtio-balloon free page reporting, the AMX Xeon's), touching
+memory again a few seconds after it was given back costs 30x a plain fault (5-6 ms per MiB):
+HF bf16 ran it2it's pairs at 0.11-0.12 pairs/s with glibc's default against 0.22-0.23 with this
+setting (benchmarks/README.md, "HF with the kept heap"). The onnxruntime backend does not set it:
+onnxruntime plans a run's buffers itself, and with this setting its GMR-3B-width text runs took a
+third of the faults but ran within this VM's noise of the default (fp32 0.79-0.82 against
+0.73-0.80 pairs/s, int8 1.58-1.65 against 1.57-1.59; AMX Xeon, 5 Dec).
+
+This is what jemalloc or tcmalloc preloaded would do; we ask glibc itself: one arena, no mmap for
+large blocks, and no trimming below 1 GiB of free heap top.
 Freed memory stays with the process (peak RSS is kept, not grown) and is reused.
 
 Process-wide by nature; turned off with ``GMR_FAST_MALLOC=default``.
