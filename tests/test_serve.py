@@ -284,6 +284,9 @@ def test_per_request_truncation(server, reference, engine, images):
     ({"query": "q", "documents": [{"image": "file://../../etc/passwd"}]}, 422, "documents", 0),
     ({"query": "q", "documents": [{"image": "%%%"}]}, 422, "documents", 0),
     ({"query": "word " * 600, "documents": ["d"]}, 422, "query", None),
+    ({"query": "", "documents": ["d"]}, 400, "query", None),
+    ({"query": {"text": " \n"}, "documents": ["d"]}, 400, "query", None),
+    ({"query": "q", "documents": ["ok", {"image": "/data/photos/cat.png"}]}, 422, "documents", 1),
 ])
 def test_errors_name_the_field_and_index(server, body, status, field, index):
     url, _ = server
@@ -292,6 +295,35 @@ def test_errors_name_the_field_and_index(server, body, status, field, index):
     err = r.json()["error"]
     assert err.get("field") == field and err.get("index") == index, err
     assert err["message"]
+
+
+def test_common_client_mistakes_get_messages_that_say_what_to_do(server):
+    url, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    # curl -d without -H sends a form; the body is JSON all the same, and the message says which header
+    r = httpx.post(url + "/v1/rerank", content=b'{"query": "q", "documents": ["d"]}',
+                   headers={**auth, "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "body", r.text
+    assert "application/json" in r.json()["error"]["message"]
+    # a path where the image belongs: named as a path, with the two ways to send it
+    for path in ("/data/photos/cat.png", "cat.JPG", "C:\\photos\\cat"):
+        r = post(url, "/v2/rerank", {"query": "q", "documents": [{"image": path}]})
+        assert r.status_code == 422 and "looks like a file path" in r.json()["error"]["message"], r.text
+        assert "file://" in r.json()["error"]["message"]  # this server allows a directory: the way in is named
+    # valid base64 that starts with "/" (a JPEG's does) is decoded, not taken for a path
+    r = post(url, "/v2/rerank", {"query": "q", "documents": [{"image": "/9j/" + "A" * 40}]})
+    assert r.status_code == 422 and "looks like a file path" not in r.json()["error"]["message"], r.text
+    # a blank query is refused in TEI's shape too
+    r = post(url, "/rerank", {"query": " ", "texts": ["d"]})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "query", r.text
+
+
+def test_a_path_sent_to_a_server_without_local_images_names_the_flag():
+    from gmr_fast.server.schema import ImagePolicy, RequestError
+
+    with pytest.raises(RequestError, match="--allow-local-images") as e:
+        ImagePolicy().resolve("./photos/cat.png", "documents", 2)
+    assert (e.value.status, e.value.field, e.value.index) == (422, "documents", 2)
 
 
 def test_malformed_body_auth_and_size_limits(server):

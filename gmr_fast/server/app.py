@@ -117,6 +117,10 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
             at = f" at character {loc[0]}" if loc and loc[0].isdigit() else ""
             return error(400, "malformed", f"the body is not valid JSON{at}" + (f" ({reason})" if reason else ""),
                          "body")
+        content_type = request.headers.get("content-type", "")
+        if not loc and "json" not in content_type.lower():  # e.g. curl -d without -H: a form, not JSON
+            return error(400, "malformed", f"the body must be JSON sent as Content-Type: application/json (got "
+                                           f"{content_type or 'no Content-Type'!r})", "body")
         index = next((int(x) for x in loc[1:2] if x.isdigit()), None)
         return error(400, "malformed", first.get("msg", "malformed request"), loc[0] if loc else None, index)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -130,17 +131,35 @@ class ImagePolicy:
             if not os.path.isfile(path):
                 raise RequestError(422, "invalid_input", f"local image {value!r} not found", field, index)
             return path
-        return self._b64(value, field, index)
+        return self._b64(value, field, index, bare=True)
 
-    @staticmethod
-    def _b64(payload: str, field: str, index: int | None) -> bytes:
+    def _b64(self, payload: str, field: str, index: int | None, bare: bool = False) -> bytes:
         try:
             data = base64.b64decode("".join(payload.split()), validate=True)
         except (binascii.Error, ValueError):
+            # A plain path is the usual mistake (base64 may start with "/" too: JPEG's is "/9j/", so
+            # this is only said of a short string that failed to decode)
+            if bare and len(payload) < 1024 and _PATH_LIKE.search(payload):
+                where = ("as a file:// URL inside the directory this server was started with"
+                         if self.local_root else "as a file:// URL on a server started with --allow-local-images DIR")
+                raise RequestError(422, "invalid_input", f"image {payload[:80]!r} looks like a file path: send the image "
+                                                         f"as base64 or a data: URL, or {where}", field, index) from None
             raise RequestError(422, "invalid_input", "image is neither a data: URL nor valid base64", field, index) from None
         if not data:
             raise RequestError(422, "invalid_input", "image is empty", field, index)
         return data
+
+
+_PATH_LIKE = re.compile(r"^(~|\.{1,2})?[/\\]|^[A-Za-z]:\\|\.(png|jpe?g|gif|bmp|webp|tiff?)$", re.IGNORECASE)
+
+
+def _query(value: Side, policy: ImagePolicy, field: str = "query") -> Item:
+    """The query side of a rerank request: text and/or an image, and not blank (a relevance score
+    against nothing is no answer a client can use)."""
+    item = _item(value, policy, field, None)
+    if item.image is None and not item.text.strip():
+        raise RequestError(400, "malformed", f"{field} is empty", field)
+    return item
 
 
 def _item(value: Side, policy: ImagePolicy, field: str, index: int | None, rank_fields: list[str] | None = None
@@ -201,7 +220,7 @@ def rerank_pairs(req: RerankRequest, policy: ImagePolicy, max_documents: int) ->
     if len(req.documents) > max_documents:
         raise RequestError(413, "too_large", f"{len(req.documents)} documents; this server takes at most {max_documents} "
                                              "per request", "documents")
-    query = _item(req.query, policy, "query", None)
+    query = _query(req.query, policy)
     return query, [_item(d, policy, "documents", i, req.rank_fields) for i, d in enumerate(req.documents)]
 
 
@@ -218,7 +237,7 @@ def tei_pairs(req: TEIRerankRequest, max_documents: int) -> tuple[Item, list[Ite
     if direction == "left":
         raise RequestError(422, "invalid_input", "truncation_direction 'left' is not supported: a document's text "
                                                  "is cut at its end", "truncation_direction")
-    return Item(text=req.query), [Item(text=t) for t in req.texts]
+    return _query(req.query, ImagePolicy()), [Item(text=t) for t in req.texts]
 
 
 def score_pairs(req: ScoreRequest, policy: ImagePolicy, max_documents: int) -> list[tuple[Item, Item]]:
