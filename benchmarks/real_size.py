@@ -111,17 +111,17 @@ def child_reranker(engine: str, precision: str, kind: str, share: bool = True, r
             "activation_budget_mb": r.options.activation_budget_mb, "load_seconds": load_seconds}
 
 
-def child_hf(checkpoint: str, dtype: str, kind: str, per_group: int | None = None) -> dict:
+def child_hf(checkpoint: str, dtype: str, kind: str, per_group: int | None = None, keep_heap: bool = False) -> dict:
     from hf_baseline import HFStrong
 
     pairs, _ = workload(kind, per_group=per_group)
-    hf = HFStrong(checkpoint, dtype)
+    hf = HFStrong(checkpoint, dtype, keep_heap=keep_heap)
     hf.score(pairs[:2])
     start = time.perf_counter()
     scores, padded = hf.score(pairs)
     t = time.perf_counter() - start
     return {"pairs": len(pairs), "seconds": t, "pairs_per_s": len(pairs) / t, "scores": scores.tolist(),
-            "padded_tokens": padded}
+            "padded_tokens": padded, "malloc": hf.heap}
 
 
 def kendall(a, b) -> float:
@@ -159,7 +159,8 @@ def reused_export(engine: pathlib.Path, dtypes: list[str]) -> dict | None:
 
 
 def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[str], reuse: bool = False,
-              hf_dtypes: tuple = ("fp32", "bf16"), dtypes: list[str] | None = None, int8: tuple = ()) -> dict:
+              hf_dtypes: tuple = ("fp32", "bf16"), dtypes: list[str] | None = None, int8: tuple = (),
+              hf_kept_heap: bool = False) -> dict:
     from export.factory import build_shape_checkpoint
 
     shape, layers, vision_layers = spec.split(":")
@@ -178,6 +179,9 @@ def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[
         rows = {}
         for dtype in hf_dtypes:
             rows[f"hf_{dtype}"] = in_child("real_size:child_hf", str(ckpt), dtype, kind, timeout=6 * 3600)
+            if hf_kept_heap:  # hf_baseline.py: HF with gmr_fast's allocator setting, which can be 2x faster
+                rows[f"hf_{dtype}_kept_heap"] = in_child("real_size:child_hf", str(ckpt), dtype, kind, None, True,
+                                                         timeout=6 * 3600)
         have = set(json.loads((engine / "manifest.json").read_text())["variants"])
         for precision in precisions:  # "bf16-whole": that precision with shared prefixes off
             base, _, whole = precision.partition("-")
@@ -188,7 +192,7 @@ def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[
             rows[f"gmr_{precision}"] = in_child("real_size:child_reranker", str(engine), base, kind, not whole,
                                                timeout=6 * 3600)
         ref = rows["hf_fp32"]["scores"]
-        fastest_hf = max(rows[f"hf_{dtype}"]["pairs_per_s"] for dtype in hf_dtypes)
+        fastest_hf = max(row["pairs_per_s"] for name, row in rows.items() if name.startswith("hf_"))
         for name, row in rows.items():
             row["kendall_tau_vs_hf_fp32"] = kendall(ref, row.pop("scores"))
             row["speedup_vs_hf_fp32"] = row["pairs_per_s"] / rows["hf_fp32"]["pairs_per_s"]
@@ -220,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", default="text,image")
     p.add_argument("--hf-dtypes", default="fp32,bf16",
                    help="HF baselines (fp32 always: it is the reference); 'vs HF fastest' is over these")
+    p.add_argument("--hf-kept-heap", action="store_true",
+                   help="also time each HF dtype with gmr_fast's allocator setting (hf_baseline.py says why); "
+                        "'vs HF fastest' is then over both")
     p.add_argument("--full-export", help="a shape to build at full depth and export (--dtypes), recording the export")
     p.add_argument("--dtypes", help="variants to export: of the full-depth export (default fp32), or of --shapes' "
                                     "engines besides the --precisions named (default fp32,int8,bf16; on a CPU "
@@ -319,7 +326,8 @@ def main(argv=None) -> int:
         int8 = (a.int8_kept, a.int8_keep.split(",") if a.int8_keep else None, a.int8_smooth, a.int8_activations)
         doc["shapes"] = [run_shape(s, work, a.precisions.split(","), a.workloads.split(","), a.reuse,
                                    tuple(dict.fromkeys(["fp32"] + a.hf_dtypes.split(","))),
-                                   a.dtypes.split(",") if a.dtypes else None, int8) for s in a.shapes.split(",")]
+                                   a.dtypes.split(",") if a.dtypes else None, int8, a.hf_kept_heap)
+                         for s in a.shapes.split(",")]
         print(table(doc))
     write(a.out, doc)
     return 0
