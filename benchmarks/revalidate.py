@@ -91,7 +91,12 @@ def child_candidate(engine: str, precision: str, image_mode: str | None, queries
         start = time.perf_counter()
         got, modes = validate.run_candidate(where, precision, groups, manifest.gmr.default_instruction,
                                             long=1 if long_documents > 0 else 0, **settings)
-    return {"precision": precision, "image_precision": image_mode, "added_variant": added,
+    from gmr_fast.reranker import plain_image_refusal
+
+    # an engine whose export refused plain bf16 for pairs with an image runs them under auto's route
+    refused = plain_image_refusal(manifest) if precision == "bf16" and not image_mode else None
+    return {"precision": precision, "image_precision": image_mode or ("auto's route" if refused else None),
+            **({"plain_image_pairs_refused": refused} if refused else {}), "added_variant": added,
             "seconds": time.perf_counter() - start, "modes": modes, "scores": got.tolist()}
 
 

@@ -459,6 +459,27 @@ IMAGES_IN_FP32 = ("pairs with an image run fp32 over the same bf16 weights: bf16
                   f"< {AUTO_MIN_TAU} against fp32 at GMR-3B width on the CPUs measured (README \"Precision\")")
 
 
+IMAGES_IN_FP32_REFUSED = ("pairs with an image run fp32 over the same bf16 weights: this engine's export refused plain "
+                          "bf16 for them ({reason})")
+
+
+def plain_image_refusal(manifest) -> str | None:
+    """Why the export refused plain bf16 for pairs with an image, where it accepted the bf16
+    variant with those pairs routed instead (export.engine_export._accept_routed: its long group, a
+    large image query, ranked below the criterion in plain bf16 and a route met it); else None.
+    Such pairs then never run plain bf16: ``auto`` routes them (or runs them fp32),
+    ``image_precision="same"`` is refused."""
+    bf16 = manifest.variants.get("bf16")
+    plain = (bf16.validation or {}).get("plain_image_pairs") if bf16 is not None else None
+    return str(plain.get("refused")) if isinstance(plain, dict) else None
+
+
+def plain_image_routes(manifest) -> list[str]:
+    """The routes the export accepted where it refused plain bf16 for pairs with an image."""
+    plain = (manifest.variant("bf16").validation or {}).get("plain_image_pairs") or {}
+    return list(plain.get("routes_accepted", ()))
+
+
 def bf16_holds_fp32(manifest) -> bool:
     """Whether fp32 arithmetic over this engine's bf16 weights is its validated fp32 model: an
     fp32 variant over the bf16 variant's own files (``--fp32-over-bf16``), or fp32 files of a
@@ -522,6 +543,11 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
     where gmr_fast._dnnl runs (BF16_VISION_MIN_GEMM_SPEEDUP_ONE_GEMM), bf16-gemm
     (IMAGES_BF16_GEMM_ONE_GEMM), the first the export validated; else fp32 (IMAGES_IN_FP32)."""
     routed = ("fp32", "bf16x3", "bf16-gemm", "bf16-vision")
+    refused = plain_image_refusal(manifest) if precision == "bf16" else None
+    if refused and image_precision == "same":
+        raise ConfigError(f"image_precision same would run pairs with an image in plain bf16, which this engine's "
+                          f"export refused for them ({refused}); leave image_precision at auto or name fp32 or a "
+                          f"route it accepted ({', '.join(plain_image_routes(manifest))})")
     if image_precision == "same" or precision != "bf16":
         if image_precision in routed:
             raise ConfigError(f"image_precision {image_precision} runs beside bf16; the precision here is {precision}")
@@ -540,7 +566,9 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
                "bf16-vision": "fp32 in the decoder with matrix products on the bf16 hardware, the vision tower "
                               "bf16,"}[image_precision]
         return image_precision, f"pairs with an image run {how} over the same bf16 weights (requested)"
-    if requested == "auto" and possible and not device.startswith("cuda"):
+    if refused and possible and device.startswith("cuda"):  # the routes run on CPUs
+        return "fp32", f"{IMAGES_IN_FP32_REFUSED.format(reason=refused)}; the bf16 routes run on CPUs only"
+    if (requested == "auto" or refused) and possible and not device.startswith("cuda"):
         passed = []
         modes = (("bf16-vision", IMAGES_BF16_VISION), ("bf16-gemm", IMAGES_BF16_GEMM), ("bf16x3", IMAGES_BF16X3))
         if hardware.bf16_kernel() != "AMX":
@@ -565,7 +593,11 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
                 return mode, "; ".join([f"{why}; validated ranking tau {tau:.3f} >= {AUTO_MIN_TAU}"] + passed)
             passed.append(f"{mode} passed over: validated ranking tau "
                           f"{'not measured by this export' if tau is None else round(tau, 3)}")
-        return "fp32", "; ".join([IMAGES_IN_FP32] + passed)
+        return "fp32", "; ".join([IMAGES_IN_FP32_REFUSED.format(reason=refused) if refused else IMAGES_IN_FP32]
+                                 + passed)
+    if refused:
+        raise ConfigError(f"this engine's bf16 runs pairs with an image only under a route (plain bf16 was refused for "
+                          f"them at export: {refused}), which needs the torch backend")
     return None, "the same as every pair"
 
 

@@ -247,6 +247,60 @@ def test_a_reduced_precision_refused_on_the_long_group_is_left_out(tiny_checkpoi
     assert not (tmp_path / "alone").exists()
 
 
+def test_bf16_refused_on_the_long_group_alone_is_kept_with_its_image_pairs_routed(model_cache, tmp_path, monkeypatch,
+                                                                                   rng):
+    """Plain bf16 that ranks the long group (a large image query: every pair has an image) below
+    the bar while its short groups pass is kept where a route that runs such pairs meets the whole
+    criterion (export.engine_export._accept_routed): the manifest says why and which routes, and
+    the Reranker then never runs pairs with an image in plain bf16 (``image_precision="same"`` is
+    refused; an explicit ``precision="bf16"`` routes them as ``auto`` does). Where no route can
+    run here (no bf16 kernel: the routes are the bf16 hardware's) or none meets it, bf16 is left
+    out as before."""
+    from export.factory import build_checkpoint
+    from gmr_fast import ConfigError, Reranker, hardware
+    from gmr_fast.reranker import ROUTED_FIGURES, choose_image_precision, plain_image_refusal
+
+    real = validate.run_candidate
+
+    def candidate(engine, p, groups, *a, **k):  # plain bf16 (no route named) ranks the long group backwards
+        scores, modes = real(engine, p, groups, *a, **k)
+        if p == "bf16" and k.get("image_precision") is None:
+            scores = scores.copy()
+            scores[-12:] = -scores[-12:]
+        return scores, modes
+
+    monkeypatch.setattr(validate, "run_candidate", candidate)
+    checkpoint = build_checkpoint(tmp_path / "ckpt", dtype="bfloat16", cache_dir=model_cache)  # as GMR is released
+    m = export_engine(checkpoint, tmp_path / "e", ExportOptions(dtypes=("fp32", "bf16")))
+    if hardware.bf16_kernel() is None:  # the routes do not run here: refused as any reduced precision
+        assert m.precisions == ("fp32",) and "on the long group" in m.validation["refused"]["bf16"]["reason"]
+        return
+    assert m.precisions == ("fp32", "bf16") and "refused" not in m.validation
+    validation = m.variants["bf16"].validation
+    plain = validation["plain_image_pairs"]
+    assert "on the long group" in plain["refused"] and validation["long"]["kendall_tau"] < 0
+    assert plain["routes_accepted"] and set(plain["routes_accepted"]) <= set(ROUTED_FIGURES)
+    for route in plain["routes_accepted"]:
+        figures = validation[ROUTED_FIGURES[route]]
+        assert figures["accepted"] and figures["long"]["kendall_tau"] >= validate.Criterion().min_long_tau
+    assert plain_image_refusal(load_manifest(tmp_path / "e")) == plain["refused"]
+    with pytest.raises(ConfigError, match="image_precision same would run pairs with an image in plain bf16"):
+        Reranker(tmp_path / "e", precision="bf16", image_precision="same")
+    # on CUDA (the routes are the CPU's) they run fp32
+    assert choose_image_precision(m, "auto", "bf16", "torch", "cuda", "auto")[0] == "fp32"
+    image = rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    for precision in ("bf16", "auto"):
+        r = Reranker(tmp_path / "e", precision=precision)
+        if r.precision == "bf16":
+            assert r.image_precision in (*plain["routes_accepted"], "fp32"), r.choice
+        r.score([("a query", {"image": image}), ("a query", "a text document")])
+    # without any route meeting the criterion: left out, as before
+    monkeypatch.setattr(engine_export, "_validate_bf16_gemm_images",
+                        lambda *a, **k: {"accepted": False, "query_kendall_tau_mean": 0.5})
+    m = export_engine(checkpoint, tmp_path / "none", ExportOptions(dtypes=("fp32", "bf16")))
+    assert m.precisions == ("fp32",) and "on the long group" in m.validation["refused"]["bf16"]["reason"]
+
+
 def test_int8_attempts_ladder():
     """What validation tries, in order, for each combination of given options."""
     level1 = engine_export.INT8_FALLBACKS[1]
