@@ -587,10 +587,14 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
                                   "results (gmr_fast._dnnl)").replace("two of them cost", "it costs")
             modes = (("bf16-vision", why),) + ((("bf16-gemm", IMAGES_BF16_GEMM_ONE_GEMM.format(speedup=speedup)),)
                                                if one_gemm else ())
+        accepted = plain_image_routes(manifest) if refused else None  # then only a route that met the whole criterion
         for mode, why in modes:
             tau = route_tau(manifest, mode)
-            if tau is not None and tau >= AUTO_MIN_TAU:
+            if tau is not None and tau >= AUTO_MIN_TAU and (accepted is None or mode in accepted):
                 return mode, "; ".join([f"{why}; validated ranking tau {tau:.3f} >= {AUTO_MIN_TAU}"] + passed)
+            if tau is not None and tau >= AUTO_MIN_TAU:
+                passed.append(f"{mode} passed over: below the export's criterion (its long group)")
+                continue
             passed.append(f"{mode} passed over: validated ranking tau "
                           f"{'not measured by this export' if tau is None else round(tau, 3)}")
         return "fp32", "; ".join([IMAGES_IN_FP32_REFUSED.format(reason=refused) if refused else IMAGES_IN_FP32]

@@ -288,6 +288,18 @@ def test_bf16_refused_on_the_long_group_alone_is_kept_with_its_image_pairs_route
         Reranker(tmp_path / "e", precision="bf16", image_precision="same")
     # on CUDA (the routes are the CPU's) they run fp32
     assert choose_image_precision(m, "auto", "bf16", "torch", "cuda", "auto")[0] == "fp32"
+    # a route the export did not accept is never taken for them, whatever its per-query figure
+    import dataclasses
+
+    only_x3 = dataclasses.replace(m.variants["bf16"], validation={
+        **validation, "plain_image_pairs": {**plain, "routes_accepted": ["bf16x3"]},
+        **{key: {**validation[key], "query_kendall_tau_mean": 0.99} for key in ROUTED_FIGURES.values()}})
+    only_x3 = dataclasses.replace(m, variants={**m.variants, "bf16": only_x3})
+    kernel = hardware.bf16_kernel
+    monkeypatch.setattr(hardware, "bf16_kernel", lambda: "AMX")
+    chosen, why = choose_image_precision(only_x3, "bf16", "bf16", "torch", "cpu", "auto")
+    assert chosen == "bf16x3" and "bf16-vision passed over: below the export's criterion" in why
+    monkeypatch.setattr(hardware, "bf16_kernel", kernel)
     image = rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)
     for precision in ("bf16", "auto"):
         r = Reranker(tmp_path / "e", precision=precision)
