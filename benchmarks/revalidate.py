@@ -61,9 +61,11 @@ def child_reference(checkpoint: str, engine: str, queries: int, documents: int, 
 
 
 def child_candidate(engine: str, precision: str, image_mode: str | None, queries: int, documents: int,
-                    long_documents: int, seed: int) -> dict:
+                    long_documents: int, seed: int, query_vision: str = "bf16-gemm") -> dict:
     """``precision`` run on the validation set as the export runs it; a bf16 variant the engine
-    lacks is added over its fp32 variant's bf16 files, in a directory of links."""
+    lacks is added over its fp32 variant's bf16 files, in a directory of links. Under bf16-vision
+    the query's images are encoded as ``query_vision`` says (the backend option; the route's
+    definition by default, whatever the engine's figures recorded)."""
     import dataclasses
 
     from export import validate
@@ -88,6 +90,8 @@ def child_candidate(engine: str, precision: str, image_mode: str | None, queries
             where = pathlib.Path(tmp)
         groups = _groups(queries, documents, long_documents, seed)
         settings = {"image_precision": image_mode} if image_mode else {}
+        if image_mode == "bf16-vision":
+            settings["backend_options"] = {"query_vision": query_vision}
         start = time.perf_counter()
         got, modes = validate.run_candidate(where, precision, groups, manifest.gmr.default_instruction,
                                             long=1 if long_documents > 0 else 0, **settings)
@@ -107,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--image-modes", default="", help="comma-separated image_precision routes to validate too "
                                                      "(bf16-vision, bf16-gemm, bf16x3), as the export records them")
+    p.add_argument("--query-vision", default="bf16-gemm", choices=["bf16-gemm", "bf16"],
+                   help="how bf16-vision encodes the query's images (bf16 as engines exported before 6 Dec ran it)")
     p.add_argument("--validation", default="4,20,12", help="QUERIES,DOCUMENTS,LONG_DOCUMENTS (the export's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/revalidate.json")
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
         name = a.precision if mode is None else f"{a.precision}, image pairs {mode}"
         try:
             run = in_child("revalidate:child_candidate", a.engine, a.precision, mode, *sizes3, a.seed,
-                           timeout=6 * 3600)
+                           a.query_vision, timeout=6 * 3600)
         except RuntimeError as e:
             doc["candidates"][name] = {"error": str(e)[-2000:]}
             continue

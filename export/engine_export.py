@@ -575,8 +575,11 @@ def _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long: int, e
     # the arithmetic these figures hold for: Reranker runs a route's attention as recorded here
     # (gmr_fast.reranker.route_attention; absent: fp32, as exports before 5 Dec ran it)
     attention = {m.get("route_attention") for m in modes} - {None}
+    # ... and how bf16-vision encoded the query's images (gmr_fast.reranker.query_vision)
+    query = {m.get("query_vision") for m in modes} - {None}
     figures.update(seconds=round(time.perf_counter() - t, 1), accepted=reason is None,
                    kernel=hardware.bf16_kernel(), **({"attention": attention.pop()} if len(attention) == 1 else {}),
+                   **({"query_vision": query.pop()} if len(query) == 1 else {}),
                    **({"reason": reason} if reason else {}))
     log.info("bf16 with image pairs under %s: per-query tau %.4f (%s)", mode, figures["query_kendall_tau_mean"],
              "meets the criterion" if reason is None else reason)

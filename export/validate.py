@@ -170,7 +170,9 @@ def run_candidate(engine_dir, precision: str, groups: list[tuple], instruction: 
     backend = reranker.choice["backend"]
     # how attention ran in the image batches' decoder, where a route set it (backends.torch.ROUTE_ATTENTION)
     attention = getattr(reranker.backend, "route_attention", None)
-    extra = {"backend": backend, **({"route_attention": attention} if attention else {})}
+    query = getattr(reranker.backend, "query_vision", None)
+    extra = {"backend": backend, **({"route_attention": attention} if attention else {}),
+             **({"query_vision": query} if query else {})}
     # Free its weights before the next variant loads its own (GMR-7B's are 15.5 GB each on a 24 GB
     # machine), even if a reference cycle holds it (gmr_fast.backends.torch._first_import_apart).
     del reranker

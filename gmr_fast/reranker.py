@@ -159,6 +159,12 @@ class Scores(np.ndarray):
     truncated: np.ndarray
 
 
+# what a query image's content key starts with where the backend encodes the query's images apart
+# (the torch backend's query_vision under bf16-vision): its embeddings then differ from the same
+# image's as a document, and the cache and each call's store keep both
+QUERY_IMAGE = ("query",)
+
+
 def _content_key(image: Any) -> tuple[tuple, Any]:
     """Identity of an image's content (for decoding and encoding each distinct image once) and
     what to decode: a file is read here once and decoded from those bytes."""
@@ -527,6 +533,17 @@ def route_attention(manifest, mode: str | None) -> str | None:
     return "bf16" if figures is None else str(figures.get("attention", "fp32"))
 
 
+def query_vision(manifest, mode: str | None) -> str | None:
+    """How bf16-vision encodes the query's images (backends.torch.QUERY_VISION), as the export
+    measured the route's ranking: "bf16-gemm" (the route's definition since 6 Dec) where the
+    figures say so or none were recorded, "bf16" for figures an export recorded before (no
+    "query_vision" field); None for other modes."""
+    if mode != "bf16-vision":
+        return None
+    figures = bf16_gemm_images_figures(manifest, mode)
+    return "bf16-gemm" if figures is None else str(figures.get("query_vision", "bf16"))
+
+
 def choose_image_precision(manifest, requested: str, precision: str, backend: str, device: str,
                            image_precision: str) -> tuple[str | None, str]:
     """(how pairs with an image compute, why): "fp32" routes them to fp32 over the same bf16
@@ -698,15 +715,20 @@ class Reranker:
         attention = route_attention(m, self.image_precision)
         if attention is not None:
             backend_options.setdefault("route_attention", attention)
+        query = query_vision(m, self.image_precision)
+        if query is not None:
+            backend_options.setdefault("query_vision", query)
         self.backend = create_backend(backend, self.engine_dir, m, self.precision, self.backend_threads, options.providers,
                                       options.device, **backend_options)
+        # whether the backend encodes the query's images apart from documents' (plan: QUERY_IMAGE keys)
+        self._query_tower = getattr(self.backend, "query_tower", None) is not None
         self.choice = {"precision": self.precision, "image_precision": self.image_precision or self.precision,
                        "text_precision": TEXT_DECODER[self.image_precision] if self.route_text else self.precision,
                        "backend": backend, "device": options.device, "reason": why,
                        "lanes": self.lanes, "threads_per_lane": self.backend_threads, "lanes_reason": lanes_why,
                        "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
-        for key in ("malloc", "gemm", "host_kernels"):  # torch backend
-            if hasattr(self.backend, key):
+        for key in ("malloc", "gemm", "host_kernels", "query_vision"):  # torch backend
+            if getattr(self.backend, key, None) is not None:
                 self.choice[key] = getattr(self.backend, key)
         self._limits = self._memory_limits()
         self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
@@ -819,7 +841,8 @@ class Reranker:
             sizes = np.array([images[k].size for k in run_keys], np.int64)
             pixels, grid = patchify([images[k].decoded for k in run_keys], sizes, spec, self.num_threads)
             batch = VisionBatch(pixels, grid, self.family.vision_feeds(grid, spec), run_keys,
-                                np.array([spec.visual_tokens(*images[k].size) for k in run_keys], np.int64))
+                                np.array([spec.visual_tokens(*images[k].size) for k in run_keys], np.int64),
+                                query=key[:1] == QUERY_IMAGE)
             with self._slot(wide):
                 embeds = self.backend.encode_images(batch)
             for key, e in zip(run_keys, embeds):
@@ -899,6 +922,11 @@ class Reranker:
                     keys.append(key)
             keys_per_pair.append(keys)
         images = self._decode_images(sources)
+        if self._query_tower:  # the query's images encode apart (backends.torch QUERY_VISION): keys of their own
+            for (q, _), keys in zip(items, keys_per_pair):
+                if q.has_image:
+                    images[QUERY_IMAGE + keys[0]] = images[keys[0]]
+                    keys[0] = QUERY_IMAGE + keys[0]
 
         errors: dict[int, Exception] = {}
         prompts: list[EncodedPrompt | None] = []

@@ -181,3 +181,4 @@ class VisionBatch:
     feeds: dict  # the family's index inputs (rot_pos_ids, full_gather, ... ; see vision_layout)
     keys: list  # content key of each image
     tokens: np.ndarray  # int64 [n]: merged tokens (decoder embeddings) per image
+    query: bool = False  # the query's images (a backend may encode them apart: torch's query_vision)

@@ -61,6 +61,18 @@ SPLIT_PRODUCTS = FPMATH_DECODER + ("bf16x3",)
 # suffix tokens against 870-1,700 keys): 3.0x fp32's speed (97 against 289 ms), the output within
 # a bf16 rounding of the product of the rounded inputs.
 ROUTE_ATTENTION = ("bf16", "fp32")
+# How bf16-vision encodes the query's images (``query_vision``): "bf16-gemm" as the bf16-gemm route
+# does (fp32 tensors, each projection's products on the bf16 hardware over the bf16 tower's own
+# packed weights: no second copy), document images in bf16; "bf16" every image in bf16, as engines
+# exported before 6 Dec measured the route (gmr_fast.reranker.query_vision keeps it for them).
+# Why: a query's image is encoded once for all of its candidates, so its tower's cost is shared
+# (MRB: 50-100 candidates), while its error is in every candidate's prompt and moves their scores
+# together where they crowd; a document's image is encoded once per pair and its error is its own.
+# On an Intel Xeon with AMX (GMR-3B width, 6 + 8 layers) the export's long group, one ~900-token
+# image query against text documents, ranked at tau 0.909 under bf16-vision and 0.970 under
+# bf16-gemm, whose only difference is the tower; the precision workload's two image queries 0.976
+# and 0.984 (benchmarks/README.md "Query images").
+QUERY_VISION = ("bf16-gemm", "bf16")
 BF16_GEMMS = ("auto", "onednn", "fp32-results", "torch")  # the backend option bf16_gemm (_bf16_gemm)
 # Why ``bf16_gemm="auto"`` gives projections with bf16 results to torch's GEMM on AMX, and to
 # gmr_fast._dnnl elsewhere: _dnnl is oneDNN 3.2 (Intel's last OpenMP wheel), torch 2.13's own
@@ -186,7 +198,7 @@ class TorchBackend:
     def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
                  attention: str = "sdpa", gemm: str = "auto", exact_images: bool | str = False,
                  packed_copy: bool | str = "auto", bf16_gemm: str = "auto", host_kernels: str = "auto",
-                 route_attention: str = "bf16"):
+                 route_attention: str = "bf16", query_vision: str = "bf16-gemm"):
         _first_import_apart()
         try:
             import torch
@@ -225,6 +237,10 @@ class TorchBackend:
         self.exact_images = exact_images
         if route_attention not in ROUTE_ATTENTION:
             raise BackendError(f"route_attention={route_attention!r}: expected one of {', '.join(ROUTE_ATTENTION)}")
+        if query_vision not in QUERY_VISION:
+            raise BackendError(f"query_vision={query_vision!r}: expected one of {', '.join(QUERY_VISION)}")
+        # how bf16-vision encodes the query's images (QUERY_VISION); None: as every image
+        self.query_vision = query_vision if exact_images == "bf16-vision" else None
         # the dtype of attention's inputs in the image batches' decoder (ROUTE_ATTENTION)
         self.route_attention = (route_attention if exact_images in FPMATH_DECODER
                                 else "fp32" if exact_images is not None else None)
@@ -267,12 +283,22 @@ class TorchBackend:
             self.decoder = ScoreDecoder(manifest.decoder)
             self.vision = VisionEncoder(VisionDims.from_dict(manifest.vision))
             self.exact_decoder = ScoreDecoder(manifest.decoder) if exact_images else None
+            # bf16-vision's tower for the query's images under query_vision="bf16-gemm"
+            self.query_tower = (VisionEncoder(VisionDims.from_dict(manifest.vision))
+                                if self.query_vision == "bf16-gemm" else None)
         # with exact_images the vision tower only ever serves image batches: fp32 over bf16 weights,
         # except under bf16-vision, where it is the bf16 tower of a plain bf16 reranker, on its own
         # (packed) weights, its outputs widened for the fp32 decoder (encode_images)
         if exact_images == "bf16-vision":
             self._load(self.vision, engine_dir, weights["vision"], self.dtype, None,
                        onednn=self._use_onednn(gemm, precision))
+            if self.query_tower is not None:  # fp32 tensors, split products on the bf16 tower's packed weights
+                packs = {n: m.packed if m.dnnl is None else m.dnnl
+                         for n, m in self.vision.named_modules() if isinstance(m, Proj)}
+                if any(p is None for p in packs.values()):
+                    raise BackendError("query_vision=bf16-gemm needs the bf16 vision tower's packed weights "
+                                       "(oneDNN's bf16 GEMM on this CPU)")
+                self._load(self.query_tower, engine_dir, weights["vision"], torch.float32, "split", packs=packs)
         else:
             self._load(self.vision, engine_dir, weights["vision"], torch.float32 if exact_images else self.dtype,
                        upcast, exact=exact_images)
@@ -288,7 +314,7 @@ class TorchBackend:
                                                          for n, m in projs.items()}
             self._load(self.exact_decoder, engine_dir, weights["decoder"], torch.float32, upcast, shared=shared,
                        packs=packs if split else None)
-        for module in (self.decoder, self.vision, self.exact_decoder):
+        for module in (self.decoder, self.vision, self.exact_decoder, self.query_tower):
             if module is not None:
                 module.sdpa = attention == "sdpa"
                 module.eval()
@@ -323,6 +349,7 @@ class TorchBackend:
             where = ("in the decoder (vision tower bf16 on torch's oneDNN)" if self.exact_images == "bf16-vision"
                      and not self.dnnl_bf16 else "in the decoder (vision tower bf16)"
                      if self.exact_images == "bf16-vision" else "throughout")
+            where = where.replace("vision tower bf16", self._vision_words)
             if self.split_copy:
                 return (f"onednn on packed bf16 weights for bf16 results; image batches fp32 tensors {where}, {what} "
                         f"on oneDNN's own bf16 GEMM (gmr_fast._dnnl) over its packed copy beside them")
@@ -334,7 +361,7 @@ class TorchBackend:
             return ("onednn on packed bf16 weights; image batches fp32 throughout, each projection three bf16 GEMMs "
                     "on the same packed weights (inputs split in two bf16 halves, fp32 sums), attention fp32")
         if self.exact_images in FPMATH_DECODER:
-            where = "in the decoder (vision tower bf16)" if self.exact_images == "bf16-vision" else "throughout"
+            where = f"in the decoder ({self._vision_words})" if self.exact_images == "bf16-vision" else "throughout"
             return (f"onednn on packed bf16 weights; image batches fp32 tensors {where}, products on the bf16 "
                     "hardware (two bf16 GEMMs per projection on the same packed weights, fp32 sums), "
                     f"{self._route_attention_words}")
@@ -342,6 +369,11 @@ class TorchBackend:
             gemm = f"{gemm} on a packed copy of the bf16 weights" if self.onednn else gemm
             return f"{gemm}; image batches fp32 tensors throughout, fp32, bf16 weights widened per call"
         return f"{gemm}, bf16 weights widened per call" if self.upcast else gemm
+
+    @property
+    def _vision_words(self) -> str:
+        return ("vision tower bf16 for document images, the query's images fp32 tensors with split products on "
+                "its packed weights" if self.query_tower is not None else "vision tower bf16")
 
     @property
     def _route_attention_words(self) -> str:
@@ -505,7 +537,9 @@ class TorchBackend:
             bf16_packed = onednn and not upcast and proj.weight.dtype == torch.bfloat16
             if split_packs is not None and bf16_packed:  # _dnnl's copy for the fp32 decoder's splits
                 split_packs[name] = self.dnnl.PackedBf16Weight(proj.weight.t().contiguous().view(torch.int16).numpy())
-            if self.dnnl is not None and (split or (bf16_packed and dnnl)):
+            # packs of torch's packed weights (bf16-vision's query tower over a tower on torch's GEMM)
+            torch_packs = split and packs is not None and isinstance(packs[name], torch.Tensor)
+            if self.dnnl is not None and not torch_packs and (split or (bf16_packed and dnnl)):
                 # _dnnl's packed copy; under a split route without split_copy, one shared by the bf16 decoder
                 # (bf16 results) and the fp32 one (fp32 results)
                 proj.upcast = upcast if split else None
@@ -543,7 +577,7 @@ class TorchBackend:
     def _math(self, exact: bool):
         """The context a run computes in: on CUDA without sdpa's cuDNN kernel (``NoCudnnAttention``);
         for an exact (image) run Bf16Gemm held under exact_images=bf16-gemm, and for the decoder's
-        runs under bf16-vision (its vision tower asks with ``exact=False``)."""
+        runs under bf16-vision (its bf16 tower asks with ``exact=False``, its query tower with True)."""
         stack = contextlib.ExitStack()
         if self.device.type == "cuda":
             stack.enter_context(NoCudnnAttention.held(self.torch))
@@ -554,10 +588,12 @@ class TorchBackend:
     def encode_images(self, batch: VisionBatch) -> list:
         # with exact_images the vision tower serves image batches only, which are all exact; under
         # bf16-vision it runs bf16 and its outputs reach the fp32 decoder widened (exactly)
-        vision_bf16 = self.exact_images == "bf16-vision"
+        # (the query's images there in fp32 tensors as bf16-gemm's, where query_vision says so)
+        query = batch.query and self.query_tower is not None
+        vision_bf16 = self.exact_images == "bf16-vision" and not query
         with self.torch.inference_mode(), self._math(self.exact_images is not None and not vision_bf16):
             feeds = {k: self._t(v) for k, v in batch.feeds.items()}
-            embeds = self.vision(self._t(batch.pixel_values), **feeds)
+            embeds = (self.query_tower if query else self.vision)(self._t(batch.pixel_values), **feeds)
             if vision_bf16:
                 embeds = embeds.float()
         return list(embeds.split([int(t) for t in batch.tokens]))
