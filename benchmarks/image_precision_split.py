@@ -6,11 +6,9 @@ image pairs computed four ways beside bf16 text pairs:
 
 - ``all bf16``: ``image_precision="same"``;
 - ``bf16-gemm``: the fp32 vision tower and decoder, every product on the bf16 hardware;
-- ``bf16-vision``: the vision tower in bf16 for documents' images, the query's images and the
-  decoder as bf16-gemm's (as the engine's figures say: engines exported before 6 Dec ran every
-  image in bf16);
-- ``bf16-vision (query bf16)``: bf16-vision with the query's images in bf16 too (the backend option
-  ``query_vision=bf16``: the route as it was before 6 Dec);
+- ``bf16-vision``: the vision tower in bf16, the decoder as bf16-gemm's;
+- ``bf16-vision (query bf16-gemm)``: bf16-vision with the query's images through bf16-gemm's
+  tower (the backend option ``query_vision=bf16-gemm``);
 - ``bf16x3``: the fp32 vision tower and decoder, fp32-accurate, each projection three bf16
   GEMMs (graphs.common.Proj "split3"), attention fp32;
 - ``decoder bf16``: the vision tower as bf16-gemm's, the decoder in bf16 (not a mode of the
@@ -74,10 +72,10 @@ def main(argv=None) -> int:
 
     def make(name: str):  # one reranker at a time (memory): "decoder bf16" is a bf16 one fed bf16-gemm's tower
         name, _, text = name.partition("+")  # "MODE+text": text pairs on the route too (text_precision)
-        mode = {"all bf16": "same", "decoder bf16": "same", "bf16-vision (query bf16)": "bf16-vision"}.get(name, name)
+        mode = {"all bf16": "same", "decoder bf16": "same", "bf16-vision (query bf16-gemm)": "bf16-vision"}.get(name, name)
         r = Reranker(a.engine, precision="bf16", image_precision=mode,
                      text_precision="as-images" if text else "same",
-                     backend_options={"query_vision": "bf16"} if name == "bf16-vision (query bf16)" else {})
+                     backend_options={"query_vision": "bf16-gemm"} if name == "bf16-vision (query bf16-gemm)" else {})
         if name == "decoder bf16":
             gemm_encode = Reranker(a.engine, precision="bf16", image_precision="bf16-gemm").backend.encode_images
             r.backend.encode_images = lambda batch: [e.bfloat16() for e in gemm_encode(batch)]

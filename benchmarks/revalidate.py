@@ -61,11 +61,11 @@ def child_reference(checkpoint: str, engine: str, queries: int, documents: int, 
 
 
 def child_candidate(engine: str, precision: str, image_mode: str | None, queries: int, documents: int,
-                    long_documents: int, seed: int, query_vision: str = "bf16-gemm") -> dict:
+                    long_documents: int, seed: int, query_vision: str = "bf16") -> dict:
     """``precision`` run on the validation set as the export runs it; a bf16 variant the engine
     lacks is added over its fp32 variant's bf16 files, in a directory of links. Under bf16-vision
-    the query's images are encoded as ``query_vision`` says (the backend option; the route's
-    definition by default, whatever the engine's figures recorded)."""
+    the query's images are encoded as ``query_vision`` says (the backend option, whatever the
+    engine's figures recorded; by default the route's definition, bf16)."""
     import dataclasses
 
     from export import validate
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--image-modes", default="", help="comma-separated image_precision routes to validate too "
                                                      "(bf16-vision, bf16-gemm, bf16x3), as the export records them")
-    p.add_argument("--query-vision", default="bf16-gemm", choices=["bf16-gemm", "bf16"],
-                   help="how bf16-vision encodes the query's images (bf16 as engines exported before 6 Dec ran it)")
+    p.add_argument("--query-vision", default="bf16", choices=["bf16", "bf16-gemm"],
+                   help="how bf16-vision encodes the query's images (the backend option query_vision)")
     p.add_argument("--validation", default="4,20,12", help="QUERIES,DOCUMENTS,LONG_DOCUMENTS (the export's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/revalidate.json")

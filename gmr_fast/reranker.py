@@ -63,7 +63,7 @@ class RerankerOptions:
                                           "model, each product as three bf16 products on the CPU's bf16 hardware, "
                                           "fp32-accurate), bf16-gemm (the same fp32 "
                                           "tensors, matrix products on the CPU's bf16 hardware), bf16-vision (the "
-                                          "same in the decoder and for the query's images, documents' images in bf16), same (bf16 too) or auto "
+                                          "same in the decoder, the vision tower in bf16), same (bf16 too) or auto "
                                           "(on a CPU with AMX, bf16-vision, bf16-gemm or bf16x3, elsewhere "
                                           "bf16-vision or bf16-gemm where bf16 GEMMs gain, the first the "
                                           "export validated, else fp32, where auto chose bf16 on a CPU and the engine "
@@ -448,16 +448,14 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # Xeon, half bf16-vision's.
 IMAGES_BF16_GEMM = ("pairs with an image run fp32 over the same bf16 weights with every matrix product on the AMX "
                     "bf16 hardware (bf16-gemm): fp32 runs at a quarter or less of bf16's GEMM speed on AMX")
-IMAGES_BF16_VISION = ("pairs with an image run the vision tower in bf16 for documents' images and the decoder (and "
-                      "the query's images) fp32 over the same bf16 weights with every matrix product on the AMX bf16 "
-                      "hardware (bf16-vision): most of bf16's image error is the decoder's, most of bf16-gemm's "
-                      "extra time the documents' images' tower")
+IMAGES_BF16_VISION = ("pairs with an image run the vision tower in bf16 and the decoder fp32 over the same bf16 "
+                      "weights with every matrix product on the AMX bf16 hardware (bf16-vision): most of bf16's "
+                      "image error is the decoder's, most of bf16-gemm's extra time the vision tower's")
 IMAGES_BF16X3 = ("pairs with an image run fp32 over the same bf16 weights with each matrix product as three bf16 "
                  "products on the AMX hardware (bf16x3: the fp32 model within ~2^-15 per product, no tensor rounded "
                  "to bf16): fp32's own GEMM runs at a quarter or less of bf16's on AMX")
-IMAGES_BF16_VISION_NO_AMX = ("pairs with an image run the vision tower in bf16 for documents' images and the decoder "
-                             "(and the query's images) fp32 over the same bf16 weights, each projection as two bf16 "
-                             "GEMMs (bf16-vision): torch's bf16 GEMM measured "
+IMAGES_BF16_VISION_NO_AMX = ("pairs with an image run the vision tower in bf16 and the decoder fp32 over the same bf16 "
+                             "weights, each projection as two bf16 GEMMs (bf16-vision): torch's bf16 GEMM measured "
                              "{speedup:.1f}x fp32 on this CPU (>= {floor}), where two of them cost no more than one "
                              "fp32 GEMM while the vision tower gains")
 IMAGES_BF16_GEMM_ONE_GEMM = ("pairs with an image run fp32 over the same bf16 weights, each projection as one bf16 "
@@ -537,13 +535,12 @@ def route_attention(manifest, mode: str | None) -> str | None:
 
 def query_vision(manifest, mode: str | None) -> str | None:
     """How bf16-vision encodes the query's images (backends.torch.QUERY_VISION), as the export
-    measured the route's ranking: "bf16-gemm" (the route's definition since 6 Dec) where the
-    figures say so or none were recorded, "bf16" for figures an export recorded before (no
-    "query_vision" field); None for other modes."""
+    measured the route's ranking: the figures' "query_vision", else "bf16" (the route's
+    definition; exports before 6 Dec recorded no field); None for other modes."""
     if mode != "bf16-vision":
         return None
-    figures = bf16_gemm_images_figures(manifest, mode)
-    return "bf16-gemm" if figures is None else str(figures.get("query_vision", "bf16"))
+    figures = bf16_gemm_images_figures(manifest, mode) or {}
+    return str(figures.get("query_vision", "bf16"))
 
 
 def choose_image_precision(manifest, requested: str, precision: str, backend: str, device: str,
@@ -583,7 +580,7 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
         how = {"fp32": "fp32", "bf16x3": "fp32 with each matrix product as three bf16 products (fp32-accurate)",
                "bf16-gemm": "fp32 with matrix products on the bf16 hardware",
                "bf16-vision": "fp32 in the decoder with matrix products on the bf16 hardware, the vision tower "
-                              "bf16 for documents' images,"}[image_precision]
+                              "bf16,"}[image_precision]
         return image_precision, f"pairs with an image run {how} over the same bf16 weights (requested)"
     if refused and possible and device.startswith("cuda"):  # the routes run on CPUs
         return "fp32", f"{IMAGES_IN_FP32_REFUSED.format(reason=refused)}; the bf16 routes run on CPUs only"

@@ -943,13 +943,12 @@ def test_bf16x3_images_are_the_fp32_model_on_the_bf16_hardware(bf16_checkpoint, 
 
 def test_bf16_vision_images_run_the_vision_tower_in_bf16(bf16_checkpoint, rng):
     """``image_precision="bf16-vision"``: pairs with an image run the vision tower of a bf16
-    reranker (bf16 weights and arithmetic, oneDNN's bf16 mode off) for documents' images, the
-    query's images as bf16-gemm's tower computes (the next test), and the fp32 decoder over the
+    reranker (bf16 weights and arithmetic, oneDNN's bf16 mode off) and the fp32 decoder over the
     bf16 weights with its products on the bf16 hardware, as bf16-gemm's. So image scores equal,
-    bit for bit, bf16-gemm's decoder fed those towers' outputs, widened where bf16 (same batches:
-    same options, one lane), and differ from HF fp32 by more than fp32's summation order; text
-    pairs equal a bf16 reranker's bit for bit. Where this CPU has no bf16 kernel it is a clear
-    error."""
+    bit for bit, bf16-gemm's decoder fed the widened outputs of a bf16 reranker's vision tower
+    (same batches: same options, one lane), and differ from HF fp32 by more than fp32's summation
+    order; text pairs equal a bf16 reranker's bit for bit. Where this CPU has no bf16 kernel it
+    is a clear error."""
     import torch
 
     from gmr_fast import hardware
@@ -979,9 +978,7 @@ def test_bf16_vision_images_run_the_vision_tower_in_bf16(bf16_checkpoint, rng):
         bf16 = Reranker(engines[engine], image_precision="same", **kw,
                         backend_options={"gemm": "auto" if r.backend.onednn else "blas"})
         gemm = Reranker(engines[engine], image_precision="bf16-gemm", **kw)
-        gemm._query_tower = True  # its batches then say which images are the query's (Reranker.plan)
-        gemm.backend.encode_images = lambda batch: (r.backend.encode_images(batch) if batch.query else
-                                                    [e.float() for e in bf16.backend.encode_images(batch)])
+        gemm.backend.encode_images = lambda batch: [e.float() for e in bf16.backend.encode_images(batch)]
         assert np.array_equal(got[image], gemm.score(pairs)[image]), engine
         assert np.array_equal(got[~image], bf16.score([p for p, im in zip(pairs, image) if not im])), (engine, side)
         assert np.abs(got - expected)[image].max() > 1e-4, engine
@@ -1063,14 +1060,14 @@ def test_route_attention_runs_on_bf16_inputs_as_the_engines_figures_say(bf16_che
                  backend_options={"route_attention": "fp16"})
 
 
-def test_bf16_vision_encodes_the_querys_images_as_bf16_gemm_and_documents_in_bf16(bf16_checkpoint, rng, tmp_path):
-    """Under bf16-vision the query's images take bf16-gemm's tower arithmetic (backends.torch
-    QUERY_VISION: fp32 tensors, split products over the bf16 tower's own packed weights, no second
-    copy) and document images the bf16 tower. The export records that with the route's figures
-    ("query_vision"); an engine whose figures predate it encodes every image in bf16, as it was
-    validated, and the backend option ``query_vision`` overrides. One image used as a query and
-    as a document in one call is encoded once each way; pairs whose only image is a document's
-    score bit for bit as before."""
+def test_bf16_vision_can_encode_the_querys_images_as_bf16_gemm_and_documents_in_bf16(bf16_checkpoint, rng, tmp_path):
+    """``query_vision="bf16-gemm"`` (a backend option; bf16-vision encodes every image in bf16 by
+    default): the query's images take bf16-gemm's tower arithmetic (backends.torch.QUERY_VISION:
+    fp32 tensors, split products over the bf16 tower's own packed weights, no second copy) and
+    document images the bf16 tower. The export records the setting with the route's figures
+    ("query_vision"), and an engine whose figures say bf16-gemm runs so without the option. One
+    image used as a query and as a document in one call is encoded once each way; pairs whose only
+    image is a document's score bit for bit as with the default."""
     import json
     import shutil
 
@@ -1080,12 +1077,12 @@ def test_bf16_vision_encodes_the_querys_images_as_bf16_gemm_and_documents_in_bf1
         return
     _, _, engines = bf16_checkpoint
     manifest = json.loads((engines["over"] / "manifest.json").read_text())
-    assert manifest["variants"]["bf16"]["validation"]["bf16_vision_images"]["query_vision"] == "bf16-gemm"
+    assert manifest["variants"]["bf16"]["validation"]["bf16_vision_images"]["query_vision"] == "bf16"
     assert "query_vision" not in manifest["variants"]["bf16"]["validation"]["bf16_gemm_images"]
-    old = tmp_path / "old"  # the same engine as exported before the field existed
-    shutil.copytree(engines["over"], old)
-    manifest["variants"]["bf16"]["validation"]["bf16_vision_images"].pop("query_vision")
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    recorded = tmp_path / "recorded"  # the same engine, validated with the query's images as bf16-gemm's
+    shutil.copytree(engines["over"], recorded)
+    manifest["variants"]["bf16"]["validation"]["bf16_vision_images"]["query_vision"] = "bf16-gemm"
+    (recorded / "manifest.json").write_text(json.dumps(manifest))
 
     image = _image(rng, 60, 120)
     query_pairs = [({"text": _text(rng, 1, 5), "image": image}, _text(rng, 1, 40)) for _ in range(4)]
@@ -1096,7 +1093,7 @@ def test_bf16_vision_encodes_the_querys_images_as_bf16_gemm_and_documents_in_bf1
         return Reranker(engine, precision="bf16", image_precision=mode, lanes=1, image_cache_size=16,
                         backend_options=options)
 
-    new = reranker(engines["over"])
+    new = reranker(engines["over"], query_vision="bf16-gemm")
     assert new.backend.query_vision == "bf16-gemm" and new.choice["query_vision"] == "bf16-gemm"
     assert "the query's images fp32 tensors" in new.choice["gemm"]
     tower, query = new.backend.vision, new.backend.query_tower
@@ -1125,17 +1122,20 @@ def test_bf16_vision_encodes_the_querys_images_as_bf16_gemm_and_documents_in_bf1
     near, far = float((as_query - reference).abs().mean()), float((as_document - reference).abs().mean())
     assert near < far / 4, (near, far)
 
-    before = reranker(old)  # figures without the field: every image in bf16, as validated
-    assert before.backend.query_vision == "bf16" and before.backend.query_tower is None
-    assert "query_vision" in before.choice and "the query's images" not in before.choice["gemm"]
-    asked = reranker(engines["over"], query_vision="bf16")
+    default = reranker(engines["over"])  # every image in bf16
+    assert default.backend.query_vision == "bf16" and default.backend.query_tower is None
+    assert default.choice["query_vision"] == "bf16" and "the query's images" not in default.choice["gemm"]
+    by_figures = reranker(recorded)
+    assert by_figures.backend.query_vision == "bf16-gemm" and by_figures.backend.query_tower is not None
+    asked = reranker(recorded, query_vision="bf16")
     scores = {name: r.score(query_pairs + document_pairs) for name, r in
-              (("new", new), ("old", before), ("asked", asked))}
-    assert before.last_stats["images_encoded"] == 5
-    assert np.array_equal(scores["old"], scores["asked"])
-    assert np.array_equal(scores["new"][4:], scores["old"][4:])  # documents' images: the bf16 tower as before
-    assert not np.array_equal(scores["new"][:4], scores["old"][:4])
-    with pytest.raises(gmr_fast.errors.BackendError, match="query_vision='fp32': expected one of bf16-gemm, bf16"):
+              (("new", new), ("default", default), ("asked", asked), ("by_figures", by_figures))}
+    assert default.last_stats["images_encoded"] == 5
+    assert np.array_equal(scores["default"], scores["asked"])
+    assert np.array_equal(scores["new"], scores["by_figures"])
+    assert np.array_equal(scores["new"][4:], scores["default"][4:])  # documents' images: the bf16 tower
+    assert not np.array_equal(scores["new"][:4], scores["default"][:4])
+    with pytest.raises(gmr_fast.errors.BackendError, match="query_vision='fp32': expected one of bf16, bf16-gemm"):
         reranker(engines["over"], query_vision="fp32")
 
 

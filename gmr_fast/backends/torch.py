@@ -61,18 +61,18 @@ SPLIT_PRODUCTS = FPMATH_DECODER + ("bf16x3",)
 # suffix tokens against 870-1,700 keys): 3.0x fp32's speed (97 against 289 ms), the output within
 # a bf16 rounding of the product of the rounded inputs.
 ROUTE_ATTENTION = ("bf16", "fp32")
-# How bf16-vision encodes the query's images (``query_vision``): "bf16-gemm" as the bf16-gemm route
-# does (fp32 tensors, each projection's products on the bf16 hardware over the bf16 tower's own
-# packed weights: no second copy), document images in bf16; "bf16" every image in bf16, as engines
-# exported before 6 Dec measured the route (gmr_fast.reranker.query_vision keeps it for them).
-# Why: a query's image is encoded once for all of its candidates, so its tower's cost is shared
-# (MRB: 50-100 candidates), while its error is in every candidate's prompt and moves their scores
-# together where they crowd; a document's image is encoded once per pair and its error is its own.
-# On an Intel Xeon with AMX (GMR-3B width, 6 + 8 layers) the export's long group, one ~900-token
-# image query against text documents, ranked at tau 0.909 under bf16-vision and 0.970 under
-# bf16-gemm, whose only difference is the tower; the precision workload's two image queries 0.976
-# and 0.984 (benchmarks/README.md "Query images").
-QUERY_VISION = ("bf16-gemm", "bf16")
+# How bf16-vision encodes the query's images (``query_vision``): "bf16" as documents' images (the
+# route's definition, the default), or "bf16-gemm" as the bf16-gemm route does (fp32 tensors, each
+# projection's products on the bf16 hardware over the bf16 tower's own packed weights: no second
+# copy), on request or where the engine's figures were measured so (gmr_fast.reranker.query_vision).
+# The idea: a query's image is encoded once for all of its candidates, so its tower's cost is
+# shared, while its error enters every candidate's prompt. Measured on an Intel Xeon with AMX
+# (GMR-3B width, 6 + 8 layers, 6 Dec; benchmarks/README.md "Query images"), it did not pay: the
+# export's long group went from tau 0.909 to 1.000, but its short groups from 0.992 to 0.990, and
+# on MRB i2t and it2it pairs (3 queries x 20) the per-query tau rose by 0.004-0.007 while i2t's
+# distance to fp32 grew (0.0065 to 0.0072) and it2it's shrank (0.0069 to 0.0059), all within the
+# noise two implementations of one arithmetic show; and it ran i2t at 0.72x, it2it at 0.78x.
+QUERY_VISION = ("bf16", "bf16-gemm")
 BF16_GEMMS = ("auto", "onednn", "fp32-results", "torch")  # the backend option bf16_gemm (_bf16_gemm)
 # Why ``bf16_gemm="auto"`` gives projections with bf16 results to torch's GEMM on AMX, and to
 # gmr_fast._dnnl elsewhere: _dnnl is oneDNN 3.2 (Intel's last OpenMP wheel), torch 2.13's own
@@ -198,7 +198,7 @@ class TorchBackend:
     def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
                  attention: str = "sdpa", gemm: str = "auto", exact_images: bool | str = False,
                  packed_copy: bool | str = "auto", bf16_gemm: str = "auto", host_kernels: str = "auto",
-                 route_attention: str = "bf16", query_vision: str = "bf16-gemm"):
+                 route_attention: str = "bf16", query_vision: str = "bf16"):
         _first_import_apart()
         try:
             import torch
