@@ -726,9 +726,11 @@ class Reranker:
                        "backend": backend, "device": options.device, "reason": why,
                        "lanes": self.lanes, "threads_per_lane": self.backend_threads, "lanes_reason": lanes_why,
                        "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
-        for key in ("malloc", "gemm", "host_kernels", "query_vision"):  # torch backend
-            if getattr(self.backend, key, None) is not None:
+        for key in ("malloc", "gemm", "host_kernels"):  # torch backend
+            if hasattr(self.backend, key):
                 self.choice[key] = getattr(self.backend, key)
+        if getattr(self.backend, "query_vision", None) is not None:  # torch, images under bf16-vision
+            self.choice["query_vision"] = self.backend.query_vision
         self._limits = self._memory_limits()
         self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._cache_bytes = 0
