@@ -156,13 +156,16 @@ def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: boo
     else:
         calls = [[(text(4, 12), {"image": _image(rng, 256, 768)})] for _ in range(requests + 1)]
     vision = [0.0]  # seconds in the vision tower during the current call: where a call's time goes
-    if kind.startswith("gmr"):  # gmr, gmr_bf16_gemm_<setting> (--bf16-gemms), gmr_host_kernels_off, gmr_route_attention_fp32
+    if kind.startswith("gmr"):  # gmr, gmr_bf16_gemm_<setting> (--bf16-gemms), gmr_host_kernels_off, gmr_route_attention_fp32,
+        # gmr_mlp_rows_off
         from gmr_fast import Reranker
 
         setting = kind[len("gmr_bf16_gemm_"):] if kind.startswith("gmr_bf16_gemm_") else None
         options = {"bf16_gemm": setting} if setting else {}
         if kind == "gmr_host_kernels_off":
             options = {"host_kernels": "off"}
+        if kind == "gmr_mlp_rows_off":
+            options = {"mlp_rows": 0}
         if kind == "gmr_route_attention_fp32":
             options = {"route_attention": "fp32"}
         r = Reranker(path, backend_options=options)
@@ -273,6 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--host-kernels-off", action="store_true",
                    help="also run gmr (prefixes shared, and in the latency part) with the torch backend option "
                         "host_kernels=off (torch's operations for the bf16 vision tower's RoPE and norms), in the same run")
+    p.add_argument("--mlp-rows-off", action="store_true",
+                   help="also run gmr (prefixes shared, and in the latency part) with the torch backend option "
+                        "mlp_rows=0 (gate_up's product over all rows at once, as before 6 Dec), in the same run")
     p.add_argument("--route-attention-fp32", action="store_true",
                    help="also run gmr (prefixes shared, and in the latency part) with the torch backend option "
                         "route_attention=fp32 (image routes' decoder attention in fp32, as before 5 Dec), in the same run")
@@ -314,6 +320,10 @@ def main(argv=None) -> int:
             rows["gmr_shared_host_kernels_off"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
                                                            a.candidates, True, a.hf_sample, None, "auto",
                                                            {"host_kernels": "off"}, a.pool)
+        if a.mlp_rows_off:
+            rows["gmr_shared_mlp_rows_off"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
+                                                       a.candidates, True, a.hf_sample, None, "auto",
+                                                       {"mlp_rows": 0}, a.pool)
         if a.route_attention_fp32:
             rows["gmr_shared_route_attention_fp32"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
                                                                a.candidates, True, a.hf_sample, None, "auto",
@@ -347,6 +357,8 @@ def main(argv=None) -> int:
                 runs[f"gmr_bf16_gemm_{g}"] = (f"gmr_bf16_gemm_{g}", str(engine), what, a.latency_requests)
             if a.host_kernels_off:
                 runs["gmr_host_kernels_off"] = ("gmr_host_kernels_off", str(engine), what, a.latency_requests)
+            if a.mlp_rows_off:
+                runs["gmr_mlp_rows_off"] = ("gmr_mlp_rows_off", str(engine), what, a.latency_requests)
             if a.route_attention_fp32:
                 runs["gmr_route_attention_fp32"] = ("gmr_route_attention_fp32", str(engine), what, a.latency_requests)
             runs.update({f"hf_{d}": (f"hf_{d}", str(ckpt), what, a.latency_requests) for d in a.latency_hf.split(",")})

@@ -305,3 +305,74 @@ def test_torch_backend_runs_the_kernels_on_a_cpu_unless_told_not_to(all_precisio
     assert np.abs(a - b).max() <= 2 * spread
     with pytest.raises(GmrError, match="host_kernels"):
         Reranker(engine, precision="bf16", backend="torch", backend_options={"host_kernels": "sometimes"})
+
+
+def test_gated_mlp_in_row_blocks_is_the_whole_product_row_for_row(rng):
+    """graphs.common.gated_mlp with ``rows``: gate_up and the activation a block of rows at a time
+    into one activation, ``down`` once over it. In fp32 every row is the same dot products as the
+    whole product's: equal within fp32 reductions of 16-40 terms (GEMM kernels may order a row's
+    sums by the row count: a few ulp, 1e-5 relative with margin); the [N, 2 x intermediate]
+    product is never made whole; 2-D input only (a 3-D one runs whole, as exports do)."""
+    import torch
+
+    from gmr_fast.graphs.common import Proj, gated_mlp
+
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    gate_up, down = Proj(16, 2 * 40, bias=False), Proj(40, 16, bias=True)
+    for p in (gate_up.weight, down.weight, down.bias):
+        p.data.normal_()
+    made = []
+    original = gate_up.forward
+    gate_up.forward = lambda x: made.append(x.shape[0]) or original(x)
+    x = torch.randn(53, 16)
+    with torch.inference_mode():
+        whole = gated_mlp(gate_up, down, x)
+        assert made == [53]
+        made.clear()
+        blocks = gated_mlp(gate_up, down, x, rows=8)
+        assert made == [8] * 6 + [5]
+        made.clear()
+        lead = gated_mlp(gate_up, down, x.reshape(1, 53, 16), rows=8)
+        assert made == [1]
+    assert blocks.shape == whole.shape == (53, 16) and lead.shape == (1, 53, 16)
+    scale = float(whole.abs().max())
+    assert float((blocks - whole).abs().max()) <= 1e-5 * scale
+    assert float((lead[0] - whole).abs().max()) <= 1e-5 * scale
+
+
+def test_torch_backend_takes_gate_up_in_row_blocks_on_a_cpu(all_precisions_engine, rng):
+    """The backend option mlp_rows (auto: 512 on a CPU; 0: off) reaches every decoder layer and
+    vision block. fp32 scores with blocks of 8 rows equal those without within fp32 rounding
+    (1e-4 of the score scale, the export's fp32 criterion); bf16 ones differ only by where oneDNN
+    rounds: within bf16's own distance to fp32 (either at most 1.5x the other's, plus 1e-3 for
+    scores near zero). A bad setting is refused."""
+    from gmr_fast import Reranker
+    from gmr_fast.backends.torch import MLP_ROWS
+    from gmr_fast.errors import GmrError
+
+    engine = all_precisions_engine[1]
+    words = "river bank money loan water fish boat city tree school".split()
+    text = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
+    images = [rng.integers(0, 256, (int(rng.integers(56, 200)), int(rng.integers(56, 200)), 3), dtype=np.uint8)
+              for _ in range(3)]
+    pairs = ([(text(4), text(int(rng.integers(3, 60)))) for _ in range(8)]
+             + [(text(3), {"image": im, "text": text(5)}) for im in images])
+    default = Reranker(engine, precision="bf16", backend="torch", image_precision="same")
+    assert default.backend.mlp_rows == MLP_ROWS
+    blocks = [*default.backend.decoder.layers, *default.backend.vision.blocks]
+    assert all(b.mlp_rows == MLP_ROWS for b in blocks)
+    got = {}
+    for precision in ("fp32", "bf16"):
+        for rows in (8, 0):
+            r = Reranker(engine, precision=precision, backend="torch", image_precision="same",
+                         backend_options={"mlp_rows": rows})
+            assert all(b.mlp_rows == (rows or None) for b in [*r.backend.decoder.layers, *r.backend.vision.blocks])
+            got[precision, rows] = r.score(pairs)
+    scale = float(np.abs(got["fp32", 0]).max())
+    assert np.abs(got["fp32", 8] - got["fp32", 0]).max() <= 1e-4 * scale
+    d_blocks = np.abs(got["bf16", 8] - got["fp32", 0]).max()
+    d_whole = np.abs(got["bf16", 0] - got["fp32", 0]).max()
+    assert d_blocks <= 1.5 * d_whole + 1e-3 and d_whole <= 1.5 * d_blocks + 1e-3, (d_blocks, d_whole)
+    for bad in (-1, "some", True):
+        with pytest.raises(GmrError, match="mlp_rows"):
+            Reranker(engine, precision="bf16", backend="torch", backend_options={"mlp_rows": bad})

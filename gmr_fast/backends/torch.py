@@ -73,6 +73,14 @@ ROUTE_ATTENTION = ("bf16", "fp32")
 # distance to fp32 grew (0.0065 to 0.0072) and it2it's shrank (0.0069 to 0.0059), all within the
 # noise two implementations of one arithmetic show; and it ran i2t at 0.72x, it2it at 0.78x.
 QUERY_VISION = ("bf16", "bf16-gemm")
+# Rows of gate_up's product at a time in the CPU runs' gated MLPs (``mlp_rows``; graphs.common.gated_mlp),
+# decoder and vision tower alike: oneDNN's bf16 GEMM on one thread of an Intel Xeon with AMX ran
+# GMR-3B's gate_up [N, 2,048] x [2,048, 22,016] at 1,050-1,190 GFLOP/s to 768 rows and 820-870 from
+# 1,024 (two threads: 1,820-2,130 to 640, 1,480-1,620 at 2,048-4,096), the vision tower's at 1,300-1,400
+# to 512 and 1,050-1,090 from 2,048, while ``down`` gains with rows (840-870 at 256-512, 950-1,010 at
+# 1,024-4,096). So gate_up and the activation run 512 rows at a time and ``down`` once over them all.
+# Measured end to end in benchmarks/README.md ("Row blocks for gate_up"). 0 turns it off.
+MLP_ROWS = 512
 BF16_GEMMS = ("auto", "onednn", "fp32-results", "torch")  # the backend option bf16_gemm (_bf16_gemm)
 # Why ``bf16_gemm="auto"`` gives projections with bf16 results to torch's GEMM on AMX, and to
 # gmr_fast._dnnl elsewhere: _dnnl is oneDNN 3.2 (Intel's last OpenMP wheel), torch 2.13's own
@@ -198,7 +206,7 @@ class TorchBackend:
     def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
                  attention: str = "sdpa", gemm: str = "auto", exact_images: bool | str = False,
                  packed_copy: bool | str = "auto", bf16_gemm: str = "auto", host_kernels: str = "auto",
-                 route_attention: str = "bf16", query_vision: str = "bf16"):
+                 route_attention: str = "bf16", query_vision: str = "bf16", mlp_rows: int | str = "auto"):
         _first_import_apart()
         try:
             import torch
@@ -239,6 +247,11 @@ class TorchBackend:
             raise BackendError(f"route_attention={route_attention!r}: expected one of {', '.join(ROUTE_ATTENTION)}")
         if query_vision not in QUERY_VISION:
             raise BackendError(f"query_vision={query_vision!r}: expected one of {', '.join(QUERY_VISION)}")
+        if mlp_rows == "auto":
+            mlp_rows = MLP_ROWS if device == "cpu" else 0
+        if isinstance(mlp_rows, bool) or not isinstance(mlp_rows, int) or mlp_rows < 0:
+            raise BackendError(f"mlp_rows={mlp_rows!r}: expected auto or a row count (0: off)")
+        self.mlp_rows = mlp_rows  # gate_up's rows at a time in the gated MLPs (MLP_ROWS); 0: all at once
         # how bf16-vision encodes the query's images (QUERY_VISION); None: as every image
         self.query_vision = query_vision if exact_images == "bf16-vision" else None
         # the dtype of attention's inputs in the image batches' decoder (ROUTE_ATTENTION)
@@ -325,6 +338,9 @@ class TorchBackend:
             block.kernels = self.kernels
         for layer in self.decoder.layers:  # the bf16 decoder's fp32 stream (an fp32 decoder never takes them)
             layer.kernels = self.kernels
+        for module in (self.decoder, self.vision, self.exact_decoder, self.query_tower):
+            for block in () if module is None else getattr(module, "layers", None) or module.blocks:
+                block.mlp_rows = self.mlp_rows or None
         route_attention = torch.bfloat16 if self.route_attention == "bf16" else torch.float32
         for decoder, dtype in ((self.decoder, self.dtype), (self.exact_decoder, route_attention)):
             if decoder is None:

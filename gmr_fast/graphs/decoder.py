@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..manifest import DecoderDims
-from .common import Proj, RMSNorm, min_value, rotate_half
+from .common import Proj, RMSNorm, gated_mlp, min_value, rotate_half
 
 INPUT_NAMES = ["input_ids", "attention_mask", "position_ids", "image_embeds", "past_kv", "past_mask", "past_index",
                "kv_rows"]
@@ -100,6 +100,9 @@ class DecoderLayer(nn.Module):
         # addition before it) and RoPE runs in place on the bf16 queries and keys, torch's arithmetic
         # (csrc/host_kernels.hpp). Exports never do.
         self.kernels = None
+        # The torch backend sets this on a CPU: its eager runs take gate_up's product this many rows at
+        # a time (common.gated_mlp). Exports never do.
+        self.mlp_rows = None
         # Whether sdpa is given grouped keys/values with a mask (``enable_gqa``). The CPU's flash
         # kernel takes both. On CUDA flash attention takes no mask and memory-efficient attention no
         # grouped heads, so, cuDNN's kernel being off for our runs (backends.torch.NoCudnnAttention),
@@ -216,8 +219,7 @@ class DecoderLayer(nn.Module):
         else:
             x = x + self.o(out)
             h = self.post_norm(x)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        x = x + self.down(F.silu(gate) * up)
+        x = x + gated_mlp(self.gate_up, self.down, h, self.mlp_rows if eager else None)
         return x, k, v
 
     @staticmethod

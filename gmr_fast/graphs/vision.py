@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..vision_layout import COMMON_INPUTS, WINDOW_INPUTS
-from .common import Proj, RMSNorm, make_norm, min_value, rotate_half
+from .common import Proj, RMSNorm, gated_mlp, make_norm, min_value, rotate_half
 
 OUTPUT_NAMES = ["image_embeds"]
 
@@ -78,6 +78,9 @@ class VisionBlock(nn.Module):
         # RMSNorms (with the residual addition before the second) as one pass each, torch's
         # arithmetic (csrc/host_kernels.hpp). Exports never do.
         self.kernels = None
+        # The torch backend sets this on a CPU: gate_up's product this many rows at a time
+        # (common.gated_mlp). Exports never do.
+        self.mlp_rows = None
 
     def _fused(self, x) -> bool:
         return (self.kernels is not None and x.dtype == torch.bfloat16 and isinstance(self.norm1, RMSNorm)
@@ -85,8 +88,7 @@ class VisionBlock(nn.Module):
 
     def mlp(self, x):
         if self.mlp_kind == "swiglu":
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
+            return gated_mlp(self.gate_up, self.down, x, self.mlp_rows)
         h = self.fc1(x)
         return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu
 
