@@ -8,9 +8,10 @@ document).
 The checkpoint is generated with GMR-3B's widths and layout (random weights) at reduced depth
 (``shape:decoder_layers:vision_layers``; at least 6 decoder layers so that savings confined to
 the last layer do not dominate). Lengths are MRB-like: query images of 256-1,280 visual tokens,
-documents of 30-400 words or images of 256-768 tokens. HF scores a sample of each task's pairs
+documents of 30-400 words or images of 256-768 tokens. HF scores a sample of each image task's pairs
 (its rate does not depend on how many candidates share a query: it recomputes everything per
-pair, one image encode per pair); gmr_fast scores all of them. Ranking agreement is measured on
+pair, one image encode per pair) and every t2t pair (on a small sample of text documents its
+length-sorted batches pad more, which would read its rate low); gmr_fast scores all of them. Ranking agreement is measured on
 the sample against HF fp32. Every measurement runs in its own process (its own peak RSS).
 ``--pool N`` draws the candidates of all queries from one corpus of N documents (overlapping
 lists, as top-k lists over a shared corpus are); gmr_fast scores all pairs in one call, so each
@@ -239,7 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="gmr-3b:6:8")
     p.add_argument("--queries", type=int, default=2)
     p.add_argument("--candidates", type=int, default=50)
-    p.add_argument("--hf-sample", type=int, default=16, help="pairs per task HF scores")
+    p.add_argument("--hf-sample", type=int, default=16,
+                   help="pairs per image task HF scores (t2t: every pair, see main)")
     p.add_argument("--pool", type=int, default=0,
                    help="draw every query's candidates from one corpus of this many documents, so that the lists "
                         "overlap (as top-k lists over a shared corpus do); gmr_fast encodes each distinct image "
@@ -299,42 +301,48 @@ def main(argv=None) -> int:
     hf_dtypes = ["fp32"] + [d for d in a.hf_dtypes.split(",") if d and d != "fp32"]
     doc = {"machine": machine(), "shape": shape, "decoder_layers": int(layers), "vision_layers": int(vlayers),
            "queries": a.queries, "candidates": a.candidates, "pool": a.pool, "hf_sample": a.hf_sample,
+           "hf_sample_t2t": a.queries * a.candidates,
            "hf_dtypes": hf_dtypes, "tasks": {}}
     for task in ([] if a.tasks == "none" else a.tasks.split(",")):  # "none": the latency part alone
-        rows = {f"hf_{d}": in_child("mrb_workload:child_hf", str(ckpt), d, task, a.queries, a.candidates, a.hf_sample,
+        # t2t: HF on every pair. HF pads a batch to its longest pair, and on a small sample of 30-400-word
+        # documents that is a third more per pair than on the full list (6 Dec: 477 against 364 decoder
+        # tokens a pair, 2.83 against 3.88 pairs/s), which reads gmr_fast's speed-up high; the image
+        # tasks keep the sample (HF fp32 on every it2it pair takes 10-20 minutes)
+        sample = a.queries * a.candidates if task == "t2t" else a.hf_sample
+        rows = {f"hf_{d}": in_child("mrb_workload:child_hf", str(ckpt), d, task, a.queries, a.candidates, sample,
                                     a.pool) for d in hf_dtypes}
         if a.hf_kept_heap:
             rows.update({f"hf_{d}_kept_heap": in_child("mrb_workload:child_hf", str(ckpt), d, task, a.queries,
-                                                       a.candidates, a.hf_sample, a.pool, True) for d in hf_dtypes})
+                                                       a.candidates, sample, a.pool, True) for d in hf_dtypes})
         for name, share in (("gmr_shared", True), ("gmr_not_shared", False))[:1 if a.shared_only else 2]:
             rows[name] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, share,
-                                  a.hf_sample, None, "auto", None, a.pool)
+                                  sample, None, "auto", None, a.pool)
         for ip in filter(None, a.image_precisions.split(",")):
             rows[f"gmr_shared_{ip}"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
-                                                True, a.hf_sample, None, ip, None, a.pool)
+                                                True, sample, None, ip, None, a.pool)
         for g in gemms:  # rows named as before for torch ("gmr_shared_torch_gemm")
             name = "gmr_shared_torch_gemm" if g == "torch" else f"gmr_shared_bf16_gemm_{g}"
             rows[name] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True,
-                                  a.hf_sample, None, "auto", {"bf16_gemm": g}, a.pool)
+                                  sample, None, "auto", {"bf16_gemm": g}, a.pool)
         if a.host_kernels_off:
             rows["gmr_shared_host_kernels_off"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
-                                                           a.candidates, True, a.hf_sample, None, "auto",
+                                                           a.candidates, True, sample, None, "auto",
                                                            {"host_kernels": "off"}, a.pool)
         if a.mlp_rows_off:
             rows["gmr_shared_mlp_rows_off"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
-                                                       a.candidates, True, a.hf_sample, None, "auto",
+                                                       a.candidates, True, sample, None, "auto",
                                                        {"mlp_rows": 0}, a.pool)
         if a.route_attention_fp32:
             rows["gmr_shared_route_attention_fp32"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries,
-                                                               a.candidates, True, a.hf_sample, None, "auto",
+                                                               a.candidates, True, sample, None, "auto",
                                                                {"route_attention": "fp32"}, a.pool)
         for mb in filter(None, a.per_query_cache_mb.split(",")):
             rows[f"gmr_shared_per_query_cache_{mb}mb"] = in_child(
-                "mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, a.hf_sample, None, "auto",
+                "mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, sample, None, "auto",
                 None, a.pool, int(mb))  # in_child passes positional arguments only
         if a.one_lane:
             rows["gmr_shared_one_lane"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
-                                                   True, a.hf_sample, 1, "auto", None, a.pool)
+                                                   True, sample, 1, "auto", None, a.pool)
         ref = rows["hf_fp32"]["sample_scores"]
         best_hf = max(row["pairs_per_s"] for name, row in rows.items() if name.startswith("hf_"))
         for name, row in rows.items():
