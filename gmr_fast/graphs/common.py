@@ -38,6 +38,7 @@ def gated_mlp(gate_up: "Proj", down: "Proj", x, rows: int | None = None):
         torch.mul(F.silu(gate), up, out=act[start:start + rows])
     return down(act)
 
+
 class Proj(nn.Module):
     """``x @ weight (+ bias)`` with ``weight`` of shape [in, out]: a MatMul in the exported graph
     whose second operand is an initializer, which is what weight quantization rewrites."""
