@@ -9,9 +9,11 @@ The checkpoint is generated with GMR-3B's widths and layout (random weights) at 
 (``shape:decoder_layers:vision_layers``; at least 6 decoder layers so that savings confined to
 the last layer do not dominate). Lengths are MRB-like: query images of 256-1,280 visual tokens,
 documents of 30-400 words or images of 256-768 tokens. HF scores a sample of each image task's pairs
-(its rate does not depend on how many candidates share a query: it recomputes everything per
-pair, one image encode per pair) and every t2t pair (on a small sample of text documents its
-length-sorted batches pad more, which would read its rate low); gmr_fast scores all of them. Ranking agreement is measured on
+(it recomputes everything per pair, one image encode per pair; on i2t and it2it its rate on the
+sample matched its rate on every pair of a query's 50, but on t2i's mixed-size document images
+the sample pads more and reads its rate 13-21% low: ``hf_sample.py``) and every t2t pair (on a
+small sample of text documents its length-sorted batches pad more, which would read its rate
+low); gmr_fast scores all of them. Ranking agreement is measured on
 the sample against HF fp32. Every measurement runs in its own process (its own peak RSS).
 ``--pool N`` draws the candidates of all queries from one corpus of N documents (overlapping
 lists, as top-k lists over a shared corpus are); gmr_fast scores all pairs in one call, so each
@@ -307,7 +309,8 @@ def main(argv=None) -> int:
         # t2t: HF on every pair. HF pads a batch to its longest pair, and on a small sample of 30-400-word
         # documents that is a third more per pair than on the full list (6 Dec: 477 against 364 decoder
         # tokens a pair, 2.83 against 3.88 pairs/s), which reads gmr_fast's speed-up high; the image
-        # tasks keep the sample (HF fp32 on every it2it pair takes 10-20 minutes)
+        # tasks keep the sample (HF fp32 on every it2it pair takes 10-20 minutes); t2i's reads HF 13-21% low
+        # (hf_sample.py)
         sample = a.queries * a.candidates if task == "t2t" else a.hf_sample
         rows = {f"hf_{d}": in_child("mrb_workload:child_hf", str(ckpt), d, task, a.queries, a.candidates, sample,
                                     a.pool) for d in hf_dtypes}
