@@ -1,6 +1,6 @@
-"""The bundled default job (until scoring lands): preprocess every real photo that ships with
-scikit-image, as GMR would see it, and report grids, visual tokens and timings against
-HuggingFace's processor on the same decoded images.
+"""Image preprocessing on real photos (the main job is ``python -m train.demo``): preprocess every
+photo that ships with scikit-image, as GMR would see it, and report grids, visual tokens and
+timings against HuggingFace's processor on the same decoded images, with a bit-for-bit check.
 
     python -m gmr_fast.demo [--min-pixels N] [--max-pixels N]
 """
