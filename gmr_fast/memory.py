@@ -91,6 +91,35 @@ def weights_loading():
                 _state["mallopt"](M_MMAP_MAX, 0)
 
 
+# oneDNN (torch's own, and gmr_fast._dnnl's) builds a kernel for each GEMM shape it meets and keeps it
+# in a process-wide cache of ONEDNN_PRIMITIVE_CACHE_CAPACITY entries (1,024 by default); torch's
+# ideep layer keeps its own of LRU_CACHE_CAPACITY (1,024). An unpadded batch of T tokens is a new row
+# count for every projection, so the caches fill with kernels that are rarely met again: at GMR-3B's
+# widths ~1.6 MB each for a [T, 2,048] x [2,048, 2,048] bf16 product, 0.65 GB after 400 row counts
+# of that one shape (one thread, AMX Xeon; 0.7 MB in all with both caches at one entry). Kept to
+# ONEDNN_KERNELS entries each, a long job's or a server's resident memory stops growing with the
+# shapes it has seen (benchmarks/long_run_memory.py). What a kernel build costs (3-20 ms a shape,
+# measured) is paid either way, as row counts rarely repeat.
+ONEDNN_KERNELS = 64
+KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def bound_kernel_caches() -> str:
+    """Sets oneDNN's and ideep's kernel cache capacities to ONEDNN_KERNELS (once per process), each
+    unless already in the environment (the user's value wins). The libraries read them when the
+    process builds its first oneDNN kernel, so this must come before that (the torch backend calls
+    it before it loads or packs any weight). Returns what was done, for the run's stats."""
+    with _lock:
+        if "kernel_caches" not in _state:
+            given = {k: os.environ[k] for k in KERNEL_CACHES if os.environ.get(k)}
+            for k in KERNEL_CACHES:
+                if k not in given:
+                    os.environ[k] = str(ONEDNN_KERNELS)
+            _state["kernel_caches"] = (f"{ONEDNN_KERNELS} kernels" if not given else
+                                       ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_CACHES))
+        return _state["kernel_caches"]
+
+
 def available_memory() -> int:
     """Bytes the kernel reports available now (``MemAvailable``); unbounded where unknown."""
     try:

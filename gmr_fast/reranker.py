@@ -726,7 +726,7 @@ class Reranker:
                        "backend": backend, "device": options.device, "reason": why,
                        "lanes": self.lanes, "threads_per_lane": self.backend_threads, "lanes_reason": lanes_why,
                        "cpu": hardware.cpu_info()["model"], "cpu_features": hardware.cpu_info()["features"]}
-        for key in ("malloc", "gemm", "host_kernels"):  # torch backend
+        for key in ("malloc", "kernel_caches", "gemm", "host_kernels"):  # torch backend
             if hasattr(self.backend, key):
                 self.choice[key] = getattr(self.backend, key)
         if getattr(self.backend, "query_vision", None) is not None:  # torch, images under bf16-vision

@@ -28,7 +28,7 @@ import numpy as np
 from .. import hardware
 from ..errors import BackendError
 from ..manifest import Manifest
-from ..memory import keep_freed_memory, weights_loading
+from ..memory import bound_kernel_caches, keep_freed_memory, weights_loading
 from ..schedule import DecoderBatch, VisionBatch
 from . import past_tensors
 
@@ -230,6 +230,8 @@ class TorchBackend:
         # eager torch allocates every intermediate anew: keep freed memory instead of faulting it
         # in again (gmr_fast.memory; on CUDA torch's caching allocator already does this)
         self.malloc = keep_freed_memory() if device == "cpu" else "cuda caching allocator"
+        # oneDNN's kernels for the shapes met, kept to a bound (gmr_fast.memory); before any weight is packed
+        self.kernel_caches = bound_kernel_caches() if device == "cpu" else None
         self.torch, self.device, self.precision = torch, torch.device(device), precision
         self.dtype = getattr(torch, DTYPES[precision])
         self.dims = manifest.decoder
