@@ -115,6 +115,10 @@ def torch_bf16_speedup() -> float | None:
         return None
     import time
 
+    from .memory import bound_kernel_caches
+
+    bound_kernel_caches()  # before this process's first oneDNN kernel, which sizes its caches
+
     m, k, n = BF16_PROBE_SHAPE
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
@@ -155,6 +159,9 @@ def onednn_fpmath_bf16_is_exact() -> bool:
         import torch
     except ImportError:
         return False
+    from .memory import bound_kernel_caches
+
+    bound_kernel_caches()  # before this process's first oneDNN kernel, which sizes its caches
     m, k, n = FPMATH_PROBE_SHAPE
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=g), (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16().float()

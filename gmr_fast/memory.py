@@ -107,8 +107,10 @@ KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 def bound_kernel_caches() -> str:
     """Sets oneDNN's and ideep's kernel cache capacities to ONEDNN_KERNELS (once per process), each
     unless already in the environment (the user's value wins). The libraries read them when the
-    process builds its first oneDNN kernel, so this must come before that (the torch backend calls
-    it before it loads or packs any weight). Returns what was done, for the run's stats."""
+    process builds its first oneDNN kernel, so this must come before that: the torch backend calls
+    it before it loads or packs any weight, and so do the probes that may run before the backend
+    (hardware's bf16 GEMM measurements, gmr_fast._dnnl's check). Returns what was done, for the
+    run's stats."""
     with _lock:
         if "kernel_caches" not in _state:
             given = {k: os.environ[k] for k in KERNEL_CACHES if os.environ.get(k)}

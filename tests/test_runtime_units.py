@@ -431,34 +431,40 @@ def test_torch_cpu_runs_keep_a_bounded_number_of_onednn_kernels(exported_engines
     """gmr_fast.memory.bound_kernel_caches: a torch backend on the CPU keeps oneDNN's kernel caches
     (oneDNN's and ideep's) to ONEDNN_KERNELS shapes, set before its weights load: after that many
     new product shapes, the first is built again (a cache miss), where with the libraries' own
-    1,024 it is still kept; a capacity the user set wins. Counted in fresh processes (the caches are
-    process-wide, sized at the first kernel) from oneDNN's own log of each kernel it builds."""
+    1,024 it is still kept; a capacity the user set wins. The probes that may run before the backend
+    (the precision choice's bf16 GEMM measurement on AVX512-BF16 CPUs, gmr_fast._dnnl's check) run
+    first here, as they would there. Counted in fresh processes (the caches are process-wide, sized
+    at the first kernel) from oneDNN's own log of each kernel it builds."""
     from gmr_fast.memory import ONEDNN_KERNELS
 
     _, engine = exported_engines["qwen2_5_vl"]
     shapes = ONEDNN_KERNELS + 6
     code = ("import json, torch\n"
-            "from gmr_fast import Reranker\n"
+            "from gmr_fast import Reranker, hardware\n"
+            "from gmr_fast.backends import bf16_gemm\n"
+            "hardware.torch_bf16_speedup(); bf16_gemm.load()\n"
             f"r = Reranker({str(engine)!r}, backend='torch', precision='fp32')\n"
             "w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(41, 37), None)\n"
             f"for rows in [*range(1, {shapes + 1}), 1]:\n"
             "    torch.ops.mkldnn._linear_pointwise(torch.randn(rows, 37), w, None, 'none', [], '')\n"
             "print(json.dumps(r.choice['kernel_caches']), flush=True)\n")
 
+    caches = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
+
     def built(env: dict) -> tuple[int, str]:
+        clean = {k: v for k, v in os.environ.items() if k not in caches}
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "ONEDNN_VERBOSE": "profile_create", **env})
+                              env={**clean, "ONEDNN_VERBOSE": "profile_create", **env})
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = proc.stdout.splitlines()
         # the 37 -> 41 product's kernels built (not found in oneDNN's cache)
         ours = [ln for ln in lines if "create:cache_miss" in ln and "ic37" in ln and "oc41" in ln]
         return len(ours), json.loads(lines[-1])
 
-    clean = {k: "" for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")}
-    bounded, state = built(clean)
+    bounded, state = built({})
     assert state == f"{ONEDNN_KERNELS} kernels"
     assert bounded == shapes + 1, bounded  # every shape built once, and the first again
-    users, state = built({**clean, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
+    users, state = built({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024" in state
     assert users == shapes, users  # the first shape's kernel still kept
 

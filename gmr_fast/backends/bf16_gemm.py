@@ -55,6 +55,9 @@ def load():
             except (OSError, ImportError) as e:
                 module, why = None, f"gmr_fast._dnnl could not be loaded ({e}); reinstall gmr_fast with oneDNN present"
         if module is not None:
+            from ..memory import bound_kernel_caches
+
+            bound_kernel_caches()  # before the library's first kernel, which sizes its caches
             why = _probe(module)
             if why is not None:
                 module = None
