@@ -114,11 +114,18 @@ def bound_kernel_caches() -> str:
     with _lock:
         if "kernel_caches" not in _state:
             given = {k: os.environ[k] for k in KERNEL_CACHES if os.environ.get(k)}
+            notes = []
+            # torch 2.13's ideep crashes (SIGSEGV) at its first kernel on an LRU_CACHE_CAPACITY that is
+            # not a whole number >= 1 ("0", "", "off"); oneDNN's own takes 0 (no cache)
+            lru = given.get("LRU_CACHE_CAPACITY")
+            if lru is not None and not (lru.strip().isdigit() and int(lru) >= 1):
+                notes.append(f"LRU_CACHE_CAPACITY={lru!r} replaced: torch's ideep crashes on it")
+                del given["LRU_CACHE_CAPACITY"]
             for k in KERNEL_CACHES:
                 if k not in given:
                     os.environ[k] = str(ONEDNN_KERNELS)
-            _state["kernel_caches"] = (f"{ONEDNN_KERNELS} kernels" if not given else
-                                       ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_CACHES))
+            _state["kernel_caches"] = "; ".join([f"{ONEDNN_KERNELS} kernels" if not given else
+                                                 ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_CACHES), *notes])
         return _state["kernel_caches"]
 
 

@@ -469,6 +469,26 @@ def test_torch_cpu_runs_keep_a_bounded_number_of_onednn_kernels(exported_engines
     assert users == shapes, users  # the first shape's kernel still kept
 
 
+@pytest.mark.parametrize("value", ["0", "off"])
+def test_a_kernel_cache_capacity_torch_would_crash_on_is_replaced(value):
+    """torch's ideep crashes (SIGSEGV) at its first kernel when LRU_CACHE_CAPACITY is not a whole
+    number >= 1; gmr_fast.memory.bound_kernel_caches replaces such a value with its own bound and
+    says so, and the process then runs oneDNN. In a fresh process (the setting is process-wide)."""
+    from suite_helpers import child_json
+
+    code = ("import json, os, torch\n"
+            "from gmr_fast.memory import ONEDNN_KERNELS, bound_kernel_caches\n"
+            "state = bound_kernel_caches()\n"
+            "w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(41, 37), None)\n"
+            "y = torch.ops.mkldnn._linear_pointwise(torch.randn(3, 37), w, None, 'none', [], '')\n"
+            "print(json.dumps({'state': state, 'lru': os.environ['LRU_CACHE_CAPACITY'], 'rows': y.shape[0],\n"
+            "                  'bound': ONEDNN_KERNELS}))\n")
+    got = child_json(code, {"LRU_CACHE_CAPACITY": value, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"})
+    assert got["rows"] == 3 and got["lru"] == str(got["bound"]), got
+    assert f"LRU_CACHE_CAPACITY={value!r} replaced" in got["state"], got
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY=0" in got["state"], got  # oneDNN's own takes 0: kept
+
+
 def test_weights_load_with_large_blocks_given_back():
     """gmr_fast.memory.weights_loading: while weights load, a large block freed goes back to the
     kernel even with the kept heap on (a weight's first copy, freed once packed, must not stay in
