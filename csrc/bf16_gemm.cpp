@@ -21,7 +21,7 @@ dnnl::engine& cpu() {
 // count, but the choice is made once, for a typical batch, and every other row count must take it.
 constexpr int64_t kPackRows = 512;
 // Row counts vary with every batch: a weight keeps this many primitives, then starts again. Few:
-// a primitive held here outlives oneDNN's own cache of them (bounded by gmr_fast.memory), ~1.4 MB
+// a primitive held here outlives oneDNN's own cache of them (bounded by gmr_fast.memory), ~1.6 MB
 // each at GMR-3B's widths, and the model's layers share their shapes' primitives through that
 // cache, so what a layer keeps here saves only the descriptor's lookup. At 256 an image workload's
 // new row counts held up to 256 per weight, 30 weights at 6 layers.
