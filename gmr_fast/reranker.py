@@ -43,7 +43,7 @@ from .manifest import PRECISIONS, load_manifest
 from .options import check_choice, check_positive, option, parse_key_values
 from .preprocess import hardware_threads, patchify, smart_resize
 from .progress import Progress
-from .prompt import EncodedPrompt, Item, PromptBuilder, as_item
+from .prompt import EncodedPrompt, Item, PromptBuilder, as_item, text_problem
 from .schedule import Limits, Schedule, Sequence as TokenSequence, VisionBatch, build_decoder_batch, plan as plan_steps
 
 log = logging.getLogger("gmr_fast")
@@ -947,13 +947,25 @@ class Reranker:
         routed_queries = {(instructions[i], q.text, keys[0] if q.has_image else None)
                           for i, ((q, d), keys) in enumerate(zip(items, keys_per_pair))
                           if route and (self.route_text or q.has_image or d.has_image)}
+        # text the tokenizer cannot take fails its own pair (the tokenizer would refuse the batch)
+        unreadable: dict[int, PromptError] = {}
+        for i, (q, d) in enumerate(items):
+            for what, text in (("instruction", instructions[i]), ("query text", q.text), ("document text", d.text)):
+                problem = text_problem(text)
+                if problem is not None:
+                    unreadable[i] = PromptError(f"{labels[i]} {what}: {problem}")
+                    break
         # every prompt tokenized in native batch calls (GIL released), each query's part once;
         # encode() expands and truncates
-        tokenized = self.prompts.tokenize_prompts(instructions, items)
+        tokenized = self.prompts.tokenize_prompts(
+            [self.instruction if i in unreadable else x for i, x in enumerate(instructions)],
+            [(Item(), Item()) if i in unreadable else pair for i, pair in enumerate(items)])
         for i, ((q, d), keys) in enumerate(zip(items, keys_per_pair)):
             sides = (["query"] if q.has_image else []) + (["document"] if d.has_image else [])
             bad = next(((side, images[k]) for side, k in zip(sides, keys) if isinstance(images[k], ImageError)), None)
             try:
+                if i in unreadable:
+                    raise unreadable[i]
                 if bad is not None:
                     raise ImageError(i, bad[1].cause, bad[1].source, label=f"{labels[i]} {bad[0]} image")
                 tokens = iter(self.spec.visual_tokens(*images[k].size) for k in keys)

@@ -219,6 +219,27 @@ def test_bad_pairs_are_value_errors_naming_the_pair(bad, msg, exported_engines):
         Reranker(engine).score([("q", "d"), ("q", bad)])
 
 
+def test_text_the_tokenizer_cannot_take_fails_only_its_pair(exported_engines):
+    """A str may hold what UTF-8 cannot encode (a lone surrogate: JSON's "\\udc80", text cut inside
+    a UTF-16 pair). The tokenizer refuses a whole batch over one such string with a TypeError naming
+    nothing; the pair is failed by name instead, as a corrupt image is, and the others are scored."""
+    _, engine = exported_engines["qwen2_5_vl"]
+    reranker = Reranker(engine)
+    pairs = [("cats", "a cat"), ("cats", "half a pair \ud83d here"), ({"text": "\udc80"}, "d"), ("cats", "a dog")]
+    with pytest.raises(PromptError, match=r"pair 1 document text: not valid Unicode text .*'\\ud83d' at character 12"):
+        reranker.score(pairs)
+    scores = reranker.score(pairs, on_error="nan")
+    assert set(scores.errors) == {1, 2} and "pair 2 query text" in str(scores.errors[2])
+    assert np.isnan(scores[[1, 2]]).all()
+    assert np.abs(scores[[0, 3]] - reranker.score([pairs[0], pairs[3]])).max() <= 1e-5
+    # one pair's instruction: that pair fails; valid non-ASCII text is untouched
+    scores = reranker.score([("猫", "ein Kätzchen 😀"), ("cats", "x")], instruction=["Judge.", "bad \udfff"],
+                            on_error="nan")
+    assert set(scores.errors) == {1} and "pair 1 instruction: not valid Unicode" in str(scores.errors[1])
+    assert np.isfinite(scores[0]) and scores[0] == pytest.approx(
+        reranker.score([("猫", "ein Kätzchen 😀")], instruction="Judge.")[0], abs=1e-5)
+
+
 def test_image_errors_raise_or_nan(exported_engines, rng, tmp_path):
     _, engine = exported_engines["qwen2_5_vl"]
     reranker = Reranker(engine)

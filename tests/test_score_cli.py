@@ -432,7 +432,8 @@ def test_pairs_mode(engine, tmp_path, capsys):
     src.write_text("\n".join([json.dumps(rows[0]), json.dumps(rows[0]),
                               json.dumps({"id": "x", "query": {"txt": "a"}, "document": "d"}),
                               '{"id": "y", "query": ', "[1, 2]", json.dumps({"query": "q", "document": "d"}),
-                              json.dumps({"id": "z", "query": "q"}), json.dumps(rows[2])]) + "\n")
+                              json.dumps({"id": "z", "query": "q"}), json.dumps(rows[2]),
+                              json.dumps({"id": "u", "query": "q", "document": "cut \udc80 here"})]) + "\n")
     o = tmp_path / "o.jsonl"
     code, err = run_cli("--engine", engine, "--input", src, "--output", o, capsys=capsys)
     assert code == 0 and "pairs.jsonl:2: duplicate id 'r0'" in err
@@ -440,6 +441,7 @@ def test_pairs_mode(engine, tmp_path, capsys):
     errors = read_jsonl(tmp_path / "o.errors.jsonl")
     by_id = {r["id"]: r["error"] for r in errors if "id" in r}
     assert "pairs.jsonl:3: 'query' must be" in by_id["x"] and "pairs.jsonl:7: row 'z' has no 'document'" in by_id["z"]
+    assert "row 'u' document text: not valid Unicode text" in by_id["u"]  # a lone surrogate: that row only
     by_line = {r["line"]: r["error"] for r in errors if "id" not in r}
     assert sorted(by_line) == [2, 4, 5, 6] and all(r.get("file") == "pairs.jsonl" for r in errors if "id" not in r)
     assert "not valid JSON" in by_line[4] and "expected a JSON object, got list" in by_line[5]

@@ -308,9 +308,11 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _truncated(state: ServerState, item, max_tokens: int):
     """The document with its text cut to ``max_tokens`` tokens (Cohere's max_tokens_per_doc)."""
-    from ..prompt import Item
+    from ..prompt import Item, text_problem
 
     if not item.text:
+        return item
+    if text_problem(item.text) is not None:  # not tokenizable: planning fails this document by name
         return item
     tok = state.reranker.prompts.tokenizer.encode(item.text, add_special_tokens=False)
     if len(tok.ids) <= max_tokens:
@@ -338,6 +340,9 @@ def _name(e: GmrError, labels: list[str], query_field: str = "query") -> Request
     if "without any document text" in message:  # the query (and instruction, images) alone do not fit
         return RequestError(422, "invalid_input", f"{query_field}: " + message.split(": ", 1)[-1], query_field)
     for i, label in enumerate(labels):
+        if message.startswith(label + " instruction"):  # one instruction per request
+            return RequestError(422, "invalid_input", "instruction" + message[len(label) + len(" instruction"):],
+                                "instruction")
         if message.startswith(label + " query"):
             return RequestError(422, "invalid_input", query_field + message[len(label) + len(" query"):], query_field)
         if message.startswith(label + " ") or message.startswith(label + ":"):
