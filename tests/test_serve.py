@@ -347,6 +347,31 @@ def test_malformed_body_auth_and_size_limits(server):
     assert models["data"][0]["max_model_len"] == 400 and models["data"][0]["created"] <= time.time()
 
 
+def test_text_no_tokenizer_can_take_is_a_422_naming_it(server, reference):
+    """JSON may carry a lone surrogate ("\\udc80"), which no UTF-8 tokenizer takes: a 422 naming
+    the field and the document in every shape, not a 500 (nor a failed round for other clients)."""
+    url, _ = server
+
+    def raw(path, body: str):
+        return httpx.post(url + path, content=body.encode(), headers={"Authorization": f"Bearer {KEY}",
+                                                                      "content-type": "application/json"})
+    bad = "bad \\udc80 text"
+    cases = [("/v2/rerank", '{"query": "q", "documents": ["ok", "%s"]}' % bad, "documents", 1),
+             ("/v1/rerank", '{"query": "q", "documents": ["ok", "%s"], "max_tokens_per_doc": 2}' % bad, "documents", 1),
+             ("/v2/rerank", '{"query": "%s", "documents": ["ok"]}' % bad, "query", None),
+             ("/v2/rerank", '{"query": "q", "documents": ["ok"], "instruction": "%s"}' % bad, "instruction", None),
+             ("/score", '{"text_1": "q", "text_2": ["ok", {"content": [{"type": "text", "text": "%s"}]}]}' % bad, "text_2", 1),
+             ("/rerank", '{"query": "q", "texts": ["%s", "ok"]}' % bad, "texts", 0)]
+    for path, body, field, index in cases:
+        r = raw(path, body)
+        assert r.status_code == 422, (path, r.text)
+        err = r.json()["error"]
+        assert (err.get("field"), err.get("index")) == (field, index), (path, err)
+        assert "not valid Unicode" in err["message"]
+    r = raw("/v2/rerank", '{"query": "q", "documents": ["ok", "\\u00e9t\\u00e9"]}')  # escaped, valid: scored
+    assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
+
+
 def test_concurrent_requests_share_batches_and_equal_reranker_scores(server, reference, rng):
     url, app = server
     requests = []
@@ -447,6 +472,56 @@ def test_queue_full_and_cancelled_work_is_skipped(engine):
     queue.close()
     assert sum(ran) == 4  # the cancelled job's pairs never ran
     loop.close()
+
+
+def test_a_round_that_fails_to_plan_fails_only_the_request_at_fault(engine, reference):
+    """Requests that arrive while the engine runs are planned as one round. Should planning raise
+    (here: a planner that refuses one document, standing for a fault it has no per-pair check
+    for), only that request fails; the others of its round get the scores Reranker.score gives."""
+    from gmr_fast.prompt import Item
+    from gmr_fast.server.metrics import Metrics
+    from gmr_fast.server.queue import BatchQueue, Job
+
+    reranker = Reranker(engine)
+    gate = threading.Event()
+    real_run, real_plan, rounds = reranker.run, reranker.plan, []
+
+    def slow_run(plan, skip=None):
+        gate.wait(30)
+        yield from real_run(plan, skip=skip)
+
+    def picky_plan(pairs, **kw):
+        rounds.append(len(pairs))
+        if any(d.text == "boom" for _, d in pairs):
+            raise RuntimeError("the planner fell over on 'boom'")
+        return real_plan(pairs, **kw)
+    reranker.run, reranker.plan = slow_run, picky_plan
+    queue = BatchQueue(reranker, Metrics.create(), round_pairs=64)
+    loop = asyncio.new_event_loop()
+
+    def job(query, docs):
+        return Job([(Item(query), Item(d)) for d in docs], None, [f"documents[{i}]" for i in range(len(docs))],
+                   loop, loop.create_future())
+    first, waiting = job("q0", ["d0"]), job("q1", ["d1"])
+    good, bad, other = job("cats", ["a cat", "a dog"]), job("cats", ["fine", "boom"]), job("stocks", ["bonds"])
+    queue.submit(first)  # taken by the engine, which blocks
+    time.sleep(0.3)
+    queue.submit(waiting)  # planned, waits for the engine; the planner now waits for its slot
+    time.sleep(0.3)
+    for j in (good, bad, other):  # all three are taken as one round once the engine moves on
+        queue.submit(j)
+    gate.set()
+    done = loop.run_until_complete(asyncio.wait_for(
+        asyncio.gather(*(j.future for j in (first, waiting, good, bad, other)), return_exceptions=True), 60))
+    queue.close()
+    loop.close()
+    assert rounds[:3] == [1, 1, 5], rounds  # the three were one round, which failed to plan
+    assert isinstance(done[3], RuntimeError) and "boom" in str(done[3])
+    for j, got in ((good, done[2]), (other, done[4]), (first, done[0])):
+        assert isinstance(got, np.ndarray), got
+        pairs = [(q.text, d.text) for q, d in j.pairs]
+        assert np.abs(got - reference.score(pairs)).max() <= 1e-4
+    assert queue.queued_pairs == 0
 
 
 def test_lanes_run_rounds_side_by_side(engine, reference):

@@ -150,19 +150,48 @@ class BatchQueue:
                     if self._closing:
                         return
                     continue
-                try:
-                    planned = self._plan(jobs)
-                except Exception as e:  # noqa: BLE001 - a planning failure fails this round's requests, not the server
-                    log.exception("planning a round failed")
-                    self._started(sum(len(job.pairs) for job in jobs))
-                    for job in jobs:
-                        _resolve(job, exception=e)
+                planned = self._plan_isolated(jobs)
+                if planned is None:
                     self._slot.release()
                     continue
                 self._planned.put(planned)
         finally:
             for _ in self._runners:  # each runner stops after the rounds already planned
                 self._planned.put(None)
+
+    def _plan_isolated(self, jobs: list[Job]) -> "_Round | None":
+        """The round planned, or None when no job is left in it. Planning fails a pair, not a
+        call, for the input faults it knows (images, text, length); should it raise all the same,
+        the requests planned with the one at fault are not failed with it: each job is planned
+        alone, a job that still fails gets that error (a 500 at worst), and the others are
+        planned together again. A failure costs the round's planning twice; the server stays up."""
+        try:
+            return self._plan(jobs)
+        except Exception as e:  # noqa: BLE001 - a planning failure fails requests, not the server
+            log.exception("planning a round of %d request(s) failed", len(jobs))
+            failure = e
+        good = []
+        if len(jobs) > 1:
+            for job in jobs:
+                try:
+                    self._plan([job])
+                    good.append(job)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(job, e)
+        else:
+            self._fail(jobs[0], failure)
+        if good:
+            try:
+                return self._plan(good)
+            except Exception as e:  # noqa: BLE001 - planned alone each, not together: fail them
+                log.exception("planning a round of %d request(s) failed again", len(good))
+                for job in good:
+                    self._fail(job, e)
+        return None
+
+    def _fail(self, job: Job, e: BaseException) -> None:
+        self._started(len(job.pairs))
+        _resolve(job, exception=e)
 
     def _run_rounds(self) -> None:
         while (planned := self._planned.get()) is not None:
