@@ -342,6 +342,16 @@ def test_malformed_body_auth_and_size_limits(server):
     info = httpx.get(url + "/info", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert info["family"] == "qwen2_5_vl" and info["running"]["precision"] and info["limits"]["max_documents"] == 50
     assert httpx.get(url + "/v1/models").status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for method, path, status, kind in (("GET", "/v1/rerank", 405, "method_not_allowed"), ("POST", "/v3/rerank", 404,
+                                                                                           "not_found")):
+        r = httpx.request(method, url + path, headers=auth, json={})  # routing's errors in the same JSON shape
+        assert r.status_code == status and r.json()["error"]["type"] == kind and path in r.json()["error"]["message"]
+        assert status != 405 or r.headers["allow"] == "POST"
+    for i in range(3):  # paths no route serves share one metrics label: a scanner adds no series
+        httpx.get(url + f"/scan-{i}", headers=auth)
+    exposed = httpx.get(url + "/metrics").text
+    assert "scan-" not in exposed and 'gmr_requests_total{endpoint="other",status="404"}' in exposed
     models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["gmr"]
     assert models["data"][0]["max_model_len"] == 400 and models["data"][0]["created"] <= time.time()

@@ -28,6 +28,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from ..errors import GmrError, ImageError, PromptError
 from .metrics import Metrics
@@ -84,13 +85,14 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
     app.state.metrics = metrics
 
     # ------------------------------------------------------------------ errors, in one place
-    def error(status: int, kind: str, message: str, field: str | None = None, index: int | None = None):
+    def error(status: int, kind: str, message: str, field: str | None = None, index: int | None = None,
+              headers: dict | None = None):
         body = {"type": kind, "message": message}
         if field is not None:
             body["field"] = field
         if index is not None:
             body["index"] = index
-        return JSONResponse({"error": body}, status_code=status)
+        return JSONResponse({"error": body}, status_code=status, headers=headers)
 
     def to_response(e: BaseException):
         if isinstance(e, RequestError):
@@ -124,21 +126,31 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
         index = next((int(x) for x in loc[1:2] if x.isdigit()), None)
         return error(400, "malformed", first.get("msg", "malformed request"), loc[0] if loc else None, index)
 
+    @app.exception_handler(HTTPException)
+    async def on_http(request, exc: HTTPException):  # routing's own: an unknown path, a wrong method
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, kind, f"{request.method} {request.url.path}: {exc.detail}", headers=exc.headers)
+
     @app.exception_handler(GmrError)
     async def on_gmr(request, exc: GmrError):
         return to_response(exc)
 
+    routes: set[str] = set()  # filled once every route is defined, below
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         """Body limit, authentication and metrics for every request."""
-        endpoint = request.url.path
+        # metrics are labelled by route: one label per path a client sends would be a series kept
+        # for good for every path a scanner tries
+        endpoint = request.url.path if request.url.path in routes else "other"
         started = time.perf_counter()
         metrics.in_flight.inc()
         try:
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
                 response = error(413, "too_large", f"body of {length} bytes; the limit is {state.max_body_bytes}")
-            elif state.api_key and endpoint not in ("/health", "/metrics") and not _authorized(request, state.api_key):
+            elif (state.api_key and request.url.path not in ("/health", "/metrics")
+                  and not _authorized(request, state.api_key)):
                 response = error(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)")
             else:
                 try:
@@ -282,6 +294,7 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
         data, content_type = metrics.exposition()
         return Response(data, media_type=content_type)
 
+    routes.update(route.path for route in app.routes)
     return app
 
 
