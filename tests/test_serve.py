@@ -8,6 +8,7 @@ import asyncio
 import base64
 import concurrent.futures
 import io
+import json
 import os
 import signal
 import socket
@@ -337,6 +338,15 @@ def test_malformed_body_auth_and_size_limits(server):
     assert httpx.post(url + "/v2/rerank", json={"query": "q", "documents": ["d"]}, headers={"X-API-Key": KEY}).status_code == 200
     big = post(url, "/v2/rerank", {"query": "q", "documents": ["x" * (2 << 20)]})
     assert big.status_code == 413
+
+    def chunked(body: dict):  # a generator: httpx sends it chunked, with no Content-Length to refuse it by
+        data = json.dumps(body).encode()
+        yield from (data[i:i + (1 << 16)] for i in range(0, len(data), 1 << 16))
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    r = httpx.post(url + "/v2/rerank", content=chunked({"query": "q", "documents": ["x" * (2 << 20)]}), headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "too_large", r.text
+    r = httpx.post(url + "/v2/rerank", content=chunked({"query": "q", "documents": ["d"]}), headers=headers)
+    assert r.status_code == 200 and len(r.json()["results"]) == 1, r.text
     assert httpx.get(url + "/health").status_code == 200  # open, like /metrics
     assert httpx.get(url + "/info").status_code == 401
     info = httpx.get(url + "/info", headers={"Authorization": f"Bearer {KEY}"}).json()

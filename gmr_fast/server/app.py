@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import HTTPException as BodyTooLarge  # FastAPI passes its own on from a body's reading
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -53,6 +54,31 @@ class ServerState:
     queue: BatchQueue | None = None
     load_error: str | None = None
     loaded_at: float = 0.0  # when the engine was ready (unix time)
+
+
+class BodyLimit:
+    """The body limit on the bytes read, for bodies that announce no length: the guard refuses
+    an over-long Content-Length before reading, but a chunked body (``Transfer-Encoding:
+    chunked``) has none and would otherwise be read whole into memory, however large. Raised
+    inside the body's reading, as an HTTPException FastAPI passes on (a 413 in the error shape)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, received = self.state.max_body_bytes, 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(413, f"body of more than {limit} bytes; the limit is {limit}")
+            return message
+        await self.app(scope, limited, send)
 
 
 def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
@@ -128,13 +154,16 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def on_http(request, exc: HTTPException):  # routing's own: an unknown path, a wrong method
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         return error(exc.status_code, kind, f"{request.method} {request.url.path}: {exc.detail}", headers=exc.headers)
 
     @app.exception_handler(GmrError)
     async def on_gmr(request, exc: GmrError):
         return to_response(exc)
 
+    # inside the guard (added first, so nearer the routes): the exception it raises then reaches
+    # FastAPI's body reading directly, not through the guard's task group
+    app.add_middleware(BodyLimit, state=state)
     routes: set[str] = set()  # filled once every route is defined, below
 
     @app.middleware("http")
