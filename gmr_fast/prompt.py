@@ -46,17 +46,16 @@ class Item:
 
 
 def text_problem(text: str) -> str | None:
-    """Why the tokenizer cannot take ``text``, or None. It takes UTF-8 only, and a ``str`` can hold
-    what UTF-8 cannot encode: lone surrogates (JSON's ``"\\ud800"``, text cut inside a UTF-16
-    pair, bytes decoded with ``surrogateescape``). The tokenizer refuses a whole batch over one such
-    string (a TypeError naming no input), so the pair is failed here, by name."""
+    """Why UTF-8 cannot encode ``text``, or None: neither the tokenizer nor a UTF-8 output file
+    takes such a ``str``, which Python allows: lone surrogates (JSON's ``"\\ud800"``, text cut
+    inside a UTF-16 pair, bytes decoded with ``surrogateescape``). The tokenizer refuses a whole
+    batch over one of them (a TypeError naming no input), so callers fail the one item, by name."""
     if not isinstance(text, str) or text.isascii():
         return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        return (f"not valid Unicode text ({e.reason}: {text[e.start]!r} at character {e.start}); "
-                "the tokenizer takes text that UTF-8 can encode")
+        return f"not valid Unicode text ({e.reason}: {text[e.start]!r} at character {e.start})"
     return None
 
 

@@ -953,7 +953,8 @@ class Reranker:
             for what, text in (("instruction", instructions[i]), ("query text", q.text), ("document text", d.text)):
                 problem = text_problem(text)
                 if problem is not None:
-                    unreadable[i] = PromptError(f"{labels[i]} {what}: {problem}")
+                    unreadable[i] = PromptError(f"{labels[i]} {what}: {problem}; the tokenizer takes text that "
+                                                "UTF-8 can encode")
                     break
         # every prompt tokenized in native batch calls (GIL released), each query's part once;
         # encode() expands and truncates

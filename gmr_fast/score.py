@@ -30,7 +30,7 @@ from .evaluation import DEFAULT_METRICS, build_report, evaluate, parse_metrics, 
 from .jobs import JobError, Journal, Progress, Stats, Task, chunk_bounds, run_tasks, write_atomic
 from .manifest import load_manifest
 from .options import add_arguments, fingerprint, from_args, option
-from .prompt import Item
+from .prompt import Item, text_problem
 from .reranker import TEXT_DECODER, RerankerOptions, choose_image_precision, choose_precision, choose_text_precision
 from .suite import (Dataset, InputError, PathRefused, Record, find_datasets, load_dataset, read_jsonl,
                     resolve_image, trec_order)
@@ -362,6 +362,9 @@ def _pairs_tasks(path: str, image_root: str) -> tuple[list[Task], list[InputErro
         rid = row.get("id")
         if not isinstance(rid, str) or not rid:
             problems.append(InputError(path, f"'id' must be a non-empty string, got {rid!r}", n))
+            continue
+        if text_problem(rid) is not None:  # the output could not hold it (a lone surrogate)
+            problems.append(InputError(path, f"'id' {rid!r}: {text_problem(rid)}; ids are written to UTF-8 outputs", n))
             continue
         if rid in seen:
             problems.append(InputError(path, f"duplicate id {rid!r} (first on line {seen[rid]})", n))

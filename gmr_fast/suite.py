@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import GmrError
+from .prompt import text_problem
 
 TASK_CATEGORIES = {
     "t2t": "single-modal", "i2i": "single-modal",
@@ -113,6 +114,9 @@ def _records(path: str, problems: list[InputError] | None = None) -> dict[str, R
         rid = obj.get("id")
         if not isinstance(rid, str) or not rid:
             _refuse(problems, InputError(path, f"'id' must be a non-empty string, got {rid!r}", n))
+            continue
+        if text_problem(rid) is not None:  # the outputs could not hold it (a lone surrogate)
+            _refuse(problems, InputError(path, f"'id' {rid!r}: {text_problem(rid)}; ids are written to UTF-8 outputs", n))
             continue
         if any(c.isspace() for c in rid):
             _refuse(problems, InputError(path, f"id {rid!r} contains whitespace (it must fit a TREC run line)", n))

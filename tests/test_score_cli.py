@@ -337,6 +337,9 @@ MALFORMED_ROWS = [
     ("corpus.jsonl", '{"id": "d0", "text": "x"}\n{"id": "d1"}\n',
      {("corpus.jsonl", 2): "'d1' has neither"}, {"q0/d1": "corpus.jsonl:2: 'd1' has neither", "q1/d1": "neither"},
      {"q0/d0"}),
+    ("corpus.jsonl", '{"id": "d0", "text": "x"}\n{"id": "d1\\udc80", "text": "y"}\n',
+     {("corpus.jsonl", 2): "not valid Unicode text"},
+     {"q0/d1": "document 'd1': not in corpus.jsonl", "q1/d1": "not in corpus.jsonl"}, {"q0/d0"}),
     ("corpus.jsonl", '{"id": "d0", "text": "x"}\n["d1"]\n{"id": "d1", "text": "y"}\n',
      {("corpus.jsonl", 2): "expected a JSON object, got list"}, {}, {"q0/d0", "q0/d1", "q1/d1"}),
     ("qrels.tsv", "query_id\tdoc_id\trelevance\nq0\td0\t1\nq9\td0\t1\n",
@@ -433,7 +436,8 @@ def test_pairs_mode(engine, tmp_path, capsys):
                               json.dumps({"id": "x", "query": {"txt": "a"}, "document": "d"}),
                               '{"id": "y", "query": ', "[1, 2]", json.dumps({"query": "q", "document": "d"}),
                               json.dumps({"id": "z", "query": "q"}), json.dumps(rows[2]),
-                              json.dumps({"id": "u", "query": "q", "document": "cut \udc80 here"})]) + "\n")
+                              json.dumps({"id": "u", "query": "q", "document": "cut \udc80 here"}),
+                              json.dumps({"id": "v\udc80", "query": "q", "document": "d"})]) + "\n")
     o = tmp_path / "o.jsonl"
     code, err = run_cli("--engine", engine, "--input", src, "--output", o, capsys=capsys)
     assert code == 0 and "pairs.jsonl:2: duplicate id 'r0'" in err
@@ -443,14 +447,15 @@ def test_pairs_mode(engine, tmp_path, capsys):
     assert "pairs.jsonl:3: 'query' must be" in by_id["x"] and "pairs.jsonl:7: row 'z' has no 'document'" in by_id["z"]
     assert "row 'u' document text: not valid Unicode text" in by_id["u"]  # a lone surrogate: that row only
     by_line = {r["line"]: r["error"] for r in errors if "id" not in r}
-    assert sorted(by_line) == [2, 4, 5, 6] and all(r.get("file") == "pairs.jsonl" for r in errors if "id" not in r)
+    assert sorted(by_line) == [2, 4, 5, 6, 10] and all(r.get("file") == "pairs.jsonl" for r in errors if "id" not in r)
+    assert "'id' 'v\\udc80': not valid Unicode text" in by_line[10]  # no output could hold it
     assert "not valid JSON" in by_line[4] and "expected a JSON object, got list" in by_line[5]
     assert "'id' must be a non-empty string" in by_line[6]
     before = (tmp_path / "o.errors.jsonl").read_bytes()
     assert run_cli("--engine", engine, "--input", src, "--output", o, "--resume")[0] == 0
     assert (tmp_path / "o.errors.jsonl").read_bytes() == before and len(read_jsonl(o)) == 2
     run_json = json.load(open(tmp_path / "o.run.json"))
-    assert run_json["sessions"][0]["datasets"]["pairs"]["malformed_rows"] == 4
+    assert run_json["sessions"][0]["datasets"]["pairs"]["malformed_rows"] == 5
     # nothing usable at all: exit code 2
     src.write_text("not json\n")
     code, err = run_cli("--engine", engine, "--input", src, "--output", tmp_path / "o2.jsonl", capsys=capsys)
