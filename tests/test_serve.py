@@ -390,6 +390,11 @@ def test_text_no_tokenizer_can_take_is_a_422_naming_it(server, reference):
         assert "not valid Unicode" in err["message"]
     r = raw("/v2/rerank", '{"query": "q", "documents": ["ok", "\\u00e9t\\u00e9"]}')  # escaped, valid: scored
     assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
+    # where such a string is only echoed (a document's own field, the model name), it comes back as sent
+    r = raw("/v2/rerank", '{"model": "m\\udc80", "query": "q", "documents": [{"text": "ok", "title": "%s \\u732b"}], '
+                          '"return_documents": true}' % bad)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "m\udc80" and r.json()["results"][0]["document"]["title"] == "bad \udc80 text \u732b"
 
 
 def test_concurrent_requests_share_batches_and_equal_reranker_scores(server, reference, rng):

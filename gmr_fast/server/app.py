@@ -16,6 +16,7 @@ vLLM reject invalid input; other requests batched with it are unaffected.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import threading
@@ -81,6 +82,16 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class AsciiJSON(JSONResponse):
+    """Every JSON body with non-ASCII characters as \\u escapes. Responses echo strings from the
+    request (a document's own fields, the model name), and JSON's escapes can carry a lone
+    surrogate ("\\udc80") that UTF-8 cannot: written as UTF-8, such a body was a 500. Escaped,
+    it is echoed as it was sent, and clients decode both spellings alike."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
     metrics = Metrics.create()
     policy = ImagePolicy(state.local_images)
@@ -106,7 +117,7 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
         if state.queue is not None:  # finish what is queued, then stop the planner and engine threads
             await asyncio.to_thread(state.queue.close)
 
-    app = FastAPI(title="gmr_fast rerank server", lifespan=lifespan)
+    app = FastAPI(title="gmr_fast rerank server", lifespan=lifespan, default_response_class=AsciiJSON)
     app.state.gmr = state
     app.state.metrics = metrics
 
@@ -118,7 +129,7 @@ def create_app(state: ServerState, load_in_background: bool = True) -> FastAPI:
             body["field"] = field
         if index is not None:
             body["index"] = index
-        return JSONResponse({"error": body}, status_code=status, headers=headers)
+        return AsciiJSON({"error": body}, status_code=status, headers=headers)
 
     def to_response(e: BaseException):
         if isinstance(e, RequestError):
