@@ -275,6 +275,25 @@ def torchrun(*args):
     assert proc.returncode == 0, output[-3000:]
 
 
+def test_text_utf8_cannot_encode_is_a_malformed_group(tmp_path, caplog):
+    """A lone surrogate (JSON's "\\udc80") in any text of a group: the tokenizer would stop the run
+    with a TypeError at that group's first batch; the group is skipped at load like any malformed
+    line, named, and counted against --max-bad-fraction."""
+    from train.data import TrainDataError, load_groups
+
+    good = {"query": "q", "positive": "p", "negatives": ["n1", "n2"]}
+    lines = [good] * 20 + [{**good, "positive": "a \udc80"}, {**good, "negatives": ["n", {"text": "\ud800"}]},
+                           {**good, "instruction": "\udfff"}, {**good, "query": {"text": "ok \u00e9t\u00e9"}}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    groups = load_groups(str(data), 0.2)
+    assert len(groups) == 21 and groups[-1].query.text == "ok \u00e9t\u00e9"
+    for line, what in ((21, "'positive' text"), (22, "negative 1 text"), (23, "'instruction'")):
+        assert f"d.jsonl:{line}: malformed group skipped ({what}: not valid Unicode text" in caplog.text
+    with pytest.raises(TrainDataError, match="3 of 24 groups are malformed"):
+        load_groups(str(data), 0.1)
+
+
 def test_bad_training_data(tiny_checkpoints, tmp_path, capsys, caplog):
     ckpt = tiny_checkpoints["qwen2_vl"]
     good = {"query": "q", "positive": "p", "negatives": ["n1", "n2"]}

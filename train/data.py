@@ -1,7 +1,8 @@
 """Training groups: one JSONL line each, ``{"instruction"?, "query", "positive", "negatives": [...]}``,
 every side a string or ``{"text", "image"}`` (image paths relative to the data file).
 
-A malformed line is skipped with a warning naming it; the run stops when more than
+A malformed line (text UTF-8 cannot encode included: the tokenizer refuses it) is skipped with
+a warning naming it; the run stops when more than
 ``max_bad_fraction`` of the lines are malformed. A group naming an image file that does not
 exist is an error naming the group (a missing image is data loss, not noise). Negatives beyond
 ``--negatives`` are sampled per (seed, epoch, group): half hard from the head of the list (the
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gmr_fast.errors import GmrError
-from gmr_fast.prompt import Item
+from gmr_fast.prompt import Item, text_problem
 
 log = logging.getLogger("train")
 
@@ -37,13 +38,18 @@ class Group:
 
 
 def _side(value, root: str, where: str) -> Item:
+    item = None
     if isinstance(value, str):
-        return Item(text=value)
-    if isinstance(value, dict) and value and set(value) <= {"text", "image"}:
+        item = Item(text=value)
+    elif isinstance(value, dict) and value and set(value) <= {"text", "image"}:
         text, image = value.get("text"), value.get("image")
         if (text is None or isinstance(text, str)) and (image is None or (isinstance(image, str) and image)):
-            return Item(text=text or "", image=None if image is None else os.path.join(root, image))
-    raise ValueError(f"{where} must be a string or {{\"text\", \"image\"}}")
+            item = Item(text=text or "", image=None if image is None else os.path.join(root, image))
+    if item is None:
+        raise ValueError(f"{where} must be a string or {{\"text\", \"image\"}}")
+    if text_problem(item.text) is not None:  # the tokenizer would stop the run at this group's first batch
+        raise ValueError(f"{where} text: {text_problem(item.text)}")
+    return item
 
 
 def load_groups(path: str, max_bad_fraction: float = 0.05) -> list[Group]:
@@ -71,6 +77,8 @@ def load_groups(path: str, max_bad_fraction: float = 0.05) -> list[Group]:
                 instruction = obj.get("instruction")
                 if instruction is not None and not isinstance(instruction, str):
                     raise ValueError("'instruction' must be a string")
+                if instruction is not None and text_problem(instruction) is not None:
+                    raise ValueError(f"'instruction': {text_problem(instruction)}")
                 group = Group(n, instruction, _side(obj["query"], root, "'query'"), _side(obj["positive"], root, "'positive'"),
                               [_side(x, root, f"negative {i}") for i, x in enumerate(negatives)])
                 missing = [x.image for x in (group.query, group.positive, *group.negatives)
