@@ -327,6 +327,25 @@ def test_a_path_sent_to_a_server_without_local_images_names_the_flag():
     assert (e.value.status, e.value.field, e.value.index) == (422, "documents", 2)
 
 
+def test_the_key_check_takes_both_headers_and_any_bytes():
+    """Authorization: Bearer KEY or X-API-Key, compared in constant time on bytes: a header with
+    bytes beyond ASCII (Starlette decodes headers as latin-1) is a wrong key, not a 500."""
+    from types import SimpleNamespace
+
+    from starlette.datastructures import Headers
+
+    from gmr_fast.server.app import _authorized
+
+    def ask(key, **headers):
+        raw = [(k.replace("_", "-").encode(), v.encode("latin-1")) for k, v in headers.items()]
+        return _authorized(SimpleNamespace(headers=Headers(raw=raw)), key)
+    assert ask("k1", authorization="Bearer k1") and ask("k1", authorization="bearer  k1 ") and ask("k1", x_api_key="k1")
+    assert not ask("k1", authorization="Bearer k2") and not ask("k1", authorization="Basic k1") and not ask("k1")
+    assert not ask("k1", authorization="Bearer k\u00e9") and not ask("k1", x_api_key="\u00ff")
+    assert ask("cl\u00e9", x_api_key="cl\u00c3\u00a9")  # a UTF-8 key, sent as UTF-8 bytes
+    assert ask("k1", authorization="Bearer nope", x_api_key="k1")
+
+
 def test_malformed_body_auth_and_size_limits(server):
     url, _ = server
     r = httpx.post(url + "/v2/rerank", content=b"{not json", headers={"Authorization": f"Bearer {KEY}",
