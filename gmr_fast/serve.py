@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -67,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         reranker_options.validate()
         if options.max_documents < 1 or options.max_queue < 1 or options.max_body_mb < 1:
             raise ConfigError("--max-documents, --max-queue and --max-body-mb must be >= 1")
+        if not 0 <= options.port <= 65535:
+            raise ConfigError(f"--port {options.port}: expected 0 (any free port) to 65535")
+        if options.api_key is not None and not options.api_key.strip():
+            # an unset variable (--api-key "$KEY") would otherwise serve every caller, unasked
+            raise ConfigError("--api-key is empty (an unset variable?); leave the flag out to serve without a key")
+        if options.allow_local_images is not None and not os.path.isdir(options.allow_local_images):
+            raise ConfigError(f"--allow-local-images {options.allow_local_images}: not a directory")
         # what can be told at once (no engine there, a manifest this runtime refuses) ends the command
         # now, not as a server that answers 503 forever; the weights still load in the background
         load_manifest(options.engine)

@@ -456,6 +456,13 @@ def test_the_command_refuses_a_directory_that_is_not_an_engine(tmp_path, capsys)
 
     assert main(["--engine", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert "is not an engine directory (no manifest.json)" in capsys.readouterr().err
+    # flags that would start a server other than the one asked for end the command too, named
+    for flags, message in ((["--api-key", ""], "--api-key is empty (an unset variable?)"),
+                           (["--api-key", " "], "--api-key is empty"),
+                           (["--port", "70000"], "--port 70000: expected 0 (any free port) to 65535"),
+                           (["--allow-local-images", str(tmp_path / "none")], "not a directory")):
+        assert main(["--engine", str(tmp_path / "missing"), *flags]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_not_ready_and_failed_engine(tmp_path):
