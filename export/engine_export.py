@@ -329,13 +329,13 @@ def export_engine(checkpoint: os.PathLike, out: os.PathLike, options: ExportOpti
     dtypes = tuple(dict.fromkeys(options.dtypes))
     bad = [d for d in dtypes if d not in PRECISIONS]
     if bad or not dtypes:
-        raise ExportError(f"--dtype takes a list of {', '.join(PRECISIONS)}; got {', '.join(options.dtypes) or 'nothing'}"
+        raise ConfigError(f"--dtype takes a list of {', '.join(PRECISIONS)}; got {', '.join(options.dtypes) or 'nothing'}"
                           + ("" if "fp16" not in bad else " (fp16 is not offered: on CPU onnxruntime materialises fp32 "
                                                           "copies of fp16 weights, so it costs memory instead of saving "
                                                           "it; int8 halves memory again and is faster)"))
     checkpoint, out = pathlib.Path(checkpoint), pathlib.Path(out)
     if out.exists() and not options.force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
+        raise ConfigError(f"{out} already exists; pass --force to replace it")
     family, gmr, prompts = check_checkpoint(checkpoint)
     config = family.hf_config(checkpoint)
     dims = family.decoder_dims(config)

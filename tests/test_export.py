@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 
 from export import engine_export, validate  # noqa: E402
 from export.engine_export import ExportOptions, export_engine  # noqa: E402
-from gmr_fast import CheckpointError, ExportError, load_manifest  # noqa: E402
+from gmr_fast import CheckpointError, ConfigError, ExportError, load_manifest  # noqa: E402
 from gmr_fast.manifest import DECODER_INPUTS, DECODER_OUTPUTS  # noqa: E402
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -208,7 +208,7 @@ def test_int8_with_per_token_activation_scales_does_not_depend_on_the_batch(tiny
 
 
 def test_fp16_is_refused_with_the_reason(tiny_checkpoints, tmp_path):
-    with pytest.raises(ExportError, match="fp16 is not offered: on CPU onnxruntime materialises fp32 copies"):
+    with pytest.raises(ConfigError, match="fp16 is not offered: on CPU onnxruntime materialises fp32 copies"):
         export_engine(tiny_checkpoints["qwen2_vl"], tmp_path / "e", ExportOptions(dtypes=("fp16",)))
 
 
@@ -383,7 +383,7 @@ def test_export_errors(tiny_checkpoints, tmp_path, monkeypatch):
         export_engine(broken, tmp_path / "e")
     existing = tmp_path / "exists"
     existing.mkdir()
-    with pytest.raises(ExportError, match="already exists; pass --force"):
+    with pytest.raises(ConfigError, match="already exists; pass --force"):
         export_engine(ckpt, existing)
 
     def disk_full(self, precision, keep=()):
@@ -402,8 +402,11 @@ def test_cli_refuses_tensorrt_and_existing_output(tiny_checkpoints, tmp_path, ca
 
     assert main(["--checkpoint", str(tiny_checkpoints["qwen2_vl"]), "--out", str(tmp_path), "--tensorrt"]) == 2
     assert "not implemented yet" in capsys.readouterr().err
-    assert main(["--checkpoint", str(tiny_checkpoints["qwen2_vl"]), "--out", str(tmp_path)]) == 3
+    # arguments the export cannot take are exit code 2 (3 is for a refused engine or the file system)
+    assert main(["--checkpoint", str(tiny_checkpoints["qwen2_vl"]), "--out", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tiny_checkpoints["qwen2_vl"]), "--out", str(tmp_path / "y"), "--dtype", "fp64"]) == 2
+    assert "--dtype takes a list of fp32, int8, bf16; got fp64" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "not a directory" in capsys.readouterr().err
 
