@@ -275,6 +275,31 @@ def torchrun(*args):
     assert proc.returncode == 0, output[-3000:]
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--batch-size 0: expected >= 1"),
+    (["--grad-accum", "0"], "--grad-accum 0: expected >= 1"),
+    (["--negatives", "-1"], "--negatives -1: expected >= 1"),
+    (["--lr", "-1"], "--lr -1.0: expected > 0"),
+    (["--epochs", "0"], "--epochs 0.0: expected > 0"),
+    (["--max-steps", "-3"], "--max-steps -3: expected >= 1"),
+    (["--warmup-ratio", "2"], "--warmup-ratio 2.0: expected a fraction in [0, 1)"),
+    (["--lora-r", "0"], "--lora-r 0: expected >= 1"),
+    (["--max-bad-fraction", "1.5"], "--max-bad-fraction 1.5"),
+])
+def test_numbers_a_run_cannot_take_end_it_before_anything_loads(tmp_path, capsys, flags, message):
+    """Before: a zero batch or accumulation was a ZeroDivisionError, a negative rate or LoRA rank a
+    traceback from torch or peft, and no epochs or a negative --max-steps trained nothing and still
+    wrote a checkpoint. Now exit code 2 naming the flag, before any weight loads (the checkpoint
+    here does not even exist)."""
+    from train.loop import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--base-model", str(tmp_path / "none"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+              *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_text_utf8_cannot_encode_is_a_malformed_group(tmp_path, caplog):
     """A lone surrogate (JSON's "\\udc80") in any text of a group: the tokenizer would stop the run
     with a TypeError at that group's first batch; the group is skipped at load like any malformed

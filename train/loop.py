@@ -98,6 +98,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the numbers given, each naming its flag: before any weight loads, so a
+    typo is an exit code 2 with a message, not a traceback later (a zero batch divided by) or a
+    run that trains on nothing (no epochs, no negatives) and writes a checkpoint all the same."""
+    problems = []
+
+    def need(ok: bool, flag: str, what: str) -> None:
+        if not ok:
+            problems.append(f"--{flag} {getattr(args, flag.replace('-', '_'))}: {what}")
+    need(args.batch_size >= 1, "batch-size", "expected >= 1")
+    need(args.grad_accum >= 1, "grad-accum", "expected >= 1")
+    need(args.negatives >= 1, "negatives", "expected >= 1 (a group is a query, its positive and negatives)")
+    need(math.isfinite(args.lr) and args.lr > 0, "lr", "expected > 0")
+    need(math.isfinite(args.weight_decay) and args.weight_decay >= 0, "weight-decay", "expected >= 0")
+    need(0 <= args.warmup_ratio < 1, "warmup-ratio", "expected a fraction in [0, 1)")
+    need(math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0, "max-grad-norm", "expected >= 0 (0: off)")
+    need(math.isfinite(args.epochs) and args.epochs > 0, "epochs", "expected > 0")
+    need(args.max_steps is None or args.max_steps >= 1, "max-steps", "expected >= 1")
+    need(args.full or args.lora_r >= 1, "lora-r", "expected >= 1")
+    need(args.lora_alpha is None or args.lora_alpha > 0, "lora-alpha", "expected > 0")
+    need(0 <= args.tau <= 1, "tau", "expected a probability in [0, 1]")
+    need(args.max_length is None or args.max_length >= 1, "max-length", "expected >= 1")
+    need(args.save_every >= 1, "save-every", "expected >= 1")
+    need(args.log_every >= 1, "log-every", "expected >= 1")
+    need(0 <= args.max_bad_fraction <= 1, "max-bad-fraction", "expected a fraction in [0, 1]")
+    need(args.threads is None or args.threads >= 1, "threads", "expected >= 1")
+    return problems
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -449,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f"--{k.replace('_', '-')}" for k in ("base_model", "data", "out") if not getattr(args, k)]
     if missing:
         p.error(f"{', '.join(missing)} required")
+    problems = check_args(args)
+    if problems:
+        p.error("; ".join(problems))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not os.path.isfile(os.path.join(args.base_model, "config.json")):
         print(f"train: error: --base-model {args.base_model} is not a checkpoint directory (no config.json)",
