@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -111,6 +112,8 @@ class RerankerOptions:
         if self.backend is not None:
             check_choice("backend", self.backend, ("onnxruntime", "torch"))
         check_choice("padding_side", self.padding_side, ("left", "right"))
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
         for name in ("max_batch_tokens", "max_batch_size", "activation_budget_mb", "kv_budget_mb", "max_image_pixels"):
             check_positive(name, getattr(self, name))
         check_positive("num_threads", self.num_threads)
@@ -399,6 +402,10 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
     if chosen == "int8" and _int8_saturates(variant):
         log.warning("gmr_fast: this engine's int8 variant: %s", INT8_SATURATES)
         why = f"{why}; {INT8_SATURATES}"
+    if device.startswith("cuda") and run_on != "torch":  # onnxruntime's device is its providers, not this
+        raise BackendError(f"device {device!r} runs on the torch backend, and {chosen} would run on onnxruntime on the "
+                           f"CPU: pass backend='torch' (fp32, bf16), or device='cpu' (onnxruntime's own CUDA provider, "
+                           f"where installed, is asked for with providers=[...])")
     if chosen == "int8" and run_on != "onnxruntime":
         raise BackendError("int8 engines run on the onnxruntime backend")
     if chosen == "bf16" and run_on != "torch":

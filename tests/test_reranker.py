@@ -305,6 +305,12 @@ def test_backend_and_precision_errors(exported_engines):
         Reranker(engine, precision="int8")
     with pytest.raises(TypeError):
         Reranker(engine, max_batch_tokenz=5)
+    # a device onnxruntime would not run on is refused, not reported while the CPU runs
+    for device in ("tpu", "cuda:x", "gpu"):
+        with pytest.raises(gmr_fast.ConfigError, match="device must be cpu, cuda or cuda:N"):
+            Reranker(engine, device=device)
+    with pytest.raises(gmr_fast.BackendError, match="'cuda:1' runs on the torch backend, and fp32 would run on onnxruntime"):
+        Reranker(engine, device="cuda:1", precision="fp32")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
