@@ -71,16 +71,31 @@ class Dataset:
         return [q for q in self.queries if q in self.candidates]
 
 
-def _lines(path: str):
-    """Yields (line number, text) for each non-blank line of a UTF-8 text file."""
+def _lines(path: str, problems: list[InputError] | None = None):
+    """Yields (line number, text) for each non-blank line of a UTF-8 text file. A byte-order mark
+    at its start is dropped (Windows tools write one); a line that is not UTF-8 is malformed
+    (raised, or listed in ``problems`` and skipped), not the end of the read."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape")
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
     with f:
         for n, raw in enumerate(f, 1):
-            if raw.strip():
-                yield n, raw
+            if not raw.strip():
+                continue
+            bad = not_utf8(raw)
+            if bad is not None:
+                _refuse(problems, InputError(path, bad, n))
+                continue
+            yield n, raw
+
+
+def not_utf8(line: str) -> str | None:
+    """For a line read with ``errors="surrogateescape"``: where its bytes stop being UTF-8."""
+    for i, c in enumerate(line):
+        if 0xDC80 <= ord(c) <= 0xDCFF:
+            return f"not UTF-8 text (byte 0x{ord(c) - 0xDC00:02x} at column {i + 1})"
+    return None
 
 
 def _refuse(problems: list[InputError] | None, error: InputError) -> None:
@@ -93,7 +108,7 @@ def _refuse(problems: list[InputError] | None, error: InputError) -> None:
 def read_jsonl(path: str, problems: list[InputError] | None = None):
     """Yields (line number, object) for each non-blank line; a bad line is an InputError, raised,
     or listed in ``problems`` and skipped."""
-    for n, raw in _lines(path):
+    for n, raw in _lines(path, problems):
         try:
             obj = json.loads(raw.rstrip("\r\n"))  # columns counted on this line
         except json.JSONDecodeError as e:
@@ -142,7 +157,7 @@ def _records(path: str, problems: list[InputError] | None = None) -> dict[str, R
 def _read_qrels(path: str, queries: dict, corpus: dict,
                 problems: list[InputError] | None = None) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    for n, raw in _lines(path):
+    for n, raw in _lines(path, problems):
         parts = raw.rstrip("\r\n").split("\t") if "\t" in raw else raw.split()
         if len(parts) == 4:  # TREC qrels: qid iter docid rel
             parts = [parts[0], parts[2], parts[3]]
@@ -183,7 +198,7 @@ def read_trec_run(path: str, queries: dict | None = None, corpus: dict | None = 
     bad lines are listed and skipped, except a document missing from ``corpus``: that candidate
     stays (its pair fails when scored)."""
     run: dict[str, dict[str, float]] = {}
-    for n, raw in _lines(path):
+    for n, raw in _lines(path, problems):
         parts = raw.split()
         if len(parts) != 6:
             _refuse(problems, InputError(path, f"expected 'qid Q0 docid rank score tag', got {len(parts)} fields", n))
@@ -222,10 +237,12 @@ def load_dataset(root: str) -> Dataset:
                                     "({\"name\", \"task\", \"instruction\"})"
                                     + (f"; this one holds {', '.join(held)}" if held else ""))
     try:
-        with open(meta_path, encoding="utf-8") as f:
+        with open(meta_path, encoding="utf-8-sig") as f:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise InputError(meta_path, f"not valid JSON ({e.msg})", e.lineno) from None
+    except UnicodeDecodeError as e:
+        raise InputError(meta_path, f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})") from None
     if not isinstance(meta, dict):
         raise InputError(meta_path, "expected a JSON object")
     name = meta.get("name", os.path.basename(os.path.normpath(root)))

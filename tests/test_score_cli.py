@@ -357,6 +357,33 @@ MALFORMED_ROWS = [
 ]
 
 
+def test_bytes_that_are_not_utf8_fail_their_line_and_a_bom_is_read_past(engine, tmp_path, capsys):
+    """A Latin-1 byte in any line of any file stopped the whole job with a UnicodeDecodeError (rc 1);
+    it is now that line's problem, recorded with the byte and column. A UTF-8 byte-order mark at a
+    file's start (Windows tools write one) is read past instead of failing the first line."""
+    root = _valid(tmp_path)
+    bom = b"\xef\xbb\xbf"
+    for name, data in (("queries.jsonl", bom + b'{"id": "q0", "text": "a"}\n{"id": "q1", "text": "caf\xe9"}\n'),
+                       ("candidates.trec", b"q0 Q0 d0 1 2.0 r\nq0 Q0 d\xe91 2 1.0 r\nq0 Q0 d1 3 0.5 r\n"),
+                       ("qrels.tsv", bom + b"q0\td0\t1\nq0\td\xe9\t1\n")):
+        (tmp_path / "suite" / "ds" / name).write_bytes(data)
+    out = tmp_path / "out"
+    code, err = run_cli("--engine", engine, "--data", tmp_path / "suite", "--out", out, capsys=capsys)
+    assert code == 0, err
+    lines = {(r["file"], r["line"]): r["error"] for r in read_jsonl(out / "ds" / "errors.jsonl") if "file" in r}
+    assert lines == {("queries.jsonl", 2): lines[("queries.jsonl", 2)], ("candidates.trec", 2): lines[("candidates.trec", 2)],
+                     ("qrels.tsv", 2): lines[("qrels.tsv", 2)]}
+    assert "not UTF-8 text (byte 0xe9 at column 26)" in lines[("queries.jsonl", 2)]
+    assert "byte 0xe9 at column 8" in lines[("candidates.trec", 2)] and "byte 0xe9 at column 5" in lines[("qrels.tsv", 2)]
+    assert {f"{r['qid']}/{r['docid']}" for r in read_jsonl(out / "ds" / "scores.jsonl")} == {"q0/d0", "q0/d1"}
+    # pairs mode: the same
+    src = tmp_path / "pairs.jsonl"
+    src.write_bytes(bom + b'{"id": "a", "query": "q", "document": "d"}\n{"id": "b", "query": "q", "document": "\xff"}\n')
+    code, err = run_cli("--engine", engine, "--input", src, "--output", tmp_path / "p.jsonl", capsys=capsys)
+    assert code == 0 and [r["id"] for r in read_jsonl(tmp_path / "p.jsonl")] == ["a"]
+    assert "pairs.jsonl:2: not UTF-8 text (byte 0xff" in err
+
+
 @pytest.mark.parametrize("file,content,lines,failed,scored", MALFORMED_ROWS)
 def test_a_malformed_row_fails_only_itself_and_is_recorded_once(engine, tmp_path, capsys, file, content, lines,
                                                                  failed, scored):

@@ -317,6 +317,11 @@ def test_text_utf8_cannot_encode_is_a_malformed_group(tmp_path, caplog):
         assert f"d.jsonl:{line}: malformed group skipped ({what}: not valid Unicode text" in caplog.text
     with pytest.raises(TrainDataError, match="3 of 24 groups are malformed"):
         load_groups(str(data), 0.1)
+    # bytes that are not UTF-8 fail their line (before: a UnicodeDecodeError ended the run); a BOM is read past
+    data.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(x) for x in lines[:20]).encode() + b'\n{"query": "caf\xe9", '
+                     b'"positive": "p", "negatives": ["n"]}\n')
+    assert len(load_groups(str(data), 0.1)) == 20
+    assert "d.jsonl:21: malformed group skipped (not UTF-8 text (byte 0xe9 at column 15))" in caplog.text
 
 
 def test_bad_training_data(tiny_checkpoints, tmp_path, capsys, caplog):

@@ -20,6 +20,7 @@ import numpy as np
 
 from gmr_fast.errors import GmrError
 from gmr_fast.prompt import Item, text_problem
+from gmr_fast.suite import not_utf8
 
 log = logging.getLogger("train")
 
@@ -56,7 +57,7 @@ def load_groups(path: str, max_bad_fraction: float = 0.05) -> list[Group]:
     root = os.path.dirname(os.path.abspath(path))
     groups, bad, total = [], [], 0
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape")  # a BOM dropped; bytes not UTF-8: below
     except FileNotFoundError:
         raise TrainDataError(f"{path}: training data not found") from None
     with f:
@@ -65,6 +66,8 @@ def load_groups(path: str, max_bad_fraction: float = 0.05) -> list[Group]:
                 continue
             total += 1
             try:
+                if not_utf8(raw) is not None:
+                    raise ValueError(not_utf8(raw))
                 obj = json.loads(raw)
                 if not isinstance(obj, dict):
                     raise ValueError("expected a JSON object")
