@@ -152,6 +152,7 @@ class RankResult:
     index: int  # position of the document in the list given to rank()
     score: float
     document: Any = None
+    error: Exception | None = None  # why it could not be scored (rank(..., on_error="nan"); score NaN)
 
 
 class Scores(np.ndarray):
@@ -1220,18 +1221,24 @@ class Reranker:
         return scored_tokens / padded if padded else 1.0
 
     def rank(self, query: Any, documents: Sequence[Any], *, instruction: str | None = None, top_k: int | None = None,
-             return_documents: bool = False, normalize: bool = False, max_length: int | None = None
-             ) -> list[RankResult]:
+             return_documents: bool = False, normalize: bool = False, max_length: int | None = None,
+             on_error: Literal["raise", "nan"] = "raise") -> list[RankResult]:
         """Documents sorted by score, best first (ties keep input order); ``max_length`` as in ``score``.
-        ``top_k`` keeps the best k (None: all; 0: none, nothing is scored)."""
+        ``top_k`` keeps the best k (None: all; 0: none, nothing is scored). ``on_error="nan"``: a
+        document that cannot be scored (a corrupt image, a prompt too long) does not fail the call;
+        it ranks after every scored one, score NaN, its exception in ``error`` (and ``top_k`` counts
+        it, so it is returned only when fewer than k documents were scored)."""
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
             raise ConfigError(f"top_k must be None or a whole number >= 0, got {top_k!r}")
+        if on_error not in ("raise", "nan"):
+            raise ConfigError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
         documents = list(documents)
         if not documents or top_k == 0:
             return []
         scores = self.score([(query, d) for d in documents], instruction=instruction, normalize=normalize,
-                            max_length=max_length)
+                            max_length=max_length, on_error=on_error)
         order = sorted(range(len(documents)), key=lambda i: (-scores[i] if not math.isnan(scores[i]) else math.inf, i))
         if top_k is not None:
             order = order[:int(top_k)]
-        return [RankResult(i, float(scores[i]), documents[i] if return_documents else None) for i in order]
+        return [RankResult(i, float(scores[i]), documents[i] if return_documents else None, scores.errors.get(i))
+                for i in order]

@@ -255,6 +255,26 @@ def test_image_errors_raise_or_nan(exported_engines, rng, tmp_path):
     assert np.abs(scores[[0, 3]] - alone).max() <= 1e-5
 
 
+def test_rank_on_error_nan_ranks_failed_documents_last(exported_engines, rng):
+    """One corrupt image among the candidates fails ``rank`` by default, naming it; with
+    ``on_error="nan"`` the others are ranked as they would be alone (1e-5: fp32 through batches of
+    another composition) and the failed one comes last with its error; ``top_k`` counts it."""
+    _, engine = exported_engines["qwen2_5_vl"]
+    reranker = Reranker(engine)
+    docs = ["a cat", {"image": b"not an image"}, {"image": rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)}, "dogs"]
+    with pytest.raises(ImageError, match="pair 1 document image"):
+        reranker.rank("cats", docs)
+    ranked = reranker.rank("cats", docs, on_error="nan", return_documents=True)
+    good = reranker.rank("cats", [docs[0], docs[2], docs[3]])
+    assert [r.index for r in ranked] == [[0, 2, 3][g.index] for g in good] + [1]
+    assert all(abs(r.score - g.score) <= 1e-5 and r.error is None for r, g in zip(ranked, good))
+    assert math.isnan(ranked[-1].score) and isinstance(ranked[-1].error, ImageError)
+    assert "pair 1 document image" in str(ranked[-1].error) and ranked[-1].document is docs[1]
+    assert [r.index for r in reranker.rank("cats", docs, on_error="nan", top_k=3)] == [r.index for r in ranked[:3]]
+    with pytest.raises(gmr_fast.ConfigError, match="on_error must be"):
+        reranker.rank("cats", docs, on_error="skip")
+
+
 def test_over_long_pairs_are_truncated_and_flagged(exported_engines, rng):
     _, engine = exported_engines["qwen2_5_vl"]
     reranker = Reranker(engine, max_length=300)
