@@ -1123,22 +1123,30 @@ class Reranker:
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """``run`` on ``lanes`` workers: each prepares and runs whole steps, taken in plan order,
         so that batches run side by side (each on its share of the threads). A suffix step
-        waits for its wave's prefix steps; a wave's keys/values are dropped when its last step
-        is done; results come in the order the steps finish."""
+        encodes its images, then waits for its wave's prefix steps; a wave's keys/values are
+        dropped when its last step is done; results come in the order the steps finish. A first
+        prefix step that every other lane would only wait for (the next steps are its own
+        suffixes, with no images to encode) runs, with its query's images, on every lane's threads."""
         steps = plan.schedule.steps
         lock = threading.Lock()
         kv: dict[int, Any] = {}
         wave_keys = {steps[i].wave: keys for i, keys in plan.schedule.releases.items()}
         wave_left = collections.Counter(steps[i].wave for i in active if steps[i].kind != "whole")
         prefix_runs: dict[int, list] = collections.defaultdict(list)  # wave -> futures of its prefix steps
+        lead = steps[active[0]]
+        following = [steps[i] for i in active[1:self.lanes]]
+        wide_lead = (lead.kind == "prefix" and len(following) == self.lanes - 1
+                     and all(s.kind == "suffix" and s.wave == lead.wave and not self._step_image_keys(plan, s)
+                             for s in following))
 
         def task(index: int):
             step = steps[index]
+            wide = wide_lead and index == active[0]  # decided by the plan alone: the same bits every call
+            batch, embeds = self._prepare(plan, index, store, wide)
             if step.kind == "suffix":
                 for f in prefix_runs[step.wave]:
                     f.result()  # submitted earlier, so already taken by a worker: no deadlock
-            batch, embeds = self._prepare(plan, index, store)
-            out = self._run_step(step, batch, embeds, kv, lock)
+            out = self._run_step(step, batch, embeds, kv, lock, wide)
             self._release_images(plan, step, uses, store, lock)
             if step.kind != "whole":
                 with lock:

@@ -1574,3 +1574,50 @@ def test_a_single_step_call_takes_every_lane(exported_engines, references, rng):
     assert reranker.totals["calls"] == 5
     assert all(n == 1 for threads, n in runs if threads == 2) and any(threads == 2 for threads, _ in runs)
     assert max(n for _, n in runs) <= 2
+
+
+def test_a_query_prefix_no_other_lane_could_work_beside_runs_on_every_lane(exported_engines, references, rng):
+    """One image query with text documents: every suffix step waits for the query's prefix, so
+    that prefix (its query image's vision run and its prefill) runs alone on every lane's threads
+    instead of one lane's while the other waits; the suffix steps then run a lane each. With image
+    documents the other lane has work meanwhile: it encodes its step's images before waiting for
+    the prefix, so the prefix runs on one lane beside them. Scores stay the fp32 reference's."""
+    torch = pytest.importorskip("torch")
+    _, engine = exported_engines["qwen2_5_vl"]
+    reranker = Reranker(engine, backend="torch", num_threads=2, lanes=2, max_batch_size=2, image_cache_size=0)
+    runs = []  # (run, threads, runs alive), as _hold_runs holds them
+    backend = reranker.backend
+    alive, lock = [0], threading.Lock()
+
+    def held(name, run):
+        def wrapper(*args, **kwargs):
+            with lock:
+                alive[0] += 1
+            try:
+                time.sleep(0.05)
+                with lock:
+                    runs.append((name, torch.get_num_threads(), alive[0]))
+                return run(*args, **kwargs)
+            finally:
+                with lock:
+                    alive[0] -= 1
+        return wrapper
+
+    for name in ("encode_images", "score", "prefill"):
+        setattr(backend, name, held(name, getattr(backend, name)))
+    query = {"text": _text(rng, 1, 5), "image": _image(rng)}
+    texts = [(query, "photo " + _text(rng, 1, 40)) for _ in range(6)]  # no merge across the boundary
+    got = reranker.score(texts)
+    assert np.abs(got - references["qwen2_5_vl"].score(texts)).max() <= 1e-4  # fp32 (toy width): the criterion
+    assert reranker.last_stats["shared_pairs"] == 6
+    assert runs[:2] == [("encode_images", 2, 1), ("prefill", 2, 1)], runs[:2]  # the query image, then its prefix
+    assert len(runs) > 3 and {threads for _, threads, _ in runs[2:]} == {1}
+    runs.clear()
+    images = [(query, {"image": _image(rng, 28, 90)}) for _ in range(6)]
+    got = reranker.score(images)
+    assert np.abs(got - references["qwen2_5_vl"].score(images)).max() <= 1e-4
+    assert {threads for _, threads, _ in runs} == {1}
+    prefill = [i for i, r in enumerate(runs) if r[0] == "prefill"]
+    # besides the query's image, a document image was encoded before the prefix ran
+    assert len(prefill) == 1 and sum(r[0] == "encode_images" for r in runs[:prefill[0]]) >= 2, runs
+    assert max(n for _, _, n in runs) <= 2
