@@ -1503,18 +1503,18 @@ def test_reranker_is_safe_to_share_between_threads(exported_engines, rng, lanes)
 
 def _hold_runs(backend, seen) -> None:
     """Wraps ``backend``'s runs (vision, scoring, prefill): each is held open 50 ms, so that an
-    overlap could not slip by, and calls ``seen(alive)`` meanwhile, on the run's own thread, with
-    the number of runs alive (itself included)."""
+    overlap could not slip by, and calls ``seen(alive, name)`` meanwhile, on the run's own thread,
+    with the number of runs alive (itself included) and the run's method name."""
     alive, lock = [0], threading.Lock()
 
-    def held(run):
+    def held(name, run):
         def wrapper(*args, **kwargs):
             with lock:
                 alive[0] += 1
             try:
                 time.sleep(0.05)
                 with lock:
-                    seen(alive[0])
+                    seen(alive[0], name)
                 return run(*args, **kwargs)
             finally:
                 with lock:
@@ -1522,7 +1522,7 @@ def _hold_runs(backend, seen) -> None:
         return wrapper
 
     for name in ("encode_images", "score", "prefill"):
-        setattr(backend, name, held(getattr(backend, name)))
+        setattr(backend, name, held(name, getattr(backend, name)))
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
@@ -1534,7 +1534,7 @@ def test_vision_and_decoder_runs_share_the_lanes(exported_engines, rng, lanes):
     _, engine = exported_engines["qwen2_5_vl"]
     reranker = Reranker(engine, max_batch_size=2, num_threads=2, lanes=lanes, image_cache_size=0)
     most = [0]
-    _hold_runs(reranker.backend, lambda alive: most.__setitem__(0, max(most[0], alive)))
+    _hold_runs(reranker.backend, lambda alive, _: most.__setitem__(0, max(most[0], alive)))
     pairs = [(_text(rng, 1, 6), {"image": _image(rng)}) for _ in range(6)] + _grouped(rng, 2, 4)
     calls = [pairs, list(reversed(pairs))]
     threads = [threading.Thread(target=reranker.score, args=(c,)) for c in calls]
@@ -1555,7 +1555,7 @@ def test_a_single_step_call_takes_every_lane(exported_engines, references, rng):
     _, engine = exported_engines["qwen2_5_vl"]
     reranker = Reranker(engine, backend="torch", num_threads=2, lanes=2, max_batch_size=2)
     runs = []  # (threads of the run, runs alive)
-    _hold_runs(reranker.backend, lambda alive: runs.append((torch.get_num_threads(), alive)))
+    _hold_runs(reranker.backend, lambda alive, _: runs.append((torch.get_num_threads(), alive)))
     one = [(_text(rng, 1, 6), {"image": _image(rng)})]
     got = reranker.score(one)
     assert np.abs(got - references["qwen2_5_vl"].score(one)).max() <= 1e-4  # fp32 (toy width): the criterion
@@ -1585,26 +1585,8 @@ def test_a_query_prefix_no_other_lane_could_work_beside_runs_on_every_lane(expor
     torch = pytest.importorskip("torch")
     _, engine = exported_engines["qwen2_5_vl"]
     reranker = Reranker(engine, backend="torch", num_threads=2, lanes=2, max_batch_size=2, image_cache_size=0)
-    runs = []  # (run, threads, runs alive), as _hold_runs holds them
-    backend = reranker.backend
-    alive, lock = [0], threading.Lock()
-
-    def held(name, run):
-        def wrapper(*args, **kwargs):
-            with lock:
-                alive[0] += 1
-            try:
-                time.sleep(0.05)
-                with lock:
-                    runs.append((name, torch.get_num_threads(), alive[0]))
-                return run(*args, **kwargs)
-            finally:
-                with lock:
-                    alive[0] -= 1
-        return wrapper
-
-    for name in ("encode_images", "score", "prefill"):
-        setattr(backend, name, held(name, getattr(backend, name)))
+    runs = []  # (run, threads, runs alive)
+    _hold_runs(reranker.backend, lambda alive, name: runs.append((name, torch.get_num_threads(), alive)))
     query = {"text": _text(rng, 1, 5), "image": _image(rng)}
     texts = [(query, "photo " + _text(rng, 1, 40)) for _ in range(6)]  # no merge across the boundary
     got = reranker.score(texts)
