@@ -1126,7 +1126,8 @@ class Reranker:
         encodes its images, then waits for its wave's prefix steps; a wave's keys/values are
         dropped when its last step is done; results come in the order the steps finish. A first
         prefix step that every other lane would only wait for (the next steps are its own
-        suffixes, with no images to encode) runs, with its query's images, on every lane's threads."""
+        suffixes, with no images to encode) runs, with its query's images, on every lane's threads,
+        and so does the suffix step of a plan that has only one after its prefix steps."""
         steps = plan.schedule.steps
         lock = threading.Lock()
         kv: dict[int, Any] = {}
@@ -1138,11 +1139,17 @@ class Reranker:
         wide_lead = (lead.kind == "prefix" and len(following) == self.lanes - 1
                      and all(s.kind == "suffix" and s.wave == lead.wave and not self._step_image_keys(plan, s)
                              for s in following))
+        # a plan of prefix steps and one suffix step (a rank of a few documents): that suffix step
+        # runs alone once they are done, so it runs wide too (its images encoded first on its lane)
+        last = steps[active[-1]]
+        wide_last = last.kind == "suffix" and all(steps[i].kind == "prefix" and steps[i].wave == last.wave
+                                                  for i in active[:-1])
 
         def task(index: int):
             step = steps[index]
-            wide = wide_lead and index == active[0]  # decided by the plan alone: the same bits every call
-            batch, embeds = self._prepare(plan, index, store, wide)
+            # decided by the plan alone: the same bits every call
+            wide = (wide_lead and index == active[0]) or (wide_last and index == active[-1])
+            batch, embeds = self._prepare(plan, index, store, wide and step.kind == "prefix")
             if step.kind == "suffix":
                 for f in prefix_runs[step.wave]:
                     f.result()  # submitted earlier, so already taken by a worker: no deadlock

@@ -1581,7 +1581,8 @@ def test_a_query_prefix_no_other_lane_could_work_beside_runs_on_every_lane(expor
     that prefix (its query image's vision run and its prefill) runs alone on every lane's threads
     instead of one lane's while the other waits; the suffix steps then run a lane each. With image
     documents the other lane has work meanwhile: it encodes its step's images before waiting for
-    the prefix, so the prefix runs on one lane beside them. Scores stay the fp32 reference's."""
+    the prefix, so the prefix runs on one lane beside them. A single suffix step after the prefix
+    runs alone, so on every lane as well. Scores stay the fp32 reference's."""
     torch = pytest.importorskip("torch")
     _, engine = exported_engines["qwen2_5_vl"]
     reranker = Reranker(engine, backend="torch", num_threads=2, lanes=2, max_batch_size=2, image_cache_size=0)
@@ -1603,3 +1604,16 @@ def test_a_query_prefix_no_other_lane_could_work_beside_runs_on_every_lane(expor
     # besides the query's image, a document image was encoded before the prefix ran
     assert len(prefill) == 1 and sum(r[0] == "encode_images" for r in runs[:prefill[0]]) >= 2, runs
     assert max(n for _, _, n in runs) <= 2
+    # a plan of the prefix and one suffix step (a rank of a few documents): that step runs alone,
+    # so on every lane too, after its images were encoded on its lane beside the prefix
+    # two documents of one length (rows of different lengths fill a batch under min_fill apart)
+    few_texts = [(query, "photo of a red circle"), (query, "photo of a blue square")]
+    few_images = [(query, {"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)}) for _ in range(2)]
+    for docs, first in ((few_texts, [("encode_images", 2, 1), ("prefill", 2, 1)]), (few_images, None)):
+        runs.clear()
+        got = reranker.score(docs)
+        assert reranker.last_stats["steps"] == 2
+        assert np.abs(got - references["qwen2_5_vl"].score(docs)).max() <= 1e-4
+        assert runs[-1] == ("score", 2, 1), runs
+        assert first is None or runs[:2] == first, runs
+    assert [r[1] for r in runs if r[0] != "score"] == [1, 1, 1, 1]  # the query's image and prefix, 2 documents' images
