@@ -145,19 +145,23 @@ def child_hf(checkpoint: str, dtype: str, task: str, queries: int, candidates: i
 
 
 def child_latency(kind: str, path: str, what: str, requests: int, keep_heap: bool = False) -> dict:
-    """p50/p95 of ``what`` (rank 50 text documents | one image pair) for gmr_fast (kind=gmr,
+    """p50/p95 of ``what`` (rank50: rank 50 text documents of 30-400 words | rank10: rank 10
+    passages of 200 words each, a RAG query's chunks | one_image_pair) for gmr_fast (kind=gmr,
     path=engine) or HF (kind=hf_fp32/hf_bf16, path=checkpoint). ``keep_heap`` gives HF the
     allocator setting gmr_fast's torch backend makes (gmr_fast.memory) once its weights are
     loaded (hf_baseline.HFStrong)."""
     rng = np.random.default_rng(7)
     text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))  # noqa: E731
-    if what == "rank50":
-        calls = [[(text(4, 12), text(30, 400)) for _ in range(1) for _ in range(50)] for _ in range(requests + 1)]
+    if what in ("rank50", "rank10"):
+        n, lo, hi = (50, 30, 400) if what == "rank50" else (10, 200, 201)
+        calls = [[(text(4, 12), text(lo, hi)) for _ in range(n)] for _ in range(requests + 1)]
         for c in calls:
             q = c[0][0]
             c[:] = [(q, d) for _, d in c]
-    else:
+    elif what == "one_image_pair":
         calls = [[(text(4, 12), {"image": _image(rng, 256, 768)})] for _ in range(requests + 1)]
+    else:
+        raise ValueError(f"unknown latency call {what!r}: rank50, rank10 or one_image_pair")
     vision = [0.0]  # seconds in the vision tower during the current call: where a call's time goes
     if kind.startswith("gmr"):  # gmr, gmr_bf16_gemm_<setting> (--bf16-gemms), gmr_host_kernels_off, gmr_route_attention_fp32,
         # gmr_mlp_rows_off
@@ -259,7 +263,8 @@ def main(argv=None) -> int:
                         "fp32's (benchmarks/int8_kernels.py) and HF bf16 cannot be its fastest dtype")
     p.add_argument("--latency-requests", type=int, default=5)
     p.add_argument("--latency-hf", default="fp32,bf16", help="HF dtypes timed in the latency part")
-    p.add_argument("--latency-calls", default="rank50,one_image_pair", help="which calls the latency part times")
+    p.add_argument("--latency-calls", default="rank50,one_image_pair",
+                   help="which calls the latency part times: rank50, rank10 (10 passages of 200 words), one_image_pair")
     p.add_argument("--latency-rounds", type=int, default=1,
                    help="alternate the contenders this many times (each round runs --latency-requests calls)")
     p.add_argument("--hf-kept-heap", action="store_true",
