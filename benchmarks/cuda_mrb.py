@@ -135,10 +135,39 @@ def latency_calls(what: str, requests: int) -> list:
     return [[(text(4, 12), {"image": _image(rng, 256, 768)})] for _ in range(requests + 1)]
 
 
-def run_shape(spec: str, a, doc: dict, torch) -> None:
-    from export.engine_export import ExportOptions, export_engine
+def checkpoint_dir(spec: str, work: pathlib.Path) -> pathlib.Path:
+    """Where ``name:decoder_layers:vision_layers``'s checkpoint lives under ``work``."""
+    shape, layers, vlayers = spec.split(":")
+    return work / f"{shape}-L{layers}-V{vlayers}"
+
+
+def build_checkpoint(spec: str, ckpt: pathlib.Path, tokenizer_cache: str | None) -> None:
+    """The random-weight checkpoint of ``spec`` (GMR's widths, reduced depth), unless it is there."""
     from export.factory import build_shape_checkpoint
-    from export.validate import Criterion, compare
+
+    shape, layers, vlayers = spec.split(":")
+    if not (ckpt / "model.safetensors.index.json").exists():
+        build_shape_checkpoint(ckpt, shape, int(layers), int(vlayers), cache_dir=tokenizer_cache)
+
+
+def export_bf16(ckpt: pathlib.Path, engine: pathlib.Path, validation: list[int]) -> dict:
+    """``python -m export --dtype bf16`` of ``ckpt`` into ``engine``, validated on the machine's CPU
+    on ``validation`` = [queries, documents] with the ranking bars at their floor (see above);
+    returns what the run records of it."""
+    from export.engine_export import ExportOptions, export_engine
+    from export.validate import Criterion
+
+    floor = Criterion(min_query_tau=-1.0, min_mean_top10=0.0, min_top10=0.0, min_long_tau=-1.0)
+    m = export_engine(ckpt, engine, ExportOptions(
+        dtypes=("bf16",), force=True, validation_queries=validation[0], validation_documents=validation[1],
+        validation_long_documents=0, criterion=floor, reference_cache=False))
+    return {"variants": list(m.variants), "weight_bytes": sum(f.stat().st_size for f in engine.iterdir()),
+            "bf16_validation_cpu": {k: m.variants["bf16"].validation.get(k)
+                                    for k in ("query_kendall_tau_mean", "max_abs_diff", "pairs")}}
+
+
+def run_shape(spec: str, a, doc: dict, torch) -> None:
+    from export.validate import compare
     from gmr_fast import Reranker
     from hf_baseline import HFStrong
 
@@ -148,8 +177,7 @@ def run_shape(spec: str, a, doc: dict, torch) -> None:
     if a.checkpoint:  # a given checkpoint (a quick check of this script on any machine)
         ckpt = pathlib.Path(a.checkpoint)
     else:
-        shape, layers, vlayers = spec.split(":")
-        ckpt = work / f"{shape}-L{layers}-V{vlayers}"
+        ckpt = checkpoint_dir(spec, work)
     engine = work / f"{ckpt.name}-engine-bf16"
 
     def stage(name: str, fn):
@@ -172,21 +200,15 @@ def run_shape(spec: str, a, doc: dict, torch) -> None:
             write(a.out, doc)
 
     def build():
-        if not a.checkpoint and not (ckpt / "model.safetensors.index.json").exists():
-            build_shape_checkpoint(ckpt, shape, int(layers), int(vlayers), cache_dir=a.tokenizer_cache)
+        if not a.checkpoint:
+            build_checkpoint(spec, ckpt, a.tokenizer_cache)
         return True
 
     if not stage("checkpoint", build):
         return
-    floor = Criterion(min_query_tau=-1.0, min_mean_top10=0.0, min_top10=0.0, min_long_tau=-1.0)
 
     def export():
-        m = export_engine(ckpt, engine, ExportOptions(
-            dtypes=("bf16",), force=True, validation_queries=a.validation[0], validation_documents=a.validation[1],
-            validation_long_documents=0, criterion=floor, reference_cache=False))
-        out["engine"] = {"variants": list(m.variants), "weight_bytes": sum(f.stat().st_size for f in engine.iterdir()),
-                         "bf16_validation_cpu": {k: m.variants["bf16"].validation.get(k)
-                                                 for k in ("query_kendall_tau_mean", "max_abs_diff", "pairs")}}
+        out["engine"] = export_bf16(ckpt, engine, a.validation)
         return True
 
     if not stage("export", export):

@@ -14,6 +14,15 @@ median throughput and the latency percentiles of all its requests. One server ru
 at once so that their rounds alternate too. Each level also records the server process's CPU time
 (Linux /proc): the cores it kept busy and its CPU cost per pair, which is what bounds the gain
 from concurrency on a machine with few cores.
+
+``--server-args`` passes options to every server (``--backend torch --device cuda``, budgets), and
+``--shape name:decoder_layers:vision_layers`` generates that random-weight checkpoint of GMR's widths and
+exports its bf16 engine first (cuda_mrb.py's, on the machine's CPU), so that a GPU machine that
+has none of them can run this as one prepared call (benchmarks/cuda_prepare.sh)::
+
+    python3 benchmarks/serve.py --shape gmr-3b:6:8 --tokenizer-cache .gpu --lanes 1 \
+        --server-args "--backend torch --device cuda --max-batch-tokens 16384 --activation-budget-mb 16384" \
+        --out $OUT/serve_cuda.json
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import shlex
 import socket
 import subprocess
 import sys
@@ -92,7 +102,14 @@ def summarize(runs: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", required=True)
+    p.add_argument("--engine", help="an engine directory (or --shape)")
+    p.add_argument("--shape", help="name:decoder_layers:vision_layers: generate this checkpoint and export its bf16 "
+                                   "engine under --work first (unless there), and serve that")
+    p.add_argument("--work", default="/tmp/gmr_cuda")
+    p.add_argument("--tokenizer-cache", help="a folder holding qwen2_tokenizer.json (export.factory's cache)")
+    p.add_argument("--validation", default="1,3", help="QUERIES,DOCUMENTS of the export's (CPU) validation")
+    p.add_argument("--server-args", default="", help="more options for every server, one string "
+                                                     "(e.g. \"--backend torch --device cuda\")")
     p.add_argument("--requests", type=int, default=96, help="requests per load level and round")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--rounds", type=int, default=3, help="the levels alternate this many times")
@@ -100,6 +117,20 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default="benchmarks/results/serve_cpu.json")
     a = p.parse_args(argv)
+    if (a.engine is None) == (a.shape is None):
+        p.error("give one of --engine and --shape")
+    server_args = shlex.split(a.server_args)
+    built = None
+    if a.shape:
+        from cuda_mrb import build_checkpoint, checkpoint_dir, export_bf16
+
+        ckpt = checkpoint_dir(a.shape, pathlib.Path(a.work))
+        a.engine = str(ckpt.parent / f"{ckpt.name}-engine-bf16")
+        started = time.perf_counter()
+        build_checkpoint(a.shape, ckpt, a.tokenizer_cache)
+        if not (pathlib.Path(a.engine) / "manifest.json").exists():
+            built = export_bf16(ckpt, pathlib.Path(a.engine), [int(n) for n in a.validation.split(",")])
+        print(f"engine {a.engine} ready in {time.perf_counter() - started:.1f} s", flush=True)
     lanes = [int(x) for x in a.lanes.split(",")]
     servers, urls, pids = [], {}, {}
     try:
@@ -110,7 +141,8 @@ def main(argv=None) -> int:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             servers.append(subprocess.Popen([sys.executable, "-m", "gmr_fast.serve", "--engine", a.engine, "--port",
-                                             str(port), "--lanes", str(n), "--log-level", "warning"], cwd=ROOT))
+                                             str(port), "--lanes", str(n), "--log-level", "warning", *server_args],
+                                            cwd=ROOT))
             urls[n], pids[n] = f"http://127.0.0.1:{port}", servers[-1].pid
         for url in urls.values():
             for _ in range(1200):
@@ -145,8 +177,16 @@ def main(argv=None) -> int:
         for server in servers:
             server.wait(60)
     rounds = {n: [line for line in m.splitlines() if line.startswith("gmr_round_pairs_")] for n, m in metrics.items()}
-    write(a.out, {"machine": machine(), "engine": os.path.abspath(a.engine), "servers": info, "lanes": lanes,
-                  "levels": levels, "round_pairs_metrics": rounds})
+    doc = {"machine": machine(), "engine": os.path.abspath(a.engine), "shape": a.shape, "server_args": server_args,
+           "servers": info, "lanes": lanes, "levels": levels, "round_pairs_metrics": rounds}
+    if built:
+        doc["export"] = built
+    if any(x.startswith("cuda") for x in server_args):
+        import torch
+        from cuda_mrb import device_info
+
+        doc["device"] = device_info(torch)
+    write(a.out, doc)
     print("| lanes | clients | requests | failures | pairs/s | vs 1 client | p50 ms | p95 ms | p99 ms "
           "| server cores busy | server CPU us/pair |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
