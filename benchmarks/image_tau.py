@@ -1,0 +1,83 @@
+"""How the bf16 image routes rank against fp32 on more image pairs than real_size.py's 32.
+
+    python benchmarks/image_tau.py --engine ENGINE --seeds 0,1,2,3,4,5,6,7 --out benchmarks/results/image_tau_amx.json
+
+The pairs are real_size.py's ``image`` workload (a 1,116-token and a 324-token query image, 16
+short text documents each, every query text different) drawn with each seed in ``--seeds``, 32
+pairs a seed. Each of ``--modes`` (``image_precision`` under bf16) scores all of them in one
+call; the reference is the same engine's fp32 (``precision="fp32"``), which equals HF
+transformers' fp32 within the export's criterion (tests/test_real_width.py and the export's
+validation); HF fp32 itself takes ~4 s an image pair at GMR-3B width, 6 + 8 layers, on 2 cores,
+about 20 minutes for 256 pairs. Reported per mode: Kendall tau pooled over every pair (the figure
+real_size.py reports over its 32), pooled per seed (32 pairs, as real_size.py's), per query
+image (16 pairs), and the mean |score - fp32|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import machine, write  # noqa: E402
+from real_size import workload  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from scipy.stats import kendalltau
+
+    from gmr_fast import Reranker
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", required=True, help="an engine with fp32 and bf16 variants")
+    p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--modes", default="bf16-vision,bf16-gemm", help="image_precision values under bf16")
+    p.add_argument("--out", default="benchmarks/results/image_tau.json")
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    pairs, per_seed, groups = [], [], []
+    for seed in seeds:
+        drawn, _ = workload("image", seed=seed)
+        per_seed.append(range(len(pairs), len(pairs) + len(drawn)))
+        groups += [range(len(pairs) + i, len(pairs) + i + 16) for i in range(0, len(drawn), 16)]
+        pairs += drawn
+    doc = {"machine": machine(), "engine": str(pathlib.Path(a.engine).resolve()), "seeds": seeds,
+           "pairs": len(pairs), "reference": "fp32", "modes": {}}
+    scores = {}
+    for mode in ["fp32"] + a.modes.split(","):
+        options = {"precision": "fp32"} if mode == "fp32" else {"precision": "bf16", "image_precision": mode}
+        reranker = Reranker(a.engine, **options)
+        start = time.perf_counter()
+        scores[mode] = np.asarray(reranker.score(pairs), np.float64)
+        seconds = time.perf_counter() - start
+        row = {"seconds": seconds, "pairs_per_s": len(pairs) / seconds,
+               "choice": {k: reranker.choice.get(k) for k in ("precision", "image_precision", "backend")}}
+        if mode != "fp32":
+            ref, got = scores["fp32"], scores[mode]
+            tau = lambda rows: float(kendalltau(ref[list(rows)], got[list(rows)])[0])  # noqa: E731
+            row.update(pooled_tau=tau(range(len(pairs))), per_seed_tau=[tau(r) for r in per_seed],
+                       per_query_image_tau=[tau(g) for g in groups],
+                       mean_abs_diff=float(np.abs(ref - got).mean()), max_abs_diff=float(np.abs(ref - got).max()))
+        doc["modes"][mode] = row
+        print(mode, {k: v for k, v in row.items() if k != "per_query_image_tau"}, flush=True)
+        del reranker
+        write(a.out, doc)
+    print("| mode | pairs | pooled tau | per seed (32 pairs) | per query image (16), min-max | mean abs diff |")
+    print("|---|---|---|---|---|---|")
+    for mode, row in doc["modes"].items():
+        if mode != "fp32":
+            print(f"| {mode} | {len(pairs)} | {row['pooled_tau']:.3f} | "
+                  f"{', '.join(f'{t:.3f}' for t in row['per_seed_tau'])} | "
+                  f"{min(row['per_query_image_tau']):.3f}-{max(row['per_query_image_tau']):.3f} | "
+                  f"{row['mean_abs_diff']:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
