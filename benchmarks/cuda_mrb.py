@@ -141,6 +141,11 @@ def checkpoint_dir(spec: str, work: pathlib.Path) -> pathlib.Path:
     return work / f"{shape}-L{layers}-V{vlayers}"
 
 
+def engine_dir(ckpt: pathlib.Path) -> pathlib.Path:
+    """Where a checkpoint's bf16 engine is exported: beside it."""
+    return ckpt.parent / f"{ckpt.name}-engine-bf16"
+
+
 def build_checkpoint(spec: str, ckpt: pathlib.Path, tokenizer_cache: str | None) -> None:
     """The random-weight checkpoint of ``spec`` (GMR's widths, reduced depth), unless it is there."""
     from export.factory import build_shape_checkpoint
@@ -178,7 +183,7 @@ def run_shape(spec: str, a, doc: dict, torch) -> None:
         ckpt = pathlib.Path(a.checkpoint)
     else:
         ckpt = checkpoint_dir(spec, work)
-    engine = work / f"{ckpt.name}-engine-bf16"
+    engine = engine_dir(work / ckpt.name)
 
     def stage(name: str, fn):
         if elapsed() > a.deadline:

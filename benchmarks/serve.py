@@ -122,10 +122,10 @@ def main(argv=None) -> int:
     server_args = shlex.split(a.server_args)
     built = None
     if a.shape:
-        from cuda_mrb import build_checkpoint, checkpoint_dir, export_bf16
+        from cuda_mrb import build_checkpoint, checkpoint_dir, engine_dir, export_bf16
 
         ckpt = checkpoint_dir(a.shape, pathlib.Path(a.work))
-        a.engine = str(ckpt.parent / f"{ckpt.name}-engine-bf16")
+        a.engine = str(engine_dir(ckpt))
         started = time.perf_counter()
         build_checkpoint(a.shape, ckpt, a.tokenizer_cache)
         if not (pathlib.Path(a.engine) / "manifest.json").exists():
