@@ -1190,19 +1190,83 @@ def test_bf16_vision_can_encode_the_querys_images_as_bf16_gemm_and_documents_in_
         reranker(engines["over"], query_vision="fp32")
 
 
+def test_bf16_vision_x3_gate_up_computes_the_mlps_gate_up_fp32_accurately(bf16_checkpoint, rng):
+    """``image_precision="bf16-vision-x3-gate-up"``: bf16-vision with the image batches' decoder
+    computing every gate_up product fp32-accurately (backends.torch.EXACT_PRODUCTS: one more bf16
+    GEMM on the input's rounding residual, graphs.common.Proj "split3"), every other product as
+    bf16-vision computes it, over the same packed weights. Text pairs stay bf16 bit for bit; pairs
+    with an image change. The backend option ``exact_products`` refuses a name it does not know and
+    a route without split products."""
+    import torch
+
+    mode = "bf16-vision-x3-gate-up"
+    case = _bf16_hardware_case(bf16_checkpoint, rng, mode, 12)
+    if case is None:
+        return
+    engines, pairs, image, _ = case
+    for engine, side in (("over", "left"), ("pair", "right")):
+        kw = dict(precision="bf16", padding_side=side, lanes=1)
+        r = Reranker(engines[engine], image_precision=mode, **kw)
+        assert r.choice["image_precision"] == mode and "gate_up fp32-accurate" in r.choice["gemm"]
+        assert r.backend.exact_images == "bf16-vision" and r.backend.exact_products == ("gate_up",)
+        assert {p.dtype for p in r.backend.vision.parameters()} == {torch.bfloat16}  # bf16-vision's tower
+        ups = {n: m.upcast for n, m in r.backend.exact_decoder.named_modules() if hasattr(m, "upcast")}
+        assert ups and all(u == ("split3" if n.endswith(".gate_up") else "split") for n, u in ups.items()), ups
+        gate_up = r.backend.exact_decoder.layers[-1].gate_up
+        forward, inputs = gate_up.forward, []
+
+        def spy(x):
+            inputs.append(x.detach().clone())
+            return forward(x)
+
+        gate_up.forward = spy
+        got = r.score(pairs)
+        assert inputs and r.last_stats["exact_pairs"] == image.sum()
+        vision = Reranker(engines[engine], image_precision="bf16-vision", **kw).score(pairs)
+        assert np.array_equal(got[~image], vision[~image]), (engine, side)  # text pairs: plain bf16
+        assert not np.array_equal(got[image], vision[image]), (engine, side)
+        # The product itself: the weight read back through the projection (the identity is exact in
+        # bf16, so each output is one product of one weight: the weight itself), then the product in
+        # float64 as the reference. Under "split3" x = bf16(x) + r, r rounded to bf16 once more
+        # (2^-9 of 2^-9 of |x|), every sum fp32 on the hardware, the two outputs taken as hi + lo within
+        # 2^-16 of it: |error| <= 2^-14 sum_k |x_k w_k| leaves 4x room over 2^-16 + 2^-18 + fp32's
+        # sums over these few terms. "split" (bf16-vision) rounds x to bf16 (2^-9 relative each), which
+        # shows at that scale over the thousands of outputs compared.
+        with torch.inference_mode():
+            x = inputs[-1].reshape(-1, inputs[-1].shape[-1]).float()
+            w = forward(torch.eye(x.shape[1])).double()  # [in, out]
+            reference, scale = x.double() @ w, x.double().abs() @ w.abs()
+            y3 = forward(x).double()
+            gate_up.upcast = "split"
+            y2 = forward(x).double()
+            gate_up.upcast = "split3"
+        err3 = float(((y3 - reference).abs() / scale.clamp_min(1e-30)).max())
+        err2 = float(((y2 - reference).abs() / scale.clamp_min(1e-30)).max())
+        assert err3 <= 2.0 ** -14 < err2, (err3, err2)
+    from gmr_fast.backends.torch import TorchBackend
+
+    for options, message in (({"exact_images": "bf16-vision", "exact_products": ["up"]}, "'up' is not a decoder "
+                                                                                            "projection"),
+                             ({"exact_images": "fp32", "exact_products": ["gate_up"]}, "exact_images is fp32")):
+        with pytest.raises(gmr_fast.errors.BackendError, match=message):
+            TorchBackend(str(engines["over"]), load_manifest(engines["over"]), "bf16", 1, **options)
+
+
 def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(bf16_checkpoint, monkeypatch):
-    """``image_precision="auto"`` beside bf16 on a CPU: where the CPU has usable AMX, bf16-vision,
-    else bf16-gemm, else bf16x3, the first the export recorded ranking within AUTO_MIN_TAU (the
-    bf16 variant's ``validation.bf16_vision_images``, ``validation.bf16_gemm_images`` and
-    ``validation.bf16x3_images``), else fp32, saying why; without AMX only bf16-vision, and only
-    where torch's bf16 GEMM measures >= 2x fp32 (>= 1x with gmr_fast._dnnl, and bf16-gemm after
-    it there); the export records the three figures wherever this CPU has a bf16 kernel."""
+    """``image_precision="auto"`` beside bf16 on a CPU: where the CPU has usable AMX,
+    bf16-vision-x3-gate-up, else bf16-vision, else bf16-gemm, else bf16x3, the first the export
+    recorded ranking within AUTO_MIN_TAU (the bf16 variant's
+    ``validation.bf16_vision_x3_gate_up_images``, ``validation.bf16_vision_images``,
+    ``validation.bf16_gemm_images`` and ``validation.bf16x3_images``), else fp32, saying why;
+    without AMX only bf16-vision, and only where torch's bf16 GEMM measures >= 2x fp32 (>= 1x with
+    gmr_fast._dnnl, and bf16-gemm after it there); the export records the four figures wherever
+    this CPU has a bf16 kernel."""
     import dataclasses
 
     from gmr_fast import hardware
     from gmr_fast.reranker import (AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_BF16_GEMM_ONE_GEMM, IMAGES_BF16_VISION,
-                                   IMAGES_BF16_VISION_NO_AMX, IMAGES_BF16X3, IMAGES_IN_FP32, ROUTED_FIGURES,
-                                   choose_image_precision)
+                                   IMAGES_BF16_VISION_NO_AMX, IMAGES_BF16_VISION_X3_GATE_UP, IMAGES_BF16X3,
+                                   IMAGES_IN_FP32, ROUTED_FIGURES, choose_image_precision)
 
     _, over, _ = bf16_checkpoint
     for key in ROUTED_FIGURES.values():
@@ -1212,10 +1276,11 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
         else:  # measured at export, as auto runs it: image pairs so, text pairs bf16
             assert figures["pairs"] > 0 and 0.9 <= figures["query_kendall_tau_mean"] <= 1.0, key
 
-    def with_tau(tau, vision=None, x3=None):
+    def with_tau(tau, vision=None, x3=None, gate_up=None):
         bf16 = over.variants["bf16"]
         validation = {k: v for k, v in bf16.validation.items() if k not in ROUTED_FIGURES.values()}
-        for key, value in (("bf16_gemm_images", tau), ("bf16_vision_images", vision), ("bf16x3_images", x3)):
+        for key, value in (("bf16_gemm_images", tau), ("bf16_vision_images", vision), ("bf16x3_images", x3),
+                           ("bf16_vision_x3_gate_up_images", gate_up)):
             if value is not None:
                 validation[key] = {"query_kendall_tau_mean": value}
         variant = dataclasses.replace(bf16, validation=validation)
@@ -1228,7 +1293,8 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     assert why.startswith(f"{IMAGES_BF16_GEMM}; validated ranking tau 0.990 >= {AUTO_MIN_TAU}")
     assert "bf16-vision passed over: validated ranking tau not measured by this export" in why
     assert choose_image_precision(with_tau(0.99, vision=0.985), *args) == (
-        "bf16-vision", f"{IMAGES_BF16_VISION}; validated ranking tau 0.985 >= {AUTO_MIN_TAU}")
+        "bf16-vision", f"{IMAGES_BF16_VISION}; validated ranking tau 0.985 >= {AUTO_MIN_TAU}; bf16-vision-x3-gate-up "
+                       "passed over: validated ranking tau not measured by this export")
     chosen, why = choose_image_precision(with_tau(0.99, vision=0.975), *args)
     assert chosen == "bf16-gemm" and "bf16-vision passed over: validated ranking tau 0.975" in why
     chosen, why = choose_image_precision(with_tau(0.97, vision=0.96), *args)
@@ -1239,6 +1305,14 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     assert chosen == "bf16x3" and why.startswith(f"{IMAGES_BF16X3}; validated ranking tau 1.000 >= {AUTO_MIN_TAU}")
     assert "bf16-vision passed over: validated ranking tau 0.96" in why and "bf16-gemm passed over" in why
     assert choose_image_precision(with_tau(0.99, x3=1.0), *args)[0] == "bf16-gemm"
+    # bf16-vision-x3-gate-up before them all where its figure reaches the bar (engines exported
+    # before it recorded none: then as above)
+    assert choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0, gate_up=0.985), *args) == (
+        "bf16-vision-x3-gate-up", f"{IMAGES_BF16_VISION_X3_GATE_UP}; validated ranking tau 0.985 >= {AUTO_MIN_TAU}")
+    chosen, why = choose_image_precision(with_tau(0.99, vision=0.99, gate_up=0.97), *args)
+    assert chosen == "bf16-vision" and "bf16-vision-x3-gate-up passed over: validated ranking tau 0.97" in why
+    assert "bf16-vision-x3-gate-up passed over: validated ranking tau not measured by this export" in (
+        choose_image_precision(with_tau(0.99, vision=0.99), *args)[1])
     chosen, why = choose_image_precision(with_tau(None), *args)
     assert chosen == "fp32" and "not measured by this export" in why
     assert choose_image_precision(with_tau(0.99), "auto", "bf16", "torch", "cuda", "auto")[0] is None
@@ -1249,7 +1323,7 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     monkeypatch.setattr(bf16_gemm, "load", lambda: None)
     monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
     monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: 2.3)
-    chosen, why = choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0), *args)
+    chosen, why = choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0, gate_up=1.0), *args)
     assert chosen == "bf16-vision" and why == (IMAGES_BF16_VISION_NO_AMX.format(speedup=2.3, floor=2.0)
                                                + f"; validated ranking tau 0.990 >= {AUTO_MIN_TAU}")
     assert "AMX" not in why.replace("NO_AMX", "")

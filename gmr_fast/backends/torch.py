@@ -73,6 +73,16 @@ ROUTE_ATTENTION = ("bf16", "fp32")
 # distance to fp32 grew (0.0065 to 0.0072) and it2it's shrank (0.0069 to 0.0059), all within the
 # noise two implementations of one arithmetic show; and it ran i2t at 0.72x, it2it at 0.78x.
 QUERY_VISION = ("bf16", "bf16-gemm")
+# Projections of the image batches' decoder that bf16-gemm and bf16-vision may compute fp32-accurately
+# (``exact_products``; Reranker: image_precision "bf16-vision-x3-gate-up"): each such product takes one
+# more bf16 GEMM, on its input's rounding residual (graphs.common.Proj "split3", as bf16x3 computes
+# every product), so no tensor is rounded to bf16 on its way into it. Measured on an Intel Xeon with
+# AMX (GMR-3B width, 6 + 8 layers, 256 image pairs against fp32; benchmarks/README.md "Where
+# bf16-gemm's error comes from"): the routes' ranking error sits in the MLP, mostly in gate_up's input
+# (the normed stream rounded to bf16): gate_up exact lifted bf16-gemm's pooled tau from 0.979 to 0.985
+# at 0.76x its rate and bf16-vision's from 0.974 to 0.981 at 0.72x, while q, kv and o exact moved
+# nothing (0.976) and attention on fp32 inputs nothing (0.977).
+EXACT_PRODUCTS = ("q", "kv", "o", "gate_up", "down")
 # Rows of gate_up's product at a time in the CPU runs' gated MLPs (``mlp_rows``; graphs.common.gated_mlp),
 # decoder and vision tower alike: oneDNN's bf16 GEMM on one thread of an Intel Xeon with AMX ran
 # GMR-3B's gate_up [N, 2,048] x [2,048, 22,016] at 1,050-1,190 GFLOP/s to 768 rows and 820-870 from
@@ -206,7 +216,8 @@ class TorchBackend:
     def __init__(self, engine_dir: str, manifest: Manifest, precision: str, num_threads: int, device: str = "cpu",
                  attention: str = "sdpa", gemm: str = "auto", exact_images: bool | str = False,
                  packed_copy: bool | str = "auto", bf16_gemm: str = "auto", host_kernels: str = "auto",
-                 route_attention: str = "bf16", query_vision: str = "bf16", mlp_rows: int | str = "auto"):
+                 route_attention: str = "bf16", query_vision: str = "bf16", mlp_rows: int | str = "auto",
+                 exact_products: tuple | list = ()):
         _first_import_apart()
         try:
             import torch
@@ -249,6 +260,16 @@ class TorchBackend:
             raise BackendError(f"route_attention={route_attention!r}: expected one of {', '.join(ROUTE_ATTENTION)}")
         if query_vision not in QUERY_VISION:
             raise BackendError(f"query_vision={query_vision!r}: expected one of {', '.join(QUERY_VISION)}")
+        exact_products = tuple(exact_products.split(",") if isinstance(exact_products, str) else exact_products or ())
+        if exact_products and exact_images not in FPMATH_DECODER:
+            raise BackendError(f"exact_products={list(exact_products)}: computes products of bf16-gemm's or "
+                               f"bf16-vision's image batches fp32-accurately; exact_images is {exact_images}")
+        unknown = [n for n in exact_products if n not in EXACT_PRODUCTS]
+        if unknown:
+            raise BackendError(f"exact_products: {', '.join(map(repr, unknown))} is not a decoder projection "
+                               f"({', '.join(EXACT_PRODUCTS)})")
+        # the image batches' decoder projections computed fp32-accurately (EXACT_PRODUCTS)
+        self.exact_products = tuple(n for n in EXACT_PRODUCTS if n in exact_products)
         if mlp_rows == "auto":
             mlp_rows = MLP_ROWS if device == "cpu" else 0
         if isinstance(mlp_rows, bool) or not isinstance(mlp_rows, int) or mlp_rows < 0:
@@ -329,6 +350,9 @@ class TorchBackend:
                                                          for n, m in projs.items()}
             self._load(self.exact_decoder, engine_dir, weights["decoder"], torch.float32, upcast, shared=shared,
                        packs=packs if split else None)
+            for name, module in self.exact_decoder.named_modules():  # "split" -> "split3" (EXACT_PRODUCTS)
+                if isinstance(module, Proj) and name.rsplit(".", 1)[-1] in self.exact_products:
+                    module.upcast = "split3"
         for module in (self.decoder, self.vision, self.exact_decoder, self.query_tower):
             if module is not None:
                 module.sdpa = attention == "sdpa"
@@ -395,8 +419,12 @@ class TorchBackend:
 
     @property
     def _route_attention_words(self) -> str:
-        return ("attention on bf16 inputs with fp32 sums" if self.route_attention == "bf16"
-                else "attention fp32 (as the engine's route figures were measured)")
+        words = ("attention on bf16 inputs with fp32 sums" if self.route_attention == "bf16"
+                 else "attention fp32 (as the engine's route figures were measured)")
+        if self.exact_products:
+            words += (f"; {', '.join(self.exact_products)} fp32-accurate (one more bf16 GEMM on the input's rounding "
+                      "residual)")
+        return words
 
     def _use_onednn(self, gemm: str, precision: str) -> bool:
         """Whether the projections run oneDNN's GEMM on weights packed once into its own layout
