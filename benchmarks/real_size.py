@@ -92,12 +92,12 @@ def child_export(checkpoint: str, engine: str, dtypes: list, reference: str = "a
 
 
 def child_reranker(engine: str, precision: str, kind: str, share: bool = True, repeat: int = 1,
-                   per_group: int | None = None) -> dict:
+                   per_group: int | None = None, image_precision: str = "auto") -> dict:
     from gmr_fast import Reranker
 
     pairs, _ = workload(kind, per_group=per_group)
     t = time.perf_counter()
-    r = Reranker(engine, precision=precision, share_prefix=share)
+    r = Reranker(engine, precision=precision, share_prefix=share, image_precision=image_precision)
     load_seconds = time.perf_counter() - t
     # warm-up on as many other pairs of the same kind: the timed run then uses memory touched before
     # (first touch costs 30x a page fault on a VM that reports freed memory, hf_baseline.py)
@@ -110,7 +110,8 @@ def child_reranker(engine: str, precision: str, kind: str, share: bool = True, r
         best = t if best is None else min(best, t)
     return {"pairs": len(pairs), "seconds": best, "pairs_per_s": len(pairs) / best, "scores": scores.tolist(),
             "stats": {k: v for k, v in r.last_stats.items() if not isinstance(v, list)},
-            "activation_budget_mb": r.options.activation_budget_mb, "load_seconds": load_seconds}
+            "activation_budget_mb": r.options.activation_budget_mb, "load_seconds": load_seconds,
+            "choice": {k: r.choice[k] for k in ("precision", "image_precision", "text_precision", "backend")}}
 
 
 def child_hf(checkpoint: str, dtype: str, kind: str, per_group: int | None = None, keep_heap: bool = False) -> dict:
@@ -162,7 +163,7 @@ def reused_export(engine: pathlib.Path, dtypes: list[str]) -> dict | None:
 
 def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[str], reuse: bool = False,
               hf_dtypes: tuple = ("fp32", "bf16"), dtypes: list[str] | None = None, int8: tuple = (),
-              hf_kept_heap: bool = False) -> dict:
+              hf_kept_heap: bool = False, image_precisions: tuple = ()) -> dict:
     from export.factory import build_shape_checkpoint
 
     shape, layers, vision_layers = spec.split(":")
@@ -193,6 +194,9 @@ def run_shape(spec: str, work: pathlib.Path, precisions: list[str], kinds: list[
                 continue
             rows[f"gmr_{precision}"] = in_child("real_size:child_reranker", str(engine), base, kind, not whole,
                                                timeout=6 * 3600)
+        for mode in image_precisions if kind == "image" else ():  # bf16 with pairs with an image under MODE
+            rows[f"gmr_bf16_images_{mode}"] = in_child("real_size:child_reranker", str(engine), "bf16", kind, True, 1,
+                                                      None, mode, timeout=6 * 3600)
         ref = rows["hf_fp32"]["scores"]
         fastest_hf = max(row["pairs_per_s"] for name, row in rows.items() if name.startswith("hf_"))
         for name, row in rows.items():
@@ -224,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="auto,fp32,int8,bf16,bf16-whole",
                    help="Reranker precisions to run; a -whole suffix turns shared prefixes off")
     p.add_argument("--workloads", default="text,image")
+    p.add_argument("--image-precisions", default="",
+                   help="more rows on the image workload: bf16 with pairs with an image under each image_precision "
+                        "named (e.g. bf16-vision,bf16-vision-x3-gate-up), beside --precisions' rows")
     p.add_argument("--hf-dtypes", default="fp32,bf16",
                    help="HF baselines (fp32 always: it is the reference); 'vs HF fastest' is over these")
     p.add_argument("--hf-kept-heap", action="store_true",
@@ -328,7 +335,8 @@ def main(argv=None) -> int:
         int8 = (a.int8_kept, a.int8_keep.split(",") if a.int8_keep else None, a.int8_smooth, a.int8_activations)
         doc["shapes"] = [run_shape(s, work, a.precisions.split(","), a.workloads.split(","), a.reuse,
                                    tuple(dict.fromkeys(["fp32"] + a.hf_dtypes.split(","))),
-                                   a.dtypes.split(",") if a.dtypes else None, int8, a.hf_kept_heap)
+                                   a.dtypes.split(",") if a.dtypes else None, int8, a.hf_kept_heap,
+                                   tuple(filter(None, a.image_precisions.split(","))))
                          for s in a.shapes.split(",")]
         print(table(doc))
     write(a.out, doc)
