@@ -19,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import threading
 
+from ..errors import CoreError
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -85,8 +87,8 @@ def _probe(module) -> str | None:
         packed = module.PackedBf16Weight(wb.view(np.int16))
         y = np.empty((5, 64), np.float32)
         packed.multiply(xb.view(np.int16), y)
-    except RuntimeError as e:
-        return str(e)
+    except (RuntimeError, CoreError) as e:  # CoreError: no bf16 matmul kernel here (an AVX2-only CPU)
+        return f"oneDNN runs no bf16 GEMM on this CPU ({e})"
     want = back(xb).astype(np.float64) @ back(wb).astype(np.float64).T
     if not np.allclose(y, want, rtol=1e-5, atol=1e-5):
         return "oneDNN's bf16 GEMM does not give fp32-accurate sums here"
