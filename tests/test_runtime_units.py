@@ -534,3 +534,31 @@ def test_lanes_default_to_two_only_where_measured_faster(monkeypatch, bf16_kerne
     assert choose_lanes(3, "onnxruntime", "cpu", 2) == (3, "requested")
     with pytest.raises(errors.ConfigError):
         RerankerOptions(lanes=0).validate()
+
+
+def test_onednn_bf16_gemm_check_says_why_where_it_cannot_run():
+    """backends.bf16_gemm's check of gmr_fast._dnnl returns the reason, never raises, where the
+    module refuses (a CoreError, as on an AVX2-only CPU, where oneDNN has no bf16 matmul: that
+    error once escaped the check and failed every bf16 path of the torch backend there) or
+    fails (RuntimeError), and refuses a module whose sums are not fp32-accurate."""
+    from gmr_fast.backends import bf16_gemm
+
+    def module(fail=None, offset=0.0):
+        class Packed:
+            def __init__(self, w):
+                if fail is not None:
+                    raise fail
+                self.w = (w.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+            def multiply(self, x, y):
+                xf = (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+                y[...] = xf.astype(np.float64) @ self.w.astype(np.float64).T + offset
+
+        return type("FakeDnnl", (), {"PackedBf16Weight": Packed})
+
+    refused = errors.CoreError("bf16 GEMM: oneDNN: could not create a primitive descriptor for a matmul primitive")
+    why = bf16_gemm._probe(module(refused))
+    assert why.startswith("oneDNN runs no bf16 GEMM on this CPU") and "primitive descriptor" in why
+    assert "no AMX" in bf16_gemm._probe(module(RuntimeError("no AMX")))
+    assert "fp32-accurate" in bf16_gemm._probe(module(offset=1e-3))
+    assert bf16_gemm._probe(module()) is None
