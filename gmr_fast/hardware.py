@@ -188,8 +188,9 @@ def onnxruntime_int8_speedup() -> float | None:
     quantized per call: the int8 engines' operator) against ``MatMul`` in fp32 at
     INT8_PROBE_SHAPE, interleaved, after a warm-up, on ``hardware_threads()`` threads; None without the onnx
     package. The instruction flag does not tell: QGEMM's AVX2 kernels ran GMR-3B's MLP GEMMs at
-    1.1-1.3x fp32 on an AMD EPYC of family 23 (AVX2 only), against 2.1-3.1x on AVX512-VNNI and
-    9-11x on AMX (benchmarks/results/int8_kernels_*.json). Measured once per process."""
+    1.1-1.3x fp32 on an AMD EPYC of family 23 (AVX2 only) and 1.72x on an AMD EPYC Zen 3 (AVX2
+    only too), against 2.1-3.1x on AVX512-VNNI and 9-11x on AMX (benchmarks/results/int8_kernels_*.json,
+    real_size_epyc_zen3.json). Measured once per process."""
     try:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:

@@ -282,7 +282,8 @@ BF16_VISION_MIN_GEMM_SPEEDUP_ONE_GEMM = 1.0
 # width (real_size_vnni.json), on an AMD Zen 5 a 2.1-2.3x GEMM (per-token) gave 1.6x
 # (real_size_int8_row_epyc_zen5.json);
 # below 1.5x the gain is gone, while the ranking cost is not. An AMD EPYC of family 23 (AVX2 only)
-# measured 1.1-1.3x at the GEMM (int8_kernels_epyc_zen2.json). AMX (9-11x) is not probed.
+# measured 1.1-1.3x at the GEMM (int8_kernels_epyc_zen2.json), an AMD EPYC Zen 3 (AVX2 only too)
+# 1.72x (real_size_epyc_zen3.json), so the flags do not tell. AMX (9-11x) is not probed.
 INT8_MIN_GEMM_SPEEDUP = 1.5
 INT8_SATURATES = ("its weights use 8 bits, which onnxruntime's int8 kernel saturates on a CPU without VNNI "
                   "(re-export: weights now use 7, export.quantize.QGEMM_WEIGHT_MAX)")
