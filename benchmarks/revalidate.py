@@ -90,7 +90,7 @@ def child_candidate(engine: str, precision: str, image_mode: str | None, queries
             where = pathlib.Path(tmp)
         groups = _groups(queries, documents, long_documents, seed)
         settings = {"image_precision": image_mode} if image_mode else {}
-        if image_mode in ("bf16-vision", "bf16-vision-x3-gate-up"):
+        if image_mode in ("bf16-vision", "bf16-vision-x3-gate-up", "bf16-vision-x3-gate-up-image-queries"):
             settings["backend_options"] = {"query_vision": query_vision}
         start = time.perf_counter()
         got, modes = validate.run_candidate(where, precision, groups, manifest.gmr.default_instruction,
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine", required=True)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--image-modes", default="", help="comma-separated image_precision routes to validate too "
-                                                     "(bf16-vision, bf16-vision-x3-gate-up, bf16-gemm, bf16x3), as the export "
+                                                     "(bf16-vision, bf16-vision-x3-gate-up, "
+                                                     "bf16-vision-x3-gate-up-image-queries, bf16-gemm, bf16x3), as the export "
                                                      "records them")
     p.add_argument("--query-vision", default="bf16", choices=["bf16", "bf16-gemm"],
                    help="how bf16-vision encodes the query's images (the backend option query_vision)")

@@ -555,7 +555,8 @@ def _validate_bf16_gemm_images(tmp, manifest, groups, gmr, options, long: int, e
     """The accepted bf16 variant again with its image pairs under ``mode``: bf16-gemm (fp32
     tensors, matrix products on the bf16 hardware; gmr_fast.backends.torch.Bf16Gemm),
     bf16-vision (that in the decoder, the vision tower bf16), bf16-vision-x3-gate-up (bf16-vision with
-    the MLP's gate_up products fp32-accurate) or bf16x3 (the fp32 model, each product as three bf16
+    the MLP's gate_up products fp32-accurate), bf16-vision-x3-gate-up-image-queries (that for the
+    queries with an image, bf16-vision for text queries) or bf16x3 (the fp32 model, each product as three bf16
     products), and its text pairs in bf16, as
     ``auto`` runs them on an AMX CPU, judged like a reduced precision. Recorded, not a condition of
     the variant: ``auto`` takes a mode for images only where its figure reaches its own bar

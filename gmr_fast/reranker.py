@@ -49,10 +49,15 @@ from .schedule import Limits, Schedule, Sequence as TokenSequence, VisionBatch, 
 
 log = logging.getLogger("gmr_fast")
 MiB = 1 << 20
-IMAGE_PRECISIONS = ("auto", "fp32", "bf16x3", "bf16-gemm", "bf16-vision", "bf16-vision-x3-gate-up", "same")
+IMAGE_PRECISIONS = ("auto", "fp32", "bf16x3", "bf16-gemm", "bf16-vision", "bf16-vision-x3-gate-up",
+                    "bf16-vision-x3-gate-up-image-queries", "same")
 # image_precision modes that run a route of the torch backend with some of its image batches' decoder
 # products fp32-accurate: (exact_images, exact_products) (backends.torch.EXACT_PRODUCTS)
-ROUTE_PRODUCTS = {"bf16-vision-x3-gate-up": ("bf16-vision", ("gate_up",))}
+ROUTE_PRODUCTS = {"bf16-vision-x3-gate-up": ("bf16-vision", ("gate_up",)),
+                  "bf16-vision-x3-gate-up-image-queries": ("bf16-vision", ("gate_up",))}
+# ... of which these take the exact products only for the pairs of queries with an image; a text
+# query's routed pairs run the route without them (bf16-vision) (ROUTE_PRODUCTS_IMAGE_QUERIES_WHY)
+ROUTE_PRODUCTS_IMAGE_QUERIES = ("bf16-vision-x3-gate-up-image-queries",)
 TEXT_PRECISIONS = ("auto", "same", "as-images")
 
 
@@ -69,9 +74,10 @@ class RerankerOptions:
                                           "tensors, matrix products on the CPU's bf16 hardware), bf16-vision (the "
                                           "same in the decoder, the vision tower in bf16), bf16-vision-x3-gate-up "
                                           "(bf16-vision with the MLP's gate_up product fp32-accurate, as bf16x3 "
-                                          "computes it), same (bf16 too) or auto "
-                                          "(on a CPU with AMX, bf16-vision-x3-gate-up, bf16-vision, bf16-gemm or "
-                                          "bf16x3, elsewhere "
+                                          "computes it), bf16-vision-x3-gate-up-image-queries (that for queries "
+                                          "with an image, bf16-vision for text queries), same (bf16 too) or auto "
+                                          "(on a CPU with AMX, bf16-vision-x3-gate-up-image-queries, "
+                                          "bf16-vision-x3-gate-up, bf16-vision, bf16-gemm or bf16x3, elsewhere "
                                           "bf16-vision or bf16-gemm where bf16 GEMMs gain, the first the "
                                           "export validated, else fp32, where auto chose bf16 on a CPU and the engine "
                                           "allows it)",
@@ -221,6 +227,8 @@ class ScorePlan:
     schedule: Schedule
     boundary_fallbacks: int  # pairs whose document merged with the prefix's last token
     exact: set = dataclasses.field(default_factory=set)  # pairs scored in fp32 beside bf16 (image_precision)
+    # ... of which those that run without the route's exact products (ROUTE_PRODUCTS_IMAGE_QUERIES: text queries)
+    plain: set = dataclasses.field(default_factory=set)
     # images run through the vision tower and images taken from the cache, as the plan runs
     image_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -471,6 +479,15 @@ def choose_precision(manifest, precision: str, backend: str | None, device: str,
 # its rate (0.985 against 0.981 on a second 256). Its cost on the MRB workload beside HF in the same
 # run: i2t 7.2x HF bf16 (bf16-vision 10.7x), and t2i 1.16x HF on the same 50 pairs (bf16-vision 1.39x,
 # the target 1.3x), where bf16-vision ranked no worse; ranking goes first (benchmarks/README.md "The route").
+# Why bf16-vision-x3-gate-up-image-queries comes before it (7 Dec): that error was counted on image
+# queries with text documents; on text queries with document images (MRB t2i: 4-16-word queries,
+# 256-768-token document images, benchmarks/image_tau.py --workload t2i, two draws of 8 queries x 25
+# documents against fp32, GMR-3B width, 6 + 8 layers, an AMD EPYC Zen 4 with AVX512-BF16, whose bf16
+# products round their inputs as AMX's do) bf16-vision ranked at per-query tau 0.981 and 0.982 (pooled
+# 0.981, 0.982), within the bar on both, where on image queries it fell to 0.974 on one of two draws.
+# gate_up exact ranks t2i higher still (0.986 on the first draw), but the rule is the fastest path
+# within the bar, and on t2i the route cost AMX its target (above). So text queries' routed pairs run
+# bf16-vision and image queries' pairs the route (benchmarks/README.md "Per query kind").
 IMAGES_BF16_GEMM = ("pairs with an image run fp32 over the same bf16 weights with every matrix product on the AMX "
                     "bf16 hardware (bf16-gemm): fp32 runs at a quarter or less of bf16's GEMM speed on AMX")
 IMAGES_BF16_VISION = ("pairs with an image run the vision tower in bf16 and the decoder fp32 over the same bf16 "
@@ -480,6 +497,11 @@ IMAGES_BF16_VISION_X3_GATE_UP = ("pairs with an image run the vision tower in bf
                                  "bf16 weights with every matrix product on the AMX bf16 hardware, the MLP's gate_up "
                                  "fp32-accurate (bf16-vision-x3-gate-up): bf16-vision's ranking error sits mostly in "
                                  "gate_up's input rounded to bf16")
+IMAGES_BF16_VISION_X3_GATE_UP_IMAGE_QUERIES = (
+    "pairs with an image run the vision tower in bf16 and the decoder fp32 over the same bf16 weights with every "
+    "matrix product on the AMX bf16 hardware, the MLP's gate_up fp32-accurate for queries with an image "
+    "(bf16-vision-x3-gate-up-image-queries): bf16-vision's ranking error sits mostly in gate_up's input rounded to "
+    "bf16 under an image query's prefix, while text queries' image documents ranked as well without it")
 IMAGES_BF16X3 = ("pairs with an image run fp32 over the same bf16 weights with each matrix product as three bf16 "
                  "products on the AMX hardware (bf16x3: the fp32 model within ~2^-15 per product, no tensor rounded "
                  "to bf16): fp32's own GEMM runs at a quarter or less of bf16's on AMX")
@@ -532,7 +554,8 @@ def bf16_holds_fp32(manifest) -> bool:
 
 
 ROUTED_FIGURES = {"bf16-gemm": "bf16_gemm_images", "bf16-vision": "bf16_vision_images", "bf16x3": "bf16x3_images",
-                  "bf16-vision-x3-gate-up": "bf16_vision_x3_gate_up_images"}
+                  "bf16-vision-x3-gate-up": "bf16_vision_x3_gate_up_images",
+                  "bf16-vision-x3-gate-up-image-queries": "bf16_vision_x3_gate_up_image_queries_images"}
 
 
 def bf16_gemm_images_figures(manifest, mode: str = "bf16-gemm") -> dict | None:
@@ -580,17 +603,20 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
     every matrix product on the bf16 hardware (backends.torch.Bf16Gemm), "bf16-vision" to that in
     the decoder with the vision tower in bf16, "bf16x3" to the fp32 model with each product as three
     bf16 products (graphs.common.Proj "split3"), "bf16-vision-x3-gate-up" to bf16-vision with the
-    decoder's gate_up products so (ROUTE_PRODUCTS), None leaves every pair in ``precision``.
-    ``image_precision`` "fp32", "bf16x3", "bf16-gemm", "bf16-vision" or "bf16-vision-x3-gate-up" asks for it (an error where it cannot
-    hold), "same" refuses it, "auto" takes one where ``auto`` chose bf16 on a CPU and the engine
-    allows it: on a CPU with usable AMX, bf16-vision-x3-gate-up (IMAGES_BF16_VISION_X3_GATE_UP), else
+    decoder's gate_up products so (ROUTE_PRODUCTS), "bf16-vision-x3-gate-up-image-queries" to that
+    for the queries with an image and bf16-vision for text queries (ROUTE_PRODUCTS_IMAGE_QUERIES),
+    None leaves every pair in ``precision``. ``image_precision`` naming one of these asks for it (an
+    error where it cannot hold), "same" refuses it, "auto" takes one where ``auto`` chose bf16 on a
+    CPU and the engine allows it: on a CPU with usable AMX, bf16-vision-x3-gate-up-image-queries
+    (IMAGES_BF16_VISION_X3_GATE_UP_IMAGE_QUERIES), else bf16-vision-x3-gate-up (IMAGES_BF16_VISION_X3_GATE_UP), else
     bf16-vision (IMAGES_BF16_VISION), else bf16-gemm (IMAGES_BF16_GEMM), else bf16x3
     (IMAGES_BF16X3), the first the export measured ranking within
     AUTO_MIN_TAU of fp32; without AMX, where torch's bf16 GEMM measures at least
     BF16_VISION_MIN_GEMM_SPEEDUP times fp32 here, bf16-vision (IMAGES_BF16_VISION_NO_AMX), then,
     where gmr_fast._dnnl runs (BF16_VISION_MIN_GEMM_SPEEDUP_ONE_GEMM), bf16-gemm
     (IMAGES_BF16_GEMM_ONE_GEMM), the first the export validated; else fp32 (IMAGES_IN_FP32)."""
-    routed = ("fp32", "bf16x3", "bf16-gemm", "bf16-vision", "bf16-vision-x3-gate-up")
+    routed = ("fp32", "bf16x3", "bf16-gemm", "bf16-vision", "bf16-vision-x3-gate-up",
+              "bf16-vision-x3-gate-up-image-queries")
     refused = plain_image_refusal(manifest) if precision == "bf16" else None
     if refused and image_precision == "same":
         raise ConfigError(f"image_precision same would run pairs with an image in plain bf16, which this engine's "
@@ -614,13 +640,17 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
                "bf16-vision": "fp32 in the decoder with matrix products on the bf16 hardware, the vision tower "
                               "bf16,",
                "bf16-vision-x3-gate-up": "fp32 in the decoder with matrix products on the bf16 hardware, gate_up's "
-                                         "fp32-accurate, the vision tower bf16,"}[image_precision]
+                                         "fp32-accurate, the vision tower bf16,",
+               "bf16-vision-x3-gate-up-image-queries": "fp32 in the decoder with matrix products on the bf16 "
+                                                       "hardware, gate_up's fp32-accurate for queries with an "
+                                                       "image, the vision tower bf16,"}[image_precision]
         return image_precision, f"pairs with an image run {how} over the same bf16 weights (requested)"
     if refused and possible and device.startswith("cuda"):  # the routes run on CPUs
         return "fp32", f"{IMAGES_IN_FP32_REFUSED.format(reason=refused)}; the bf16 routes run on CPUs only"
     if (requested == "auto" or refused) and possible and not device.startswith("cuda"):
         passed = []
-        modes = (("bf16-vision-x3-gate-up", IMAGES_BF16_VISION_X3_GATE_UP), ("bf16-vision", IMAGES_BF16_VISION),
+        modes = (("bf16-vision-x3-gate-up-image-queries", IMAGES_BF16_VISION_X3_GATE_UP_IMAGE_QUERIES),
+                 ("bf16-vision-x3-gate-up", IMAGES_BF16_VISION_X3_GATE_UP), ("bf16-vision", IMAGES_BF16_VISION),
                  ("bf16-gemm", IMAGES_BF16_GEMM), ("bf16x3", IMAGES_BF16X3))
         if hardware.bf16_kernel() != "AMX":
             from .backends import bf16_gemm
@@ -670,7 +700,8 @@ def choose_image_precision(manifest, requested: str, precision: str, backend: st
 TEXT_AS_IMAGES = ("pairs without an image run as pairs with one do ({decoder} in the decoder): bf16 alone ranked "
                   "tau {tau} < {bar} at export, the route tau {route_tau:.3f} >= {bar}, text documents included")
 TEXT_DECODER = {"fp32": "fp32", "bf16x3": "bf16x3", "bf16-gemm": "bf16-gemm", "bf16-vision": "bf16-gemm",
-                "bf16-vision-x3-gate-up": "bf16-gemm-x3-gate-up"}
+                "bf16-vision-x3-gate-up": "bf16-gemm-x3-gate-up",
+                "bf16-vision-x3-gate-up-image-queries": "bf16-gemm-x3-gate-up-image-queries"}
 
 
 def routed_every_pair(manifest, device: str) -> tuple[str, float] | None:
@@ -974,7 +1005,9 @@ class Reranker:
         prefixes: list[tuple[TokenSequence, int] | None] = []
         fallbacks = 0
         share = self.options.share_prefix and self.prompts.prefix_has_query
-        route, exact = self.image_precision is not None, set()
+        route, exact, plain = self.image_precision is not None, set(), set()
+        # routed pairs of text queries run without the route's exact products (ROUTE_PRODUCTS_IMAGE_QUERIES)
+        by_query_kind = self.image_precision in ROUTE_PRODUCTS_IMAGE_QUERIES
         # One precision per query (image_precision): a pair is routed when its query has an image
         # or any pair of the same query (instruction, text, image) in this call has a document
         # image. Mixed within one query's candidates, the text documents would share bf16's error
@@ -1020,6 +1053,8 @@ class Reranker:
             qkey = keys[0] if q.has_image else None
             if (instructions[i], q.text, qkey) in routed_queries:  # its batches run as image pairs do
                 exact.add(i)
+                if by_query_kind and not q.has_image:
+                    plain.add(i)
             if share:
                 pkey = (instructions[i], q.text, qkey, i in exact)
                 if pkey not in prefix_ids:
@@ -1054,8 +1089,9 @@ class Reranker:
                               [len(p[0]) if p else 0 for p in prefixes], decode, limits["prefix"],
                               self.manifest.decoder.kv_bytes_per_token,
                               self.options.kv_budget_mb * MiB / self.lanes,  # lanes: two waves may be alive
-                              exact)
-        return ScorePlan(len(pairs), prompts, errors, images, whole, split, prefixes, schedule, fallbacks, exact)
+                              exact, plain)
+        return ScorePlan(len(pairs), prompts, errors, images, whole, split, prefixes, schedule, fallbacks, exact,
+                         plain)
 
     def _prepare(self, plan: ScorePlan, index: int, store: dict, wide: bool = False):
         """The decoder batch of step ``index`` and the embeddings of its images (worker thread;
@@ -1078,7 +1114,7 @@ class Reranker:
         else:
             seqs = [plan.whole[int(p)] for p in step.rows]
             batch = build_decoder_batch(step.rows, seqs, pad, left, kind="whole")
-        batch.exact = step.exact
+        batch.exact, batch.products = step.exact, step.products
         keys = list(dict.fromkeys(batch.image_keys))
         if keys:
             self._encode(keys, plan.images, store, plan.image_counts, wide)
@@ -1245,6 +1281,8 @@ class Reranker:
                  "padding_efficiency": self._padding_efficiency(plan, padded),
                  "prefixes": len({k for k, _ in plan.suffixes.values()}), "shared_pairs": len(plan.suffixes),
                  "boundary_fallbacks": plan.boundary_fallbacks, "exact_pairs": len(plan.exact),
+                 **({"exact_products_pairs": len(plan.exact) - len(plan.plain)}
+                    if self.image_precision in ROUTE_PRODUCTS else {}),
                  "images_encoded": plan.image_counts["images_encoded"],
                  "image_cache_hits": plan.image_counts["image_cache_hits"], "seconds": seconds,
                  **self.choice}

@@ -69,6 +69,7 @@ class Step:
     rows: np.ndarray  # int64: prefix indices (prefix steps) or pair indices (the others)
     wave: int = -1  # prefix wave of prefix / suffix steps
     exact: bool = False  # runs in fp32 beside bf16 steps (Reranker image_precision)
+    products: bool = True  # exact: with the route's exact products (False: Reranker ROUTE_PRODUCTS_IMAGE_QUERIES)
 
 
 @dataclass
@@ -87,22 +88,29 @@ class Schedule:
 
 def plan(whole: dict[int, int], suffixes: dict[int, tuple[int, int]], prefix_lengths: list[int],
          decode_limits: Limits, prefix_limits: Limits, kv_bytes_per_token: int, max_kv_bytes: float,
-         exact: frozenset | set = frozenset()) -> Schedule:
+         exact: frozenset | set = frozenset(), plain: frozenset | set = frozenset()) -> Schedule:
     """``whole``: pair -> prompt length; ``suffixes``: pair -> (prefix, suffix length);
     ``prefix_lengths[k]``: tokens of prefix k. Prefixes are numbered in first-use order.
-    ``exact``: pairs whose batches run apart (all pairs of a prefix must agree)."""
+    ``exact``: pairs whose batches run apart (all pairs of a prefix must agree); ``plain``: those of
+    them whose batches run without the route's exact products (Step.products), apart again."""
     steps: list[Step] = []
     releases: dict[int, list[int]] = {}
     by_prefix: dict[int, list[int]] = {}
     for pair, (k, _) in sorted(suffixes.items()):
         by_prefix.setdefault(k, []).append(pair)
-    exact_prefix = {k: pairs[0] in exact for k, pairs in by_prefix.items()}
-    if any((p in exact) != exact_prefix[k] for k, pairs in by_prefix.items() for p in pairs):
-        raise ValueError("a prefix's pairs must all be exact or all not")
+    if not set(plain) <= set(exact):
+        raise ValueError("plain pairs are exact pairs run without the route's exact products")
 
-    def modes(items: np.ndarray, is_exact) -> list[tuple[bool, np.ndarray]]:
-        flags = np.array([bool(is_exact(int(i))) for i in items], bool)
-        return [(m, items[flags == m]) for m in (False, True) if (flags == m).any()]
+    def mode(p: int) -> int:  # 0: the decoder's own precision; 1: the route; 2: the route without its products
+        return 2 if p in plain else 1 if p in exact else 0
+
+    exact_prefix = {k: mode(pairs[0]) for k, pairs in by_prefix.items()}
+    if any(mode(p) != exact_prefix[k] for k, pairs in by_prefix.items() for p in pairs):
+        raise ValueError("a prefix's pairs must all be exact or all not, and all plain or all not")
+
+    def modes(items: np.ndarray, of) -> list[tuple[int, np.ndarray]]:
+        flags = np.array([of(int(i)) for i in items], np.int64)
+        return [(m, items[flags == m]) for m in (0, 1, 2) if (flags == m).any()]
 
     order = sorted(by_prefix)
     wave, start = 0, 0
@@ -111,21 +119,21 @@ def plan(whole: dict[int, int], suffixes: dict[int, tuple[int, int]], prefix_len
         while end < len(order) and (end == start or kv + prefix_lengths[order[end]] * kv_bytes_per_token <= max_kv_bytes):
             kv += prefix_lengths[order[end]] * kv_bytes_per_token
             end += 1
-        for mode, prefixes in modes(np.array(order[start:end], np.int64), exact_prefix.get):
+        for m, prefixes in modes(np.array(order[start:end], np.int64), exact_prefix.get):
             for batch in prefix_limits.pack(np.array([prefix_lengths[k] for k in prefixes])):
-                steps.append(Step("prefix", prefixes[batch], wave, mode))
+                steps.append(Step("prefix", prefixes[batch], wave, m > 0, m != 2))
         all_pairs = np.array([p for k in order[start:end] for p in by_prefix[int(k)]], np.int64)
-        for mode, pairs in modes(all_pairs, exact.__contains__):
+        for m, pairs in modes(all_pairs, mode):
             lengths = np.array([suffixes[int(p)][1] for p in pairs], np.int64)
             context = np.array([prefix_lengths[suffixes[int(p)][0]] for p in pairs], np.int64)
             for batch in decode_limits.pack(lengths, context):
-                steps.append(Step("suffix", pairs[batch], wave, mode))
+                steps.append(Step("suffix", pairs[batch], wave, m > 0, m != 2))
         releases[len(steps) - 1] = [int(k) for k in order[start:end]]
         wave, start = wave + 1, end
     if whole:
-        for mode, pairs in modes(np.array(sorted(whole), np.int64), exact.__contains__):
+        for m, pairs in modes(np.array(sorted(whole), np.int64), mode):
             for batch in decode_limits.pack(np.array([whole[int(p)] for p in pairs]), np.ones(len(pairs), np.int64)):
-                steps.append(Step("whole", pairs[batch], exact=mode))
+                steps.append(Step("whole", pairs[batch], exact=m > 0, products=m != 2))
     return Schedule(steps, releases)
 
 
@@ -145,6 +153,7 @@ class DecoderBatch:
     past_index: np.ndarray | None = None  # int64 [B]: row -> position in ``past``
     past_lengths: np.ndarray | None = None  # int64 [len(past)]: tokens of each prefix
     exact: bool = False  # run in fp32 beside a bf16 decoder (backends.torch exact_images)
+    products: bool = True  # exact: with the route's exact products, if it has any (backends.torch exact_products)
 
     @property
     def padded_tokens(self) -> int:

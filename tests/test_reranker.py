@@ -1253,20 +1253,68 @@ def test_bf16_vision_x3_gate_up_computes_the_mlps_gate_up_fp32_accurately(bf16_c
             TorchBackend(str(engines["over"]), load_manifest(engines["over"]), "bf16", 1, **options)
 
 
+def test_bf16_vision_x3_gate_up_image_queries_takes_the_exact_gate_up_for_image_queries_alone(bf16_checkpoint, rng):
+    """``image_precision="bf16-vision-x3-gate-up-image-queries"``: the pairs of a query with an
+    image run as under bf16-vision-x3-gate-up, the routed pairs of a text query (those with an
+    image document, and every pair of such a query) as under bf16-vision, and text pairs of text
+    queries without one in bf16; one decoder's tensors serve both (backends.torch: a view of the
+    exact decoder, its gate_up "split" again). Each kind scored alone equals, bit for bit, the
+    route it takes (the same batches); mixed in one call, within 1e-5 of that (only batch shapes
+    differ between the two calls: fp32 sums over a tiny model's rows, ~1e-7 relative each), while
+    the two routes differ by far more on image queries (bf16's rounding of gate_up's input, 2^-9)."""
+    mode = "bf16-vision-x3-gate-up-image-queries"
+    case = _bf16_hardware_case(bf16_checkpoint, rng, mode, 12)
+    if case is None:
+        return
+    engines, pairs, routed, _ = case
+    imaged = np.array([isinstance(q, dict) and "image" in q for q, _ in pairs])
+    image_pairs = [p for p, i in zip(pairs, imaged) if i]
+    text_pairs = [p for p, i in zip(pairs, imaged) if not i]
+    for engine, side, share in (("over", "left", True), ("pair", "right", False)):
+        kw = dict(precision="bf16", padding_side=side, lanes=1, share_prefix=share)
+        r = Reranker(engines[engine], image_precision=mode, **kw)
+        assert r.choice["image_precision"] == mode and "for queries with an image" in r.choice["reason"]
+        assert r.backend.exact_images == "bf16-vision" and r.backend.exact_products == ("gate_up",)
+        exact = {n: m for n, m in r.backend.exact_decoder.named_modules() if hasattr(m, "upcast")}
+        plain = {n: m for n, m in r.backend.plain_decoder.named_modules() if hasattr(m, "upcast")}
+        assert exact.keys() == plain.keys() and all(plain[n] is not m for n, m in exact.items())
+        assert all(plain[n].upcast == "split" and m.upcast == ("split3" if n.endswith(".gate_up") else "split")
+                   for n, m in exact.items())
+        held = "dnnl" if r.backend.dnnl is not None else "packed"
+        assert all(getattr(plain[n], held) is getattr(m, held) is not None and plain[n].weight is m.weight
+                   for n, m in exact.items())
+        got = r.score(pairs)
+        assert r.last_stats["exact_pairs"] == routed.sum()
+        assert r.last_stats["exact_products_pairs"] == (routed & imaged).sum() > 0
+        assert (routed & ~imaged).sum() > 0  # text queries with image documents: routed without the products
+        x3 = Reranker(engines[engine], image_precision="bf16-vision-x3-gate-up", **kw)
+        vision = Reranker(engines[engine], image_precision="bf16-vision", **kw)
+        alone = {"image": r.score(image_pairs), "text": r.score(text_pairs)}
+        assert r.last_stats["exact_products_pairs"] == 0 < r.last_stats["exact_pairs"]
+        assert np.array_equal(alone["image"], x3.score(image_pairs)), (engine, side)
+        assert np.array_equal(alone["text"], vision.score(text_pairs)), (engine, side)
+        np.testing.assert_allclose(got[imaged], alone["image"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got[~imaged], alone["text"], rtol=0, atol=1e-5)
+        apart = float(np.abs(alone["image"] - vision.score(image_pairs)).max())
+        assert apart > 1e-3, apart
+
+
 def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(bf16_checkpoint, monkeypatch):
     """``image_precision="auto"`` beside bf16 on a CPU: where the CPU has usable AMX,
-    bf16-vision-x3-gate-up, else bf16-vision, else bf16-gemm, else bf16x3, the first the export
-    recorded ranking within AUTO_MIN_TAU (the bf16 variant's
+    bf16-vision-x3-gate-up-image-queries, else bf16-vision-x3-gate-up, else bf16-vision, else
+    bf16-gemm, else bf16x3, the first the export recorded ranking within AUTO_MIN_TAU (the bf16
+    variant's ``validation.bf16_vision_x3_gate_up_image_queries_images``,
     ``validation.bf16_vision_x3_gate_up_images``, ``validation.bf16_vision_images``,
     ``validation.bf16_gemm_images`` and ``validation.bf16x3_images``), else fp32, saying why;
     without AMX only bf16-vision, and only where torch's bf16 GEMM measures >= 2x fp32 (>= 1x with
-    gmr_fast._dnnl, and bf16-gemm after it there); the export records the four figures wherever
+    gmr_fast._dnnl, and bf16-gemm after it there); the export records the five figures wherever
     this CPU has a bf16 kernel."""
     import dataclasses
 
     from gmr_fast import hardware
     from gmr_fast.reranker import (AUTO_MIN_TAU, IMAGES_BF16_GEMM, IMAGES_BF16_GEMM_ONE_GEMM, IMAGES_BF16_VISION,
-                                   IMAGES_BF16_VISION_NO_AMX, IMAGES_BF16_VISION_X3_GATE_UP, IMAGES_BF16X3,
+                                   IMAGES_BF16_VISION_NO_AMX, IMAGES_BF16_VISION_X3_GATE_UP,
+                                   IMAGES_BF16_VISION_X3_GATE_UP_IMAGE_QUERIES, IMAGES_BF16X3,
                                    IMAGES_IN_FP32, ROUTED_FIGURES, choose_image_precision)
 
     _, over, _ = bf16_checkpoint
@@ -1277,11 +1325,12 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
         else:  # measured at export, as auto runs it: image pairs so, text pairs bf16
             assert figures["pairs"] > 0 and 0.9 <= figures["query_kendall_tau_mean"] <= 1.0, key
 
-    def with_tau(tau, vision=None, x3=None, gate_up=None):
+    def with_tau(tau, vision=None, x3=None, gate_up=None, image_queries=None):
         bf16 = over.variants["bf16"]
         validation = {k: v for k, v in bf16.validation.items() if k not in ROUTED_FIGURES.values()}
         for key, value in (("bf16_gemm_images", tau), ("bf16_vision_images", vision), ("bf16x3_images", x3),
-                           ("bf16_vision_x3_gate_up_images", gate_up)):
+                           ("bf16_vision_x3_gate_up_images", gate_up),
+                           ("bf16_vision_x3_gate_up_image_queries_images", image_queries)):
             if value is not None:
                 validation[key] = {"query_kendall_tau_mean": value}
         variant = dataclasses.replace(bf16, validation=validation)
@@ -1294,8 +1343,9 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     assert why.startswith(f"{IMAGES_BF16_GEMM}; validated ranking tau 0.990 >= {AUTO_MIN_TAU}")
     assert "bf16-vision passed over: validated ranking tau not measured by this export" in why
     assert choose_image_precision(with_tau(0.99, vision=0.985), *args) == (
-        "bf16-vision", f"{IMAGES_BF16_VISION}; validated ranking tau 0.985 >= {AUTO_MIN_TAU}; bf16-vision-x3-gate-up "
-                       "passed over: validated ranking tau not measured by this export")
+        "bf16-vision", f"{IMAGES_BF16_VISION}; validated ranking tau 0.985 >= {AUTO_MIN_TAU}; "
+                       "bf16-vision-x3-gate-up-image-queries passed over: validated ranking tau not measured by this "
+                       "export; bf16-vision-x3-gate-up passed over: validated ranking tau not measured by this export")
     chosen, why = choose_image_precision(with_tau(0.99, vision=0.975), *args)
     assert chosen == "bf16-gemm" and "bf16-vision passed over: validated ranking tau 0.975" in why
     chosen, why = choose_image_precision(with_tau(0.97, vision=0.96), *args)
@@ -1309,11 +1359,22 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     # bf16-vision-x3-gate-up before them all where its figure reaches the bar (engines exported
     # before it recorded none: then as above)
     assert choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0, gate_up=0.985), *args) == (
-        "bf16-vision-x3-gate-up", f"{IMAGES_BF16_VISION_X3_GATE_UP}; validated ranking tau 0.985 >= {AUTO_MIN_TAU}")
+        "bf16-vision-x3-gate-up", f"{IMAGES_BF16_VISION_X3_GATE_UP}; validated ranking tau 0.985 >= {AUTO_MIN_TAU}; "
+                                  "bf16-vision-x3-gate-up-image-queries passed over: validated ranking tau not "
+                                  "measured by this export")
     chosen, why = choose_image_precision(with_tau(0.99, vision=0.99, gate_up=0.97), *args)
     assert chosen == "bf16-vision" and "bf16-vision-x3-gate-up passed over: validated ranking tau 0.97" in why
     assert "bf16-vision-x3-gate-up passed over: validated ranking tau not measured by this export" in (
         choose_image_precision(with_tau(0.99, vision=0.99), *args)[1])
+    # ... and bf16-vision-x3-gate-up-image-queries before that, where its own figure does
+    assert choose_image_precision(with_tau(0.99, vision=0.99, gate_up=0.985, image_queries=0.982), *args) == (
+        "bf16-vision-x3-gate-up-image-queries",
+        f"{IMAGES_BF16_VISION_X3_GATE_UP_IMAGE_QUERIES}; validated ranking tau 0.982 >= {AUTO_MIN_TAU}")
+    chosen, why = choose_image_precision(with_tau(0.99, vision=0.99, gate_up=0.985, image_queries=0.975), *args)
+    assert chosen == "bf16-vision-x3-gate-up" and (
+        "bf16-vision-x3-gate-up-image-queries passed over: validated ranking tau 0.975" in why)
+    assert "bf16-vision-x3-gate-up-image-queries passed over: validated ranking tau not measured by this export" in (
+        choose_image_precision(with_tau(0.99, vision=0.99, gate_up=0.985), *args)[1])
     chosen, why = choose_image_precision(with_tau(None), *args)
     assert chosen == "fp32" and "not measured by this export" in why
     assert choose_image_precision(with_tau(0.99), "auto", "bf16", "torch", "cuda", "auto")[0] is None
@@ -1324,7 +1385,7 @@ def test_auto_takes_bf16_gemm_images_only_on_amx_where_the_export_validated_it(b
     monkeypatch.setattr(bf16_gemm, "load", lambda: None)
     monkeypatch.setattr(reranker_module.hardware, "bf16_kernel", lambda: "AVX512-BF16")
     monkeypatch.setattr(reranker_module.hardware, "torch_bf16_speedup", lambda: 2.3)
-    chosen, why = choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0, gate_up=1.0), *args)
+    chosen, why = choose_image_precision(with_tau(0.99, vision=0.99, x3=1.0, gate_up=1.0, image_queries=1.0), *args)
     assert chosen == "bf16-vision" and why == (IMAGES_BF16_VISION_NO_AMX.format(speedup=2.3, floor=2.0)
                                                + f"; validated ranking tau 0.990 >= {AUTO_MIN_TAU}")
     assert "AMX" not in why.replace("NO_AMX", "")

@@ -120,6 +120,26 @@ def test_plan_keeps_exact_pairs_and_their_prefixes_apart():
                                                                        for s in plain.steps]
     with pytest.raises(ValueError, match="all be exact or all not"):
         plan(whole, suffixes, prefix_lengths, decode, decode, 1000, 700 * 1000, {0})
+    assert all(s.products for s in schedule.steps)
+    # exact pairs run without the route's exact products (plain: a route's text queries) run apart
+    # again, their prefixes too
+    without = {p for p in exact if p in whole or p % 4 == 2} - {43}
+    split = plan(whole, suffixes, prefix_lengths, decode, decode, 1000, 700 * 1000, exact, without)
+    seen = []
+    for step in split.steps:
+        rows = [int(r) for r in step.rows]
+        if step.kind == "prefix":
+            assert all((k in (1, 2), k == 2) == (step.exact, not step.products) for k in rows), step
+        else:
+            assert all((p in exact, p in without) == (step.exact, not step.products) for p in rows), step
+            seen += rows
+    assert sorted(seen) == sorted(list(suffixes) + list(whole))
+    assert {(s.exact, s.products) for s in split.steps if s.kind != "prefix"} == {(False, True), (True, True),
+                                                                                 (True, False)}
+    with pytest.raises(ValueError, match="plain pairs are exact pairs"):
+        plan(whole, suffixes, prefix_lengths, decode, decode, 1000, 700 * 1000, exact, {0})
+    with pytest.raises(ValueError, match="all plain or all not"):
+        plan(whole, suffixes, prefix_lengths, decode, decode, 1000, 700 * 1000, exact, {2})
 
 
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])

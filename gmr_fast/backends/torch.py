@@ -379,6 +379,13 @@ class TorchBackend:
                 layer.attn_dtype = dtype
                 # no masked grouped-query sdpa on CUDA: it would take the math kernel (graphs.decoder)
                 layer.masked_gqa = self.device.type != "cuda"
+        # batches marked without the route's exact products (DecoderBatch.products: Reranker
+        # ROUTE_PRODUCTS_IMAGE_QUERIES) run the route itself: a view of the set-up exact decoder, every
+        # tensor and packed weight shared (_shared_view), its exact products back to "split"
+        self.plain_decoder = _shared_view(self.exact_decoder) if self.exact_products else None
+        for module in () if self.plain_decoder is None else self.plain_decoder.modules():
+            if isinstance(module, Proj) and module.upcast == "split3":
+                module.upcast = "split"
 
     @property
     def gemm(self) -> str:
@@ -650,6 +657,8 @@ class TorchBackend:
         if batch.exact and self.exact_decoder is not None:
             exact = True
             decoder, dtype = self.exact_decoder, torch.float32
+            if not batch.products and self.plain_decoder is not None:  # the route without its exact products
+                decoder = self.plain_decoder
         elif images and self.exact_decoder is not None:
             raise BackendError("an image batch not marked exact reached the bf16 decoder (exact_images)")
 
@@ -680,6 +689,19 @@ class TorchBackend:
             first = int(np.argmax(batch.attention_mask[r] > 0))
             out.append(present[:, :, r, :, first:first + int(n)].clone())
         return out
+
+
+def _shared_view(module):
+    """A copy of ``module``'s tree of modules over the very same tensors (parameters, buffers, packed
+    weights and every other attribute shared, nothing copied), whose modules' own attributes
+    (a projection's ``upcast``) can then differ from the original's."""
+    import copy
+
+    view = copy.copy(module)
+    view._parameters = dict(module._parameters)
+    view._buffers = dict(module._buffers)
+    view._modules = {name: None if child is None else _shared_view(child) for name, child in module._modules.items()}
+    return view
 
 
 def _first_import_apart() -> None:
