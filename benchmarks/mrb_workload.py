@@ -273,6 +273,9 @@ def main(argv=None) -> int:
                         "fastest HF row, kept heap or not")
     p.add_argument("--one-lane", action="store_true",
                    help="also run gmr shared with lanes=1, to separate the gain of running batches side by side")
+    p.add_argument("--lanes-rows", default="",
+                   help="also run gmr shared with each of these lane counts (comma-separated; 1 is --one-lane's "
+                        "row), e.g. 2 on a CPU whose default is one lane")
     p.add_argument("--image-precisions", default="",
                    help="more gmr rows (prefixes shared): the default engine with each image_precision named "
                         "(fp32, bf16x3, bf16-gemm, bf16-vision, same), beside auto's")
@@ -348,9 +351,10 @@ def main(argv=None) -> int:
             rows[f"gmr_shared_per_query_cache_{mb}mb"] = in_child(
                 "mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, sample, None, "auto",
                 None, a.pool, int(mb))  # in_child passes positional arguments only
-        if a.one_lane:
-            rows["gmr_shared_one_lane"] = in_child("mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates,
-                                                   True, sample, 1, "auto", None, a.pool)
+        for n in sorted({int(n) for n in filter(None, a.lanes_rows.split(","))} | ({1} if a.one_lane else set())):
+            rows["gmr_shared_one_lane" if n == 1 else f"gmr_shared_{n}_lanes"] = in_child(
+                "mrb_workload:child_gmr", str(engine), task, a.queries, a.candidates, True, sample, n, "auto", None,
+                a.pool)
         ref = rows["hf_fp32"]["sample_scores"]
         best_hf = max(row["pairs_per_s"] for name, row in rows.items() if name.startswith("hf_"))
         for name, row in rows.items():
