@@ -12,6 +12,7 @@ uninterrupted run. A line torn by a kill mid-write is cut off when the journal i
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -86,6 +87,8 @@ class Stats:
     padded_tokens: int = 0
     images_encoded: int = 0  # distinct images run through the vision tower (once per chunk, or cached)
     image_cache_hits: int = 0  # images taken from the Reranker's cache (image_cache_size / image_cache_mb)
+    image_cache_budget_mb: float | None = None  # the job's plan for that cache (ImagePlan), when it has one
+    recurring_images: int = 0  # images that more than one chunk uses (counted by the plan)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -94,7 +97,9 @@ class Stats:
                 "pairs_per_s": self.scored / self.seconds if self.seconds else 0.0,
                 "tokens_per_s": self.real_tokens / self.seconds if self.seconds else 0.0,
                 "padding_efficiency": self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0,
-                "images_encoded": self.images_encoded, "image_cache_hits": self.image_cache_hits}
+                "images_encoded": self.images_encoded, "image_cache_hits": self.image_cache_hits,
+                **({"image_cache_budget_mb": self.image_cache_budget_mb, "recurring_images": self.recurring_images}
+                   if self.image_cache_budget_mb is not None else {})}
 
 
 def chunk_bounds(group_sizes: Iterable[int], chunk_pairs: int) -> list[tuple[int, int]]:
@@ -126,14 +131,18 @@ class Output:
     image_cache_hits: int = 0
 
 
-def score_chunk(reranker: Any, chunk: list[Task], written: Callable[[Hashable], bool]) -> Iterator[Output]:
+def score_chunk(reranker: Any, chunk: list[Task], written: Callable[[Hashable], bool],
+                images: ImagePlan | None = None, position: int = 0) -> Iterator[Output]:
     """Scores one chunk: its failures first, then each batch of its plan whose pairs are not
     all ``written`` already. The same chunk and settings always give the same outputs, which is
     what a resumed or distributed job relies on (only batches with unwritten rows run again,
-    bit for bit)."""
+    bit for bit). ``images``: the job's plan for the Reranker's image cache, this chunk being
+    the ``position``-th it runs (ImagePlan)."""
     live = [t for t in chunk if t.error is None]
     plan = reranker.plan([(t.query, t.document) for t in live], instruction=[t.instruction for t in live],
                          labels=[t.label for t in live])
+    if images is not None:
+        plan.cache_plan = images.cache_plan(position, live, plan.image_keys)
     failed, li = [], 0
     for t in chunk:
         if t.error is None:
@@ -157,6 +166,62 @@ def score_chunk(reranker: Any, chunk: list[Task], written: Callable[[Hashable], 
         yield Output("scores", out, int(sum(len(plan.prompts[r].ids) for r in rows)), int(padded), **counts)
 
 
+def _image_refs(task: Task, query_apart: bool) -> list[Hashable]:
+    """What names each image of ``task`` across the job, in ScorePlan.image_keys' order (the
+    query's first): its file (suite and pairs rows name images by path), the query's apart
+    where the Reranker encodes a query's images apart (Reranker.query_images_apart)."""
+    refs = []
+    for side, item in (("query", task.query), ("document", task.document)):
+        if item is not None and item.has_image:
+            ref = os.fspath(item.image) if isinstance(item.image, (str, os.PathLike)) else ("object", id(item.image))
+            refs.append((side, ref) if side == "query" and query_apart else ("", ref))
+    return refs
+
+
+class ImagePlan:
+    """A local job's plan for the Reranker's image cache. The job knows every pair it will score,
+    so before any work it lists, per image file, the chunks (in run order) that use it; each
+    chunk's call then keeps exactly the images a later chunk uses again, until that use, within
+    ``budget_bytes``, dropping first the one needed furthest ahead (reranker.CachePlan). Top-k
+    lists over one corpus (MRB's) share document images across queries, hence across chunks,
+    while a chunk's own pairs encode each distinct image once anyway; an LRU cache of the same
+    size would also keep the images no later chunk needs, and lose the recurring ones to them."""
+
+    def __init__(self, tasks: list[Task], bounds: list[tuple[int, int]], chunks: list[int], budget_bytes: int,
+                 query_apart: bool):
+        self.budget_bytes, self.query_apart = int(budget_bytes), query_apart
+        self.uses: dict[Hashable, list[int]] = {}
+        for position, k in enumerate(chunks):
+            a, b = bounds[k]
+            for task in tasks[a:b]:
+                if task.error is None:
+                    for ref in _image_refs(task, query_apart):
+                        seen = self.uses.setdefault(ref, [])
+                        if not seen or seen[-1] != position:
+                            seen.append(position)
+
+    @property
+    def recurring(self) -> int:
+        """Images that more than one chunk uses."""
+        return sum(1 for u in self.uses.values() if len(u) > 1)
+
+    def next_use(self, ref: Hashable, position: int) -> int | None:
+        uses = self.uses.get(ref, ())
+        i = bisect.bisect_right(uses, position)
+        return uses[i] if i < len(uses) else None
+
+    def cache_plan(self, position: int, live: list[Task], image_keys: list) -> Any:
+        from .reranker import CachePlan
+
+        next_use: dict = {}
+        for task, keys in zip(live, image_keys):
+            for ref, key in zip(_image_refs(task, self.query_apart), keys):
+                n = self.next_use(ref, position)
+                if n is not None:  # two files of the same content: kept for the sooner use
+                    next_use[key] = min(n, next_use.get(key, n))
+        return CachePlan(self.budget_bytes, position, next_use)
+
+
 def pending_chunks(tasks: list[Task], bounds: list[tuple[int, int]], written: Callable[[Hashable], bool]) -> list[int]:
     """Chunks with at least one task not yet in a journal."""
     return [k for k, (a, b) in enumerate(bounds) if not all(written(t.key) for t in tasks[a:b])]
@@ -178,15 +243,27 @@ def record(output: Output, scores: Journal, errors: Journal, progress: Progress,
 
 
 def run_tasks(reranker: Any, tasks: list[Task], bounds: list[tuple[int, int]], scores: Journal, errors: Journal,
-              progress: Progress, stats: Stats) -> None:
+              progress: Progress, stats: Stats, image_budget_bytes: int | None = None) -> None:
     """Scores every task not yet in ``scores`` or ``errors``, in this process; see the module
-    docstring. (``gmr_fast.ray_pool.run_tasks`` does the same over Ray actors.)"""
+    docstring. ``image_budget_bytes``: the image cache follows the job's plan (ImagePlan) within
+    that many bytes, and is emptied at the end; None: it is the Reranker's own (LRU, its options).
+    (``gmr_fast.ray_pool.run_tasks`` does the same over Ray actors, without a plan.)"""
     start_time = time.perf_counter()
     written = lambda key: key in scores.done or key in errors.done  # noqa: E731
-    for k in pending_chunks(tasks, bounds, written):
-        a, b = bounds[k]
-        for output in score_chunk(reranker, tasks[a:b], written):
-            record(output, scores, errors, progress, stats)
+    chunks = pending_chunks(tasks, bounds, written)
+    images = (ImagePlan(tasks, bounds, chunks, image_budget_bytes, reranker.query_images_apart)
+              if image_budget_bytes is not None else None)
+    if images is not None:
+        stats.image_cache_budget_mb = round(image_budget_bytes / 2**20, 1)
+        stats.recurring_images += images.recurring
+    try:
+        for position, k in enumerate(chunks):
+            a, b = bounds[k]
+            for output in score_chunk(reranker, tasks[a:b], written, images, position):
+                record(output, scores, errors, progress, stats)
+    finally:
+        if images is not None:  # the plan ends with the job's tasks: what it kept is needed no more
+            reranker.clear_image_cache()
     stats.seconds += time.perf_counter() - start_time
 
 

@@ -212,6 +212,23 @@ class _Image:
 
 
 @dataclass
+class CachePlan:
+    """A batch job's plan for the image cache over one call (``ScorePlan.cache_plan``): the job
+    knows every pair it will score, so it knows which images a later call uses again and when.
+    ``next_use``: content key -> the position (in the job's order of calls) of the next call that
+    uses it after this one; an image of this call that is not in it is never needed again and is
+    not kept (a cached one is dropped after this call takes it). ``now``: this call's position.
+    ``budget_bytes``: what the kept embeddings may take. Over it, the entry needed furthest ahead
+    goes (Belady's rule, optimal for a known sequence): first entries kept without a plan or whose
+    next use has passed (a resumed call skips the batches already written), and an image needed
+    later than every kept one is not kept."""
+
+    budget_bytes: int
+    now: int
+    next_use: dict
+
+
+@dataclass
 class ScorePlan:
     """Reranker.plan's result: everything known before any pixel work. Deterministic: the same
     pairs and settings give the same steps, which is what lets a batch job recompute exactly the
@@ -231,6 +248,12 @@ class ScorePlan:
     plain: set = dataclasses.field(default_factory=set)
     # images run through the vision tower and images taken from the cache, as the plan runs
     image_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # per pair, the content keys of its images (the query's first; QUERY_IMAGE keys where the query's
+    # images encode apart): what a batch job's CachePlan names
+    image_keys: list = dataclasses.field(default_factory=list)
+    # set by a batch job before ``run``: the cache follows it for this plan's images (CachePlan);
+    # None: the LRU cache of image_cache_size / image_cache_mb
+    cache_plan: CachePlan | None = None
 
     @property
     def truncated(self) -> np.ndarray:
@@ -802,6 +825,7 @@ class Reranker:
         self._limits = self._memory_limits()
         self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._cache_bytes = 0
+        self._cache_next: dict[tuple, int] = {}  # key -> its next use, for entries a batch job's CachePlan kept
         self._cache_lock = threading.Lock()
         # at most ``lanes`` engine runs at once, vision and decoder counted together: the
         # activation budget is per lane, and the next step's vision run (prepared on a worker
@@ -879,9 +903,9 @@ class Reranker:
                 self._run_lock.release()
 
     def _encode(self, keys: list[tuple], images: dict[tuple, _Image], store: dict, counts: collections.Counter,
-                wide: bool = False) -> None:
-        """Embeddings of the distinct images ``keys`` into ``store``: the LRU cache first, then
-        one vision run per image; ``wide`` as ``_slot``.
+                wide: bool = False, cache_plan: CachePlan | None = None) -> None:
+        """Embeddings of the distinct images ``keys`` into ``store``: the cache first, then one
+        vision run per image; ``wide`` as ``_slot``; ``cache_plan`` as ``ScorePlan.cache_plan``.
         ``counts`` gets ``image_cache_hits`` and ``images_encoded`` added."""
         todo = []
         with self._cache_lock:
@@ -892,6 +916,11 @@ class Reranker:
                     self._cache.move_to_end(key)
                     store[key] = self._cache[key]
                     counts["image_cache_hits"] += 1
+                    if cache_plan is not None:  # this call has it now: kept until its next use, or dropped
+                        if key in cache_plan.next_use:
+                            self._cache_next[key] = cache_plan.next_use[key]
+                        else:
+                            self._cache_drop(key)
                 else:
                     todo.append(key)
             counts["images_encoded"] += len(todo)
@@ -916,7 +945,15 @@ class Reranker:
                 embeds = self.backend.encode_images(batch)
             for key, e in zip(run_keys, embeds):
                 store[key] = e
-                self._cache_put(key, e)
+                if cache_plan is None:
+                    self._cache_put(key, e)
+                else:
+                    self._cache_keep(key, e, cache_plan)
+
+    def _cache_drop(self, key: tuple) -> None:
+        """Removes ``key`` from the cache (``_cache_lock`` held)."""
+        self._cache_bytes -= _nbytes(self._cache.pop(key))
+        self._cache_next.pop(key, None)
 
     def _cache_put(self, key: tuple, e: Any) -> None:
         """Keeps ``e`` (one image's embeddings) in the LRU cache, evicting the oldest entries past
@@ -929,12 +966,49 @@ class Reranker:
         size = _nbytes(e)
         with self._cache_lock:
             if key in self._cache:  # encoded twice by concurrent calls: keep one
-                self._cache_bytes -= _nbytes(self._cache.pop(key))
+                self._cache_drop(key)
             self._cache[key] = e
             self._cache_bytes += size
             while self._cache and ((count > 0 and len(self._cache) > count)
                                    or (mb > 0 and self._cache_bytes > mb * 2**20)):
-                self._cache_bytes -= _nbytes(self._cache.popitem(last=False)[1])
+                self._cache_drop(next(iter(self._cache)))
+
+    def _cache_keep(self, key: tuple, e: Any, plan: CachePlan) -> None:
+        """Keeps ``e`` as a batch job's ``plan`` says (CachePlan): only an image a later call
+        uses, and within the budget the ones needed soonest. Copied as in ``_cache_put``."""
+        nxt = plan.next_use.get(key)
+        size = _nbytes(e)
+        if nxt is None or size > plan.budget_bytes:
+            return
+
+        def ahead(k):  # how far ahead an entry is needed: unplanned or passed ones first
+            n = self._cache_next.get(k)
+            return math.inf if n is None or n < plan.now else n
+
+        with self._cache_lock:
+            if key in self._cache:  # encoded twice by concurrent calls: keep one
+                self._cache_drop(key)
+            while self._cache_bytes + size > plan.budget_bytes:
+                victim = max(self._cache, key=ahead)
+                if ahead(victim) <= nxt:  # every kept image is needed sooner than this one
+                    return
+                self._cache_drop(victim)
+            self._cache[key] = e.clone() if hasattr(e, "clone") else np.array(e, copy=True)
+            self._cache_next[key] = nxt
+            self._cache_bytes += size
+
+    def clear_image_cache(self) -> None:
+        """Empties the image-embedding cache."""
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_next.clear()
+            self._cache_bytes = 0
+
+    @property
+    def query_images_apart(self) -> bool:
+        """Whether a query's image is encoded apart from the same image as a document (its own
+        cache key: ScorePlan.image_keys)."""
+        return self._query_tower
 
     @property
     def image_cache(self) -> dict[str, int]:
@@ -1091,7 +1165,7 @@ class Reranker:
                               self.options.kv_budget_mb * MiB / self.lanes,  # lanes: two waves may be alive
                               exact, plain)
         return ScorePlan(len(pairs), prompts, errors, images, whole, split, prefixes, schedule, fallbacks, exact,
-                         plain)
+                         plain, image_keys=keys_per_pair)
 
     def _prepare(self, plan: ScorePlan, index: int, store: dict, wide: bool = False):
         """The decoder batch of step ``index`` and the embeddings of its images (worker thread;
@@ -1117,7 +1191,7 @@ class Reranker:
         batch.exact, batch.products = step.exact, step.products
         keys = list(dict.fromkeys(batch.image_keys))
         if keys:
-            self._encode(keys, plan.images, store, plan.image_counts, wide)
+            self._encode(keys, plan.images, store, plan.image_counts, wide, plan.cache_plan)
         return batch, [store[k] for k in batch.image_keys]
 
     def run(self, plan: ScorePlan, *, skip: Callable[[np.ndarray], bool] | None = None

@@ -29,6 +29,7 @@ from .errors import BackendError, ConfigError, EngineError, GmrError
 from .evaluation import DEFAULT_METRICS, build_report, evaluate, parse_metrics, report_markdown
 from .jobs import JobError, Journal, Progress, Stats, Task, chunk_bounds, run_tasks, write_atomic
 from .manifest import load_manifest
+from .memory import available_memory
 from .options import add_arguments, fingerprint, from_args, option
 from .prompt import Item, text_problem
 from .reranker import TEXT_DECODER, RerankerOptions, choose_image_precision, choose_precision, choose_text_precision
@@ -36,6 +37,7 @@ from .suite import (Dataset, InputError, PathRefused, Record, find_datasets, loa
                     resolve_image, trec_order)
 
 RUN_TAG = "gmr_fast"
+IMAGE_PLAN_AUTO_MB = 4096  # the image cache plan's largest budget when --image-cache-mb leaves it (_Job)
 EXIT_INPUT = 2  # malformed input, bad arguments, an output directory holding another job, nothing scorable
 EXIT_RUNTIME = 3  # the engine, the backend or the file system failed (disk full, unreadable engine, ...)
 
@@ -57,6 +59,11 @@ class ScoreJobOptions:
     resume: bool = option(False, "continue a job in --out/--output, skipping finished pairs")
     metrics: str = option(",".join(DEFAULT_METRICS), "trec_eval measure names, comma-separated")
     chunk_pairs: int = option(512, "pairs planned together (images decoded per chunk)", determinism=True)
+    image_cache_plan: bool = option(True, "keep each image a later chunk uses again until that use, within "
+                                          "--image-cache-mb (0: a quarter of the memory available once the engine "
+                                          "is loaded, at most 4 GiB), dropping the one needed furthest ahead; "
+                                          "without it (and on Ray) the image cache is the LRU of --image-cache-mb "
+                                          "/ --image-cache-size")
     progress: bool = option(False, "report progress even when stderr is not a terminal")
     quiet: bool = option(False, "no progress and no summary")
     ray: str | None = option(None, "score on Ray: a cluster address, or 'local' to start one here", metavar="ADDRESS")
@@ -141,10 +148,23 @@ class _Job:
             self._reranker = Reranker(self.args.engine, self.reranker_options)
         return self._reranker
 
+    def image_budget_bytes(self) -> int | None:
+        """What the job's plan for the image cache may keep (ScoreJobOptions.image_cache_plan), or
+        None (no plan: the Reranker's LRU). Left to itself, a quarter of the memory available with
+        the engine loaded, at most IMAGE_PLAN_AUTO_MB: at GMR-3B width an image of N visual tokens
+        takes N x 8 KiB (2-10 MiB), so 4 GiB hold 400-2,000 of them, while the rest stays for the
+        activation budget (2 GiB by default) and what the system needs."""
+        if not self.options.image_cache_plan:
+            return None
+        if self.reranker_options.image_cache_mb > 0:
+            return self.reranker_options.image_cache_mb * 2**20
+        self.reranker  # noqa: B018  (loaded first: the memory left beside its weights)
+        return min(IMAGE_PLAN_AUTO_MB * 2**20, available_memory() // 4)
+
     def run_tasks(self, tasks, bounds, scores, errors, progress, stats) -> None:
         """Scores the pending chunks here, or on Ray actors with --ray (same outputs, same order)."""
         if not self.args.ray:
-            run_tasks(self.reranker, tasks, bounds, scores, errors, progress, stats)
+            run_tasks(self.reranker, tasks, bounds, scores, errors, progress, stats, self.image_budget_bytes())
             return
         if self._pool is None:
             from .ray_pool import RayPool

@@ -414,8 +414,9 @@ def test_a_malformed_row_fails_only_itself_and_is_recorded_once(engine, tmp_path
 
 
 def test_image_cache_carries_images_across_chunks(engine, tmp_path):
-    """Candidate lists that share images (top-k lists over one corpus): with --image-cache-mb a
-    job encodes each image once, not once per chunk, and its scores do not change."""
+    """Candidate lists that share images (top-k lists over one corpus): by default the job's plan
+    keeps each image a later chunk uses, so it is encoded once, not once per chunk (as an LRU
+    cache given room does), and the scores do not change."""
     for d in range(2):
         save_image(str(tmp_path / "img" / f"{d}.png"), 10 + d)
     rows = [{"id": f"q{q}d{d}", "query": f"query number {q}", "document": {"image": f"img/{d}.png"}}
@@ -423,14 +424,64 @@ def test_image_cache_carries_images_across_chunks(engine, tmp_path):
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = {}
-    for name, extra in (("plain", []), ("cached", ["--image-cache-mb", "64"])):
+    for name, extra in (("plain", ["--no-image-cache-plan"]), ("planned", []),
+                        ("lru", ["--no-image-cache-plan", "--image-cache-mb", "64"])):
         out = tmp_path / name / "scores.jsonl"
         # chunks of 2 pairs: one query's two documents each, so every chunk needs both images
         assert run_cli("--engine", engine, "--input", src, "--output", out, "--chunk-pairs", 2, *extra)[0] == 0
         stats = json.load(open(tmp_path / name / "scores.run.json"))["sessions"][-1]["datasets"]["pairs"]
-        got[name] = ({r["id"]: r["score"] for r in read_jsonl(out)}, stats["images_encoded"], stats["image_cache_hits"])
-    assert got["plain"][1:] == (6, 0) and got["cached"][1:] == (2, 4)
-    assert got["cached"][0] == got["plain"][0] and len(got["plain"][0]) == 6  # the same vision runs, bit for bit
+        got[name] = ({r["id"]: r["score"] for r in read_jsonl(out)}, stats["images_encoded"], stats["image_cache_hits"],
+                     stats.get("recurring_images"))
+    assert got["plain"][1:] == (6, 0, None) and got["lru"][1:] == (2, 4, None) and got["planned"][1:] == (2, 4, 2)
+    for name in ("planned", "lru"):  # the same vision runs, bit for bit
+        assert got[name][0] == got["plain"][0] and len(got["plain"][0]) == 6
+
+
+def test_image_plan_keeps_what_is_needed_soonest_within_its_budget(engine, tmp_path):
+    """The job's plan (jobs.ImagePlan) against an LRU cache of the same size: documents A B C A B
+    C B, one chunk each, room for two images. LRU evicts the image needed next until the last B
+    (6 encodes); the plan does not keep C (needed after A and B), drops A after its last use,
+    and encodes 4. An image no later chunk uses is never kept; the scores are the uncached ones."""
+    from gmr_fast.jobs import Journal, Stats, Task, run_tasks
+    from gmr_fast.prompt import Item
+
+    paths = []
+    for d in range(3):
+        save_image(str(tmp_path / f"{d}.png"), 20 + d)
+        paths.append(os.path.realpath(tmp_path / f"{d}.png"))
+    order = [0, 1, 2, 0, 1, 2, 1]
+    tasks = [Task(f"p{i}", Item(text=f"query {i}"), Item(image=paths[d]), None, {"id": f"p{i}"}, f"pair {i}")
+             for i, d in enumerate(order)]
+    bounds = [(i, i + 1) for i in range(len(tasks))]
+    one = Reranker(engine, image_cache_size=1)
+    one.score([("q", {"image": paths[0]})])
+    size = one.image_cache["bytes"]  # the three images are the same size: one embedding's bytes
+
+    def job(name, reranker, budget=None):
+        scores = Journal(str(tmp_path / f"{name}.jsonl"), lambda r: r["id"])
+        errors = Journal(str(tmp_path / f"{name}.errors.jsonl"), lambda r: r["id"])
+        stats = Stats(pairs=len(tasks))
+
+        class Quiet:
+            def update(self, n):
+                pass
+
+        run_tasks(reranker, tasks, bounds, scores, errors, Quiet(), stats, budget)
+        scores.close()
+        errors.close()
+        return {r["id"]: r["score"] for r in scores.rows}, stats
+
+    plain, plain_stats = job("plain", Reranker(engine))
+    lru, lru_stats = job("lru", Reranker(engine, image_cache_size=2))
+    planned_reranker = Reranker(engine)
+    planned, planned_stats = job("planned", planned_reranker, 2 * size)
+    assert (plain_stats.images_encoded, lru_stats.images_encoded, lru_stats.image_cache_hits) == (7, 6, 1)
+    # A, B, C encoded; A and B from the cache (A dropped then); C encoded again; B from the cache
+    assert (planned_stats.images_encoded, planned_stats.image_cache_hits, planned_stats.recurring_images) == (4, 3, 3)
+    assert planned == plain == lru and len(plain) == 7
+    assert planned_reranker.image_cache == {"entries": 0, "bytes": 0}  # emptied when the job's tasks are done
+    _, small = job("small", Reranker(engine), size - 1)  # no room for one: nothing kept, nothing lost
+    assert (small.images_encoded, small.image_cache_hits) == (7, 0)
 
 
 def test_pairs_mode(engine, tmp_path, capsys):
