@@ -582,3 +582,32 @@ def test_onednn_bf16_gemm_check_says_why_where_it_cannot_run():
     assert "no AMX" in bf16_gemm._probe(module(RuntimeError("no AMX")))
     assert "fp32-accurate" in bf16_gemm._probe(module(offset=1e-3))
     assert bf16_gemm._probe(module()) is None
+
+
+@pytest.mark.parametrize("query_apart", [False, True])
+def test_image_plan_names_each_image_by_file_and_keeps_it_for_its_next_chunk(query_apart):
+    """jobs.ImagePlan from a job's tasks: per image file the chunks (in run order) that use it;
+    a chunk's CachePlan keeps the keys of its images that a later chunk uses, with that chunk's
+    position. Where the Reranker encodes a query's images apart (their own cache keys), a file
+    used as a query and as a document is two images to the plan."""
+    from gmr_fast.jobs import ImagePlan, Task
+
+    def task(i, query_image, doc_image):
+        return Task(i, Item("q", query_image), Item("d", doc_image), None, {}, f"pair {i}")
+
+    tasks = [task(0, "/a.png", "/b.png"), task(1, "/a.png", "/c.png"),  # chunk 0
+             task(2, None, "/b.png"), task(3, "bad", None),  # chunk 1 (pair 3 failed before scoring)
+             task(4, None, "/a.png"), task(5, None, "/c.png")]  # chunk 2 (not pending: already written)
+    tasks[3].error = "failed"
+    plan = ImagePlan(tasks, [(0, 2), (2, 4), (4, 6)], [0, 1], 100, query_apart)
+    assert plan.uses == ({("query", "/a.png"): [0], ("", "/b.png"): [0, 1], ("", "/c.png"): [0]} if query_apart else
+                         {("", "/a.png"): [0], ("", "/b.png"): [0, 1], ("", "/c.png"): [0]})
+    assert plan.recurring == 1
+    keys = [[("query", "ka") if query_apart else ("ka",), ("kb",)], [("query", "ka") if query_apart else ("ka",), ("kc",)]]
+    first = plan.cache_plan(0, tasks[:2], keys)
+    assert (first.now, first.budget_bytes, first.next_use) == (0, 100, {("kb",): 1})
+    assert plan.cache_plan(1, [tasks[2]], [[("kb",)]]).next_use == {}  # its last use: dropped after it
+    # two files of the same content (one cache key): kept for the sooner of their next uses
+    files = [task(0, None, "/x.png"), task(1, None, "/y.png"), task(2, None, "/y.png"), task(3, None, "/x.png")]
+    same = ImagePlan(files, [(0, 2), (2, 3), (3, 4)], [0, 1, 2], 100, query_apart)
+    assert same.cache_plan(0, files[:2], [[("k",)], [("k",)]]).next_use == {("k",): 1}
