@@ -151,15 +151,23 @@ class _Job:
     def image_budget_bytes(self) -> int | None:
         """What the job's plan for the image cache may keep (ScoreJobOptions.image_cache_plan), or
         None (no plan: the Reranker's LRU). Left to itself, a quarter of the memory available with
-        the engine loaded, at most IMAGE_PLAN_AUTO_MB: at GMR-3B width an image of N visual tokens
-        takes N x 8 KiB (2-10 MiB), so 4 GiB hold 400-2,000 of them, while the rest stays for the
-        activation budget (2 GiB by default) and what the system needs."""
+        the engine loaded (the GPU's on CUDA, where the embeddings stay), at most IMAGE_PLAN_AUTO_MB:
+        at GMR-3B width an image of N visual tokens takes N x 8 KiB (2-10 MiB), so 4 GiB hold
+        400-2,000 of them, while the rest stays for the activation budget (2 GiB by default) and
+        what the system needs."""
         if not self.options.image_cache_plan:
             return None
         if self.reranker_options.image_cache_mb > 0:
             return self.reranker_options.image_cache_mb * 2**20
         self.reranker  # noqa: B018  (loaded first: the memory left beside its weights)
-        return min(IMAGE_PLAN_AUTO_MB * 2**20, available_memory() // 4)
+        device = self.reranker_options.device
+        if device.startswith("cuda"):
+            import torch
+
+            free = int(torch.cuda.mem_get_info(torch.device(device))[0])
+        else:
+            free = available_memory()
+        return min(IMAGE_PLAN_AUTO_MB * 2**20, free // 4)
 
     def run_tasks(self, tasks, bounds, scores, errors, progress, stats) -> None:
         """Scores the pending chunks here, or on Ray actors with --ray (same outputs, same order)."""

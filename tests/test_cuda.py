@@ -78,6 +78,32 @@ def test_cuda_rank_and_image_cache(torch_cuda, tiny_checkpoints, tmp_path, rng):
     np.testing.assert_allclose(again, scores, atol=float(np.abs(scores).max()) * 2 ** -7)
 
 
+def test_cuda_score_cli_plans_images_within_the_gpus_memory(torch_cuda, tiny_checkpoints, tmp_path):
+    """The score CLI on CUDA: the image plan's budget is a quarter of the GPU's free memory (the
+    embeddings stay there), at most 4 GiB, and images shared across chunks are encoded once."""
+    import json
+
+    import torch
+    from export.engine_export import ExportOptions, export_engine
+    from gmr_fast.score import main
+    from suite_helpers import save_image
+
+    export_engine(tiny_checkpoints["qwen2_5_vl"], tmp_path / "e", ExportOptions(dtypes=("bf16",),
+                                                                               reference_cache=False))
+    for d in range(2):
+        save_image(str(tmp_path / "img" / f"{d}.png"), 30 + d)
+    rows = [{"id": f"q{q}d{d}", "query": f"query {q}", "document": {"image": f"img/{d}.png"}}
+            for q in range(3) for d in range(2)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out" / "scores.jsonl"
+    assert main(["--engine", str(tmp_path / "e"), "--device", "cuda", "--input", str(tmp_path / "pairs.jsonl"),
+                 "--output", str(out), "--chunk-pairs", "2", "--quiet"]) == 0
+    stats = json.load(open(tmp_path / "out" / "scores.run.json"))["sessions"][-1]["datasets"]["pairs"]
+    total = torch.cuda.mem_get_info()[1]
+    assert 0 < stats["image_cache_budget_mb"] <= min(4096, total / 4 / 2**20)
+    assert (stats["images_encoded"], stats["image_cache_hits"]) == (2, 4)
+
+
 def test_the_torch_backend_never_reads_its_tensors_through_numpy(exported_engines, rng, monkeypatch):
     """Runs on every machine: what broke the first CUDA run (an H200, 4 Dec) was the backend
     passing a tensor it had made on its device to ``np.asarray``, which works for a CPU tensor
