@@ -31,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from common import in_child, machine, write  # noqa: E402
-from mrb_workload import distinct_documents, task_pairs  # noqa: E402
+from mrb_workload import bench_engine, distinct_documents, task_pairs  # noqa: E402
 
 def write_suite(root: str, task: str, queries: int, candidates: int, pool: int, seed: int = 0) -> dict:
     """``task_pairs``' pairs as a one-dataset suite; returns what it holds."""
@@ -110,16 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/image_plan_cpu.json")
     a = p.parse_args(argv)
-    from export.factory import build_shape_checkpoint
-
     work = pathlib.Path(a.work)
+    ckpt, engine = bench_engine(a.work, a.shape)
     shape, layers, vlayers = a.shape.split(":")
-    ckpt = work / f"{shape}-L{layers}-V{vlayers}"
-    if not (ckpt / "model.safetensors.index.json").exists():
-        build_shape_checkpoint(ckpt, shape, int(layers), int(vlayers))
-    engine = work / f"{ckpt.name}-engine"
-    if not (engine / "manifest.json").exists():
-        in_child("real_size:child_export", str(ckpt), str(engine), ["fp32", "int8", "bf16"], timeout=7200)
     doc = {"machine": machine(), "shape": shape, "decoder_layers": int(layers), "vision_layers": int(vlayers),
            "queries": a.queries, "candidates": a.candidates, "pool": a.pool, "chunk_pairs": a.chunk_pairs,
            "tight_mb": a.tight_mb, "tasks": {}}

@@ -241,6 +241,21 @@ def kendall(a, b) -> float:
     return float(kendalltau(a, b).statistic)
 
 
+def bench_engine(work: str, spec: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """The benchmark checkpoint of ``shape:decoder_layers:vision_layers`` under ``work`` and its
+    engine (fp32, int8, bf16), each made the first time it is asked for."""
+    from export.factory import build_shape_checkpoint
+
+    shape, layers, vlayers = spec.split(":")
+    ckpt = pathlib.Path(work) / f"{shape}-L{layers}-V{vlayers}"
+    if not (ckpt / "model.safetensors.index.json").exists():
+        build_shape_checkpoint(ckpt, shape, int(layers), int(vlayers))
+    engine = ckpt.parent / f"{ckpt.name}-engine"
+    if not (engine / "manifest.json").exists():
+        in_child("real_size:child_export", str(ckpt), str(engine), ["fp32", "int8", "bf16"], timeout=7200)
+    return ckpt, engine
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="gmr-3b:6:8")
@@ -298,16 +313,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/mrb_workload_cpu.json")
     a = p.parse_args(argv)
     gemms = [g for g in a.bf16_gemms.split(",") if g] + (["torch"] if a.torch_gemm and "torch" not in a.bf16_gemms else [])
-    from export.factory import build_shape_checkpoint
-
-    work = pathlib.Path(a.work)
+    ckpt, engine = bench_engine(a.work, a.shape)
     shape, layers, vlayers = a.shape.split(":")
-    ckpt = work / f"{shape}-L{layers}-V{vlayers}"
-    if not (ckpt / "model.safetensors.index.json").exists():
-        build_shape_checkpoint(ckpt, shape, int(layers), int(vlayers))
-    engine = work / f"{ckpt.name}-engine"
-    if not (engine / "manifest.json").exists():
-        in_child("real_size:child_export", str(ckpt), str(engine), ["fp32", "int8", "bf16"], timeout=7200)
     hf_dtypes = ["fp32"] + [d for d in a.hf_dtypes.split(",") if d and d != "fp32"]
     doc = {"machine": machine(), "shape": shape, "decoder_layers": int(layers), "vision_layers": int(vlayers),
            "queries": a.queries, "candidates": a.candidates, "pool": a.pool, "hf_sample": a.hf_sample,
