@@ -61,7 +61,7 @@ class ScoreJobOptions:
     chunk_pairs: int = option(512, "pairs planned together (images decoded per chunk)", determinism=True)
     image_cache_plan: bool = option(True, "keep each image a later chunk uses again until that use, within "
                                           "--image-cache-mb (0: a quarter of the memory available once the engine "
-                                          "is loaded, at most 4 GiB), dropping the one needed furthest ahead; "
+                                          "is loaded, the GPU's on CUDA, at most 4 GiB), dropping the one needed furthest ahead; "
                                           "without it (and on Ray) the image cache is the LRU of --image-cache-mb "
                                           "/ --image-cache-size")
     progress: bool = option(False, "report progress even when stderr is not a terminal")
