@@ -85,16 +85,41 @@ def child_cli(engine: str, suite: str, warm_suite: str, out: str, args: list) ->
     start = time.perf_counter()
     assert main(common + ["--data", suite, "--out", out]) == 0
     seconds = time.perf_counter() - start
+    return {"seconds_cli": seconds, **_summary(out)}
+
+def run_ray(engine: str, suite: str, out: str, workers: int, args: list) -> dict:
+    """The score CLI on ``suite`` with ``--ray local --workers N`` (the cores shared among them), in
+    a network namespace with only loopback (as the tests run Ray). No warm-up: each run starts
+    its own cluster and actors, so the Ray rows compare with each other, not with the rows above."""
+    import subprocess
+
+    from ray_scaleout import in_namespace
+
+    shutil.rmtree(out, ignore_errors=True)
+    cpus = str(max(1, (os.cpu_count() or 2) // workers))
+    cmd = [sys.executable, "-m", "gmr_fast.score", "--engine", engine, "--top-k", "1000", "--quiet", "--data", suite,
+           "--out", out, "--ray", "local", "--workers", str(workers), "--worker-cpus", cpus, *args]
+    start = time.perf_counter()
+    proc = subprocess.run(in_namespace(cmd), capture_output=True, text=True, timeout=7200,
+                          cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray run {args} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"wall_seconds": wall, "workers": workers, "worker_cpus": int(cpus), "peak_rss_bytes": 0,
+            **_summary(out)}
+
+
+def _summary(out: str) -> dict:
     run = json.load(open(os.path.join(out, "run.json")))
     session = run["sessions"][-1]
     (name, stats), = session["datasets"].items()
     rows = [json.loads(line) for line in open(os.path.join(out, name, "scores.jsonl"))]
     digest = hashlib.sha256(json.dumps(sorted((r["qid"], r["docid"], r["score"]) for r in rows)).encode()).hexdigest()
-    return {"seconds_cli": seconds, **{k: stats.get(k) for k in (
-        "scored_this_session", "seconds", "pairs_per_s", "images_encoded", "image_cache_hits",
-        "image_cache_budget_mb", "recurring_images")},
+    return {**{k: stats.get(k) for k in ("scored_this_session", "seconds", "pairs_per_s", "images_encoded",
+                                         "image_cache_hits", "image_cache_budget_mb", "recurring_images")},
             "precision": session.get("precision"), "image_precision": session.get("image_precision"),
             "scores_sha256": digest}
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -107,6 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--tight-mb", type=int, default=0,
                    help="also run the plan and an LRU cache (--no-image-cache-plan) within this many MiB (first task)")
     p.add_argument("--hf-sample", type=int, default=8, help="pairs HF bf16 scores (0: no HF row)")
+    p.add_argument("--ray-workers", type=int, default=0,
+                   help="also run the CLI on a local Ray cluster of this many actors, with the plan and without any "
+                        "cache (first task)")
+    p.add_argument("--only-ray", action="store_true", help="only the Ray rows (with --ray-workers)")
     p.add_argument("--work", default="/tmp/gmr_bench")
     p.add_argument("--out", default="benchmarks/results/image_plan_cpu.json")
     a = p.parse_args(argv)
@@ -126,7 +155,14 @@ def main(argv=None) -> int:
         if a.tight_mb and n == 0:
             runs.update(plan_tight=["--image-cache-mb", str(a.tight_mb)],
                         lru_tight=["--no-image-cache-plan", "--image-cache-mb", str(a.tight_mb)])
+        if a.only_ray:
+            runs = {}
         rows = {}
+        if a.ray_workers and n == 0:
+            for name, extra in (("ray_no_cache", ["--no-image-cache-plan"]), ("ray_plan", [])):
+                rows[name] = run_ray(str(engine), os.path.join(suite, task), str(work / "image_plan" / f"out-{name}"),
+                                     a.ray_workers, extra + chunk)
+                print(task, name, json.dumps(rows[name]), flush=True)
         for name, extra in runs.items():
             rows[name] = in_child("image_plan:child_cli", str(engine), os.path.join(suite, task),
                                   os.path.join(warm, task), str(work / "image_plan" / f"out-{name}"), extra + chunk)
@@ -136,10 +172,11 @@ def main(argv=None) -> int:
                                                  a.candidates, a.hf_sample, a.pool, True)
             rows["hf_bf16_kept_heap"].pop("sample_scores", None)
             print(task, "hf", json.dumps(rows["hf_bf16_kept_heap"]), flush=True)
-        base = rows["no_cache"]["pairs_per_s"]
         hf = rows.get("hf_bf16_kept_heap", {}).get("pairs_per_s")
-        for name, r in rows.items():
-            r["vs_no_cache"] = r["pairs_per_s"] / base
+        for name, r in rows.items():  # Ray rows against Ray without a cache, the others against the CLI without one
+            base = rows.get("ray_no_cache" if name.startswith("ray") else "no_cache")
+            if base is not None:
+                r["vs_no_cache"] = r["pairs_per_s"] / base["pairs_per_s"]
             if hf:
                 r["vs_hf_bf16"] = r["pairs_per_s"] / hf
         gmr = [r["scores_sha256"] for k, r in rows.items() if not k.startswith("hf")]
@@ -154,8 +191,9 @@ def table(doc: dict) -> str:
     for task, t in doc["tasks"].items():
         for name, r in t["rows"].items():
             enc = "" if name.startswith("hf") else f"{r['images_encoded']} ({r['image_cache_hits']})"
-            lines.append(f"| {task} | {name} | {r['pairs_per_s']:.3f} | {r['vs_no_cache']:.2f}x | "
-                         f"{r.get('vs_hf_bf16', float('nan')):.2f}x | {enc} | {r['peak_rss_bytes'] / 1e9:.1f} |")
+            rss = f"{r['peak_rss_bytes'] / 1e9:.1f}" if r.get("peak_rss_bytes") else "(actors apart)"
+            lines.append(f"| {task} | {name} | {r['pairs_per_s']:.3f} | {r.get('vs_no_cache', float('nan')):.2f}x | "
+                         f"{r.get('vs_hf_bf16', float('nan')):.2f}x | {enc} | {rss} |")
     return "\n".join(lines)
 
 if __name__ == "__main__":

@@ -132,17 +132,17 @@ class Output:
 
 
 def score_chunk(reranker: Any, chunk: list[Task], written: Callable[[Hashable], bool],
-                images: ImagePlan | None = None, position: int = 0) -> Iterator[Output]:
+                images: ChunkImages | None = None) -> Iterator[Output]:
     """Scores one chunk: its failures first, then each batch of its plan whose pairs are not
     all ``written`` already. The same chunk and settings always give the same outputs, which is
     what a resumed or distributed job relies on (only batches with unwritten rows run again,
-    bit for bit). ``images``: the job's plan for the Reranker's image cache, this chunk being
-    the ``position``-th it runs (ImagePlan)."""
+    bit for bit). ``images``: the chunk's share of the job's plan for the Reranker's image cache
+    (ImagePlan.chunk)."""
     live = [t for t in chunk if t.error is None]
     plan = reranker.plan([(t.query, t.document) for t in live], instruction=[t.instruction for t in live],
                          labels=[t.label for t in live])
     if images is not None:
-        plan.cache_plan = images.cache_plan(position, live, plan.image_keys)
+        plan.cache_plan = images.cache_plan(live, plan.image_keys)
     failed, li = [], 0
     for t in chunk:
         if t.error is None:
@@ -210,16 +210,44 @@ class ImagePlan:
         i = bisect.bisect_right(uses, position)
         return uses[i] if i < len(uses) else None
 
+    def chunk(self, position: int, chunk: list[Task], budget_bytes: int | None = None) -> "ChunkImages":
+        """The ``position``-th chunk's share of the plan (``budget_bytes``: its Reranker's, where
+        it is not the plan's: a Ray actor's)."""
+        next_use: dict = {}
+        for task in chunk:
+            if task.error is None:
+                for ref in _image_refs(task, self.query_apart):
+                    next_use[ref] = self.next_use(ref, position)
+        return ChunkImages(position, next_use, self.budget_bytes if budget_bytes is None else int(budget_bytes),
+                           self.query_apart)
+
     def cache_plan(self, position: int, live: list[Task], image_keys: list) -> Any:
+        return self.chunk(position, live).cache_plan(live, image_keys)
+
+
+@dataclass
+class ChunkImages:
+    """One chunk's share of a job's ImagePlan, all a Reranker needs to follow it for that chunk
+    (and what a Ray actor receives with the chunk): per image the chunk names, the position of
+    the next chunk that uses it, None where none does."""
+
+    position: int
+    next_use: dict
+    budget_bytes: int
+    query_apart: bool
+
+    def cache_plan(self, live: list[Task], image_keys: list) -> Any:
+        """The CachePlan of the chunk's call: ``live`` its tasks that reach the Reranker,
+        ``image_keys`` the plan's content keys of their images (ScorePlan.image_keys)."""
         from .reranker import CachePlan
 
         next_use: dict = {}
         for task, keys in zip(live, image_keys):
             for ref, key in zip(_image_refs(task, self.query_apart), keys):
-                n = self.next_use(ref, position)
+                n = self.next_use.get(ref)
                 if n is not None:  # two files of the same content: kept for the sooner use
                     next_use[key] = min(n, next_use.get(key, n))
-        return CachePlan(self.budget_bytes, position, next_use)
+        return CachePlan(self.budget_bytes, self.position, next_use)
 
 
 def pending_chunks(tasks: list[Task], bounds: list[tuple[int, int]], written: Callable[[Hashable], bool]) -> list[int]:
@@ -247,7 +275,7 @@ def run_tasks(reranker: Any, tasks: list[Task], bounds: list[tuple[int, int]], s
     """Scores every task not yet in ``scores`` or ``errors``, in this process; see the module
     docstring. ``image_budget_bytes``: the image cache follows the job's plan (ImagePlan) within
     that many bytes, and is emptied at the end; None: it is the Reranker's own (LRU, its options).
-    (``gmr_fast.ray_pool.run_tasks`` does the same over Ray actors, without a plan.)"""
+    (``gmr_fast.ray_pool.RayPool.run_tasks`` does the same over Ray actors.)"""
     start_time = time.perf_counter()
     written = lambda key: key in scores.done or key in errors.done  # noqa: E731
     chunks = pending_chunks(tasks, bounds, written)
@@ -259,7 +287,8 @@ def run_tasks(reranker: Any, tasks: list[Task], bounds: list[tuple[int, int]], s
     try:
         for position, k in enumerate(chunks):
             a, b = bounds[k]
-            for output in score_chunk(reranker, tasks[a:b], written, images, position):
+            part = images.chunk(position, tasks[a:b]) if images is not None else None
+            for output in score_chunk(reranker, tasks[a:b], written, part):
                 record(output, scores, errors, progress, stats)
     finally:
         if images is not None:  # the plan ends with the job's tasks: what it kept is needed no more

@@ -61,9 +61,9 @@ class ScoreJobOptions:
     chunk_pairs: int = option(512, "pairs planned together (images decoded per chunk)", determinism=True)
     image_cache_plan: bool = option(True, "keep each image a later chunk uses again until that use, within "
                                           "--image-cache-mb (0: a quarter of the memory available once the engine "
-                                          "is loaded, the GPU's on CUDA, at most 4 GiB), dropping the one needed furthest ahead; "
-                                          "without it (and on Ray) the image cache is the LRU of --image-cache-mb "
-                                          "/ --image-cache-size")
+                                          "is loaded, the GPU's on CUDA, at most 4 GiB; on Ray per actor, that quarter "
+                                          "shared by the actors of a node or GPU), dropping the one needed furthest ahead; "
+                                          "without it the image cache is the LRU of --image-cache-mb / --image-cache-size")
     progress: bool = option(False, "report progress even when stderr is not a terminal")
     quiet: bool = option(False, "no progress and no summary")
     ray: str | None = option(None, "score on Ray: a cluster address, or 'local' to start one here", metavar="ADDRESS")
@@ -179,7 +179,8 @@ class _Job:
 
             a = self.args
             self._pool = RayPool(a.ray, a.workers, a.engine, self.reranker_options, a.worker_gpus, a.worker_cpus)
-        self._pool.run_tasks(tasks, bounds, scores, errors, progress, stats)
+        budget = (self.reranker_options.image_cache_mb, IMAGE_PLAN_AUTO_MB * 2**20) if self.options.image_cache_plan else None
+        self._pool.run_tasks(tasks, bounds, scores, errors, progress, stats, budget)
 
     def check_job_file(self, path: str, resume: bool, what: str) -> None:
         """A new job writes ``path`` (its settings); a resumed one must match them."""

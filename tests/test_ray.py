@@ -84,6 +84,22 @@ def test_two_workers_give_the_single_process_outputs(job):
     assert outputs(out) == job["reference"]
     session = json.load(open(out / "run.json"))["sessions"][-1]
     assert session["workers"] == 2 and session["ray"] == "local"
+    # the job's image plan travels with the chunks: the document images recur across the queries'
+    # chunks, and the actors keep them for the later ones (whichever actor each chunk reaches)
+    for name in ("one", "two"):
+        stats = session["datasets"][name]
+        assert stats["recurring_images"] > 0 and stats["image_cache_budget_mb"] > 0
+        assert stats["image_cache_hits"] > 0
+
+
+def test_without_the_image_plan_the_actors_encode_every_chunks_images(job):
+    out = job["root"] / "ray_no_plan"
+    proc = subprocess.run(ray_cmd(job, out, "--no-image-cache-plan"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert outputs(out) == job["reference"]  # the plan changes no score bit
+    for stats in json.load(open(out / "run.json"))["sessions"][-1]["datasets"].values():
+        assert stats["image_cache_hits"] == 0 and stats["images_encoded"] > 0 and "recurring_images" not in stats
 
 
 def test_a_worker_killed_mid_job_changes_nothing(job):
