@@ -116,7 +116,8 @@ def _summary(out: str) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(out, name, "scores.jsonl"))]
     digest = hashlib.sha256(json.dumps(sorted((r["qid"], r["docid"], r["score"]) for r in rows)).encode()).hexdigest()
     return {**{k: stats.get(k) for k in ("scored_this_session", "seconds", "pairs_per_s", "images_encoded",
-                                         "image_cache_hits", "image_cache_budget_mb", "recurring_images")},
+                                         "image_cache_hits", "image_cache_budget_mb", "recurring_images",
+                                         "images_shared")},
             "precision": session.get("precision"), "image_precision": session.get("image_precision"),
             "scores_sha256": digest}
 

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,7 @@ class Stats:
     image_cache_hits: int = 0  # images taken from the Reranker's cache (image_cache_size / image_cache_mb)
     image_cache_budget_mb: float | None = None  # the job's plan for that cache (ImagePlan), when it has one
     recurring_images: int = 0  # images that more than one chunk uses (counted by the plan)
+    images_shared: int = 0  # on Ray: embeddings an actor took from another's (ray_pool), among the hits
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -98,8 +100,8 @@ class Stats:
                 "tokens_per_s": self.real_tokens / self.seconds if self.seconds else 0.0,
                 "padding_efficiency": self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0,
                 "images_encoded": self.images_encoded, "image_cache_hits": self.image_cache_hits,
-                **({"image_cache_budget_mb": self.image_cache_budget_mb, "recurring_images": self.recurring_images}
-                   if self.image_cache_budget_mb is not None else {})}
+                **({"image_cache_budget_mb": self.image_cache_budget_mb, "recurring_images": self.recurring_images,
+                    "images_shared": self.images_shared} if self.image_cache_budget_mb is not None else {})}
 
 
 def chunk_bounds(group_sizes: Iterable[int], chunk_pairs: int) -> list[tuple[int, int]]:
@@ -235,6 +237,8 @@ class ChunkImages:
     next_use: dict
     budget_bytes: int
     query_apart: bool
+    # filled by cache_plan: each image's content key (what the Reranker's cache names it by)
+    content_keys: dict = dataclasses.field(default_factory=dict)
 
     def cache_plan(self, live: list[Task], image_keys: list) -> Any:
         """The CachePlan of the chunk's call: ``live`` its tasks that reach the Reranker,
@@ -244,6 +248,7 @@ class ChunkImages:
         next_use: dict = {}
         for task, keys in zip(live, image_keys):
             for ref, key in zip(_image_refs(task, self.query_apart), keys):
+                self.content_keys[ref] = key
                 n = self.next_use.get(ref)
                 if n is not None:  # two files of the same content: kept for the sooner use
                     next_use[key] = min(n, next_use.get(key, n))

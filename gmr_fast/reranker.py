@@ -31,7 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -996,6 +996,33 @@ class Reranker:
             self._cache[key] = e.clone() if hasattr(e, "clone") else np.array(e, copy=True)
             self._cache_next[key] = nxt
             self._cache_bytes += size
+
+    def cached_images(self, keys: Iterable[tuple]) -> dict:
+        """The embeddings the image cache holds for those of ``keys`` it has, on the CPU: what a
+        batch job on Ray hands from one actor's Reranker to another's (gmr_fast.ray_pool)."""
+        with self._cache_lock:
+            held = {k: self._cache[k] for k in keys if k in self._cache}
+        return {k: e.cpu() if hasattr(e, "cpu") else e for k, e in held.items()}
+
+    def cache_holds(self, keys: Iterable[tuple]) -> set:
+        """Those of ``keys`` the image cache holds now."""
+        with self._cache_lock:
+            return {k for k in keys if k in self._cache}
+
+    def add_cached_images(self, entries: dict, plan: CachePlan) -> int:
+        """Puts embeddings that a Reranker of the same engine and settings computed
+        (``cached_images``) into this one's image cache, each kept as ``plan`` keeps an image it
+        encoded (CachePlan); returns how many were kept. The same bits as a vision run here would
+        give, where both run on the same kind of processor (one image per run, ``_encode``)."""
+        kept = 0
+        for key, e in entries.items():
+            device = getattr(self.backend, "device", None)
+            if device is not None and hasattr(e, "to"):
+                e = e.to(device)
+            self._cache_keep(tuple(key), e, plan)
+            with self._cache_lock:
+                kept += tuple(key) in self._cache
+        return kept
 
     def clear_image_cache(self) -> None:
         """Empties the image-embedding cache."""

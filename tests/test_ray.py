@@ -89,7 +89,7 @@ def test_two_workers_give_the_single_process_outputs(job):
     for name in ("one", "two"):
         stats = session["datasets"][name]
         assert stats["recurring_images"] > 0 and stats["image_cache_budget_mb"] > 0
-        assert stats["image_cache_hits"] > 0
+        assert stats["image_cache_hits"] > 0 and stats["images_shared"] >= 0  # hits some actors took from others
 
 
 def test_without_the_image_plan_the_actors_encode_every_chunks_images(job):

@@ -165,6 +165,30 @@ def test_each_distinct_image_is_decoded_and_encoded_once(exported_engines, rng, 
     assert np.abs(Reranker(engine).score(pairs) - first).max() <= 1e-6
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_cached_images_move_between_rerankers_bit_for_bit(exported_engines, rng, backend):
+    """What a batch job on Ray hands from one actor to another (gmr_fast.ray_pool): embeddings
+    one Reranker cached, put into another's cache as a plan keeps them (reranker.CachePlan), score
+    there exactly as that Reranker's own vision run would, and count as cache hits."""
+    from gmr_fast.reranker import CachePlan
+
+    _, engine = exported_engines["qwen2_5_vl"]
+    image = rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    pairs = [("a query", {"image": image}), ("another query", {"text": "its caption", "image": image})]
+    source = Reranker(engine, backend=backend, image_cache_size=4)
+    source.score(pairs)
+    key = source.plan(pairs).image_keys[0][-1]
+    held = source.cached_images([key, ("not", "cached")])
+    assert list(held) == [key]
+    fresh = Reranker(engine, backend=backend).score(pairs)
+    target = Reranker(engine, backend=backend)
+    assert target.add_cached_images(held, CachePlan(1, 0, {key: 0})) == 0  # over its budget: not kept
+    assert target.add_cached_images(held, CachePlan(2**30, 0, {key: 0})) == 1
+    got = target.score(pairs)
+    assert (target.last_stats["images_encoded"], target.last_stats["image_cache_hits"]) == (0, 1)
+    assert np.array_equal(got, fresh)
+
+
 def test_image_cache_is_bounded_by_entries_and_bytes(exported_engines):
     _, engine = exported_engines["qwen2_5_vl"]
     block = np.ones((1024, 64), np.float32)  # 256 KiB
