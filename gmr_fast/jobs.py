@@ -13,11 +13,11 @@ uninterrupted run. A line torn by a kill mid-write is cut off when the journal i
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -131,15 +132,22 @@ class _SharedImages:
         self.bytes = 0
 
     def add(self, entries: dict, position: int) -> None:
+        """Holds ``entries`` (ScoreWorker.score's ``shared``) for the chunks after ``position``,
+        the last one handed out."""
+
+        def ahead(ref) -> float:  # when a chunk not yet handed out uses it next
+            n = self.plan.next_use(ref, position)
+            return math.inf if n is None else n
+
         for ref, (key, obj, size) in entries.items():
             if ref in self.held or size > self.budget_bytes:
                 continue
-            nxt = self.plan.next_use(ref, position)
-            if nxt is None:
+            nxt = ahead(ref)
+            if nxt == math.inf:
                 continue
             while self.bytes + size > self.budget_bytes:
-                victim = max(self.held, key=lambda r: self.plan.next_use(r, position) or float("inf"))
-                if (self.plan.next_use(victim, position) or float("inf")) <= nxt:
+                victim = max(self.held, key=ahead)
+                if ahead(victim) <= nxt:
                     break
                 self.drop(victim)
             if self.bytes + size <= self.budget_bytes:
@@ -275,4 +283,4 @@ def _cause(e: Exception) -> str:
 
 def job_settings(args: Any) -> dict:
     """The Ray settings that do not change any output (recorded, not fingerprinted)."""
-    return {"ray": args.ray, "workers": args.workers, "worker_cpus": args.worker_cpus, "worker_gpus": args.worker_gpus}
+    return {"ray": args.ray, "workers": args.workers, "worker_gpus": args.worker_gpus, "worker_cpus": args.worker_cpus}

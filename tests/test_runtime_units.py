@@ -584,6 +584,37 @@ def test_onednn_bf16_gemm_check_says_why_where_it_cannot_run():
     assert bf16_gemm._probe(module()) is None
 
 
+def test_the_ray_driver_holds_shared_embeddings_for_the_chunks_not_yet_handed_out():
+    """ray_pool._SharedImages: the references to embeddings actors put in the object store, held
+    within a budget for the next chunk that uses each image, the one needed furthest ahead given
+    up first, and let go once the last chunk that uses it is handed out."""
+    from gmr_fast.jobs import ImagePlan, Task
+    from gmr_fast.ray_pool import _SharedImages
+
+    def task(i, doc_image):
+        return Task(i, Item("q", None), Item("d", doc_image), None, {}, f"pair {i}")
+
+    # chunks 0..3 (one pair each): A B C A, then B
+    tasks = [task(i, f"/{name}.png") for i, name in enumerate("ABCAB")]
+    plan = ImagePlan(tasks, [(i, i + 1) for i in range(5)], list(range(5)), 0, False)
+    shared = _SharedImages(plan, budget_bytes=10)
+    ref = lambda name: ("", f"/{name}.png")  # noqa: E731
+    # chunks 0 and 1 handed out; chunk 1's actor returns B (next used by chunk 4), chunk 0's A (chunk 3)
+    shared.add({ref("B"): (("kb",), "objB", 6)}, 1)
+    assert set(shared.held) == {ref("B")} and shared.bytes == 6
+    shared.add({ref("A"): (("ka",), "objA", 6)}, 1)  # over the budget: A is needed sooner, B goes
+    assert set(shared.held) == {ref("A")} and shared.bytes == 6
+    shared.add({ref("B"): (("kb",), "objB", 6)}, 1)  # and B, needed later than A, is not taken back
+    assert set(shared.held) == {ref("A")}
+    shared.add({ref("C"): (("kc",), "objC", 2)}, 2)  # C's only chunk (2) is handed out: nobody needs it
+    assert set(shared.held) == {ref("A")}
+    part = plan.chunk(3, tasks[3:4])  # chunk 3 takes A, its last use: the reference goes with it
+    assert shared.for_chunk(part) == {ref("A"): (("ka",), "objA")} and shared.held == {} and shared.bytes == 0
+    shared.add({ref("B"): (("kb",), "objB", 6)}, 3)
+    shared.add({ref("A"): (("ka",), "objA2", 6)}, 3)  # no later use
+    assert set(shared.held) == {ref("B")}
+
+
 @pytest.mark.parametrize("query_apart", [False, True])
 def test_image_plan_names_each_image_by_file_and_keeps_it_for_its_next_chunk(query_apart):
     """jobs.ImagePlan from a job's tasks: per image file the chunks (in run order) that use it;
