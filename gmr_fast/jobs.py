@@ -223,9 +223,6 @@ class ImagePlan:
         return ChunkImages(position, next_use, self.budget_bytes if budget_bytes is None else int(budget_bytes),
                            self.query_apart)
 
-    def cache_plan(self, position: int, live: list[Task], image_keys: list) -> Any:
-        return self.chunk(position, live).cache_plan(live, image_keys)
-
 
 @dataclass
 class ChunkImages:

@@ -635,10 +635,10 @@ def test_image_plan_names_each_image_by_file_and_keeps_it_for_its_next_chunk(que
                          {("", "/a.png"): [0], ("", "/b.png"): [0, 1], ("", "/c.png"): [0]})
     assert plan.recurring == 1
     keys = [[("query", "ka") if query_apart else ("ka",), ("kb",)], [("query", "ka") if query_apart else ("ka",), ("kc",)]]
-    first = plan.cache_plan(0, tasks[:2], keys)
+    first = plan.chunk(0, tasks[:2]).cache_plan(tasks[:2], keys)
     assert (first.now, first.budget_bytes, first.next_use) == (0, 100, {("kb",): 1})
-    assert plan.cache_plan(1, [tasks[2]], [[("kb",)]]).next_use == {}  # its last use: dropped after it
+    assert plan.chunk(1, [tasks[2]]).cache_plan([tasks[2]], [[("kb",)]]).next_use == {}  # its last use: dropped after it
     # two files of the same content (one cache key): kept for the sooner of their next uses
     files = [task(0, None, "/x.png"), task(1, None, "/y.png"), task(2, None, "/y.png"), task(3, None, "/x.png")]
     same = ImagePlan(files, [(0, 2), (2, 3), (3, 4)], [0, 1, 2], 100, query_apart)
-    assert same.cache_plan(0, files[:2], [[("k",)], [("k",)]]).next_use == {("k",): 1}
+    assert same.chunk(0, files[:2]).cache_plan(files[:2], [[("k",)], [("k",)]]).next_use == {("k",): 1}
